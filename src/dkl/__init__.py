@@ -1,0 +1,31 @@
+"""dkl: Decoupled and Improved Kullback-Leibler divergence losses for PyTorch.
+
+The losses (:func:`kl_loss`, :func:`dkl_loss`, :func:`ikl_loss` and their modules) are exact and
+O(B·C); :class:`ClassPrior` is the class-wise prior (GI) of IKL.
+"""
+
+from dkl.losses import (
+    DKLLoss,
+    IKLLoss,
+    KLLoss,
+    dkl_loss,
+    ikl_loss,
+    kl_loss,
+    soft_cross_entropy,
+    weighted_mse,
+)
+from dkl.prior import ClassPrior
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClassPrior",
+    "DKLLoss",
+    "IKLLoss",
+    "KLLoss",
+    "dkl_loss",
+    "ikl_loss",
+    "kl_loss",
+    "soft_cross_entropy",
+    "weighted_mse",
+]

@@ -1,0 +1,494 @@
+r"""KL, DKL and IKL losses from logits, exact and O(B·C) in time and memory.
+
+Notation (SPEC §1): ``input`` holds the logits :math:`z_s` of the side being trained (student,
+adversarial example, strongly augmented view) and ``target`` the logits :math:`z_t` it is pulled
+towards (teacher, natural example, weak view). Both are ``(B, C)``. :math:`\sigma` is the softmax
+over classes and :math:`\mathrm{sg}` a stop-gradient.
+
+The weighted MSE between logit vectors is written pairwise in the paper,
+
+.. math::
+
+    \mathrm{wMSE}_i = \tfrac14 \sum_{j,k} w_{ij} w_{ik}
+        \big((z_{t,ij} - z_{t,ik}) - (z_{s,ij} - z_{s,ik})\big)^2,
+
+which needs ``(B, C, C)`` tensors. With :math:`e = z_t - z_s`, :math:`W_i = \sum_j w_{ij}` and
+:math:`\bar e_i = \sum_j w_{ij} e_{ij} / W_i` it equals half the weighted variance of :math:`e`,
+
+.. math::
+
+    \mathrm{wMSE}_i = \tfrac12 W_i \sum_j w_{ij} (e_{ij} - \bar e_i)^2,
+
+and that centred form is what this module computes (it does not cancel catastrophically). Its
+gradient is :math:`\partial/\partial e_{ij} = W_i w_{ij} (e_{ij} - \bar e_i)`, applied with a plus
+sign to :math:`z_t` and a minus sign to :math:`z_s`.
+
+All reductions go through one :func:`_reduce`: ``"none"`` gives ``(B,)``, ``"mean"`` the mean over
+the (valid) rows, ``"sum"`` the sum. Half-precision inputs (``float16``, ``bfloat16``) are computed in
+``float32`` and the loss comes back as ``float32``; ``float32`` and ``float64`` inputs give a loss
+of their own dtype. Gradients reach the inputs in the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "kl_loss",
+    "dkl_loss",
+    "ikl_loss",
+    "weighted_mse",
+    "soft_cross_entropy",
+    "KLLoss",
+    "DKLLoss",
+    "IKLLoss",
+]
+
+REDUCTIONS = ("none", "mean", "sum")
+IMPLS = ("auto", "torch", "triton")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- input checks
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _check_logits(input: Any, target: Any) -> None:
+    for name, t in (("input", input), ("target", target)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"Expected {name} to be a torch.Tensor of logits, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"Expected {name} of shape (B, C), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"Expected floating-point {name} logits, got {t.dtype}")
+    if input.shape != target.shape:
+        raise ValueError(
+            f"Expected target of shape (B, C) = {tuple(input.shape)} like input, "
+            f"got {tuple(target.shape)}"
+        )
+    if input.device != target.device:
+        raise ValueError(
+            f"Expected input and target on the same device, got {input.device} and {target.device}"
+        )
+    if input.shape[1] < 2:
+        raise ValueError(f"Expected at least 2 classes (C >= 2), got C = {input.shape[1]}")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"Expected {name} > 0, got {value}")
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"Unknown reduction {reduction!r}: expected one of {REDUCTIONS}")
+
+
+def _check_mask(mask: Tensor | None, input: Tensor) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"Expected mask to be a bool tensor of shape (B,), got {got}")
+    if mask.shape != input.shape[:1]:
+        raise ValueError(
+            f"Expected mask of shape (B,) = ({input.shape[0]},), got {tuple(mask.shape)}"
+        )
+    if mask.device != input.device:
+        raise ValueError(f"Expected mask on {input.device}, got {mask.device}")
+
+
+def _check_class_weights(class_weights: Tensor, input: Tensor) -> None:
+    if not isinstance(class_weights, Tensor) or not class_weights.is_floating_point():
+        got = class_weights.dtype if isinstance(class_weights, Tensor) else type(class_weights)
+        raise TypeError(f"Expected floating-point class_weights of shape (B, C), got {got}")
+    if class_weights.shape != input.shape:
+        raise ValueError(
+            f"Expected class_weights of shape (B, C) = {tuple(input.shape)}, "
+            f"got {tuple(class_weights.shape)}"
+        )
+    if class_weights.device != input.device:
+        raise ValueError(f"Expected class_weights on {input.device}, got {class_weights.device}")
+    if not _compiling() and bool((class_weights < 0).any()):
+        raise ValueError("Expected non-negative class_weights, got negative entries")
+
+
+# --------------------------------------------------------------------------- shared pieces
+def _compute_dtype(x: Tensor) -> Tensor:
+    """Half inputs are promoted to float32; float32/float64 are kept."""
+    return x.float() if x.dtype in _HALF else x
+
+
+def _reduce(per_row: Tensor, reduction: str, mask: Tensor | None = None) -> Tensor:
+    """The one reduction: rows outside ``mask`` count as absent, not as zero-loss samples."""
+    if mask is not None:
+        per_row = torch.where(mask, per_row, per_row.new_zeros(()))
+    if reduction == "none":
+        return per_row
+    if reduction == "sum":
+        return per_row.sum()
+    count = per_row.new_tensor(per_row.shape[0]) if mask is None else mask.sum().clamp_min(1)
+    return per_row.sum() / count
+
+
+class _WeightedMSE(torch.autograd.Function):
+    """Centred closed form of wMSE with its exact gradient ``W w (e - ē)``.
+
+    Saves a single (B, C) tensor (the gradient w.r.t. ``e``); autograd through the expression would
+    keep four.
+    """
+
+    @staticmethod
+    def forward(ctx, target: Tensor, input: Tensor, weights: Tensor) -> Tensor:  # type: ignore[override]
+        e = target - input
+        total = weights.sum(dim=1, keepdim=True)
+        # W = 0 only when every weight is 0; the row's loss and gradient are then 0.
+        mean = (weights * e).sum(dim=1, keepdim=True) / total.clamp_min(torch.finfo(e.dtype).tiny)
+        centred = e - mean
+        wc = weights * centred
+        loss = 0.5 * total.squeeze(1) * (wc * centred).sum(dim=1)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            ctx.save_for_backward(total * wc)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        (grad_e,) = ctx.saved_tensors
+        g = grad_output.unsqueeze(1) * grad_e
+        return (
+            g if ctx.needs_input_grad[0] else None,
+            -g if ctx.needs_input_grad[1] else None,
+            None,
+        )
+
+
+def weighted_mse(target: Tensor, input: Tensor, weights: Tensor) -> Tensor:
+    r"""Per-row weighted MSE between logit vectors, :math:`\tfrac12 W \sum_j w_j (e_j - \bar e)^2`.
+
+    Args:
+        target: ``(B, C)`` logits :math:`z_t`; receives gradient if it requires grad.
+        input: ``(B, C)`` logits :math:`z_s`; receives gradient if it requires grad.
+        weights: ``(B, C)`` non-negative weights, treated as constants (detached).
+
+    Returns:
+        ``(B,)`` per-row values, equal to the pairwise formula of SPEC §1.
+
+    Example:
+        >>> t = torch.tensor([[1.0, 2.0, 4.0]])
+        >>> s = torch.zeros(1, 3)
+        >>> weighted_mse(t, s, torch.ones(1, 3))  # ¼ Σ_jk (e_j - e_k)² = ¼·2·(1 + 9 + 4)
+        tensor([7.])
+    """
+    return _WeightedMSE.apply(target, input, weights.detach().to(target.dtype))
+
+
+def soft_cross_entropy(input: Tensor, target_probs: Tensor, temperature: float = 1.0) -> Tensor:
+    r"""Per-row :math:`-\sum_j p_j \log\sigma(z_s / T)_j` with ``target_probs`` held constant."""
+    log_p = F.log_softmax(input / temperature, dim=1)
+    return -(target_probs.detach() * log_p).sum(dim=1)
+
+
+def _use_triton(impl: str, input: Tensor) -> bool:
+    if impl not in IMPLS:
+        raise ValueError(f"Unknown impl {impl!r}: expected one of {IMPLS}")
+    if impl == "torch":
+        return False
+    if impl == "auto" and (not input.is_cuda or input.dtype == torch.float64 or _compiling()):
+        return False  # the torch reference serves CPU, float64 and compiled graphs
+    from dkl import ops  # lazy: triton is optional
+
+    if impl == "triton":
+        reason = ops.triton_unavailable_reason()
+        if reason is None and input.dtype == torch.float64:
+            reason = "the fused kernel supports float32, bfloat16 and float16, got float64"
+        if reason is not None:
+            raise RuntimeError(f"impl='triton' cannot run: {reason}. Use impl='torch' or 'auto'.")
+        return True
+    return ops.triton_available()
+
+
+def _fused(kind: str, input: Tensor, target: Tensor, reduction: str, mask: Tensor | None, **kw) -> Tensor:
+    from dkl.ops import fused_divergence
+
+    per_row = fused_divergence(input, target, kind=kind, row_mask=mask, **kw)
+    return _reduce(per_row, reduction, mask)
+
+
+# --------------------------------------------------------------------------- the losses
+def kl_loss(
+    input: Tensor,
+    target: Tensor,
+    *,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    mask: Tensor | None = None,
+    impl: str = "auto",
+) -> Tensor:
+    r"""KL divergence :math:`\mathrm{KL}(\sigma(z_t/T) \,\|\, \sigma(z_s/T))` from logits.
+
+    .. math::
+
+        \mathrm{KL}_i = \sum_j \sigma(z_{t,i}/T)_j
+            \big(\log\sigma(z_{t,i}/T)_j - \log\sigma(z_{s,i}/T)_j\big)
+
+    No :math:`T^2` factor is applied (Hinton-style KD multiplies by it; the recipes say so).
+    Gradients reach both ``input`` and ``target`` when they require grad.
+
+    Args:
+        input: ``(B, C)`` logits :math:`z_s`.
+        target: ``(B, C)`` logits :math:`z_t`.
+        temperature: softmax temperature :math:`T > 0`.
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
+        mask: optional bool ``(B,)`` of valid rows; ``"mean"`` divides by their count.
+        impl: ``"auto"`` | ``"torch"`` | ``"triton"`` (fused kernel, CUDA only).
+
+    Shape:
+        ``(B,)`` for ``reduction="none"``, else a scalar; float32 for half inputs, otherwise the
+        input dtype.
+
+    Example:
+        >>> z_s = torch.tensor([[0.0, 1.0, 2.0]], requires_grad=True)
+        >>> z_t = torch.tensor([[2.0, 1.0, 0.0]])
+        >>> loss = kl_loss(z_s, z_t)
+        >>> loss
+        tensor(1.1504, grad_fn=<DivBackward0>)
+        >>> loss.backward()
+    """
+    _check_logits(input, target)
+    _check_positive("temperature", temperature)
+    _check_reduction(reduction)
+    _check_mask(mask, input)
+    if _use_triton(impl, input):
+        return _fused("kl", input, target, reduction, mask, alpha=1.0, beta=1.0,
+                      temperature=temperature, weight_temperature=1.0, class_weights=None)
+    with torch.autocast(input.device.type, enabled=False):
+        zs, zt = _compute_dtype(input), _compute_dtype(target)
+        log_q = F.log_softmax(zs / temperature, dim=1)
+        log_p = F.log_softmax(zt / temperature, dim=1)
+        per_row = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+        return _reduce(per_row, reduction, mask)
+
+
+def dkl_loss(
+    input: Tensor,
+    target: Tensor,
+    *,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    mask: Tensor | None = None,
+    impl: str = "auto",
+) -> Tensor:
+    r"""Decoupled KL (Theorem 1): a wMSE that moves only the target plus a soft-label CE.
+
+    With :math:`u = z / T` and :math:`w = \mathrm{sg}(\sigma(u_t))`,
+
+    .. math::
+
+        \mathrm{DKL} = \beta\,\mathrm{wMSE}(u_t, \mathrm{sg}(u_s); w)
+            - \alpha \sum_j w_j \log\sigma(u_s)_j .
+
+    With :math:`\alpha = \beta = 1` the gradients equal those of :func:`kl_loss` with respect to
+    both ``input`` and ``target``, for any :math:`T` (the values differ by the target entropy).
+    That asymmetry is the point: with a frozen teacher the wMSE term gives the student nothing.
+
+    Args:
+        input: ``(B, C)`` logits :math:`z_s` (receives only the sCE gradient).
+        target: ``(B, C)`` logits :math:`z_t` (receives only the wMSE gradient).
+        alpha: weight of the soft-label cross-entropy.
+        beta: weight of the wMSE.
+        temperature: :math:`T > 0`.
+        reduction, mask, impl: as in :func:`kl_loss`.
+
+    Shape:
+        ``(B,)`` for ``reduction="none"``, else a scalar (dtype as in :func:`kl_loss`).
+
+    Example:
+        >>> z_s = torch.tensor([[0.0, 1.0, 2.0]], requires_grad=True)
+        >>> z_t = torch.tensor([[2.0, 1.0, 0.0]], requires_grad=True)
+        >>> g_dkl = torch.autograd.grad(dkl_loss(z_s, z_t, temperature=2.0), (z_s, z_t))
+        >>> g_kl = torch.autograd.grad(kl_loss(z_s, z_t, temperature=2.0), (z_s, z_t))
+        >>> all(torch.allclose(a, b) for a, b in zip(g_dkl, g_kl))  # Theorem 1
+        True
+    """
+    _check_logits(input, target)
+    _check_positive("temperature", temperature)
+    _check_reduction(reduction)
+    _check_mask(mask, input)
+    if _use_triton(impl, input):
+        return _fused("dkl", input, target, reduction, mask, alpha=alpha, beta=beta,
+                      temperature=temperature, weight_temperature=temperature, class_weights=None)
+    with torch.autocast(input.device.type, enabled=False):
+        us, ut = _compute_dtype(input) / temperature, _compute_dtype(target) / temperature
+        w = F.softmax(ut.detach(), dim=1)
+        per_row = beta * weighted_mse(ut, us.detach(), w) + alpha * soft_cross_entropy(us, w)
+        return _reduce(per_row, reduction, mask)
+
+
+def ikl_loss(
+    input: Tensor,
+    target: Tensor,
+    *,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    temperature: float = 1.0,
+    weight_temperature: float = 1.0,
+    class_weights: Tensor | None = None,
+    reduction: str = "mean",
+    mask: Tensor | None = None,
+    impl: str = "auto",
+) -> Tensor:
+    r"""Improved KL: wMSE on raw logits that moves both sides, plus a tempered soft-label CE.
+
+    .. math::
+
+        \mathrm{IKL}_i = \beta\,\tfrac12 W_i \sum_j w_{ij}(e_{ij} - \bar e_i)^2
+            - \alpha \sum_j \mathrm{sg}(\sigma(z_{t,i}/T))_j \log\sigma(z_{s,i}/T)_j,
+        \qquad e = z_t - z_s,
+
+    with detached weights :math:`w = \sigma(z_t / T_2)` (``weight_temperature``), or the given
+    ``class_weights`` (the rows of a :class:`~dkl.ClassPrior` picked by label: the GI variant).
+    ``alpha`` weighs the sCE and ``beta`` the wMSE, as in the authors' configs. The wMSE is on raw
+    logits (no temperature) and has no stop-gradient: ``target`` receives its gradient too when it
+    requires grad (adversarial training); the sCE moves ``input`` only.
+
+    Args:
+        input: ``(B, C)`` logits :math:`z_s` being trained.
+        target: ``(B, C)`` logits :math:`z_t`.
+        alpha: weight of the soft-label cross-entropy.
+        beta: weight of the wMSE.
+        temperature: :math:`T > 0` of the sCE.
+        weight_temperature: :math:`T_2 > 0` of the per-sample weights.
+        class_weights: optional ``(B, C)`` non-negative weights that replace
+            :math:`\sigma(z_t / T_2)`; treated as constants.
+        reduction, mask, impl: as in :func:`kl_loss`.
+
+    Shape:
+        ``(B,)`` for ``reduction="none"``, else a scalar; float32 for half inputs, otherwise the
+        input dtype.
+
+    Example:
+        >>> z_s = torch.tensor([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]], requires_grad=True)
+        >>> z_t = torch.tensor([[2.0, 1.0, 0.0], [3.0, 0.0, 0.0]])
+        >>> loss = ikl_loss(z_s, z_t, alpha=1.0, beta=2.0, temperature=4.0, weight_temperature=1.0)
+        >>> loss
+        tensor(2.3490, grad_fn=<DivBackward0>)
+        >>> loss.backward()
+        >>> z_s.grad.shape
+        torch.Size([2, 3])
+    """
+    _check_logits(input, target)
+    _check_positive("temperature", temperature)
+    _check_positive("weight_temperature", weight_temperature)
+    _check_reduction(reduction)
+    _check_mask(mask, input)
+    if class_weights is not None:
+        _check_class_weights(class_weights, input)
+    if _use_triton(impl, input):
+        return _fused("ikl", input, target, reduction, mask, alpha=alpha, beta=beta,
+                      temperature=temperature, weight_temperature=weight_temperature,
+                      class_weights=None if class_weights is None else class_weights.detach())
+    with torch.autocast(input.device.type, enabled=False):
+        zs, zt = _compute_dtype(input), _compute_dtype(target)
+        zt_const = zt.detach()
+        p = F.softmax(zt_const / temperature, dim=1)
+        if class_weights is not None:
+            w = class_weights.detach().to(zt.dtype)
+        elif weight_temperature == temperature:
+            w = p
+        else:
+            w = F.softmax(zt_const / weight_temperature, dim=1)
+        per_row = beta * weighted_mse(zt, zs, w) + alpha * soft_cross_entropy(zs / temperature, p)
+        return _reduce(per_row, reduction, mask)
+
+
+# --------------------------------------------------------------------------- modules
+class _Loss(nn.Module):
+    def __init__(self, reduction: str) -> None:
+        super().__init__()
+        _check_reduction(reduction)
+        self.reduction = reduction
+
+
+class KLLoss(_Loss):
+    """Module form of :func:`kl_loss`.
+
+    Example:
+        >>> criterion = KLLoss(temperature=4.0)
+        >>> criterion(torch.zeros(2, 5), torch.zeros(2, 5))
+        tensor(0.)
+    """
+
+    def __init__(self, *, temperature: float = 1.0, reduction: str = "mean", impl: str = "auto"):
+        super().__init__(reduction)
+        _check_positive("temperature", temperature)
+        self.temperature, self.impl = temperature, impl
+
+    def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        return kl_loss(input, target, temperature=self.temperature, reduction=self.reduction,
+                       mask=mask, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, reduction={self.reduction!r}"
+
+
+class DKLLoss(_Loss):
+    """Module form of :func:`dkl_loss`.
+
+    Example:
+        >>> criterion = DKLLoss(alpha=1.0, beta=1.0, temperature=4.0)
+        >>> criterion(torch.zeros(2, 5), torch.zeros(2, 5))
+        tensor(1.6094)
+    """
+
+    def __init__(self, *, alpha: float = 1.0, beta: float = 1.0, temperature: float = 1.0,
+                 reduction: str = "mean", impl: str = "auto"):
+        super().__init__(reduction)
+        _check_positive("temperature", temperature)
+        self.alpha, self.beta, self.temperature, self.impl = alpha, beta, temperature, impl
+
+    def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        return dkl_loss(input, target, alpha=self.alpha, beta=self.beta,
+                        temperature=self.temperature, reduction=self.reduction, mask=mask,
+                        impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return (f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, "
+                f"reduction={self.reduction!r}")
+
+
+class IKLLoss(_Loss):
+    """Module form of :func:`ikl_loss`; pass ``class_weights`` per call for the GI variant.
+
+    Example:
+        >>> criterion = IKLLoss(alpha=1.0, beta=8.0, temperature=4.0, weight_temperature=100.0)
+        >>> student = torch.randn(4, 10, requires_grad=True)
+        >>> criterion(student, torch.randn(4, 10)).backward()
+        >>> student.grad.shape
+        torch.Size([4, 10])
+    """
+
+    def __init__(self, *, alpha: float = 1.0, beta: float = 1.0, temperature: float = 1.0,
+                 weight_temperature: float = 1.0, reduction: str = "mean", impl: str = "auto"):
+        super().__init__(reduction)
+        _check_positive("temperature", temperature)
+        _check_positive("weight_temperature", weight_temperature)
+        self.alpha, self.beta = alpha, beta
+        self.temperature, self.weight_temperature, self.impl = temperature, weight_temperature, impl
+
+    def forward(self, input: Tensor, target: Tensor, class_weights: Tensor | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        return ikl_loss(input, target, alpha=self.alpha, beta=self.beta,
+                        temperature=self.temperature, weight_temperature=self.weight_temperature,
+                        class_weights=class_weights, reduction=self.reduction, mask=mask,
+                        impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return (f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, "
+                f"weight_temperature={self.weight_temperature}, reduction={self.reduction!r}")
