@@ -295,7 +295,7 @@ def dkl_loss(
             - \alpha \sum_j w_j \log\sigma(u_s)_j .
 
     With :math:`\alpha = \beta = 1` the gradients equal those of :func:`kl_loss` with respect to
-    both ``input`` and ``target``, for any :math:`T` (the values differ by the target entropy).
+    both ``input`` and ``target``, for any :math:`T` (only the gradients agree, not the values).
     That asymmetry is the point: with a frozen teacher the wMSE term gives the student nothing.
 
     Args:
