@@ -1,0 +1,156 @@
+"""Model registry: one name -> one constructor, looked up by :func:`create_model`.
+
+Name rule (case-sensitive, exact):
+
+* A name registered here wins. The CIFAR names keep mdistiller's spelling
+  (``resnet8x4``, ``wrn_40_2``, ``vgg13``, ``ResNet50``, ``MobileNetV2``, ``ShuffleV1`` ...),
+  so ``ResNet50`` is the CIFAR bottleneck ResNet-50 and ``resnet50`` is torchvision's ImageNet one.
+* ``tv:<name>`` always builds ``torchvision.models.<name>`` (ImageNet layout, random init).
+  The plain ImageNet names ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``,
+  ``resnet152`` and ``mobilenet_v2`` are registered aliases of their ``tv:`` form because no
+  CIFAR model uses those exact spellings.
+* ``timm:<name>`` builds ``timm.create_model(<name>, pretrained=False)`` when timm is importable.
+
+Nothing is ever downloaded: pretrained weights come from local files through ``checkpoint=``
+(see :func:`dkl.models.load_weights`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.nn as nn
+
+__all__ = ["ModelEntry", "create_model", "list_models", "model_entry", "register_model"]
+
+ModelFn = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered constructor. ``family`` groups names: cifar, imagenet, digits, robust."""
+
+    name: str
+    fn: ModelFn
+    family: str
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+_FAMILIES = ("cifar", "imagenet", "digits", "robust")
+
+
+def register_model(
+    name: str | None = None, *, family: str = "cifar"
+) -> Callable[[ModelFn], ModelFn]:
+    """Decorator registering ``fn(num_classes, **kwargs) -> nn.Module`` under ``name``.
+
+    ``name`` defaults to the function's ``__name__``. Registering a taken name is an error.
+
+    >>> @register_model("doc_tiny", family="digits")
+    ... def doc_tiny(num_classes: int) -> nn.Module:
+    ...     return nn.Linear(4, num_classes)
+    >>> create_model("doc_tiny", 3).out_features
+    3
+    """
+    if family not in _FAMILIES:
+        raise ValueError(f"Expected family in {_FAMILIES}, got {family!r}")
+
+    def decorator(fn: ModelFn) -> ModelFn:
+        key = name or fn.__name__
+        if ":" in key:
+            raise ValueError(f"Model names may not contain ':' (reserved for tv:/timm:), got {key!r}")
+        if key in _REGISTRY:
+            raise ValueError(f"Model name {key!r} is already registered")
+        _REGISTRY[key] = ModelEntry(key, fn, family)
+        return fn
+
+    return decorator
+
+
+def list_models(pattern: str | None = None, *, family: str | None = None) -> list[str]:
+    """Sorted registered names, optionally filtered by a glob ``pattern`` and a ``family``.
+
+    >>> list_models("resnet8*")
+    ['resnet8', 'resnet8x4']
+    """
+    if family is not None and family not in _FAMILIES:
+        raise ValueError(f"Expected family in {_FAMILIES}, got {family!r}")
+    names = [
+        n
+        for n, e in _REGISTRY.items()
+        if (family is None or e.family == family)
+        and (pattern is None or fnmatch.fnmatchcase(n, pattern))
+    ]
+    return sorted(names, key=lambda n: (n.lower(), n))
+
+
+def model_entry(name: str) -> ModelEntry:
+    """The registry entry for ``name`` (no prefixes); unknown names raise ``ValueError``."""
+    if name not in _REGISTRY:
+        raise ValueError(_unknown_message(name, list(_REGISTRY)))
+    return _REGISTRY[name]
+
+
+def _unknown_message(name: str, known: list[str], what: str = "model") -> str:
+    by_lower = {k.lower(): k for k in known}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=5, cutoff=0.6)
+    hint = ", ".join(repr(by_lower[c]) for c in close) if close else "none"
+    return (
+        f"Unknown {what} {name!r}; close matches: {hint}. "
+        "See dkl.models.list_models() (or use the tv:<name> / timm:<name> prefixes)."
+    )
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    checkpoint: str | Path | None = None,
+    strict: bool = True,
+    **kwargs,
+) -> nn.Module:
+    """Build model ``name`` with a ``num_classes``-way head; forward returns logits ``(B, C)``.
+
+    Args:
+        name: a registered name, ``tv:<torchvision name>`` or ``timm:<timm name>``.
+        num_classes: size of the classifier output.
+        checkpoint: optional local weight file, loaded with :func:`dkl.models.load_weights`.
+        strict: passed to ``load_weights``.
+        **kwargs: constructor options (e.g. ``hidden=(64,)`` for ``mlp``, ``width=8`` for
+            ``digits_cnn``); an option the constructor does not take is a ``TypeError``.
+
+    >>> import torch
+    >>> m = create_model("resnet8", 100)
+    >>> m(torch.zeros(2, 3, 32, 32)).shape
+    torch.Size([2, 100])
+    """
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"Expected num_classes to be a positive int, got {num_classes!r}")
+    if not isinstance(name, str):
+        raise TypeError(f"Expected the model name as a str, got {type(name).__name__}")
+    if name.startswith("tv:"):
+        from .imagenet import torchvision_model
+
+        model = torchvision_model(name[3:], num_classes, **kwargs)
+    elif name.startswith("timm:"):
+        from .imagenet import timm_model
+
+        model = timm_model(name[5:], num_classes, **kwargs)
+    else:
+        entry = model_entry(name)
+        try:
+            model = entry.fn(num_classes, **kwargs)
+        except TypeError as err:
+            if "unexpected keyword" in str(err):
+                raise TypeError(f"Model {name!r} got an unknown option: {err}") from None
+            raise
+    if checkpoint is not None:
+        from .weights import load_weights
+
+        load_weights(model, checkpoint, strict=strict)
+    return model
+
