@@ -1,0 +1,235 @@
+"""Triton kernel for the row-wise KL / DKL / IKL divergences (forward statistics and gradients).
+
+One program handles one row of ``C`` logits, read in blocks of ``BLOCK`` columns. Pass 1 keeps
+running (online) statistics: log-sum-exps with a running maximum for the softmaxes, and the
+weighted mean / centred second moment of ``e = target - input`` merged block by block (Chan's
+parallel update), so the loss never subtracts two large sums. Pass 2 reads the row again and writes
+the gradient(s), already multiplied by a per-row scale. ``PASS1`` / ``PASS2`` choose which passes a
+launch runs: the autograd forward runs pass 1 only, its backward pass 2 only (from the saved
+per-row statistics), and the chunked LLM path runs both in one launch.
+
+This module imports triton at import time; ``dkl.ops`` imports it lazily. Whether the kernel runs
+compiled or in the interpreter is decided by ``TRITON_INTERPRET`` when this module is imported.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+KIND_KL = 0
+KIND_DKL = 1
+KIND_IKL = 2
+
+# Where the wMSE weights come from.
+WMODE_TARGET_SOFTMAX = 0  # softmax(target / T): the same softmax as the sCE / KL target
+WMODE_WEIGHT_SOFTMAX = 1  # softmax(target / T2) with T2 != T (IKL only)
+WMODE_CLASS_WEIGHTS = 2  # explicit non-negative (B, C) weights (IKL only)
+
+N_STATS = 4  # per-row statistics saved between the passes: lse_s, lse_t, lse_w (or W), mean(e)
+
+
+@triton.jit
+def _divergence_kernel(
+    s_ptr,  # (B, C) input logits (the side being trained), fp32 / bf16 / fp16
+    t_ptr,  # (B, C) target logits, fp32 / bf16 / fp16
+    cw_ptr,  # (B, C) class weights (WMODE 2), any float dtype; unused otherwise
+    mask_ptr,  # (B,) uint8 valid-row mask (HAS_MASK); unused otherwise
+    scale_ptr,  # (B,) fp32 per-row gradient scale (PASS2, HAS_SCALE); unused otherwise
+    loss_ptr,  # (B,) fp32 per-row loss (written by PASS1)
+    stats_ptr,  # (B, N_STATS) fp32 per-row statistics (written by PASS1, read by PASS2 alone)
+    gs_ptr,  # (B, C) gradient w.r.t. the input, input dtype (PASS2 and GRAD_S)
+    gt_ptr,  # (B, C) gradient w.r.t. the target, target dtype (PASS2 and GRAD_T)
+    C,  # number of columns
+    s_stride,  # row strides (elements); columns are contiguous
+    t_stride,
+    cw_stride,
+    gs_stride,
+    gt_stride,
+    scale_stride,
+    inv_T,  # 1 / temperature
+    inv_T2,  # 1 / weight_temperature
+    alpha,  # weight of the soft cross-entropy (DKL / IKL)
+    beta,  # weight of the wMSE (DKL / IKL)
+    KIND: tl.constexpr,
+    WMODE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    PASS1: tl.constexpr,
+    PASS2: tl.constexpr,
+    GRAD_S: tl.constexpr,
+    GRAD_T: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: B * C can exceed 2**31
+    offs = tl.arange(0, BLOCK)
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
+    cw_row = cw_ptr + row * cw_stride
+
+    if HAS_MASK:
+        row_on = tl.load(mask_ptr + row) != 0
+    else:
+        row_on = tl.full([], 1, tl.int1)
+    # Masked rows run no column loop in pass 1 and read nothing in pass 2 (masked loads).
+    n_cols = tl.where(row_on, C, 0)
+
+    if PASS1:
+        neg_inf = float("-inf")
+        # reference for the sCE accumulator, so sum p_t * u_s does not carry a large offset
+        ref_s = tl.load(s_row).to(tl.float32) * inv_T
+        m_s = tl.full([], neg_inf, tl.float32)  # running max of u_s = s / T
+        z_s = tl.zeros([], tl.float32)  # sum exp(u_s - m_s)
+        m_w = tl.full([], neg_inf, tl.float32)  # running max of the weight logits
+        w_sum = tl.zeros([], tl.float32)  # sum of weights (scaled by exp(-m_w) in WMODE 0/1)
+        mean = tl.zeros([], tl.float32)  # weighted mean of e
+        m2 = tl.zeros([], tl.float32)  # weighted sum of (e - mean)^2 (same scale as w_sum)
+        m_t = tl.full([], neg_inf, tl.float32)  # running max of u_t (WMODE 1/2 only)
+        z_t = tl.zeros([], tl.float32)  # sum exp(u_t - m_t) (WMODE 1/2 only)
+        b_acc = tl.zeros([], tl.float32)  # sum exp(u_t - m_t) * (u_s - ref_s)  (sCE)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            inb = cols < C
+            s = tl.load(s_row + cols, mask=inb, other=0.0).to(tl.float32)
+            t = tl.load(t_row + cols, mask=inb, other=0.0).to(tl.float32)
+            us = s * inv_T
+            ut = t * inv_T
+
+            # student softmax at T, online
+            us_m = tl.where(inb, us, neg_inf)
+            m_s_new = tl.maximum(m_s, tl.max(us_m, axis=0))
+            z_s = z_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(us_m - m_s_new), axis=0)
+            m_s = m_s_new
+
+            if KIND == 2:
+                e = t - s  # IKL: wMSE on raw logits
+            else:
+                e = ut - us
+            e = tl.where(inb, e, 0.0)
+
+            # weights of this block and the factor that rescales the running sums
+            if WMODE == 2:
+                wb = tl.load(cw_row + cols, mask=inb, other=0.0).to(tl.float32)
+                r_w = 1.0
+            else:
+                if WMODE == 0:
+                    uw = tl.where(inb, ut, neg_inf)
+                else:
+                    uw = tl.where(inb, t * inv_T2, neg_inf)
+                m_w_new = tl.maximum(m_w, tl.max(uw, axis=0))
+                r_w = tl.exp(m_w - m_w_new)
+                wb = tl.exp(uw - m_w_new)
+                m_w = m_w_new
+
+            # block moments (centred in registers), then Chan's merge with the running ones
+            wb_sum = tl.sum(wb, axis=0)
+            mean_b = tl.sum(wb * e, axis=0) / tl.maximum(wb_sum, 1e-30)
+            d = e - mean_b
+            m2_b = tl.sum(wb * d * d, axis=0)
+            wa = w_sum * r_w
+            n = wa + wb_sum
+            frac = tl.where(n > 0, wb_sum / tl.maximum(n, 1e-30), 0.0)
+            delta = mean_b - mean
+            mean = mean + delta * frac
+            m2 = m2 * r_w + m2_b + delta * delta * wa * frac
+            w_sum = n
+
+            if KIND != 0:
+                dus = tl.where(inb, us - ref_s, 0.0)
+                if WMODE == 0:
+                    b_acc = b_acc * r_w + tl.sum(wb * dus, axis=0)
+                else:
+                    ut_m = tl.where(inb, ut, neg_inf)
+                    m_t_new = tl.maximum(m_t, tl.max(ut_m, axis=0))
+                    r_t = tl.exp(m_t - m_t_new)
+                    pt_b = tl.exp(ut_m - m_t_new)
+                    z_t = z_t * r_t + tl.sum(pt_b, axis=0)
+                    b_acc = b_acc * r_t + tl.sum(pt_b * dus, axis=0)
+                    m_t = m_t_new
+
+        # masked rows ran no iteration: give them finite placeholders (their outputs are zeroed)
+        m_s = tl.where(row_on, m_s, 0.0)
+        z_s = tl.where(row_on, z_s, 1.0)
+        m_w = tl.where(row_on, m_w, 0.0)
+        w_sum = tl.where(row_on, w_sum, 1.0)
+        m_t = tl.where(row_on, m_t, 0.0)
+        z_t = tl.where(row_on, z_t, 1.0)
+        lse_s = m_s + tl.log(z_s)
+        if WMODE == 0:
+            lse_t = m_w + tl.log(w_sum)
+            z_t = w_sum
+        else:
+            lse_t = m_t + tl.log(z_t)
+        if WMODE == 2:
+            wstat = w_sum
+            wmse = 0.5 * w_sum * m2
+        else:
+            wstat = m_w + tl.log(w_sum)
+            wmse = 0.5 * m2 / w_sum
+        if KIND == 0:
+            loss = mean - lse_t + lse_s
+        else:
+            sce = (lse_s - ref_s) - b_acc / z_t
+            loss = beta * wmse + alpha * sce
+        loss = tl.where(row_on, loss, 0.0)
+        tl.store(loss_ptr + row, loss)
+        if PASS2 == 0:
+            st = stats_ptr + row * 4
+            tl.store(st + 0, lse_s)
+            tl.store(st + 1, lse_t)
+            tl.store(st + 2, wstat)
+            tl.store(st + 3, mean)
+    else:
+        st = stats_ptr + row * 4
+        lse_s = tl.load(st + 0)
+        lse_t = tl.load(st + 1)
+        wstat = tl.load(st + 2)
+        mean = tl.load(st + 3)
+
+    if PASS2:
+        if HAS_SCALE:
+            g = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+        else:
+            g = 1.0
+        if WMODE == 2:
+            wtot = wstat
+        else:
+            wtot = 1.0
+        gs_row = gs_ptr + row * gs_stride
+        gt_row = gt_ptr + row * gt_stride
+        for start in range(0, C, BLOCK):
+            cols = start + offs
+            inb = cols < C
+            ld = inb & row_on
+            s = tl.load(s_row + cols, mask=ld, other=0.0).to(tl.float32)
+            t = tl.load(t_row + cols, mask=ld, other=0.0).to(tl.float32)
+            us = s * inv_T
+            ut = t * inv_T
+            ps = tl.exp(us - lse_s)
+            pt = tl.exp(ut - lse_t)
+            if KIND == 2:
+                e = t - s
+            else:
+                e = ut - us
+            if KIND == 0:
+                gsv = inv_T * (ps - pt)
+                gtv = inv_T * pt * (e - mean)
+            elif KIND == 1:
+                gsv = (alpha * inv_T) * (ps - pt)
+                gtv = (beta * inv_T) * pt * (e - mean)
+            else:
+                if WMODE == 0:
+                    w = pt
+                elif WMODE == 1:
+                    w = tl.exp(t * inv_T2 - wstat)
+                else:
+                    w = tl.load(cw_row + cols, mask=ld, other=0.0).to(tl.float32)
+                dw = (beta * wtot) * w * (e - mean)
+                gsv = (alpha * inv_T) * (ps - pt) - dw
+                gtv = dw
+            if GRAD_S:
+                gsv = tl.where(row_on, g * gsv, 0.0)
+                tl.store(gs_row + cols, gsv.to(gs_ptr.dtype.element_ty), mask=inb)
+            if GRAD_T:
+                gtv = tl.where(row_on, g * gtv, 0.0)
+                tl.store(gt_row + cols, gtv.to(gt_ptr.dtype.element_ty), mask=inb)
