@@ -1,0 +1,441 @@
+"""Semi-supervised learning: label split, views, resumable sampling, the per-batch losses on fixed
+logits (hand-computed), the EMA teacher, the USB ViT weight loader and layer-decay groups."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dkl.models_vit import load_usb_pretrained, resize_pos_embed
+from dkl.recipes.semisup import (
+    SemiSupConfig,
+    SemiSupTask,
+    build_optimizer,
+    confidence_mask,
+    ema_update_,
+    fixmatch_loss,
+    ikl_consistency,
+    masked_batch_mean,
+    meanteacher_loss,
+    param_groups,
+    set_lr,
+    usb_cosine_factor,
+)
+from dkl.semisup_data import (
+    DigitsStrong,
+    DigitsWeak,
+    InfiniteBatchSampler,
+    SemiSupLoader,
+    ViewDataset,
+    split_labeled,
+)
+
+
+def _sig(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+# --------------------------------------------------------------------------- label split
+def _labels(n_per_class=(7, 5, 9, 6)) -> torch.Tensor:
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate(n_per_class)])
+    return y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
+
+
+def test_split_is_stratified_disjoint_and_covers_everything():
+    y = _labels()
+    lab, unl = split_labeled(y, 3, seed=0)
+    assert torch.bincount(y[lab]).tolist() == [3, 3, 3, 3]
+    assert set(lab).isdisjoint(unl)
+    assert sorted(lab + unl) == list(range(len(y)))
+    assert lab == sorted(lab) and unl == sorted(unl)
+
+
+def test_split_is_reproducible_by_seed():
+    y = _labels()
+    assert split_labeled(y, 2, seed=5) == split_labeled(y, 2, seed=5)
+    assert {tuple(split_labeled(y, 2, seed=s)[0]) for s in range(6)}.__len__() > 1
+
+
+def test_split_can_include_labeled_in_unlabeled_like_usb():
+    y = _labels()
+    lab, unl = split_labeled(y, 2, seed=0, include_labeled_in_unlabeled=True)
+    assert unl == list(range(len(y))) and set(lab) <= set(unl)
+
+
+def test_split_errors_name_the_problem():
+    with pytest.raises(ValueError, match="class 1 has 5 samples"):
+        split_labeled(_labels(), 5)
+    with pytest.raises(ValueError, match="num_labels_per_class >= 1"):
+        split_labeled(_labels(), 0)
+    with pytest.raises(ValueError, match="1-D integer"):
+        split_labeled(torch.rand(10), 1)
+
+
+# --------------------------------------------------------------------------- views and sampling
+def test_digit_views_keep_shape_and_range():
+    torch.manual_seed(0)
+    x = torch.rand(1, 8, 8)
+    for tf in (DigitsWeak(), DigitsStrong()):
+        v = tf(x)
+        assert v.shape == (1, 8, 8) and v.min() >= 0 and v.max() <= 1
+    # a weak view is a shift of the image: its pixels are the image's pixels or zero fill
+    w = DigitsWeak()(x)
+    assert torch.isin(w[w != 0], x).all()
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+        DigitsWeak()(torch.rand(8, 8))
+
+
+def test_view_dataset_is_deterministic_per_draw_and_leaves_global_rng_alone():
+    images, labels = torch.rand(6, 1, 8, 8), torch.arange(6) % 2
+    ds = ViewDataset(images, labels, [1, 3, 5], [DigitsWeak(), DigitsStrong()], seed=3)
+    state = torch.get_rng_state()
+    a, b = ds[(0, 10)], ds[(0, 10)]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    c = ds[(0, 11)]
+    assert not torch.equal(a[1], c[1])  # another draw, another strong view
+    assert a[2].item() == labels[1].item() and a[3].item() == 1  # label and original index
+
+
+def test_infinite_sampler_epochs_are_permutations_and_resume_exactly():
+    s = InfiniteBatchSampler(7, 3, seed=2)
+    it = iter(s)
+    batches = [next(it) for _ in range(7)]  # 21 draws = 3 epochs
+    pos = [p for b in batches for p, _ in b]
+    for e in range(3):
+        assert sorted(pos[7 * e : 7 * e + 7]) == list(range(7))
+    assert [k for b in batches for _, k in b] == list(range(21))
+    resumed = InfiniteBatchSampler(7, 3, seed=2, start=4)
+    assert next(iter(resumed)) == batches[4]
+    ranks = [InfiniteBatchSampler(7, 3, seed=2, rank=r, world=2).batch(0) for r in (0, 1)]
+    assert {k for _, k in ranks[0]}.isdisjoint({k for _, k in ranks[1]})
+
+
+def _tiny_loader(**kw) -> SemiSupLoader:
+    images = torch.rand(20, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(20) % 4
+    lab, unl = split_labeled(labels, 2, seed=0)
+    ls = ViewDataset(images, labels, lab, [DigitsWeak()], seed=0, stream=0)
+    us = ViewDataset(images, labels, unl, [DigitsWeak(), DigitsStrong()], seed=0, stream=1)
+    return SemiSupLoader(ls, us, batch_size=3, uratio=2, seed=0, **kw)
+
+
+def test_loader_pairs_batches_with_uratio_and_resumes_mid_stream():
+    ref = _tiny_loader()
+    got = [next(ref) for _ in range(6)]
+    lab, unl = got[0]
+    assert lab[0].shape == (3, 1, 8, 8) and len(lab) == 3
+    assert unl[0].shape == (6, 1, 8, 8) and len(unl) == 4
+    first = _tiny_loader()
+    for _ in range(4):
+        next(first)
+    state = first.state_dict()
+    again = _tiny_loader()
+    again.load_state_dict(state)
+    for want in got[4:]:
+        have = next(again)
+        for part_w, part_h in zip(want, have):
+            assert all(torch.equal(a, b) for a, b in zip(part_w, part_h))
+
+
+# --------------------------------------------------------------------------- losses on fixed logits
+Z_T = torch.tensor([[3.0, 0.0], [0.0, 0.0]])  # row 0 confident (σ = 0.9526), row 1 not (0.5)
+Z_S = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+P0 = _sig(3.0)  # confidence of row 0
+LOGP = (-math.log1p(math.exp(-1.0)), -math.log1p(math.exp(1.0)))  # log σ([1, 0])
+
+
+def test_confidence_mask_threshold_is_inclusive_and_detached():
+    z = torch.tensor([[3.0, 0.0], [2.9, 0.0], [0.0, 0.0]], requires_grad=True)
+    m = confidence_mask(z, 0.95)
+    assert m.tolist() == [1.0, 0.0, 0.0] and not m.requires_grad
+    assert confidence_mask(z, 0.5).tolist() == [1.0, 1.0, 1.0]  # 0.5 >= 0.5
+
+
+def test_masked_mean_is_over_the_whole_batch():
+    assert masked_batch_mean(
+        torch.tensor([2.0, 4.0, 6.0, 8.0]), torch.tensor([1.0, 0.0, 1.0, 0.0])
+    ).item() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match=r"\(B,\)"):
+        masked_batch_mean(torch.ones(3), torch.ones(2))
+
+
+def test_fixmatch_hard_label_by_hand():
+    loss, mask = fixmatch_loss(Z_S, Z_T, threshold=0.95, hard_label=True)
+    assert mask.tolist() == [1.0, 0.0]
+    assert loss.item() == pytest.approx(-LOGP[0] / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("t", [1.0, 0.5])
+def test_fixmatch_soft_label_by_hand(t):
+    p0 = _sig(3.0 / t)
+    ce = -(p0 * LOGP[0] + (1 - p0) * LOGP[1])
+    loss, _ = fixmatch_loss(Z_S, Z_T, threshold=0.95, pl_temperature=t)
+    assert loss.item() == pytest.approx(ce / 2, rel=1e-6)
+
+
+def test_fixmatch_target_gets_no_gradient():
+    zs, zt = Z_S.clone().requires_grad_(), Z_T.clone().requires_grad_()
+    fixmatch_loss(zs, zt)[0].backward()
+    assert zt.grad is None and zs.grad[1].abs().sum() == 0 and zs.grad[0].abs().sum() > 0
+
+
+def test_ikl_consistency_by_hand():
+    # two classes: wMSE = ½ w0 w1 ((t0 - t1) - (s0 - s1))², w = σ(z_t / T2)
+    alpha, beta, t2 = 1.0, 0.1, 2.0
+    w0 = _sig(3.0 / t2)
+    wmse = 0.5 * w0 * (1 - w0) * (3.0 - 1.0) ** 2
+    sce = -(P0 * LOGP[0] + (1 - P0) * LOGP[1])
+    loss, mask = ikl_consistency(
+        Z_S, Z_T, threshold=0.95, alpha=alpha, beta=beta, weight_temperature=t2
+    )
+    assert mask.tolist() == [1.0, 0.0]
+    assert loss.item() == pytest.approx((beta * wmse + alpha * sce) / 2, rel=1e-6)
+
+
+def test_ikl_consistency_moves_the_weak_view_unless_detached():
+    zs, zt = Z_S.clone().requires_grad_(), Z_T.clone().requires_grad_()
+    ikl_consistency(zs, zt)[0].backward()
+    # d/dt0 of β·½ w0 w1 (Δt − Δs)² / B = β·w0 w1 (Δt − Δs) / B
+    w0 = P0
+    assert zt.grad[0, 0].item() == pytest.approx(0.1 * w0 * (1 - w0) * 2.0 / 2, rel=1e-5)
+    assert zt.grad[1].abs().sum() == 0  # masked row: no gradient at all
+    zs, zt = Z_S.clone().requires_grad_(), Z_T.clone().requires_grad_()
+    ikl_consistency(zs, zt, detach_target=True)[0].backward()
+    assert zt.grad is None
+
+
+def test_meanteacher_mse_of_probabilities_by_hand():
+    d = P0 - _sig(1.0)  # both classes differ by the same amount with two classes
+    loss, mask = meanteacher_loss(Z_S, Z_T, threshold=0.95)
+    assert mask.tolist() == [1.0, 0.0]
+    assert loss.item() == pytest.approx(d * d / 2, rel=1e-6)  # mean over classes, then batch
+    loss0, mask0 = meanteacher_loss(Z_S, Z_T, threshold=0.0)
+    d1 = 0.5 - _sig(-2.0)
+    assert mask0.tolist() == [1.0, 1.0]
+    assert loss0.item() == pytest.approx((d * d + d1 * d1) / 2, rel=1e-6)
+
+
+def test_losses_reject_mismatched_logits():
+    with pytest.raises(ValueError, match=r"same shape \(B, C\)"):
+        fixmatch_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+# --------------------------------------------------------------------------- EMA teacher
+def test_ema_update_by_hand_and_buffers_copied():
+    student = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
+    teacher = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
+    with torch.no_grad():
+        for p in student.parameters():
+            p.fill_(1.0)
+        for p in teacher.parameters():
+            p.fill_(3.0)
+        student[1].running_mean.fill_(7.0)
+    ema_update_(teacher, student, 0.999)
+    for p in teacher.parameters():
+        assert torch.allclose(p, torch.full_like(p, 0.999 * 3.0 + 0.001 * 1.0))
+    assert teacher[1].running_mean.item() == 7.0
+    with pytest.raises(ValueError, match="momentum"):
+        ema_update_(teacher, student, 1.5)
+
+
+def test_meanteacher_task_teacher_is_ema_and_gets_no_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    task = SemiSupTask(
+        model, SemiSupConfig(method="meanteacher_ikl", threshold=0.0, alpha=0.02, beta=0.03)
+    )
+    assert task.eval_model is task.ema
+    x = torch.rand(4, 1, 2, 2)
+    lab = (x[:2], torch.tensor([0, 1]), torch.arange(2))
+    unl = (x, x.flip(0), torch.tensor([0, 1, 2, 0]), torch.arange(4))
+    loss, m = task.step(lab, unl)
+    loss.backward()
+    assert all(p.grad is None for p in task.ema.parameters())
+    before = [p.clone() for p in task.ema.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    task.after_step()
+    for b, e, s in zip(before, task.ema.parameters(), model.parameters()):
+        assert torch.allclose(e, 0.999 * b + 0.001 * s)
+    assert m["mask_ratio"].item() == 1.0 and m["unl_count"].item() == 4
+
+
+def test_fixmatch_task_runs_one_forward_and_counts_pseudo_labels():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    calls = []
+    model.register_forward_hook(lambda mod, i, o: calls.append(i[0].shape[0]))
+    task = SemiSupTask(model, SemiSupConfig(method="fixmatch", threshold=0.0))
+    x = torch.rand(4, 1, 2, 2)
+    lab = (x[:2], torch.tensor([0, 1]), torch.arange(2))
+    unl = (x, x, torch.tensor([0, 1, 2, 0]), torch.arange(4))
+    _loss, m = task.step(lab, unl)
+    assert calls == [2 + 4 + 4]  # labeled + weak + strong in one pass
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    assert m["pl_correct"].item() == (pred == unl[2]).sum().item()
+    assert task.ema is None and task.eval_model is model
+    with pytest.raises(ValueError, match="Unknown semisup.method"):
+        SemiSupConfig(method="mixmatch")
+
+
+# --------------------------------------------------------------------------- optimiser, schedule
+class TinyViTLike(nn.Module):
+    """The parameter names of timm's / USB's VisionTransformer at a toy size."""
+
+    def __init__(self, grid: int = 16, dim: int = 8, depth: int = 2, num_classes: int = 10):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + grid * grid, dim))
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, 2, 2)
+        self.blocks = nn.Sequential(
+            *[nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim)) for _ in range(depth)]
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token"}
+
+
+def test_layer_decay_groups_by_hand():
+    lr, wd = 1.0, 5e-4
+    groups = param_groups(TinyViTLike(depth=2), lr=lr, weight_decay=wd, layer_decay=0.5)
+    got = {n: (g["lr"], g["weight_decay"]) for g in groups for n in g["param_names"]}
+    want_lr = {
+        "cls_token": 0.125,
+        "pos_embed": 0.125,
+        "patch_embed.proj.weight": 0.125,
+        "patch_embed.proj.bias": 0.125,
+        "blocks.0.0.weight": 0.25,
+        "blocks.0.1.weight": 0.25,
+        "blocks.1.1.bias": 0.5,
+        "norm.weight": 0.5,
+        "head.weight": 1.0,
+        "head.bias": 1.0,
+    }
+    for name, v in want_lr.items():
+        assert got[name][0] == pytest.approx(v), name
+    decayed = {n for n, (_, w) in got.items() if w == wd}
+    assert decayed == {
+        "patch_embed.proj.weight",
+        "blocks.0.1.weight",
+        "blocks.1.1.weight",
+        "head.weight",
+    }
+    assert len(got) == len(list(TinyViTLike(depth=2).parameters()))
+
+
+def test_layer_decay_needs_a_vit_and_plain_groups_skip_bias_decay():
+    mlp = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="ViT-like"):
+        param_groups(mlp, lr=0.1, weight_decay=0.1, layer_decay=0.5)
+    opt = build_optimizer(mlp, lr=0.1, weight_decay=0.1)
+    assert isinstance(opt, torch.optim.AdamW)
+    wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert wd_of[id(mlp[0].weight)] == 0.1 and wd_of[id(mlp[0].bias)] == 0.0
+    assert wd_of[id(mlp[1].weight)] == 0.0
+
+
+def test_usb_cosine_schedule_by_hand():
+    total, warm = 204_800, 5_120
+    assert usb_cosine_factor(0, total, warm) == 0.0
+    assert usb_cosine_factor(2_560, total, warm) == pytest.approx(0.5)
+    assert usb_cosine_factor(warm, total, warm) == pytest.approx(1.0)
+    mid = warm + (total - warm) // 2
+    assert usb_cosine_factor(mid, total, warm) == pytest.approx(
+        math.cos(math.pi * 7 / 16 * (mid - warm) / (total - warm))
+    )
+    assert usb_cosine_factor(total, total, warm) == pytest.approx(math.cos(7 * math.pi / 16))
+    opt = build_optimizer(TinyViTLike(), lr=4.0, weight_decay=0.0, layer_decay=0.5)
+    set_lr(opt, 0.5)
+    assert sorted({g["lr"] for g in opt.param_groups}) == [0.25, 0.5, 1.0, 2.0]
+
+
+# --------------------------------------------------------------------------- USB ViT weights
+def _usb_checkpoint(tmp_path, src: nn.Module):
+    sd = {"module." + k: v.clone() for k, v in src.state_dict().items()}
+    path = tmp_path / "usb_vit.pth"
+    torch.save({"model": sd, "epoch": 3}, path)
+    return path
+
+
+def test_usb_loader_strips_prefix_drops_head_and_resizes_pos_embed(tmp_path):
+    torch.manual_seed(0)
+    src = TinyViTLike(grid=14, num_classes=1000)
+    with torch.no_grad():
+        src.pos_embed[:, 1:] = 0.25  # a constant grid: any interpolation must keep it
+    path = _usb_checkpoint(tmp_path, src)
+    dst = TinyViTLike(grid=16, num_classes=10)
+    head_before = dst.head.weight.clone()
+    report = load_usb_pretrained(dst, path)
+    assert report["resized"] == ["pos_embed"]
+    assert set(report["dropped"]) == {"head.weight", "head.bias"}
+    assert set(report["missing"]) == {"head.weight", "head.bias"}
+    assert torch.equal(dst.head.weight, head_before)
+    assert torch.equal(dst.blocks[1][1].weight, src.blocks[1][1].weight)
+    assert torch.equal(dst.cls_token, src.cls_token)
+    assert dst.pos_embed.shape == (1, 257, 8)
+    assert torch.equal(dst.pos_embed[:, :1], src.pos_embed[:, :1])
+    assert torch.allclose(dst.pos_embed[:, 1:], torch.full((1, 256, 8), 0.25), atol=1e-6)
+
+
+def test_usb_loader_errors(tmp_path):
+    dst = TinyViTLike()
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_usb_pretrained(dst, tmp_path / "nope.pth")
+    bad = tmp_path / "bad.pth"
+    torch.save({"model": {"extra.weight": torch.zeros(1)}}, bad)
+    with pytest.raises(ValueError, match="does not have"):
+        load_usb_pretrained(dst, bad)
+    other = tmp_path / "other.pth"
+    torch.save({"optimizer": [1, 2]}, other)
+    with pytest.raises(ValueError, match="USB's layout"):
+        load_usb_pretrained(dst, other)
+
+
+def test_resize_pos_embed_matches_timm_resampler():
+    timm_layers = pytest.importorskip("timm.layers")
+    pe = torch.randn(1, 1 + 14 * 14, 6, generator=torch.Generator().manual_seed(0))
+    ours = resize_pos_embed(pe, 1 + 16 * 16)
+    # USB interpolates without antialiasing (timm's default antialias=True changes the kernel)
+    theirs = timm_layers.resample_abs_pos_embed(pe, [16, 16], num_prefix_tokens=1, antialias=False)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_real_timm_vit_loads_usb_layout_and_gets_decayed_groups(tmp_path):
+    pytest.importorskip("timm")
+    from dkl.models_vit import vit_tiny_patch2_32
+
+    torch.manual_seed(0)
+    src = vit_tiny_patch2_32(1000, depth=2, img_size=28)  # 14×14 patches
+    path = _usb_checkpoint(tmp_path, src)
+    model = vit_tiny_patch2_32(100, depth=2, pretrained=str(path))
+    assert model.pos_embed.shape == (1, 257, 192)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    assert model.head.out_features == 100
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 100)
+    lrs = {g["lr"] for g in param_groups(model, lr=1.0, weight_decay=0.1, layer_decay=0.5)}
+    assert sorted(lrs) == [0.125, 0.25, 0.5, 1.0]  # stem, block 0, block 1 + norm, head
+
+
+def test_cifar_views_on_uint8_images():
+    pytest.importorskip("torchvision")
+    from dkl.semisup_data import cifar_strong, cifar_weak
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=g).numpy()
+    ds = ViewDataset(images, [0, 1, 2, 3], [0, 2], [cifar_weak(), cifar_strong()], seed=1)
+    w, s, y, i = ds[(1, 5)]
+    assert w.shape == s.shape == (3, 32, 32) and w.dtype == torch.float32
+    assert 0 <= w.min() and w.max() <= 1 and 0 <= s.min() and s.max() <= 1
+    assert (y.item(), i.item()) == (2, 2)
+    assert torch.equal(ds[(1, 5)][1], s)
+    with pytest.raises(ValueError, match="crop_ratio"):
+        cifar_weak(crop_ratio=0.0)
