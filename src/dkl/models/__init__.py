@@ -9,7 +9,7 @@ torch.Size([1, 100])
 
 from __future__ import annotations
 
-import torch.nn as nn
+from torch import nn
 
 from . import cifar_resnet, imagenet, mobilenet, preact_resnet, shufflenet, small, vgg, wrn
 from .normalize import (

@@ -12,12 +12,12 @@ Two families, as in mdistiller (``mdistiller/models/cifar/resnet.py`` and ``resn
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .registry import register_model
 
-__all__ = ["CifarResNet", "CifarBottleneckResNet"]
+__all__ = ["CifarBottleneckResNet", "CifarResNet"]
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:

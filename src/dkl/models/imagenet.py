@@ -6,11 +6,11 @@ Pretrained weights are never downloaded: pass a local file (for example a torchv
 
 from __future__ import annotations
 
-import torch.nn as nn
+from torch import nn
 
 from .registry import _unknown_message, register_model
 
-__all__ = ["torchvision_model", "timm_model"]
+__all__ = ["timm_model", "torchvision_model"]
 
 _DOWNLOAD_KWARGS = ("weights", "pretrained", "weights_backbone", "pretrained_cfg_overlay")
 
@@ -31,9 +31,7 @@ def torchvision_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     try:
         import torchvision
     except ImportError as err:  # pragma: no cover - torchvision is in the 'vision' extra
-        raise ImportError(
-            f"tv:{name} needs torchvision: pip install 'dkl[vision]'"
-        ) from err
+        raise ImportError(f"tv:{name} needs torchvision: pip install 'dkl[vision]'") from err
     _reject_downloads("torchvision", kwargs)
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:

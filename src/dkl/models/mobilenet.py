@@ -12,15 +12,17 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .registry import register_model
 
 __all__ = ["CifarMobileNetV2", "MobileNetV1"]
 
 
-def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int, groups: int = 1) -> list[nn.Module]:
+def _conv_bn_relu(
+    cin: int, cout: int, kernel: int, stride: int, groups: int = 1
+) -> list[nn.Module]:
     return [
         nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
         nn.BatchNorm2d(cout),

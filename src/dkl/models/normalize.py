@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 __all__ = [
     "CIFAR10_MEAN",

@@ -6,8 +6,8 @@ baseline. Key layout of RobustBench's ``PreActResNet(PreActBlock, [2, 2, 2, 2], 
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .registry import register_model
 

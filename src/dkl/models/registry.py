@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch.nn as nn
+from torch import nn
 
 __all__ = ["ModelEntry", "create_model", "list_models", "model_entry", "register_model"]
 
@@ -55,6 +55,7 @@ def register_model(
     ...     return nn.Linear(4, num_classes)
     >>> create_model("doc_tiny", 3).out_features
     3
+    >>> _ = _REGISTRY.pop("doc_tiny")  # keep the doctest out of the real registry
     """
     if family not in _FAMILIES:
         raise ValueError(f"Expected family in {_FAMILIES}, got {family!r}")
@@ -62,7 +63,9 @@ def register_model(
     def decorator(fn: ModelFn) -> ModelFn:
         key = name or fn.__name__
         if ":" in key:
-            raise ValueError(f"Model names may not contain ':' (reserved for tv:/timm:), got {key!r}")
+            raise ValueError(
+                f"Model names may not contain ':' (reserved for tv:/timm:), got {key!r}"
+            )
         if key in _REGISTRY:
             raise ValueError(f"Model name {key!r} is already registered")
         _REGISTRY[key] = ModelEntry(key, fn, family)
@@ -153,4 +156,3 @@ def create_model(
 
         load_weights(model, checkpoint, strict=strict)
     return model
-

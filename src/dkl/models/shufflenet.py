@@ -11,8 +11,8 @@ Both use a 1x1 stem at full resolution, so a 32x32 input ends at 4x4.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .registry import register_model
 
@@ -65,7 +65,9 @@ class ShuffleNetV1(nn.Module):
             layers = []
             for i in range(n):
                 # the first block concatenates its input, so its branch makes width - cin channels
-                layers.append(_V1Block(cin, width - cin if i == 0 else width, 2 if i == 0 else 1, groups))
+                layers.append(
+                    _V1Block(cin, width - cin if i == 0 else width, 2 if i == 0 else 1, groups)
+                )
                 cin = width
             setattr(self, f"layer{s}", nn.Sequential(*layers))
         self.linear = nn.Linear(cin, num_classes)

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .normalize import NormalizedModel
 
@@ -27,7 +27,7 @@ def extract_state_dict(obj: object, *, source: str = "checkpoint") -> dict[str, 
     ['fc.weight']
     """
     if not isinstance(obj, Mapping):
-        raise ValueError(f"Expected a dict in {source}, got {type(obj).__name__}")
+        raise TypeError(f"Expected a dict in {source}, got {type(obj).__name__}")
     sd: Mapping = obj
     for key in _CONTAINER_KEYS:
         inner = obj.get(key)
@@ -52,9 +52,7 @@ def _listing(keys: list[str]) -> str:
     return ", ".join(keys[:_SHOW]) + more
 
 
-def load_weights(
-    model: nn.Module, path: str | os.PathLike, *, strict: bool = True
-) -> nn.Module:
+def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
     """Load the weight file ``path`` into ``model`` in place and return ``model``.
 
     The file is read with ``torch.load(weights_only=True, map_location="cpu")`` (it cannot run

@@ -16,12 +16,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .registry import register_model
 
-__all__ = ["WideResNet", "DMWideResNet"]
+__all__ = ["DMWideResNet", "WideResNet"]
 
 
 def _activation(name: str) -> nn.Module:
@@ -149,7 +149,10 @@ class _DMBlockGroup(nn.Module):
     def __init__(self, n: int, cin: int, cout: int, stride: int, act: str) -> None:
         super().__init__()
         self.block = nn.Sequential(
-            *[_DMBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1, act) for i in range(n)]
+            *[
+                _DMBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1, act)
+                for i in range(n)
+            ]
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
