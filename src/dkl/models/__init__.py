@@ -21,6 +21,7 @@ from .normalize import (
     IMAGENET_STD,
     Normalize,
     NormalizedModel,
+    unwrap_normalization,
     with_normalization,
 )
 from .registry import ModelEntry, create_model, list_models, model_entry, register_model
@@ -55,5 +56,6 @@ __all__ = [
     "load_weights",
     "model_entry",
     "register_model",
+    "unwrap_normalization",
     "with_normalization",
 ]

@@ -16,6 +16,7 @@ __all__ = [
     "IMAGENET_STD",
     "Normalize",
     "NormalizedModel",
+    "unwrap_normalization",
     "with_normalization",
 ]
 
@@ -92,3 +93,23 @@ def with_normalization(
     'model.conv1.weight'
     """
     return NormalizedModel(model, mean, std)
+
+
+def unwrap_normalization(model: nn.Module) -> nn.Module:
+    """The bare architecture inside DDP/DataParallel (``.module``), ``torch.compile``
+    (``._orig_mod``) and :class:`NormalizedModel` (``.model``) wrappers, in any nesting.
+
+    >>> from dkl.models import create_model
+    >>> inner = create_model("resnet8", 10)
+    >>> unwrap_normalization(with_normalization(inner, CIFAR10_MEAN, CIFAR10_STD)) is inner
+    True
+    """
+    while True:
+        if isinstance(model, NormalizedModel):
+            model = model.model
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
