@@ -44,17 +44,33 @@ The per-batch losses are pure functions of logits (:func:`fixmatch_loss`, :func:
 
 from __future__ import annotations
 
-import copy
+import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import dkl.models_vit  # noqa: F401  (registers the ViT models)
+from dkl.config import ConfigError, register_section
+from dkl.ema import ModelEMA
+from dkl.engine import Recipe, StepContext
 from dkl.losses import ikl_loss
+from dkl.recipes import register_recipe
+from dkl.semisup_data import (
+    DigitsStrong,
+    DigitsWeak,
+    SemiSupLoader,
+    ViewDataset,
+    cifar_strong,
+    cifar_weak,
+    split_labeled,
+)
 
 __all__ = [
     "METHODS",
@@ -62,7 +78,6 @@ __all__ = [
     "SemiSupTask",
     "build_optimizer",
     "confidence_mask",
-    "ema_update_",
     "fixmatch_loss",
     "ikl_consistency",
     "masked_batch_mean",
@@ -186,29 +201,6 @@ def meanteacher_loss(
 
 
 # --------------------------------------------------------------------------------------------
-# EMA teacher
-# --------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def ema_update_(ema: nn.Module, model: nn.Module, momentum: float) -> None:
-    """``θ_ema ← m·θ_ema + (1 − m)·θ`` for parameters; buffers (BN statistics) are copied.
-
-    This is USB's EMA (``ema_m``): buffers follow the student directly.
-    """
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"Expected momentum in [0, 1], got {momentum}")
-    ema_p, model_p = dict(ema.named_parameters()), dict(model.named_parameters())
-    if ema_p.keys() != model_p.keys():
-        raise ValueError("EMA and model parameters differ in names; the EMA must be a copy")
-    for name, p in model_p.items():
-        ema_p[name].lerp_(p.detach(), 1.0 - momentum)
-    ema_b = dict(ema.named_buffers())
-    for name, b in model.named_buffers():
-        ema_b[name].copy_(b)
-
-
-# --------------------------------------------------------------------------------------------
 # Optimiser: AdamW with layer-wise lr decay; USB's warm-up + cosine
 # --------------------------------------------------------------------------------------------
 
@@ -296,7 +288,8 @@ def param_groups(
         )
         g["params"].append(p)
         g["param_names"].append(name)
-    return [groups[k] for k in sorted(groups)]
+    # head first: the engine logs the lr of group 0, which is then the undecayed one
+    return [groups[k] for k in sorted(groups, key=lambda k: (-k[0], not k[1]))]
 
 
 def build_optimizer(
@@ -355,40 +348,41 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
 class SemiSupConfig:
     """The ``semisup:`` section of a config (defaults: SPEC §5's FixMatch-IKL on CIFAR-100)."""
 
-    method: str = (
-        "fixmatch_ikl"  # supervised | fixmatch | fixmatch_ikl | meanteacher | meanteacher_ikl
+    method: Literal["supervised", "fixmatch", "fixmatch_ikl", "meanteacher", "meanteacher_ikl"] = (
+        "fixmatch_ikl"
     )
     num_labels_per_class: int = 2
     include_labeled_in_unlabeled: bool = False  # USB: true (include_lb_to_ulb)
-    uratio: int = 1  # unlabeled batch = uratio * labeled batch
-    threshold: float = 0.95  # confidence mask (p_cutoff)
+    uratio: int = 1  # unlabeled batch = uratio * labeled batch (data.batch_size)
+    threshold: float = 0.95  # confidence mask (USB's p_cutoff)
     lambda_u: float = 1.0
-    unsup_warmup: float = 0.0  # fraction of iterations over which λ_u ramps up linearly (0 = none)
+    unsup_warmup: float = 0.0  # fraction of the iterations over which λ_u ramps up (0: none)
     hard_label: bool = False  # FixMatch: argmax pseudo-label instead of the soft one
     pl_temperature: float = 1.0  # FixMatch soft pseudo-label σ(z_w / T_pl) (USB in effect: 1)
-    alpha: float = 1.0  # IKL: weight of sCE
-    beta: float = 0.1  # IKL: weight of wMSE
+    alpha: float = 1.0  # IKL: weight of the sCE
+    beta: float = 0.1  # IKL: weight of the wMSE
     temperature: float = 1.0  # IKL: sCE temperature
     weight_temperature: float = 1.0  # IKL: T2 of the weights σ(z_tg / T2)
     detach_target: bool = False  # FixMatch-IKL: stop the wMSE gradient into the weak view
-    ema_momentum: float = 0.999  # MeanTeacher teacher / evaluation EMA
-    eval_ema: bool = False  # evaluate the EMA model (always true for MeanTeacher: the teacher)
-    teacher_train_mode: bool = True  # MeanTeacher: teacher forward in train mode (USB)
-    layer_decay: float = 1.0  # ViT layer-wise lr decay (SPEC: 0.5)
-    warmup_iters: int = 0  # linear lr warm-up, then USB's cosine
-    cosine_cycles: float = 7.0 / 16.0
-    crop_ratio: float = 0.875
+    ema_momentum: float = 0.999  # MeanTeacher's teacher; the evaluation EMA with eval_ema
+    eval_ema: bool = False  # FixMatch: evaluate an EMA copy (MeanTeacher always evaluates its teacher)
+    teacher_train_mode: bool = True  # MeanTeacher: teacher forward in train mode (as USB)
+    layer_decay: float = 1.0  # ViT layer-wise lr decay (SPEC: 0.5); needs a ViT
+    lr_schedule: Literal["engine", "usb_cosine"] = "engine"  # usb_cosine: set sched.name=constant
+    warmup_iters: int = 0  # usb_cosine: linear warm-up iterations
+    cosine_cycles: float = 7.0 / 16.0  # usb_cosine: lr = cos(π · cycles · progress)
+    crop_ratio: float = 0.875  # CIFAR views: reflect padding int(32 · (1 − ratio)) = 4
     randaugment_ops: int = 3
     randaugment_magnitude: int = 9
-    pretrained: str = ""  # USB ViT checkpoint (local file); head dropped, pos-embed resized
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the bad field (the config loader calls this)."""
         if self.method not in METHODS:
             raise ValueError(f"Unknown semisup.method {self.method!r}: expected one of {METHODS}")
         if self.uratio < 1:
             raise ValueError(f"Expected semisup.uratio >= 1, got {self.uratio}")
-        if not 0.0 <= self.ema_momentum <= 1.0:
-            raise ValueError(f"Expected semisup.ema_momentum in [0, 1], got {self.ema_momentum}")
+        if not 0.0 <= self.ema_momentum < 1.0:
+            raise ValueError(f"Expected semisup.ema_momentum in [0, 1), got {self.ema_momentum}")
 
     @property
     def uses_unlabeled(self) -> bool:
@@ -400,8 +394,11 @@ class SemiSupConfig:
 
     @property
     def student_view(self) -> str:
-        """Which view of an unlabeled image the student sees: strong (FixMatch) or weak (MT)."""
+        """The view of an unlabeled image the student sees: strong (FixMatch) or weak (MT)."""
         return "weak" if self.uses_teacher else "strong"
+
+
+register_section("semisup", SemiSupConfig)
 
 
 class SemiSupTask:
@@ -409,23 +406,27 @@ class SemiSupTask:
 
     ``labeled = (x, y, index)``; ``unlabeled = (x_weak, x_student, y_true, index)`` (``None`` for
     ``supervised``). :meth:`step` returns the loss (to back-propagate) and detached metrics:
-    ``sup_loss``, ``unsup_loss``, ``mask_ratio`` (share of the unlabeled batch above the
-    threshold), ``pl_correct``/``pl_count`` (pseudo-labels right among the kept samples) and
-    ``pl_correct_all``/``unl_count`` (over all unlabeled samples). :attr:`ema` is the EMA copy
-    (the MeanTeacher teacher), updated by :meth:`after_step`; it is ``None`` when unused.
+    ``logits_lb``, ``sup_loss``, ``unsup_loss``, ``mask_ratio`` (share of the unlabeled batch
+    above the threshold), ``pl_correct``/``pl_count`` (pseudo-labels right among the kept
+    samples) and ``pl_correct_all``/``unl_count`` (over all unlabeled samples).
+
+    ``model`` is what is called (DDP-wrapped under torchrun), ``raw`` the bare module the EMA
+    follows. :attr:`ema` (a :class:`dkl.ema.ModelEMA`, buffers copied as USB does) is the
+    MeanTeacher teacher or the evaluation EMA; call :meth:`after_step` after each optimiser step.
     """
 
-    def __init__(self, model: nn.Module, cfg: SemiSupConfig, *, total_iters: int = 0) -> None:
-        self.model, self.cfg, self.total_iters = model, cfg, int(total_iters)
-        self.ema: nn.Module | None = None
+    def __init__(self, model: nn.Module, cfg: SemiSupConfig, *, raw: nn.Module | None = None,
+                 total_iters: int = 0) -> None:
+        self.model, self.raw, self.cfg = model, raw if raw is not None else model, cfg
+        self.total_iters = int(total_iters)
+        cfg.validate()
+        self.ema: ModelEMA | None = None
         if cfg.uses_teacher or cfg.eval_ema:
-            self.ema = copy.deepcopy(model)
-            for p in self.ema.parameters():
-                p.requires_grad_(False)
+            self.ema = ModelEMA(self.raw, cfg.ema_momentum, buffers="copy")
 
     @property
     def eval_model(self) -> nn.Module:
-        return self.ema if self.ema is not None else self.model
+        return self.ema.module if self.ema is not None else self.raw
 
     def lambda_u(self, it: int) -> float:
         if self.cfg.unsup_warmup <= 0 or self.total_iters <= 0:
@@ -436,46 +437,36 @@ class SemiSupTask:
     def unsup(self, input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         c = self.cfg
         if c.method == "fixmatch":
-            return fixmatch_loss(
-                input,
-                target,
-                threshold=c.threshold,
-                hard_label=c.hard_label,
-                pl_temperature=c.pl_temperature,
-            )
+            return fixmatch_loss(input, target, threshold=c.threshold, hard_label=c.hard_label,
+                                 pl_temperature=c.pl_temperature)
         if c.method == "meanteacher":
             return meanteacher_loss(input, target, threshold=c.threshold)
-        return ikl_consistency(
-            input,
-            target,
-            threshold=c.threshold,
-            alpha=c.alpha,
-            beta=c.beta,
-            temperature=c.temperature,
-            weight_temperature=c.weight_temperature,
-            detach_target=c.detach_target,
-        )
+        return ikl_consistency(input, target, threshold=c.threshold, alpha=c.alpha, beta=c.beta,
+                               temperature=c.temperature,
+                               weight_temperature=c.weight_temperature,
+                               detach_target=c.detach_target)
 
     def _teacher_logits(self, x: Tensor) -> Tensor:
         assert self.ema is not None
-        was_training = self.ema.training
-        self.ema.train(self.cfg.teacher_train_mode)
-        with torch.no_grad():
-            out = self.ema(x)
-        self.ema.train(was_training)
-        return out
+        teacher = self.ema.module
+        teacher.train(self.cfg.teacher_train_mode)
+        try:
+            with torch.no_grad():
+                return teacher(x)
+        finally:
+            teacher.eval()
 
-    def step(
-        self, labeled: tuple[Tensor, ...], unlabeled: tuple[Tensor, ...] | None, it: int = 0
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    def step(self, labeled: tuple[Tensor, ...], unlabeled: tuple[Tensor, ...] | None,
+             it: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
         x_lb, y_lb = labeled[0], labeled[1]
         n_lb = x_lb.shape[0]
         method = self.cfg.method
-        if method == "supervised" or unlabeled is None:
-            if method != "supervised":
-                raise ValueError(f"method {method!r} needs an unlabeled batch, got None")
-            sup = F.cross_entropy(self.model(x_lb), y_lb)
-            return sup, {"sup_loss": sup.detach()}
+        if method == "supervised":
+            logits_lb = self.model(x_lb)
+            sup = F.cross_entropy(logits_lb, y_lb)
+            return sup, {"logits_lb": logits_lb.detach(), "sup_loss": sup.detach()}
+        if unlabeled is None:
+            raise ValueError(f"method {method!r} needs an unlabeled batch, got None")
         x_w, x_st, y_true = unlabeled[0], unlabeled[1], unlabeled[2]
         if method.startswith("fixmatch"):
             logits = self.model(torch.cat([x_lb, x_w, x_st]))
@@ -491,6 +482,7 @@ class SemiSupTask:
         with torch.no_grad():
             correct = (target.argmax(dim=1) == y_true).float()
             metrics = {
+                "logits_lb": logits_lb.detach(),
                 "sup_loss": sup.detach(),
                 "unsup_loss": unsup.detach(),
                 "mask_ratio": mask.mean(),
@@ -502,6 +494,225 @@ class SemiSupTask:
         return loss, metrics
 
     def after_step(self) -> None:
-        """Update the EMA copy (call after ``optimizer.step()``)."""
+        """Move the EMA towards the current weights (call after ``optimizer.step()``)."""
         if self.ema is not None:
-            ema_update_(self.ema, self.model, self.cfg.ema_momentum)
+            self.ema.update(self.raw)
+
+
+# --------------------------------------------------------------------------------------------
+# The engine recipe
+# --------------------------------------------------------------------------------------------
+
+_PL_KEYS = ("pl_correct", "pl_count", "pl_correct_all", "unl_count")
+
+
+def _raw_images(train_set: Any) -> tuple[Any, Any]:
+    """The un-augmented images and labels behind one of :func:`dkl.data.build_datasets`' sets."""
+    if hasattr(train_set, "images") and hasattr(train_set, "labels"):  # digits (tensors)
+        return train_set.images, train_set.labels
+    base = getattr(train_set, "base", train_set)  # SeededDataset around a torchvision set
+    if hasattr(base, "data") and hasattr(base, "targets"):
+        return base.data, base.targets
+    raise ConfigError(
+        f"recipe semisup: data set {type(base).__name__} exposes neither (images, labels) nor "
+        f"(data, targets); supported: digits, cifar10, cifar100"
+    )
+
+
+def build_views(data_name: str, cfg: SemiSupConfig) -> tuple[Any, Any]:
+    """``(weak, strong)`` transforms for a data set name (digits: tensor views; CIFAR: USB's)."""
+    if data_name == "digits":
+        return DigitsWeak(), DigitsStrong()
+    if data_name in ("cifar10", "cifar100"):
+        weak = cifar_weak(32, cfg.crop_ratio)
+        strong = cifar_strong(32, cfg.crop_ratio, cfg.randaugment_ops, cfg.randaugment_magnitude)
+        return weak, strong
+    raise ConfigError(f"recipe semisup: no views for data '{data_name}' (digits, cifar10, cifar100)")
+
+
+@register_recipe("semisup")
+class SemiSupRecipe(Recipe):
+    """``recipe: semisup``: FixMatch / MeanTeacher (± IKL) and the supervised baseline.
+
+    ``data.batch_size`` is the labeled batch; the unlabeled batch is ``uratio`` times larger.
+    One data "epoch" is one pass over the unlabeled pool; runs are meant to be iteration-based
+    (``train.iterations``, ``train.eval_every``). The labeled indices go to
+    ``<run>/labeled_indices.json``. Each evaluation adds ``mask_ratio``, ``pl_acc`` (pseudo-labels
+    right among the unlabeled samples above the threshold, %) and ``pl_acc_all`` (over all
+    unlabeled samples, %) to the record; ``ssl_curves.png`` plots them with top-1.
+    """
+
+    def __init__(self, cfg: Any, engine: Any) -> None:
+        super().__init__(cfg, engine)
+        self.scfg: SemiSupConfig = cfg.semisup
+        images, labels = _raw_images(engine.train_set)
+        self.labels = torch.as_tensor(labels).long()
+        self.labeled_idx, self.unlabeled_idx = split_labeled(
+            self.labels, self.scfg.num_labels_per_class, seed=cfg.seed,
+            include_labeled_in_unlabeled=self.scfg.include_labeled_in_unlabeled,
+        )
+        weak, strong = build_views(cfg.data.name, self.scfg)
+        student = strong if self.scfg.student_view == "strong" else weak
+        self.labeled_set = ViewDataset(images, self.labels, self.labeled_idx, [weak],
+                                       seed=cfg.seed, stream=0)
+        self.unlabeled_set = ViewDataset(images, self.labels, self.unlabeled_idx, [weak, student],
+                                         seed=cfg.seed, stream=1)
+        self.task: SemiSupTask | None = None
+        self._ema_pending = False
+        self._pl = dict.fromkeys(_PL_KEYS, 0.0)
+        self._wrote_indices = False
+
+    # model and optimiser ----------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        model = self.engine.build_model(self.cfg.model)
+        self.task = SemiSupTask(model, self.scfg, raw=model,
+                                total_iters=self.cfg.train.iterations)
+        return model
+
+    def param_groups(self, model: nn.Module) -> Iterable:
+        o = self.cfg.optim
+        try:
+            groups = param_groups(model, lr=o.lr, weight_decay=o.weight_decay,
+                                  layer_decay=self.scfg.layer_decay)
+        except ValueError as e:
+            raise ConfigError(f"semisup.layer_decay: {e}") from None
+        for g in groups:
+            g.pop("param_names")
+        return groups
+
+    def eval_model(self) -> nn.Module:
+        self._flush_ema()
+        assert self.task is not None
+        return self.task.eval_model
+
+    def _flush_ema(self) -> None:
+        # The engine steps the optimiser after train_step returns and has no after-step hook, so
+        # the EMA update of step t runs lazily: at the start of step t+1, or when the EMA is
+        # read (evaluation, checkpoint). Weights do not change in between, so this is exact.
+        if self._ema_pending and self.task is not None:
+            self.task.after_step()
+        self._ema_pending = False
+
+    # data ---------------------------------------------------------------------------------
+    def steps_per_epoch(self) -> int:
+        per_step = self.engine.batch_per_rank * self.scfg.uratio * self.engine.world
+        return max(1, math.ceil(len(self.unlabeled_idx) / per_step))
+
+    def _effective_spe(self) -> int:
+        spe, cap = self.steps_per_epoch(), self.cfg.train.max_steps_per_epoch
+        return min(spe, cap) if cap > 0 else spe
+
+    def write_labeled_indices(self, run_dir: Path) -> Path:
+        path = Path(run_dir) / "labeled_indices.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({
+            "seed": self.cfg.seed,
+            "num_labels_per_class": self.scfg.num_labels_per_class,
+            "indices": self.labeled_idx,
+            "labels": self.labels[self.labeled_idx].tolist(),
+            "num_unlabeled": len(self.unlabeled_idx),
+        }) + "\n")
+        return path
+
+    def train_batches(self, epoch: int, start: int) -> Iterator:
+        e = self.engine
+        if not self._wrote_indices and e.rank == 0:
+            self.write_labeled_indices(e.run_dir)
+            self._wrote_indices = True
+        spe = self._effective_spe()
+        loader = SemiSupLoader(
+            self.labeled_set, self.unlabeled_set if self.scfg.uses_unlabeled else None,
+            batch_size=e.batch_per_rank, uratio=self.scfg.uratio, seed=self.cfg.seed,
+            num_workers=self.cfg.data.num_workers, rank=e.rank, world=e.world,
+        )
+        loader.load_state_dict({"step": (epoch - 1) * spe + start})
+        for _ in range(start, spe):
+            yield next(loader)
+
+    # step ---------------------------------------------------------------------------------
+    def train_step(self, batch: Any, ctx: StepContext) -> dict:
+        assert self.task is not None
+        self._flush_ema()
+        if self.scfg.lr_schedule == "usb_cosine":
+            f = usb_cosine_factor(ctx.global_step, ctx.total_steps, self.scfg.warmup_iters,
+                                  self.scfg.cosine_cycles)
+            for g in self.engine.optimizer.param_groups:
+                g["lr"] = g["initial_lr"] * f
+        labeled, unlabeled = batch
+        loss, m = self.task.step(labeled, unlabeled, ctx.global_step)
+        self._ema_pending = self.task.ema is not None
+        for k in _PL_KEYS:
+            if k in m:
+                self._pl[k] += float(m.pop(k))
+        out = {"loss": loss, "logits": m.pop("logits_lb"), "labels": labeled[1]}
+        out.update(m)
+        return out
+
+    def evaluate(self, loader: Iterable) -> dict | None:
+        vals = torch.tensor([self._pl[k] for k in _PL_KEYS], dtype=torch.float64)
+        if torch.distributed.is_initialized() and self.engine.world > 1:
+            vals = vals.to(self.engine._comm_device())
+            torch.distributed.all_reduce(vals)
+            vals = vals.cpu()
+        self._pl = dict.fromkeys(_PL_KEYS, 0.0)
+        correct, count, correct_all, n = vals.tolist()
+        if n == 0:
+            return None
+        out = {"mask_ratio": count / n, "pl_acc_all": 100.0 * correct_all / n}
+        out["pl_acc"] = 100.0 * correct / count if count > 0 else float("nan")
+        return out
+
+    # state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        self._flush_ema()
+        assert self.task is not None
+        state: dict = {"pl": dict(self._pl), "labeled_indices": list(self.labeled_idx)}
+        if self.task.ema is not None:
+            state["ema"] = self.task.ema.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        assert self.task is not None
+        if state.get("labeled_indices", self.labeled_idx) != self.labeled_idx:
+            raise ValueError("checkpoint was trained on another labeled subset (seed or "
+                             "num_labels_per_class differ)")
+        self._pl = {k: float(state["pl"].get(k, 0.0)) for k in _PL_KEYS}
+        if self.task.ema is not None:
+            self.task.ema.load_state_dict(state["ema"])
+        self._ema_pending = False
+
+    def summary(self) -> dict:
+        e = self.engine
+        if e.rank == 0 and self.cfg.train.plot and e.history and not e.eval_only:
+            plot_ssl(e.history, e.run_dir / "ssl_curves.png", title=self.cfg.name)
+        return {"method": self.scfg.method, "num_labeled": len(self.labeled_idx),
+                "num_unlabeled": len(self.unlabeled_idx)}
+
+
+def plot_ssl(history: list[dict], path: str | Path, title: str = "") -> None:
+    """Top-1, mask ratio and pseudo-label accuracy per evaluation (PNG, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [h["step"] for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a1.plot(x, [h.get("top1") for h in history], label="test top-1")
+    if any("pl_acc" in h for h in history):
+        a1.plot(x, [h.get("pl_acc") for h in history], label="pseudo-label acc (masked)")
+        a1.plot(x, [h.get("pl_acc_all") for h in history], label="pseudo-label acc (all)")
+    a1.set_xlabel("iteration")
+    a1.set_ylabel("accuracy (%)")
+    a1.legend()
+    if any("mask_ratio" in h for h in history):
+        a2.plot(x, [h.get("mask_ratio") for h in history], label="mask ratio")
+    a2.plot(x, [h.get("train_sup_loss") for h in history], label="labeled CE")
+    if any("train_unsup_loss" in h for h in history):
+        a2.plot(x, [h.get("train_unsup_loss") for h in history], label="unsupervised loss")
+    a2.set_xlabel("iteration")
+    a2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
