@@ -74,10 +74,20 @@ def _divergence_kernel(
     # Masked rows run no column loop in pass 1 and read nothing in pass 2 (masked loads).
     n_cols = tl.where(row_on, C, 0)
 
+    # The row's first entries are references: e is accumulated as e - e_ref and sum p_t u_s as
+    # sum p_t (u_s - ref_s), so no running sum carries the logits' common offset (whose rounding
+    # would otherwise cancel against the log-sum-exps at the end).
+    s0 = tl.load(s_row).to(tl.float32)
+    t0 = tl.load(t_row).to(tl.float32)
+    ref_s = s0 * inv_T
+    ref_t = t0 * inv_T
+    if KIND == 2:
+        e_ref = t0 - s0
+    else:
+        e_ref = ref_t - ref_s
+
     if PASS1:
         neg_inf = float("-inf")
-        # reference for the sCE accumulator, so sum p_t * u_s does not carry a large offset
-        ref_s = tl.load(s_row).to(tl.float32) * inv_T
         m_s = tl.full([], neg_inf, tl.float32)  # running max of u_s = s / T
         z_s = tl.zeros([], tl.float32)  # sum exp(u_s - m_s)
         m_w = tl.full([], neg_inf, tl.float32)  # running max of the weight logits
@@ -102,9 +112,9 @@ def _divergence_kernel(
             m_s = m_s_new
 
             if KIND == 2:
-                e = t - s  # IKL: wMSE on raw logits
+                e = (t - s) - e_ref  # IKL: wMSE on raw logits
             else:
-                e = ut - us
+                e = (ut - us) - e_ref
             e = tl.where(inb, e, 0.0)
 
             # weights of this block and the factor that rescales the running sums
@@ -166,10 +176,13 @@ def _divergence_kernel(
         else:
             wstat = m_w + tl.log(w_sum)
             wmse = 0.5 * m2 / w_sum
+        if WMODE == 0:
+            m_t = m_w
         if KIND == 0:
-            loss = mean - lse_t + lse_s
+            # KL = mean(e) - lse_t + lse_s with e = u_t - u_s, written around the references
+            loss = mean + ((ref_t - m_t) - tl.log(z_t)) - ((ref_s - m_s) - tl.log(z_s))
         else:
-            sce = (lse_s - ref_s) - b_acc / z_t
+            sce = (m_s - ref_s) + tl.log(z_s) - b_acc / z_t
             loss = beta * wmse + alpha * sce
         loss = tl.where(row_on, loss, 0.0)
         tl.store(loss_ptr + row, loss)
@@ -208,9 +221,9 @@ def _divergence_kernel(
             ps = tl.exp(us - lse_s)
             pt = tl.exp(ut - lse_t)
             if KIND == 2:
-                e = t - s
+                e = (t - s) - e_ref
             else:
-                e = ut - us
+                e = (ut - us) - e_ref
             if KIND == 0:
                 gsv = inv_T * (ps - pt)
                 gtv = inv_T * pt * (e - mean)
