@@ -324,6 +324,13 @@ def config_from_dict(data: dict) -> Config:
         else:
             known = sorted([*_TOP_LEVEL, *_SECTIONS, *_RECIPE_SECTIONS])
             raise ConfigError(f"unknown key '{k}' (known: {', '.join(known)})")
+    from dkl.recipes import list_recipes
+
+    recipe = top.get("recipe", Config.recipe)
+    if recipe not in list_recipes():
+        raise ConfigError(
+            f"recipe: unknown recipe {recipe!r} (known: {', '.join(list_recipes())})"
+        )
     cfg = Config(**top, sections=sections)
     # every recipe sees its own section even if the YAML left it out
     for name, cls in _RECIPE_SECTIONS.items():
@@ -430,7 +437,20 @@ def _parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def _expand_key(key: str) -> list[str]:
+def _recipe_sections(recipe: str | None) -> set[str]:
+    """Section names that belong to ``recipe``: its own name and the class's ``section``."""
+    if not recipe:
+        return set()
+    from dkl.recipes import get_recipe
+
+    try:
+        cls = get_recipe(recipe)
+    except KeyError:
+        return {recipe}
+    return {recipe, getattr(cls, "section", recipe)}
+
+
+def _expand_key(key: str, recipe: str | None = None) -> list[str]:
     parts = key.split(".")
     if len(parts) > 1 or key in _TOP_LEVEL or key in _SECTIONS or key in _RECIPE_SECTIONS:
         return parts
@@ -439,6 +459,9 @@ def _expand_key(key: str) -> list[str]:
         for name, cls in {**_SECTIONS, **_RECIPE_SECTIONS}.items()
         if key in {f.name for f in dataclasses.fields(cls)}
     ]
+    if len(owners) > 1:  # the running recipe's own section wins (method= -> distill.method)
+        mine = [o for o in owners if o in _recipe_sections(recipe)]
+        owners = mine or owners
     if len(owners) == 1:
         return [owners[0], key]
     if len(owners) > 1:
@@ -455,7 +478,7 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     data = dict(data)
     for item in overrides:
         key, value = _parse_override(item)
-        parts = _expand_key(key)
+        parts = _expand_key(key, data.get("recipe", Config.recipe))
         node = data
         for p in parts[:-1]:
             child = node.get(p)

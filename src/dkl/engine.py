@@ -627,6 +627,15 @@ class Engine:
                 pass
         return old
 
+    def _all_finite(self, value: float) -> bool:
+        """True when the loss is finite on every rank (all ranks stop together otherwise)."""
+        ok = math.isfinite(value)
+        if self.world > 1:
+            t = torch.tensor([float(not ok)], device=self._comm_device())
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            ok = not bool(t.item())
+        return ok
+
     def _should_stop(self) -> bool:
         flag = self._stop_signal is not None
         if self.world > 1:
@@ -714,9 +723,10 @@ class Engine:
                     out = self.recipe.train_step(batch, ctx)
                 loss = out["loss"]
                 loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
+                if not self._all_finite(loss_value):
                     raise NonFiniteLossError(
-                        f"loss is {loss_value} at epoch {self.epoch}, step {self.step_in_epoch} "
+                        f"non-finite loss ({loss_value}) at epoch {self.epoch}, step "
+                        f"{self.step_in_epoch} "
                         f"(global step {self.global_step}) of run '{cfg.name}'; stopped without "
                         f"updating. Lower optim.lr or the loss weights (IKL's beta on raw logits "
                         f"grows with their spread: SPEC §3 Stability), or use amp=bf16 instead of "
@@ -929,14 +939,21 @@ def plot_history(history: list[dict], path: str | Path, title: str = "") -> None
 # --------------------------------------------------------------------------------------------
 
 
-def train(cfg: Config, *, resume: bool = False) -> dict:
-    """Build an :class:`Engine` for ``cfg`` and run it; the summary dict comes back."""
-    engine = Engine(cfg)
+def train(cfg: Config, *, resume: bool = False, log: Any = None) -> dict:
+    """Build an :class:`Engine` for ``cfg`` and run it; the summary dict comes back.
+
+    ``log`` receives each log line (default: print on rank 0).
+    """
+    owns_group = not dist.is_initialized()
+    engine = Engine(cfg, log=log)
     try:
-        return engine.fit(resume=resume)
+        summary = engine.fit(resume=resume)
+        if dist.is_initialized() and engine.world > 1:
+            dist.barrier()  # rank 0 has written its files before anyone leaves
+        return summary
     finally:
-        if dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            dist.barrier()
+        if owns_group and dist.is_initialized():  # we started it: shut it down before exiting
+            dist.destroy_process_group()
 
 
 def evaluate_checkpoint(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> dict:

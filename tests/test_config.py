@@ -1,0 +1,127 @@
+"""Config: presets, includes, overrides, and one-line errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from dkl.cli import main
+from dkl.config import ConfigError, config_from_dict, config_to_dict, list_presets, load_config
+
+
+def test_preset_by_name_and_overrides():
+    cfg = load_config("kd/digits_ikl", ["distill.beta=0.5", "seed=3", "optim.lr=1e-3"])
+    assert cfg.name == "digits_ikl"  # default run name: the preset's file name
+    assert cfg.recipe == "distill" and cfg.distill.method == "ikl"
+    assert cfg.distill.beta == 0.5 and cfg.seed == 3
+    assert cfg.optim.lr == pytest.approx(1e-3)  # "1e-3" is a float, not a string
+    assert cfg.data.name == "digits"  # from digits_base via two levels of _base_
+
+
+def test_short_keys_resolve_to_their_unique_section():
+    cfg = load_config("kd/digits_ikl", ["method=kd", "device=cpu", "epochs=2"])
+    assert cfg.distill.method == "kd" and cfg.train.device == "cpu" and cfg.train.epochs == 2
+
+
+def test_preset_by_path_with_relative_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("data: {batch_size: 32}\ntrain: {epochs: 7}\n")
+    (tmp_path / "run.yaml").write_text("_base_: base.yaml\ntrain: {epochs: 9}\nname: mine\n")
+    cfg = load_config(str(tmp_path / "run.yaml"))
+    assert (cfg.name, cfg.data.batch_size, cfg.train.epochs) == ("mine", 32, 9)
+
+
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        (["train.epochz=3"], r"^unknown key 'train\.epochz' \(known: amp, "),
+        (["bogus=1"], r"^unknown key 'bogus'"),
+        (["train.epochs=many"], r"^train\.epochs: expected int, got 'many'"),
+        (["train.deterministic=maybe"], r"^train\.deterministic: expected bool"),
+        (["train.amp=fp8"], r"^train\.amp: expected one of 'none', 'bf16', 'fp16', got 'fp8'"),
+        (["distill.method=magic"], r"^distill\.method: expected one of 'ce', 'kd'"),
+        (["distill.temperature=-1"], r"^distill: temperature must be > 0"),
+        (["distill.teacher.nme=x"], r"^unknown key 'distill\.teacher\.nme'"),
+        (["data.batch_size=0"], r"^data\.batch_size: must be > 0"),
+        (["noequals"], r"^override 'noequals': expected key=value"),
+        (["recipe=nope"], r"^recipe: unknown recipe 'nope'"),
+    ],
+)
+def test_errors_name_the_key(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern) as info:
+        load_config("kd/digits_ikl", overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file_and_cycle(tmp_path):
+    with pytest.raises(ConfigError, match=r"^config 'kd/nope': no such file or preset"):
+        load_config("kd/nope")
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="include cycle"):
+        load_config(str(tmp_path / "a.yaml"))
+
+
+def test_round_trip():
+    cfg = load_config("kd/cifar100_resnet32x4_resnet8x4_ikl")
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_cli_error_is_one_line(capsys):
+    assert main(["train", "kd/digits_ikl", "train.epochz=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dkl: error: unknown key 'train.epochz'") and "\n" not in err
+
+
+# the SPEC §3 table: (teacher, student, alpha, beta, lr, DKD beta)
+PAIRS = [
+    ("resnet56", "resnet20", 1, 4, 0.05, 2),
+    ("resnet110", "resnet32", 1, 12, 0.05, 2),
+    ("resnet32x4", "resnet8x4", 1, 8, 0.05, 8),
+    ("wrn_40_2", "wrn_16_2", 3, 12, 0.05, 6),
+    ("wrn_40_2", "wrn_40_1", 1, 8, 0.05, 6),
+    ("vgg13", "vgg8", 1, 12, 0.05, 6),
+    ("resnet32x4", "ShuffleV1", 1, 8, 0.01, 8),
+    ("resnet32x4", "ShuffleV2", 3, 12, 0.01, 8),
+    ("wrn_40_2", "ShuffleV1", 1, 4, 0.01, 8),
+    ("vgg13", "MobileNetV2", 4, 12, 0.01, 6),
+    ("ResNet50", "MobileNetV2", 1, 12, 0.01, 8),
+]
+
+
+@pytest.mark.parametrize("teacher, student, alpha, beta, lr, dkd_beta", PAIRS)
+def test_cifar100_presets_follow_the_spec(teacher, student, alpha, beta, lr, dkd_beta):
+    stem = f"kd/cifar100_{teacher}_{student}"
+    ikl = load_config(f"{stem}_ikl")
+    d = ikl.distill
+    assert (ikl.model.name, d.teacher.name, ikl.optim.lr) == (student, teacher, lr)
+    assert (d.method, d.alpha, d.beta, d.temperature, d.warmup) == ("ikl", alpha, beta, 4, 20)
+    assert (d.ce_weight, d.gi, d.weight_temperature) == (1, False, 100)
+    assert (ikl.train.epochs, ikl.data.batch_size, ikl.optim.weight_decay) == (240, 64, 5e-4)
+    assert ikl.sched.milestones == [150, 180, 210] and ikl.optim.momentum == 0.9
+    kd = load_config(f"{stem}_kd").distill
+    assert (kd.method, kd.ce_weight, kd.kd_weight, kd.temperature) == ("kd", 0.1, 0.9, 4)
+    dkd = load_config(f"{stem}_dkd").distill
+    assert (dkd.method, dkd.alpha, dkd.beta, dkd.warmup, dkd.temperature) == (
+        "dkd", 1, dkd_beta, 20, 4)
+
+
+def test_imagenet_presets_follow_the_spec():
+    r = load_config("kd/imagenet_resnet34_resnet18_ikl")
+    d = r.distill
+    assert (r.model.name, d.teacher.name, d.alpha, d.beta) == ("resnet18", "resnet34", 1, 0.5)
+    assert (d.gi, d.temperature, d.weight_temperature, d.warmup, d.ce_weight) == (True, 1, 1, 1, 1)
+    assert (r.data.batch_size, r.train.epochs, r.optim.lr, r.optim.weight_decay) == (
+        512, 100, 0.2, 1e-4)
+    assert r.sched.milestones == [30, 60, 90]
+    m = load_config("kd/imagenet_resnet50_mobilenetv1_ikl").distill
+    assert (m.alpha, m.beta, m.teacher.name) == (4, 1, "resnet50")
+    kd = load_config("kd/imagenet_resnet34_resnet18_kd").distill
+    assert (kd.ce_weight, kd.kd_weight, kd.temperature) == (0.5, 0.5, 1)
+    assert load_config("kd/imagenet_resnet34_resnet18_dkd").distill.beta == 0.5
+    assert load_config("kd/imagenet_resnet50_mobilenetv1_dkd").distill.beta == 2
+
+
+def test_every_bundled_preset_validates():
+    names = list_presets("kd")
+    assert len(names) >= 11 * 3 + 2 * 3
+    for name in names:
+        load_config(name)

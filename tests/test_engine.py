@@ -1,0 +1,190 @@
+"""The training engine: improvement, exact resume after SIGTERM, torchrun, outputs, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dkl.config import load_config
+from dkl.engine import Engine, NonFiniteLossError, load_checkpoint, train
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = ["train.progress=false", "train.plot=false", "train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    """A digits teacher trained for 2 epochs (enough to be far better than chance)."""
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = load_config("kd/digits_teacher", [f"train.out_dir={out}", "train.epochs=2", *QUIET])
+    s = train(cfg, log=lambda m: None)
+    assert s["last"]["top1"] > 50
+    return out / cfg.name / "best.pt"
+
+
+def _records(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("time")
+    return rows
+
+
+def test_one_epoch_improves_accuracy(tmp_path):
+    cfg = load_config("kd/digits_ce", [f"train.out_dir={tmp_path}", "train.epochs=1", *QUIET])
+    engine = Engine(cfg, log=lambda m: None)
+    before = engine.evaluate()["top1"]
+    summary = engine.fit()
+    after = summary["last"]["top1"]
+    assert before < 30  # an untrained 10-class model is near chance
+    assert after > before + 40
+    run = tmp_path / cfg.name
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "last.pt", "best.pt", "final.pt"):
+        assert (run / name).is_file(), name
+    s = json.loads((run / "summary.json").read_text())
+    assert s["global_batch_size"] == 64 and s["world_size"] == 1
+    assert s["throughput_samples_per_s"] > 0 and s["wall_time_s"] > 0
+    # the resolved config reloads to the same run
+    again = load_config(run / "config.yaml")
+    assert again.model == cfg.model and again.distill == cfg.distill
+
+
+def test_outputs_plot_and_existing_run(tmp_path):
+    cfg = load_config("kd/digits_ce", [f"train.out_dir={tmp_path}", "train.epochs=2",
+                                        "train.progress=false", "train.threads=1"])
+    train(cfg, log=lambda m: None)
+    assert (tmp_path / cfg.name / "curves.png").stat().st_size > 1000
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, log=lambda m: None)
+
+
+def test_non_finite_loss_stops_the_run(tmp_path, teacher):
+    cfg = load_config(
+        "kd/digits_ikl",
+        [f"train.out_dir={tmp_path}", f"distill.teacher.checkpoint={teacher}", "distill.beta=1e8",
+         "distill.warmup=0", "optim.lr=50", *QUIET],
+    )
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* epoch 1"):
+        train(cfg, log=lambda m: None)
+
+
+def test_iteration_based_training(tmp_path):
+    cfg = load_config(
+        "kd/digits_ce",
+        [f"train.out_dir={tmp_path}", "train.iterations=50", "train.eval_every=20",
+         "sched.name=constant", *QUIET],
+    )
+    s = train(cfg, log=lambda m: None)
+    rows = _records(tmp_path / cfg.name)
+    # 22 steps per data epoch: evaluations at 20, 40 and the end (50)
+    assert [r["step"] for r in rows] == [20, 40, 50]
+    assert s["steps"] == 50
+
+
+def test_checkpoint_is_weights_only_and_complete(tmp_path, teacher):
+    cfg = load_config(
+        "kd/digits_ikl",
+        [f"train.out_dir={tmp_path}", f"distill.teacher.checkpoint={teacher}", "distill.gi=true",
+         "train.epochs=1", *QUIET],
+    )
+    train(cfg, log=lambda m: None)
+    ck = torch.load(tmp_path / cfg.name / "last.pt", weights_only=True)
+    assert set(ck) >= {"model", "optimizer", "scaler", "recipe", "engine", "rng", "config"}
+    prior = ck["recipe"]["prior"]
+    assert set(prior) >= {"prior", "sums", "counts"}
+    # the prior was stepped once: rows are teacher means, no longer uniform
+    assert not torch.allclose(prior["prior"], torch.full_like(prior["prior"], 0.1))
+    assert {"torch", "numpy", "python"} <= set(ck["rng"])
+    assert ck["engine"]["epoch"] == 2 and ck["engine"]["step_in_epoch"] == 0
+
+
+_SLOW_STEPS = textwrap.dedent(
+    """
+    import sys, time
+    from dkl.recipes import distill
+    _step = distill.DistillRecipe.train_step
+    def slow(self, batch, ctx):  # numerics untouched; only gives the test time to signal
+        time.sleep(0.03)
+        return _step(self, batch, ctx)
+    distill.DistillRecipe.train_step = slow
+    from dkl.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_resume_after_signal_equals_uninterrupted(tmp_path, teacher, sig):
+    args = [
+        "kd/digits_ikl", f"distill.teacher.checkpoint={teacher}", "distill.gi=true",
+        "train.epochs=3", "distill.warmup=2", *QUIET,
+    ]
+    # uninterrupted reference, in process
+    ref_cfg = load_config(args[0], [*args[1:], f"train.out_dir={tmp_path / 'ref'}"])
+    ref = train(ref_cfg, log=lambda m: None)
+
+    out = tmp_path / "cut"
+    cmd = [sys.executable, "-c", _SLOW_STEPS, "train", *args, f"train.out_dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = out / ref_cfg.name / "metrics.jsonl"
+    deadline = time.time() + 60
+    while not metrics.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.25)  # ~8 steps into epoch 2 (22 steps of >= 30 ms each)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + int(sig), err
+    assert "--resume" in err
+    ck = load_checkpoint(out / ref_cfg.name / "last.pt")
+    assert ck["engine"]["epoch"] == 2 and 0 < ck["engine"]["step_in_epoch"] < 22, ck["engine"]
+
+    cut_cfg = load_config(args[0], [*args[1:], f"train.out_dir={out}"])
+    resumed = train(cut_cfg, resume=True, log=lambda m: None)
+
+    assert resumed["last"] == ref["last"] and resumed["best"] == ref["best"]
+    assert _records(out / ref_cfg.name) == _records(tmp_path / "ref" / ref_cfg.name)
+    a = torch.load(out / ref_cfg.name / "final.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "ref" / ref_cfg.name / "final.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    pa = torch.load(out / ref_cfg.name / "last.pt", weights_only=True)["recipe"]["prior"]
+    pb = torch.load(tmp_path / "ref" / ref_cfg.name / "last.pt", weights_only=True)["recipe"]["prior"]
+    assert all(torch.equal(pa[k], pb[k]) for k in pb)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_gloo(tmp_path, teacher):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        f"--master_port={_free_port()}", "-m", "dkl", "train", "kd/digits_ikl",
+        f"distill.teacher.checkpoint={teacher}", "distill.gi=true", "train.epochs=2",
+        "train.device=cpu", f"train.out_dir={out}", *QUIET,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = out / "digits_ikl"
+    s = json.loads((run / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["global_batch_size"] == 64
+    # weights and the class prior (sums all-reduced, then stepped) are identical on both ranks
+    assert s["rank_sync"]["params_max_abs_diff"] == 0.0
+    assert s["rank_sync"]["prior_max_abs_diff"] == 0.0
+    prior = torch.load(run / "last.pt", weights_only=True)["recipe"]["prior"]["prior"]
+    assert torch.allclose(prior.sum(1), torch.ones(10, dtype=prior.dtype), atol=1e-5)
+    assert len(_records(run)) == 2
+    assert "global_batch=64 (32/rank)" in res.stdout
