@@ -15,7 +15,6 @@ from dkl.recipes.semisup import (
     SemiSupTask,
     build_optimizer,
     confidence_mask,
-    ema_update_,
     fixmatch_loss,
     ikl_consistency,
     masked_batch_mean,
@@ -86,6 +85,13 @@ def test_digit_views_keep_shape_and_range():
     assert torch.isin(w[w != 0], x).all()
     with pytest.raises(ValueError, match=r"\(C, H, W\)"):
         DigitsWeak()(torch.rand(8, 8))
+    # batched: one shift per image; each output is its own image shifted
+    xb = torch.rand(5, 1, 8, 8)
+    wb = DigitsWeak()(xb, generator=torch.Generator().manual_seed(0))
+    for k in range(5):
+        nz = wb[k][wb[k] != 0]
+        assert torch.isin(nz, xb[k]).all()
+    assert DigitsStrong()(xb).shape == (5, 1, 8, 8)
 
 
 def test_view_dataset_is_deterministic_per_draw_and_leaves_global_rng_alone():
@@ -227,19 +233,20 @@ def test_losses_reject_mismatched_logits():
 # --------------------------------------------------------------------------- EMA teacher
 def test_ema_update_by_hand_and_buffers_copied():
     student = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
-    teacher = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
+    with torch.no_grad():
+        for p in student.parameters():
+            p.fill_(3.0)
+    task = SemiSupTask(student, SemiSupConfig(method="fixmatch", eval_ema=True, ema_momentum=0.999))
     with torch.no_grad():
         for p in student.parameters():
             p.fill_(1.0)
-        for p in teacher.parameters():
-            p.fill_(3.0)
         student[1].running_mean.fill_(7.0)
-    ema_update_(teacher, student, 0.999)
-    for p in teacher.parameters():
+    task.after_step()
+    for p in task.ema.module.parameters():
         assert torch.allclose(p, torch.full_like(p, 0.999 * 3.0 + 0.001 * 1.0))
-    assert teacher[1].running_mean.item() == 7.0
-    with pytest.raises(ValueError, match="momentum"):
-        ema_update_(teacher, student, 1.5)
+        assert not p.requires_grad
+    assert task.ema.module[1].running_mean.item() == 7.0  # buffers copied, as USB does
+    assert task.eval_model is task.ema.module
 
 
 def test_meanteacher_task_teacher_is_ema_and_gets_no_gradient():
@@ -248,19 +255,19 @@ def test_meanteacher_task_teacher_is_ema_and_gets_no_gradient():
     task = SemiSupTask(
         model, SemiSupConfig(method="meanteacher_ikl", threshold=0.0, alpha=0.02, beta=0.03)
     )
-    assert task.eval_model is task.ema
+    assert task.eval_model is task.ema.module
     x = torch.rand(4, 1, 2, 2)
     lab = (x[:2], torch.tensor([0, 1]), torch.arange(2))
     unl = (x, x.flip(0), torch.tensor([0, 1, 2, 0]), torch.arange(4))
     loss, m = task.step(lab, unl)
     loss.backward()
-    assert all(p.grad is None for p in task.ema.parameters())
-    before = [p.clone() for p in task.ema.parameters()]
+    assert all(p.grad is None for p in task.ema.module.parameters())
+    before = [p.clone() for p in task.ema.module.parameters()]
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
     task.after_step()
-    for b, e, s in zip(before, task.ema.parameters(), model.parameters()):
+    for b, e, s in zip(before, task.ema.module.parameters(), model.parameters()):
         assert torch.allclose(e, 0.999 * b + 0.001 * s)
     assert m["mask_ratio"].item() == 1.0 and m["unl_count"].item() == 4
 
@@ -281,7 +288,7 @@ def test_fixmatch_task_runs_one_forward_and_counts_pseudo_labels():
     assert m["pl_correct"].item() == (pred == unl[2]).sum().item()
     assert task.ema is None and task.eval_model is model
     with pytest.raises(ValueError, match="Unknown semisup.method"):
-        SemiSupConfig(method="mixmatch")
+        SemiSupConfig(method="mixmatch").validate()
 
 
 # --------------------------------------------------------------------------- optimiser, schedule
@@ -439,3 +446,110 @@ def test_cifar_views_on_uint8_images():
     assert torch.equal(ds[(1, 5)][1], s)
     with pytest.raises(ValueError, match="crop_ratio"):
         cifar_weak(crop_ratio=0.0)
+
+
+# --------------------------------------------------------------------------- the engine recipe
+def _digits_cfg(tmp_path, method: str, *extra: str):
+    from dkl.config import load_config
+
+    return load_config(
+        f"semisup/digits_{method}",
+        [
+            f"train.out_dir={tmp_path}",
+            "train.iterations=24",
+            "train.eval_every=8",
+            "train.plot=true",
+            "semisup.warmup_iters=4",
+            "data.batch_size=8",
+            "semisup.uratio=2",
+            "model.kwargs.width=4",
+            "semisup.threshold=0.5",
+            *extra,
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    "method", ["supervised", "fixmatch", "fixmatch_ikl", "meanteacher", "meanteacher_ikl"]
+)
+def test_presets_load_and_cifar_matches_spec(method):
+    from dkl.config import load_config
+
+    cfg = load_config(f"semisup/digits_{method}")
+    assert cfg.recipe == "semisup" and cfg.semisup.method == method
+    if method == "supervised":
+        return
+    c = load_config(f"semisup/cifar100_{method}")
+    s = c.semisup
+    assert (c.data.batch_size, s.uratio, s.num_labels_per_class, s.threshold) == (8, 1, 2, 0.95)
+    assert (c.train.iterations, s.warmup_iters, s.layer_decay) == (204_800, 5_120, 0.5)
+    assert (c.optim.name, c.optim.lr, c.optim.weight_decay) == ("adamw", 5e-4, 5e-4)
+    assert c.model.name == "vit_small_patch2_32" and s.lambda_u == 1.0 and s.unsup_warmup == 0
+    want = {
+        "fixmatch": (1.0, 0.1),
+        "fixmatch_ikl": (1.0, 0.1),
+        "meanteacher": (1.0, 0.1),
+        "meanteacher_ikl": (0.02, 0.03),
+    }[method]
+    if method.endswith("ikl"):
+        assert (s.alpha, s.beta, s.temperature, s.weight_temperature) == (*want, 1.0, 1.0)
+    if method.startswith("meanteacher"):
+        assert s.ema_momentum == 0.999
+
+
+def test_bad_semisup_config_is_a_config_error():
+    from dkl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="semisup.method"):
+        load_config("semisup/digits_fixmatch", ["semisup.method=mixmatch"])
+    with pytest.raises(ConfigError, match="uratio"):
+        load_config("semisup/digits_fixmatch", ["semisup.uratio=0"])
+
+
+def test_engine_run_writes_indices_metrics_and_plot(tmp_path):
+    import json
+
+    from dkl.engine import Engine
+
+    cfg = _digits_cfg(tmp_path, "fixmatch_ikl")
+    summary = Engine(cfg, log=lambda m: None).fit()
+    run = tmp_path / cfg.name
+    saved = json.loads((run / "labeled_indices.json").read_text())
+    assert len(saved["indices"]) == 30 and sorted(saved["labels"]) == sorted(list(range(10)) * 3)
+    hist = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in hist] == [8, 16, 24]
+    for h in hist:
+        assert 0.0 <= h["mask_ratio"] <= 1.0 and 0.0 <= h["pl_acc_all"] <= 100.0
+        assert ("pl_acc" in h) == (h["mask_ratio"] > 0)
+        assert "train_unsup_loss" in h and "top1" in h
+    assert (run / "ssl_curves.png").is_file() and summary["num_labeled"] == 30
+    # the lr follows USB's warm-up + cosine (group 0 = the head group, undecayed)
+    f = usb_cosine_factor(23, 24, 4)
+    assert hist[-1]["lr"] == pytest.approx(cfg.optim.lr * f)
+
+
+@pytest.mark.parametrize("method", ["fixmatch_ikl", "meanteacher_ikl"])
+def test_resume_mid_run_equals_uninterrupted(tmp_path, method):
+    from dkl.engine import Engine, Interrupted
+
+    quiet = {"log": lambda m: None}
+    ref = Engine(_digits_cfg(tmp_path / "a", method), **quiet)
+    ref.fit()
+    cut = Engine(_digits_cfg(tmp_path / "b", method), **quiet)
+    cut._should_stop = lambda: cut.global_step == 13  # a SIGTERM between two evaluations
+    with pytest.raises(Interrupted):
+        cut.fit()
+    resumed = Engine(_digits_cfg(tmp_path / "b", method), **quiet)
+    resumed.fit(resume=True)
+
+    def strip(hist):
+        return [{k: v for k, v in h.items() if k != "time"} for h in hist]
+
+    assert strip(resumed.history) == strip(ref.history)
+    for a, b in zip(ref.raw_model.state_dict().values(), resumed.raw_model.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(
+        ref.recipe.eval_model().state_dict().values(),
+        resumed.recipe.eval_model().state_dict().values(),
+    ):
+        assert torch.equal(a, b)

@@ -109,33 +109,45 @@ def split_labeled(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_digit(x: Tensor) -> None:
-    if not isinstance(x, Tensor) or x.ndim != 3:
+def _check_digits(x: Tensor) -> Tensor:
+    if not isinstance(x, Tensor) or x.ndim not in (3, 4):
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"Expected an image tensor (C, H, W), got {got}")
+        raise ValueError(f"Expected an image tensor (C, H, W) or a batch (N, C, H, W), got {got}")
+    return x[None] if x.ndim == 3 else x
 
 
 class DigitsWeak:
     """Random shift by up to ``max_shift`` pixels in each direction, zero fill.
 
-    >>> torch.manual_seed(0); x = torch.rand(1, 8, 8)
-    <torch._C.Generator object at ...>
-    >>> DigitsWeak()(x).shape
-    torch.Size([1, 8, 8])
+    Works on one image ``(C, H, W)`` or a batch ``(N, C, H, W)`` (one shift per image), drawing
+    from ``generator`` (default: torch's global RNG).
+
+    >>> x = torch.arange(9.0).reshape(1, 3, 3)
+    >>> DigitsWeak()(x, generator=torch.Generator().manual_seed(0)).shape
+    torch.Size([1, 3, 3])
     """
+
+    batched = True
 
     def __init__(self, max_shift: int = 1) -> None:
         self.max_shift = int(max_shift)
 
-    def __call__(self, x: Tensor) -> Tensor:
-        _check_digit(x)
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        single = x.ndim == 3
+        xb = _check_digits(x)
         s = self.max_shift
-        if s == 0:
-            return x.clone()
-        h, w = x.shape[-2:]
-        padded = F.pad(x, (s, s, s, s))
-        dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
-        return padded[:, dy : dy + h, dx : dx + w].contiguous()
+        n, _, h, w = xb.shape
+        padded = F.pad(xb, (s, s, s, s))
+        dy, dx = torch.randint(0, 2 * s + 1, (2, n), generator=generator)
+        rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (N, 1, H, 1)
+        cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # (N, 1, 1, W)
+        out = padded[
+            torch.arange(n)[:, None, None, None],
+            torch.arange(xb.shape[1])[None, :, None, None],
+            rows,
+            cols,
+        ]
+        return out[0] if single else out
 
     def __repr__(self) -> str:
         return f"DigitsWeak(max_shift={self.max_shift})"
@@ -143,6 +155,8 @@ class DigitsWeak:
 
 class DigitsStrong:
     """The weak shift, then rotation + scaling, a random square erase and Gaussian noise."""
+
+    batched = True
 
     def __init__(
         self,
@@ -155,24 +169,31 @@ class DigitsStrong:
         self.weak = DigitsWeak(max_shift)
         self.degrees, self.scale, self.erase, self.noise = float(degrees), scale, int(erase), noise
 
-    def __call__(self, x: Tensor) -> Tensor:
-        x = self.weak(x)
-        h, w = x.shape[-2:]
-        angle = math.radians((torch.rand(()).item() * 2 - 1) * self.degrees)
-        s = self.scale[0] + torch.rand(()).item() * (self.scale[1] - self.scale[0])
-        cos, sin = math.cos(angle) / s, math.sin(angle) / s
-        theta = torch.tensor([[[cos, -sin, 0.0], [sin, cos, 0.0]]], dtype=x.dtype)
-        grid = F.affine_grid(theta, [1, *x.shape], align_corners=False)
-        x = F.grid_sample(
-            x[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False
-        )[0]
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        single = x.ndim == 3
+        xb = self.weak(_check_digits(x), generator=generator)
+        n, c, h, w = xb.shape
+        u = torch.rand(2, n, generator=generator, dtype=xb.dtype)
+        angle = (u[0] * 2 - 1) * math.radians(self.degrees)
+        s = self.scale[0] + u[1] * (self.scale[1] - self.scale[0])
+        cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
+        zero = torch.zeros_like(cos)
+        theta = torch.stack(
+            [torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1
+        )
+        grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
+        xb = F.grid_sample(xb, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if self.erase > 0:
-            i = int(torch.randint(0, h - self.erase + 1, ()))
-            j = int(torch.randint(0, w - self.erase + 1, ()))
-            x[:, i : i + self.erase, j : j + self.erase] = 0.0
+            i = torch.randint(0, h - self.erase + 1, (n,), generator=generator)
+            j = torch.randint(0, w - self.erase + 1, (n,), generator=generator)
+            r, q = torch.arange(h), torch.arange(w)
+            in_r = (r[None] >= i[:, None]) & (r[None] < i[:, None] + self.erase)  # (N, H)
+            in_c = (q[None] >= j[:, None]) & (q[None] < j[:, None] + self.erase)  # (N, W)
+            xb = xb.masked_fill((in_r[:, :, None] & in_c[:, None, :])[:, None], 0.0)
         if self.noise > 0:
-            x = x + self.noise * torch.randn_like(x)
-        return x.clamp_(0.0, 1.0)
+            xb = xb + self.noise * torch.randn(xb.shape, generator=generator, dtype=xb.dtype)
+        xb = xb.clamp(0.0, 1.0)
+        return xb[0] if single else xb
 
     def __repr__(self) -> str:
         return (
@@ -280,6 +301,19 @@ class ViewDataset(Dataset):
             views = [t(img) for t in self.transforms]
         return (*views, self.labels[i], torch.tensor(i))
 
+    def __getitems__(self, keys: list) -> Any:
+        # Tensor images with batch-capable transforms (digits): augment the whole batch at once,
+        # from a generator seeded by the batch's first draw (draw numbers are unique per batch).
+        if self._pil or not all(getattr(t, "batched", False) for t in self.transforms):
+            return [self[k] for k in keys]
+        keys = [k if isinstance(k, tuple) else (k, k) for k in keys]
+        idx = torch.tensor([self.indices[p] for p, _ in keys], dtype=torch.long)
+        s = (self.seed * _MIX[0] + self.stream * _MIX[1] + int(keys[0][1])) % _MIX[2]
+        g = torch.Generator().manual_seed(s)
+        x = self.images[idx]
+        views = [t(x, generator=g) for t in self.transforms]
+        return (*views, self.labels[idx], idx)
+
 
 class InfiniteBatchSampler(Sampler[list[tuple[int, int]]]):
     """Endless batches of ``(position, draw)`` keys over ``range(n)``, epoch after epoch.
@@ -335,7 +369,9 @@ class InfiniteBatchSampler(Sampler[list[tuple[int, int]]]):
             b += 1
 
 
-def _collate(items: list[tuple]) -> tuple[Tensor, ...]:
+def _collate(items: Any) -> tuple[Tensor, ...]:
+    if isinstance(items, tuple):  # ViewDataset.__getitems__ already stacked the batch
+        return items
     return tuple(torch.stack(col) for col in zip(*items))
 
 

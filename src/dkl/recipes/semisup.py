@@ -365,7 +365,9 @@ class SemiSupConfig:
     weight_temperature: float = 1.0  # IKL: T2 of the weights σ(z_tg / T2)
     detach_target: bool = False  # FixMatch-IKL: stop the wMSE gradient into the weak view
     ema_momentum: float = 0.999  # MeanTeacher's teacher; the evaluation EMA with eval_ema
-    eval_ema: bool = False  # FixMatch: evaluate an EMA copy (MeanTeacher always evaluates its teacher)
+    eval_ema: bool = (
+        False  # FixMatch: evaluate an EMA copy (MeanTeacher always evaluates its teacher)
+    )
     teacher_train_mode: bool = True  # MeanTeacher: teacher forward in train mode (as USB)
     layer_decay: float = 1.0  # ViT layer-wise lr decay (SPEC: 0.5); needs a ViT
     lr_schedule: Literal["engine", "usb_cosine"] = "engine"  # usb_cosine: set sched.name=constant
@@ -415,8 +417,14 @@ class SemiSupTask:
     MeanTeacher teacher or the evaluation EMA; call :meth:`after_step` after each optimiser step.
     """
 
-    def __init__(self, model: nn.Module, cfg: SemiSupConfig, *, raw: nn.Module | None = None,
-                 total_iters: int = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: SemiSupConfig,
+        *,
+        raw: nn.Module | None = None,
+        total_iters: int = 0,
+    ) -> None:
         self.model, self.raw, self.cfg = model, raw if raw is not None else model, cfg
         self.total_iters = int(total_iters)
         cfg.validate()
@@ -437,14 +445,25 @@ class SemiSupTask:
     def unsup(self, input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         c = self.cfg
         if c.method == "fixmatch":
-            return fixmatch_loss(input, target, threshold=c.threshold, hard_label=c.hard_label,
-                                 pl_temperature=c.pl_temperature)
+            return fixmatch_loss(
+                input,
+                target,
+                threshold=c.threshold,
+                hard_label=c.hard_label,
+                pl_temperature=c.pl_temperature,
+            )
         if c.method == "meanteacher":
             return meanteacher_loss(input, target, threshold=c.threshold)
-        return ikl_consistency(input, target, threshold=c.threshold, alpha=c.alpha, beta=c.beta,
-                               temperature=c.temperature,
-                               weight_temperature=c.weight_temperature,
-                               detach_target=c.detach_target)
+        return ikl_consistency(
+            input,
+            target,
+            threshold=c.threshold,
+            alpha=c.alpha,
+            beta=c.beta,
+            temperature=c.temperature,
+            weight_temperature=c.weight_temperature,
+            detach_target=c.detach_target,
+        )
 
     def _teacher_logits(self, x: Tensor) -> Tensor:
         assert self.ema is not None
@@ -456,8 +475,9 @@ class SemiSupTask:
         finally:
             teacher.eval()
 
-    def step(self, labeled: tuple[Tensor, ...], unlabeled: tuple[Tensor, ...] | None,
-             it: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+    def step(
+        self, labeled: tuple[Tensor, ...], unlabeled: tuple[Tensor, ...] | None, it: int = 0
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         x_lb, y_lb = labeled[0], labeled[1]
         n_lb = x_lb.shape[0]
         method = self.cfg.method
@@ -527,7 +547,9 @@ def build_views(data_name: str, cfg: SemiSupConfig) -> tuple[Any, Any]:
         weak = cifar_weak(32, cfg.crop_ratio)
         strong = cifar_strong(32, cfg.crop_ratio, cfg.randaugment_ops, cfg.randaugment_magnitude)
         return weak, strong
-    raise ConfigError(f"recipe semisup: no views for data '{data_name}' (digits, cifar10, cifar100)")
+    raise ConfigError(
+        f"recipe semisup: no views for data '{data_name}' (digits, cifar10, cifar100)"
+    )
 
 
 @register_recipe("semisup")
@@ -548,15 +570,19 @@ class SemiSupRecipe(Recipe):
         images, labels = _raw_images(engine.train_set)
         self.labels = torch.as_tensor(labels).long()
         self.labeled_idx, self.unlabeled_idx = split_labeled(
-            self.labels, self.scfg.num_labels_per_class, seed=cfg.seed,
+            self.labels,
+            self.scfg.num_labels_per_class,
+            seed=cfg.seed,
             include_labeled_in_unlabeled=self.scfg.include_labeled_in_unlabeled,
         )
         weak, strong = build_views(cfg.data.name, self.scfg)
         student = strong if self.scfg.student_view == "strong" else weak
-        self.labeled_set = ViewDataset(images, self.labels, self.labeled_idx, [weak],
-                                       seed=cfg.seed, stream=0)
-        self.unlabeled_set = ViewDataset(images, self.labels, self.unlabeled_idx, [weak, student],
-                                         seed=cfg.seed, stream=1)
+        self.labeled_set = ViewDataset(
+            images, self.labels, self.labeled_idx, [weak], seed=cfg.seed, stream=0
+        )
+        self.unlabeled_set = ViewDataset(
+            images, self.labels, self.unlabeled_idx, [weak, student], seed=cfg.seed, stream=1
+        )
         self.task: SemiSupTask | None = None
         self._ema_pending = False
         self._pl = dict.fromkeys(_PL_KEYS, 0.0)
@@ -565,15 +591,15 @@ class SemiSupRecipe(Recipe):
     # model and optimiser ----------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         model = self.engine.build_model(self.cfg.model)
-        self.task = SemiSupTask(model, self.scfg, raw=model,
-                                total_iters=self.cfg.train.iterations)
+        self.task = SemiSupTask(model, self.scfg, raw=model, total_iters=self.cfg.train.iterations)
         return model
 
     def param_groups(self, model: nn.Module) -> Iterable:
         o = self.cfg.optim
         try:
-            groups = param_groups(model, lr=o.lr, weight_decay=o.weight_decay,
-                                  layer_decay=self.scfg.layer_decay)
+            groups = param_groups(
+                model, lr=o.lr, weight_decay=o.weight_decay, layer_decay=self.scfg.layer_decay
+            )
         except ValueError as e:
             raise ConfigError(f"semisup.layer_decay: {e}") from None
         for g in groups:
@@ -605,13 +631,18 @@ class SemiSupRecipe(Recipe):
     def write_labeled_indices(self, run_dir: Path) -> Path:
         path = Path(run_dir) / "labeled_indices.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({
-            "seed": self.cfg.seed,
-            "num_labels_per_class": self.scfg.num_labels_per_class,
-            "indices": self.labeled_idx,
-            "labels": self.labels[self.labeled_idx].tolist(),
-            "num_unlabeled": len(self.unlabeled_idx),
-        }) + "\n")
+        path.write_text(
+            json.dumps(
+                {
+                    "seed": self.cfg.seed,
+                    "num_labels_per_class": self.scfg.num_labels_per_class,
+                    "indices": self.labeled_idx,
+                    "labels": self.labels[self.labeled_idx].tolist(),
+                    "num_unlabeled": len(self.unlabeled_idx),
+                }
+            )
+            + "\n"
+        )
         return path
 
     def train_batches(self, epoch: int, start: int) -> Iterator:
@@ -621,9 +652,14 @@ class SemiSupRecipe(Recipe):
             self._wrote_indices = True
         spe = self._effective_spe()
         loader = SemiSupLoader(
-            self.labeled_set, self.unlabeled_set if self.scfg.uses_unlabeled else None,
-            batch_size=e.batch_per_rank, uratio=self.scfg.uratio, seed=self.cfg.seed,
-            num_workers=self.cfg.data.num_workers, rank=e.rank, world=e.world,
+            self.labeled_set,
+            self.unlabeled_set if self.scfg.uses_unlabeled else None,
+            batch_size=e.batch_per_rank,
+            uratio=self.scfg.uratio,
+            seed=self.cfg.seed,
+            num_workers=self.cfg.data.num_workers,
+            rank=e.rank,
+            world=e.world,
         )
         loader.load_state_dict({"step": (epoch - 1) * spe + start})
         for _ in range(start, spe):
@@ -634,8 +670,9 @@ class SemiSupRecipe(Recipe):
         assert self.task is not None
         self._flush_ema()
         if self.scfg.lr_schedule == "usb_cosine":
-            f = usb_cosine_factor(ctx.global_step, ctx.total_steps, self.scfg.warmup_iters,
-                                  self.scfg.cosine_cycles)
+            f = usb_cosine_factor(
+                ctx.global_step, ctx.total_steps, self.scfg.warmup_iters, self.scfg.cosine_cycles
+            )
             for g in self.engine.optimizer.param_groups:
                 g["lr"] = g["initial_lr"] * f
         labeled, unlabeled = batch
@@ -659,7 +696,8 @@ class SemiSupRecipe(Recipe):
         if n == 0:
             return None
         out = {"mask_ratio": count / n, "pl_acc_all": 100.0 * correct_all / n}
-        out["pl_acc"] = 100.0 * correct / count if count > 0 else float("nan")
+        if count > 0:  # left out while no sample passes the threshold (no NaN in the logs)
+            out["pl_acc"] = 100.0 * correct / count
         return out
 
     # state --------------------------------------------------------------------------------
@@ -674,8 +712,10 @@ class SemiSupRecipe(Recipe):
     def load_state_dict(self, state: dict) -> None:
         assert self.task is not None
         if state.get("labeled_indices", self.labeled_idx) != self.labeled_idx:
-            raise ValueError("checkpoint was trained on another labeled subset (seed or "
-                             "num_labels_per_class differ)")
+            raise ValueError(
+                "checkpoint was trained on another labeled subset (seed or "
+                "num_labels_per_class differ)"
+            )
         self._pl = {k: float(state["pl"].get(k, 0.0)) for k in _PL_KEYS}
         if self.task.ema is not None:
             self.task.ema.load_state_dict(state["ema"])
@@ -685,8 +725,11 @@ class SemiSupRecipe(Recipe):
         e = self.engine
         if e.rank == 0 and self.cfg.train.plot and e.history and not e.eval_only:
             plot_ssl(e.history, e.run_dir / "ssl_curves.png", title=self.cfg.name)
-        return {"method": self.scfg.method, "num_labeled": len(self.labeled_idx),
-                "num_unlabeled": len(self.unlabeled_idx)}
+        return {
+            "method": self.scfg.method,
+            "num_labeled": len(self.labeled_idx),
+            "num_unlabeled": len(self.unlabeled_idx),
+        }
 
 
 def plot_ssl(history: list[dict], path: str | Path, title: str = "") -> None:
@@ -697,19 +740,20 @@ def plot_ssl(history: list[dict], path: str | Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     x = [h["step"] for h in history]
+    nan = float("nan")
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
     a1.plot(x, [h.get("top1") for h in history], label="test top-1")
     if any("pl_acc" in h for h in history):
-        a1.plot(x, [h.get("pl_acc") for h in history], label="pseudo-label acc (masked)")
-        a1.plot(x, [h.get("pl_acc_all") for h in history], label="pseudo-label acc (all)")
+        a1.plot(x, [h.get("pl_acc", nan) for h in history], label="pseudo-label acc (masked)")
+        a1.plot(x, [h.get("pl_acc_all", nan) for h in history], label="pseudo-label acc (all)")
     a1.set_xlabel("iteration")
     a1.set_ylabel("accuracy (%)")
     a1.legend()
     if any("mask_ratio" in h for h in history):
-        a2.plot(x, [h.get("mask_ratio") for h in history], label="mask ratio")
-    a2.plot(x, [h.get("train_sup_loss") for h in history], label="labeled CE")
+        a2.plot(x, [h.get("mask_ratio", nan) for h in history], label="mask ratio")
+    a2.plot(x, [h.get("train_sup_loss", nan) for h in history], label="labeled CE")
     if any("train_unsup_loss" in h for h in history):
-        a2.plot(x, [h.get("train_unsup_loss") for h in history], label="unsupervised loss")
+        a2.plot(x, [h.get("train_unsup_loss", nan) for h in history], label="unsupervised loss")
     a2.set_xlabel("iteration")
     a2.legend()
     fig.suptitle(title)
