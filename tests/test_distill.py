@@ -166,3 +166,30 @@ def test_mdistiller_teacher_checkpoint_loads(tmp_path, name):
         want = bare((x - 0.5) / 0.25)
         got = teacher(x)  # inputs in [0, 1]; normalisation inside the wrapper
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: demo and eval end to end (short)
+# --------------------------------------------------------------------------------------------
+
+
+def test_demo_and_eval_cli(tmp_path, capsys):
+    import json
+
+    from dkl.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--seeds", "2", "--epochs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "| method | top-1 (mean ± std) | time / run |" in printed
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s["methods"]) == {"ce", "kd", "dkd", "ikl"}
+    assert all(len(r["runs"]) == 2 for r in s["methods"].values())
+    assert s["teacher"]["params"] > 10 * s["methods"]["ce"]["params"]  # clearly smaller student
+    assert (out / "results.md").is_file() and (out / "accuracy.png").stat().st_size > 1000
+
+    # evaluating the saved ikl student reproduces its logged accuracy
+    run = out / "digits_ikl_s1"
+    assert main(["eval", str(run / "final.pt"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["top1"] == pytest.approx(s["methods"]["ikl"]["runs"][1]["top1"])

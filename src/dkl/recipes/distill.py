@@ -276,6 +276,8 @@ def run_demo(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     common = [f"train.out_dir={out}", "train.overwrite=true", "train.progress=false",
               "train.plot=false"]
+    if getattr(args, "epochs", 0):
+        common.append(f"train.epochs={args.epochs}")
     quiet = lambda msg: None  # noqa: E731
     t0 = time.time()
     print(f"dkl demo: knowledge distillation on digits (1,347 train / 450 test images), "
@@ -375,7 +377,12 @@ def _plot_demo(results: dict, path, teacher_top1: float) -> None:
 def _register_demo() -> None:
     from dkl.cli import register_demo
 
-    register_demo("kd", "knowledge distillation on digits: ce / kd / dkd / ikl", run_demo)
+    def add_arguments(p) -> None:
+        p.add_argument("--epochs", type=int, default=0,
+                       help="epochs per run (default: the presets' 30)")
+
+    register_demo("kd", "knowledge distillation on digits: ce / kd / dkd / ikl", run_demo,
+                  add_arguments)
 
 
 _register_demo()
