@@ -91,9 +91,9 @@ def _run_train(args: argparse.Namespace) -> int:
     except Interrupted as e:
         print(f"dkl: {e}", file=sys.stderr)
         return 128 + int(e.signum)
-    from dkl.engine import _is_main
+    import os
 
-    if _is_main():
+    if int(os.environ.get("RANK", "0")) == 0:
         last, best = summary["last"], summary["best"]
         print(
             f"done: {summary['name']}  last top1={last['top1']:.2f} top5={last['top5']:.2f}  "

@@ -285,6 +285,17 @@ def bare_model(m: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else m
 
 
+def _diff_config(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff_config(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} ({a!r} -> {b!r})")
+    return out
+
+
 def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -653,7 +664,11 @@ class Engine:
         if resume:
             if not last.is_file():
                 raise FileNotFoundError(f"--resume: no checkpoint at '{last}'")
-            self.load_state_dict(load_checkpoint(last, map_location=self.device))
+            state = load_checkpoint(last, map_location=self.device)
+            changed = _diff_config(state.get("config", {}), config_to_dict(cfg))
+            if changed:
+                self.log("resume: the config differs from the checkpoint's in " + ", ".join(changed))
+            self.load_state_dict(state)
             self.log(
                 f"resumed {last} at epoch {self.epoch}, step {self.step_in_epoch} "
                 f"(global step {self.global_step})"
