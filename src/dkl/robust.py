@@ -71,6 +71,8 @@ def autoattack_specs(version: str, *, eps: float, num_classes: int, seed: int) -
     """
     if version not in AA_VERSIONS:
         raise ValueError(f"Expected version in {AA_VERSIONS}, got {version!r}")
+    if num_classes < 4:  # the (targeted) DLR loss reads the 4th-largest logit
+        raise ValueError(f"AutoAttack's APGD-T (DLR loss) needs >= 4 classes, got {num_classes}")
     n_targets = min(9, num_classes - 1)
     common = {"norm": "Linf", "eps": eps, "n_restarts": 1, "seed": seed}
     specs = {

@@ -1,0 +1,261 @@
+"""Adversarial-training losses, AWP and the EMA, against hand-written references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dkl.attacks import TrainAttack
+from dkl.ema import ModelEMA
+from dkl.recipes.adversarial import AWP, AdversarialLoss, adversarial_loss
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                         nn.Linear(16, 5))
+
+
+def batch(b: int = 8, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, 2, 2, generator=g), torch.randint(0, 5, (b,), generator=g)
+
+
+def pairwise_wmse(z_t: torch.Tensor, z_s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """SPEC §1 written out: ¼ Σ_j Σ_k w_ij w_ik ((z_t,ij − z_t,ik) − (z_s,ij − z_s,ik))², per row."""
+    dt = z_t[:, :, None] - z_t[:, None, :]
+    ds = z_s[:, :, None] - z_s[:, None, :]
+    return 0.25 * (w[:, :, None] * w[:, None, :] * (dt - ds) ** 2).sum((1, 2))
+
+
+def random_prior(c: int, seed: int = 5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    p = torch.rand(c, c, generator=g) + 0.05
+    return p / p.sum(1, keepdim=True)
+
+
+# ---------------------------------------------------------------------------- IKL-AT loss
+def test_ikl_at_loss_equals_hand_written_reference():
+    x, y = batch()
+    x_adv = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+    alpha, beta = 4.0, 20.0
+    task = AdversarialLoss("ikl_at", 5, alpha=alpha, beta=beta)
+    prior = random_prior(5)
+    task.prior.prior.copy_(prior)
+
+    m1, m2 = tiny_model(), tiny_model()
+    out = task.loss(m1.train(), x, x_adv, y)
+    out["loss"].backward()
+
+    z_nat, z_adv = m2.train()(x), m2(x_adv)
+    w = prior[y]
+    ce = F.cross_entropy(z_nat, y)
+    sce = -(z_nat.detach().softmax(1) * z_adv.log_softmax(1)).sum(1)
+    ref = ce + (beta * pairwise_wmse(z_nat, z_adv, w) + alpha * sce).mean()
+    ref.backward()
+
+    torch.testing.assert_close(out["loss"].detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_ikl_at_both_branches_get_wmse_gradient():
+    torch.manual_seed(0)
+    z_nat = torch.randn(4, 5, requires_grad=True)
+    z_adv = torch.randn(4, 5, requires_grad=True)
+    y = torch.randint(0, 5, (4,))
+    w = random_prior(5)[y]
+    out = adversarial_loss("ikl_at", z_nat, z_adv, y, alpha=0.0, beta=1.0, class_weights=w)
+    (out["loss"] - F.cross_entropy(z_nat, y)).backward()  # wMSE alone
+    assert z_nat.grad.abs().sum() > 0 and z_adv.grad.abs().sum() > 0
+    torch.testing.assert_close(z_nat.grad, -z_adv.grad)  # wMSE depends on z_nat − z_adv only
+
+
+def test_prior_fed_by_natural_logits_of_training_forward():
+    x, y = batch(16)
+    task = AdversarialLoss("ikl_at", 5, prior_temperature=4.0)
+    model = tiny_model().train()
+    x_adv = x.clone()
+    torch.manual_seed(3)
+    task.loss(model, x, x_adv, y)
+    torch.manual_seed(3)
+    z_nat = tiny_model().train()(x)  # same weights, same BN batch statistics
+    sums = torch.zeros(5, 5, dtype=torch.float64).index_add_(
+        0, y, (z_nat.detach().double() / 4.0).softmax(1))
+    torch.testing.assert_close(task.prior.sums, sums)
+
+
+def test_second_view_loss_and_prior_from_basic_view_only():
+    torch.manual_seed(0)
+    b = 6
+    z_nat, z_adv = torch.randn(2 * b, 5), torch.randn(2 * b, 5)
+    y = torch.randint(0, 5, (2 * b,))
+    w = random_prior(5)[y]
+    gamma = 0.3
+    out = adversarial_loss("ikl_at", z_nat, z_adv, y, alpha=4, beta=20, class_weights=w,
+                           n_basic=b, aug_weight=gamma)
+
+    def robust(rows):
+        sce = -(z_nat[rows].softmax(1) * z_adv[rows].log_softmax(1)).sum(1)
+        return (20 * pairwise_wmse(z_nat[rows], z_adv[rows], w[rows]) + 4 * sce).mean()
+
+    ref = F.cross_entropy(z_nat, y) + robust(slice(0, b)) + gamma * robust(slice(b, 2 * b))
+    torch.testing.assert_close(out["loss"], ref, rtol=1e-5, atol=1e-6)
+
+    task = AdversarialLoss("ikl_at", 5)
+    x, _ = batch(2 * b)
+    task.loss(tiny_model().train(), x, x, y, n_basic=b)
+    expected_counts = torch.bincount(y[:b], minlength=5).double()
+    torch.testing.assert_close(task.prior.counts, expected_counts)
+
+
+def test_trades_and_pgd_at_losses():
+    torch.manual_seed(0)
+    z_nat, z_adv, y = torch.randn(4, 5), torch.randn(4, 5), torch.randint(0, 5, (4,))
+    p = z_nat.softmax(1)
+    kl = (p * (p.log() - z_adv.log_softmax(1))).sum(1).mean()
+    out = adversarial_loss("trades", z_nat, z_adv, y, trades_beta=6.0)
+    torch.testing.assert_close(out["loss"], F.cross_entropy(z_nat, y) + 6.0 * kl)
+    out = adversarial_loss("pgd_at", None, z_adv, y)
+    torch.testing.assert_close(out["loss"], F.cross_entropy(z_adv, y))
+    out = adversarial_loss("standard", z_nat, None, y)
+    torch.testing.assert_close(out["loss"], F.cross_entropy(z_nat, y))
+    with pytest.raises(ValueError, match="Expected method in"):
+        adversarial_loss("mart", z_nat, z_adv, y)
+    with pytest.raises(ValueError, match="pgd_at attacks CE"):
+        AdversarialLoss("pgd_at", 5, attack=TrainAttack(loss="kl"))
+
+
+@pytest.mark.parametrize("method,forwards", [("ikl_at", (1, 5 + 1, 1)), ("trades", (1, 5 + 1, 1)),
+                                            ("pgd_at", (0, 5 + 1, 0)), ("standard", (0, 0, 1))])
+def test_natural_forward_once_per_batch(method, forwards):
+    x, y = batch()
+    calls = {"nat_eval": 0, "other": 0, "nat_train": 0}
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_model()
+
+        def forward(self, z):
+            if torch.equal(z, x):
+                calls["nat_train" if self.training else "nat_eval"] += 1
+            else:
+                calls["other"] += 1
+            return self.net(z)
+
+    model = Counting().train()
+    attack = TrainAttack(loss={"pgd_at": "ce", "trades": "kl"}.get(method, "ikl"), budget="high")
+    task = AdversarialLoss(method, 5, attack=attack)
+    x_adv = task.adversarial_examples(model, x, y, epoch=1, epochs=4)
+    task.loss(model, x, x_adv, y)
+    assert (calls["nat_eval"], calls["other"], calls["nat_train"]) == forwards
+
+
+# ---------------------------------------------------------------------------- AWP
+def test_awp_perturbs_weight_matrices_by_gamma_norm_and_restores_exactly():
+    x, y = batch()
+    model = tiny_model().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    awp = AWP(model, gamma=0.005, lr=0.1)
+    task = AdversarialLoss("ikl_at", 5)
+    awp.perturb(model, lambda m: task.loss(m, x, x, y, update_prior=False)["loss"])
+    assert awp.active
+    for name, p in model.named_parameters():
+        delta = p.detach() - before[name]
+        if p.dim() > 1:  # ‖γ·d‖ = γ‖w‖ per layer
+            torch.testing.assert_close(delta.norm(), 0.005 * before[name].norm(), rtol=1e-3, atol=0)
+        else:  # biases and BN affine untouched
+            assert torch.equal(delta, torch.zeros_like(delta))
+    awp.restore(model)
+    assert not awp.active
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # bit-exact
+    with pytest.raises(RuntimeError, match="already perturbed"):
+        awp.apply(model, {"1.weight": torch.zeros(16, 12)})
+        awp.apply(model, {"1.weight": torch.zeros(16, 12)})
+
+
+def test_awp_step_uses_perturbed_gradient_on_original_weights():
+    x, y = batch()
+    model = tiny_model().train()
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    awp = AWP(model, gamma=0.01, lr=0.1)
+    diff = awp.compute(model, lambda m: F.cross_entropy(m(x), y))
+    awp.apply(model, diff)
+    perturbed = {n: p.detach().clone() for n, p in model.named_parameters()}
+    awp.restore_before_step(opt, model)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.step()
+    # reference: gradient at the perturbed point (computed independently) applied to w0
+    ref = tiny_model().train()
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            p.copy_(perturbed[n])
+    F.cross_entropy(ref(x), y).backward()
+    for n, p in model.named_parameters():
+        gref = dict(ref.named_parameters())[n].grad
+        torch.testing.assert_close(grads[n], gref)
+        torch.testing.assert_close(p.detach(), w0[n] - 0.1 * gref)
+    assert not awp.active
+    # the hook is one-shot: a later step does not touch the weights again
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+# ---------------------------------------------------------------------------- EMA
+def test_ema_arithmetic_by_hand():
+    net = nn.Sequential(nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1))
+    with torch.no_grad():
+        net[0].weight.fill_(2.0)
+        net[1].running_mean.fill_(1.0)
+    ema = ModelEMA(net, decay=0.9)
+    with torch.no_grad():
+        net[0].weight.fill_(4.0)
+        net[1].running_mean.fill_(3.0)
+        net[1].num_batches_tracked.fill_(7)
+    ema.update(net)
+    assert ema.module[0].weight.item() == pytest.approx(0.9 * 2 + 0.1 * 4)  # 2.2
+    assert ema.module[1].running_mean.item() == pytest.approx(0.9 * 1 + 0.1 * 3)  # 1.2
+    assert ema.module[1].num_batches_tracked.item() == 7  # integers are copied
+    with torch.no_grad():
+        net[0].weight.fill_(0.0)
+    ema.update(net)
+    assert ema.module[0].weight.item() == pytest.approx(0.9 * 2.2)  # 1.98
+    assert ema.num_updates == 2
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    assert not ema.module.training
+
+
+def test_ema_copy_buffers_reset_copy_to_apply_and_state():
+    net = nn.Sequential(nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1))
+    ema = ModelEMA(net, decay=0.5, buffers="copy")
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[1].running_mean.fill_(5.0)
+    w_before = ema.module[0].weight.item()
+    ema.update(net)
+    assert ema.module[0].weight.item() == pytest.approx(0.5 * w_before + 0.5)
+    assert ema.module[1].running_mean.item() == 5.0  # copied, not averaged
+    ema.reset(net)
+    assert ema.module[0].weight.item() == 1.0
+    with torch.no_grad():
+        net[0].weight.fill_(9.0)
+    with ema.apply(net):
+        assert net[0].weight.item() == 1.0
+    assert net[0].weight.item() == 9.0
+    state = ema.state_dict()
+    other = ModelEMA(nn.Sequential(nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1)), decay=0.1)
+    other.load_state_dict(state)
+    assert other.decay == 0.5 and other.num_updates == ema.num_updates
+    assert other.module[0].weight.item() == 1.0
+    other.copy_to(net)
+    assert net[0].weight.item() == 1.0
+    with pytest.raises(ValueError, match=r"decay in \[0, 1\)"):
+        ModelEMA(net, decay=1.0)
