@@ -26,8 +26,9 @@ METHODS = {
     "ce": DistillConfig(method="ce"),
     "kd": DistillConfig(method="kd", ce_weight=0.1, kd_weight=0.9, temperature=4.0),
     "dkd": DistillConfig(method="dkd", alpha=1.0, beta=8.0, temperature=4.0, warmup=20),
-    "ikl": DistillConfig(method="ikl", alpha=1.0, beta=8.0, temperature=4.0,
-                         weight_temperature=100.0, warmup=20),
+    "ikl": DistillConfig(
+        method="ikl", alpha=1.0, beta=8.0, temperature=4.0, weight_temperature=100.0, warmup=20
+    ),
 }
 
 
@@ -92,11 +93,16 @@ def main() -> None:
                 loss_runs[m].append((time.perf_counter() - t0) / group * 1e3)
     loss_ms = {m: statistics.median(v) for m, v in loss_runs.items()}
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"CPU, {torch.get_num_threads()} threads")
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else (f"CPU, {torch.get_num_threads()} threads")
+    )
     kd = statistics.median(times["kd"]) * 1e3
-    print(f"resnet8x4 <- resnet32x4, batch {args.batch}, 3x32x32, 100 classes; {name}; "
-          f"torch {torch.__version__}; median of {args.steps} steps\n")
+    print(
+        f"resnet8x4 <- resnet32x4, batch {args.batch}, 3x32x32, 100 classes; {name}; "
+        f"torch {torch.__version__}; median of {args.steps} steps\n"
+    )
     print("| method | step (ms) | vs kd | loss fwd+bwd (ms) |")
     print("|---|---|---|---|")
     for m in METHODS:
@@ -104,10 +110,12 @@ def main() -> None:
         rel = "–" if m == "ce" else f"{(med / kd - 1) * 100:+.1f} %"
         print(f"| {m} | {med:.1f} | {rel} | {loss_ms[m]:.3f} |")
     extra = (loss_ms["ikl"] - loss_ms["kd"]) / kd * 100
-    print(f"\n(ce runs no teacher forward, so its step is the student's alone. The loss is the "
-          f"only part that differs between kd, dkd and ikl: ikl's loss costs "
-          f"{extra:+.2f} % of a kd step more than kd's; step-time differences beyond that are "
-          f"timing noise.)")
+    print(
+        f"\n(ce runs no teacher forward, so its step is the student's alone. The loss is the "
+        f"only part that differs between kd, dkd and ikl: ikl's loss costs "
+        f"{extra:+.2f} % of a kd step more than kd's; step-time differences beyond that are "
+        f"timing noise.)"
+    )
 
 
 if __name__ == "__main__":

@@ -101,7 +101,12 @@ def test_cifar100_presets_follow_the_spec(teacher, student, alpha, beta, lr, dkd
     assert (kd.method, kd.ce_weight, kd.kd_weight, kd.temperature) == ("kd", 0.1, 0.9, 4)
     dkd = load_config(f"{stem}_dkd").distill
     assert (dkd.method, dkd.alpha, dkd.beta, dkd.warmup, dkd.temperature) == (
-        "dkd", 1, dkd_beta, 20, 4)
+        "dkd",
+        1,
+        dkd_beta,
+        20,
+        4,
+    )
 
 
 def test_imagenet_presets_follow_the_spec():
@@ -110,7 +115,11 @@ def test_imagenet_presets_follow_the_spec():
     assert (r.model.name, d.teacher.name, d.alpha, d.beta) == ("resnet18", "resnet34", 1, 0.5)
     assert (d.gi, d.temperature, d.weight_temperature, d.warmup, d.ce_weight) == (True, 1, 1, 1, 1)
     assert (r.data.batch_size, r.train.epochs, r.optim.lr, r.optim.weight_decay) == (
-        512, 100, 0.2, 1e-4)
+        512,
+        100,
+        0.2,
+        1e-4,
+    )
     assert r.sched.milestones == [30, 60, 90]
     m = load_config("kd/imagenet_resnet50_mobilenetv1_ikl").distill
     assert (m.alpha, m.beta, m.teacher.name) == (4, 1, "resnet50")

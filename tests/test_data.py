@@ -18,7 +18,7 @@ def test_digits_split_is_fixed_stratified_and_scaled():
     train, test, info = build_datasets("digits", seed=5)
     assert (len(train), len(test)) == (1347, 450)
     assert info.num_classes == 10 and info.input_shape == (1, 8, 8)
-    x, y = train[0]
+    x, _ = train[0]
     assert x.shape == (1, 8, 8) and x.dtype == torch.float32
     assert 0.0 <= float(train.images.min()) and float(train.images.max()) <= 1.0
     # stratified: each class's share of the test set is its share of the whole (±1 image)
@@ -45,8 +45,15 @@ def _write_cifar10(root, n_train=20, n_test=10):
         batches.append((data, labels))
         # the real files are Python 2 pickles whose keys decode (latin1) to str
         with open(d / f"data_batch_{i}", "wb") as f:
-            pickle.dump({"batch_label": f"training batch {i} of 5", "data": data,
-                         "labels": labels, "filenames": [f"{j}.png" for j in range(per)]}, f)
+            pickle.dump(
+                {
+                    "batch_label": f"training batch {i} of 5",
+                    "data": data,
+                    "labels": labels,
+                    "filenames": [f"{j}.png" for j in range(per)],
+                },
+                f,
+            )
     test = rng.integers(0, 256, (n_test, 3072), dtype=np.uint8)
     with open(d / "test_batch", "wb") as f:
         pickle.dump({"data": test, "labels": list(range(n_test))}, f)
@@ -65,11 +72,22 @@ def _write_cifar100(root, n_train=12, n_test=6):
         pickle.dump({"data": train, "fine_labels": fine, "coarse_labels": [0] * n_train}, f)
     test = rng.integers(0, 256, (n_test, 3072), dtype=np.uint8)
     with open(d / "test", "wb") as f:
-        pickle.dump({"data": test, "fine_labels": [99, 0, 5, 7, 1, 2][:n_test],
-                     "coarse_labels": [0] * n_test}, f)
+        pickle.dump(
+            {
+                "data": test,
+                "fine_labels": [99, 0, 5, 7, 1, 2][:n_test],
+                "coarse_labels": [0] * n_test,
+            },
+            f,
+        )
     with open(d / "meta", "wb") as f:
-        pickle.dump({"fine_label_names": [f"f{i}" for i in range(100)],
-                     "coarse_label_names": [f"k{i}" for i in range(20)]}, f)
+        pickle.dump(
+            {
+                "fine_label_names": [f"f{i}" for i in range(100)],
+                "coarse_label_names": [f"k{i}" for i in range(20)],
+            },
+            f,
+        )
     return train, fine, test
 
 
@@ -79,7 +97,7 @@ def no_md5(monkeypatch):
     # names, pickle layout, HWC reshaping, PIL conversion, transforms) is torchvision's own code
     import os
 
-    import torchvision.datasets.cifar as cifar
+    from torchvision.datasets import cifar
 
     monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
 
@@ -110,7 +128,7 @@ def _at(ds: SeededDataset, i: int, epoch: int):
 
 
 def test_cifar100_real_format(tmp_path, no_md5):
-    train_raw, fine, test_raw = _write_cifar100(tmp_path)
+    train_raw, fine, _ = _write_cifar100(tmp_path)
     train, test, info = build_datasets("cifar100", root=str(tmp_path), augment=False)
     assert (len(train), len(test), info.num_classes) == (12, 6, 100)
     x, y = train[2]
@@ -131,7 +149,9 @@ def test_imagefolder(tmp_path):
         for c in ("cat", "dog"):
             (tmp_path / split / c).mkdir(parents=True)
             for i in range(2):
-                Image.new("RGB", (40, 30), (i * 100, 50, 200)).save(tmp_path / split / c / f"{i}.png")
+                Image.new("RGB", (40, 30), (i * 100, 50, 200)).save(
+                    tmp_path / split / c / f"{i}.png"
+                )
     train, val, info = build_datasets("imagefolder", root=str(tmp_path), image_size=16)
     assert (len(train), len(val), info.num_classes) == (4, 4, 2)
     assert train[0][0].shape == (3, 16, 16) and val[3][1] == 1

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from dkl.config import ModelConfig
 from dkl.engine import Engine
-from dkl.recipes.distill import DistillConfig, dkd_loss, distill_loss
+from dkl.recipes.distill import DistillConfig, distill_loss, dkd_loss
 
 
 def _softmax(z, T=1.0):
@@ -30,12 +30,15 @@ Y = 0
 
 
 def _tensors():
-    return torch.tensor([ZS], dtype=torch.float64), torch.tensor([ZT], dtype=torch.float64), \
-        torch.tensor([Y])
+    return (
+        torch.tensor([ZS], dtype=torch.float64),
+        torch.tensor([ZT], dtype=torch.float64),
+        torch.tensor([Y]),
+    )
 
 
 def test_ce():
-    s, t, y = _tensors()
+    s, _, y = _tensors()
     out = distill_loss(DistillConfig(method="ce"), s, None, y, epoch=1)
     assert out["loss"].item() == pytest.approx(-math.log(_softmax(ZS)[Y]), rel=1e-6)
 
@@ -105,8 +108,9 @@ def _ikl_by_hand(zs, zt, w, alpha, beta, T):
 def test_ikl_per_sample_weights_and_warmup():
     T, T2, alpha, beta = 4.0, 2.0, 1.0, 3.0
     s, t, y = _tensors()
-    cfg = DistillConfig(method="ikl", temperature=T, weight_temperature=T2, alpha=alpha,
-                        beta=beta, warmup=4)
+    cfg = DistillConfig(
+        method="ikl", temperature=T, weight_temperature=T2, alpha=alpha, beta=beta, warmup=4
+    )
     out = distill_loss(cfg, s, t, y, epoch=1)
     w = _softmax(ZT, T2)
     want = -math.log(_softmax(ZS)[Y]) + 0.25 * _ikl_by_hand(ZS, ZT, w, alpha, beta, T)
@@ -117,8 +121,7 @@ def test_ikl_class_prior_weights():
     s, t, y = _tensors()
     w = [0.2, 0.5, 0.3]
     cfg = DistillConfig(method="ikl", temperature=1.0, alpha=2.0, beta=0.5, warmup=0)
-    out = distill_loss(cfg, s, t, y, epoch=1,
-                       class_weights=torch.tensor([w], dtype=torch.float64))
+    out = distill_loss(cfg, s, t, y, epoch=1, class_weights=torch.tensor([w], dtype=torch.float64))
     want = -math.log(_softmax(ZS)[Y]) + _ikl_by_hand(ZS, ZT, w, 2.0, 0.5, 1.0)
     assert out["loss"].item() == pytest.approx(want, rel=1e-6)
 
@@ -128,10 +131,24 @@ def test_ikl_class_prior_weights():
 # --------------------------------------------------------------------------------------------
 
 MDISTILLER_KEYS = {
-    "resnet8x4": ["conv1.weight", "bn1.weight", "bn1.running_mean", "layer1.0.conv1.weight",
-                  "layer1.0.bn2.bias", "layer3.0.downsample.0.weight", "fc.weight", "fc.bias"],
-    "wrn_40_2": ["conv1.weight", "block1.layer.0.bn1.weight", "block1.layer.0.conv1.weight",
-                 "block2.layer.0.convShortcut.weight", "bn1.running_var", "fc.weight"],
+    "resnet8x4": [
+        "conv1.weight",
+        "bn1.weight",
+        "bn1.running_mean",
+        "layer1.0.conv1.weight",
+        "layer1.0.bn2.bias",
+        "layer3.0.downsample.0.weight",
+        "fc.weight",
+        "fc.bias",
+    ],
+    "wrn_40_2": [
+        "conv1.weight",
+        "block1.layer.0.bn1.weight",
+        "block1.layer.0.conv1.weight",
+        "block2.layer.0.convShortcut.weight",
+        "bn1.running_var",
+        "fc.weight",
+    ],
 }
 
 
@@ -150,8 +167,9 @@ def test_mdistiller_teacher_checkpoint_loads(tmp_path, name):
         assert key in sd, f"{name}: mdistiller key {key} missing"
     torch.manual_seed(1)
     # perturbed weights, so a fresh init could not pass by chance
-    sd = {k: (v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v)
-          for k, v in sd.items()}
+    sd = {
+        k: (v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v) for k, v in sd.items()
+    }
     path = tmp_path / "ckpt_epoch_240.pth"
     torch.save({"model": sd, "epoch": 240}, path)  # mdistiller's released layout
 

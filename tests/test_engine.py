@@ -59,8 +59,10 @@ def test_one_epoch_improves_accuracy(tmp_path):
 
 
 def test_outputs_plot_and_existing_run(tmp_path):
-    cfg = load_config("kd/digits_ce", [f"train.out_dir={tmp_path}", "train.epochs=2",
-                                        "train.progress=false", "train.threads=1"])
+    cfg = load_config(
+        "kd/digits_ce",
+        [f"train.out_dir={tmp_path}", "train.epochs=2", "train.progress=false", "train.threads=1"],
+    )
     train(cfg, log=lambda m: None)
     assert (tmp_path / cfg.name / "curves.png").stat().st_size > 1000
     with pytest.raises(FileExistsError, match="--resume"):
@@ -70,8 +72,14 @@ def test_outputs_plot_and_existing_run(tmp_path):
 def test_non_finite_loss_stops_the_run(tmp_path, teacher):
     cfg = load_config(
         "kd/digits_ikl",
-        [f"train.out_dir={tmp_path}", f"distill.teacher.checkpoint={teacher}", "distill.beta=1e8",
-         "distill.warmup=0", "optim.lr=50", *QUIET],
+        [
+            f"train.out_dir={tmp_path}",
+            f"distill.teacher.checkpoint={teacher}",
+            "distill.beta=1e8",
+            "distill.warmup=0",
+            "optim.lr=50",
+            *QUIET,
+        ],
     )
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* epoch 1"):
         train(cfg, log=lambda m: None)
@@ -80,8 +88,13 @@ def test_non_finite_loss_stops_the_run(tmp_path, teacher):
 def test_iteration_based_training(tmp_path):
     cfg = load_config(
         "kd/digits_ce",
-        [f"train.out_dir={tmp_path}", "train.iterations=50", "train.eval_every=20",
-         "sched.name=constant", *QUIET],
+        [
+            f"train.out_dir={tmp_path}",
+            "train.iterations=50",
+            "train.eval_every=20",
+            "sched.name=constant",
+            *QUIET,
+        ],
     )
     s = train(cfg, log=lambda m: None)
     rows = _records(tmp_path / cfg.name)
@@ -93,8 +106,13 @@ def test_iteration_based_training(tmp_path):
 def test_checkpoint_is_weights_only_and_complete(tmp_path, teacher):
     cfg = load_config(
         "kd/digits_ikl",
-        [f"train.out_dir={tmp_path}", f"distill.teacher.checkpoint={teacher}", "distill.gi=true",
-         "train.epochs=1", *QUIET],
+        [
+            f"train.out_dir={tmp_path}",
+            f"distill.teacher.checkpoint={teacher}",
+            "distill.gi=true",
+            "train.epochs=1",
+            *QUIET,
+        ],
     )
     train(cfg, log=lambda m: None)
     ck = torch.load(tmp_path / cfg.name / "last.pt", weights_only=True)
@@ -125,8 +143,12 @@ _SLOW_STEPS = textwrap.dedent(
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_resume_after_signal_equals_uninterrupted(tmp_path, teacher, sig):
     args = [
-        "kd/digits_ikl", f"distill.teacher.checkpoint={teacher}", "distill.gi=true",
-        "train.epochs=3", "distill.warmup=2", *QUIET,
+        "kd/digits_ikl",
+        f"distill.teacher.checkpoint={teacher}",
+        "distill.gi=true",
+        "train.epochs=3",
+        "distill.warmup=2",
+        *QUIET,
     ]
     # uninterrupted reference, in process
     ref_cfg = load_config(args[0], [*args[1:], f"train.out_dir={tmp_path / 'ref'}"])
@@ -134,8 +156,9 @@ def test_resume_after_signal_equals_uninterrupted(tmp_path, teacher, sig):
 
     out = tmp_path / "cut"
     cmd = [sys.executable, "-c", _SLOW_STEPS, "train", *args, f"train.out_dir={out}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics = out / ref_cfg.name / "metrics.jsonl"
     deadline = time.time() + 60
     while not metrics.exists() and time.time() < deadline and proc.poll() is None:
@@ -157,7 +180,9 @@ def test_resume_after_signal_equals_uninterrupted(tmp_path, teacher, sig):
     b = torch.load(tmp_path / "ref" / ref_cfg.name / "final.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in b)
     pa = torch.load(out / ref_cfg.name / "last.pt", weights_only=True)["recipe"]["prior"]
-    pb = torch.load(tmp_path / "ref" / ref_cfg.name / "last.pt", weights_only=True)["recipe"]["prior"]
+    pb = torch.load(tmp_path / "ref" / ref_cfg.name / "last.pt", weights_only=True)["recipe"][
+        "prior"
+    ]
     assert all(torch.equal(pa[k], pb[k]) for k in pb)
 
 
@@ -170,13 +195,26 @@ def _free_port() -> int:
 def test_torchrun_two_processes_gloo(tmp_path, teacher):
     out = tmp_path / "ddp"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        f"--master_port={_free_port()}", "-m", "dkl", "train", "kd/digits_ikl",
-        f"distill.teacher.checkpoint={teacher}", "distill.gi=true", "train.epochs=2",
-        "train.device=cpu", f"train.out_dir={out}", *QUIET,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "-m",
+        "dkl",
+        "train",
+        "kd/digits_ikl",
+        f"distill.teacher.checkpoint={teacher}",
+        "distill.gi=true",
+        "train.epochs=2",
+        "train.device=cpu",
+        f"train.out_dir={out}",
+        *QUIET,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
+    res = subprocess.run(
+        cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=180, env=env
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     run = out / "digits_ikl"
     s = json.loads((run / "summary.json").read_text())

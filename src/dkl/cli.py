@@ -28,7 +28,9 @@ _DEMOS: dict[str, tuple[str, Callable, Callable | None]] = {}
 
 
 def register_command(
-    name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+    name: str,
+    help: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
     run: Callable[[argparse.Namespace], int | None],
 ) -> None:
     """Add ``dkl <name>``: ``add_arguments(parser)`` declares options, ``run(args)`` runs it."""
@@ -36,7 +38,9 @@ def register_command(
 
 
 def register_demo(
-    name: str, help: str, run: Callable[[argparse.Namespace], int | None],
+    name: str,
+    help: str,
+    run: Callable[[argparse.Namespace], int | None],
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> None:
     """Add ``dkl demo --recipe <name>``; options from every demo share the demo parser."""
@@ -121,8 +125,10 @@ def _run_eval(args: argparse.Namespace) -> int:
         print(json.dumps(res, indent=2))
     else:
         print("| checkpoint | top-1 | top-5 | loss |\n|---|---|---|---|")
-        print(f"| {res['checkpoint']} | {res['top1']:.2f} | {res['top5']:.2f} | "
-              f"{res['test_loss']:.4f} |")
+        print(
+            f"| {res['checkpoint']} | {res['top1']:.2f} | {res['top5']:.2f} | "
+            f"{res['test_loss']:.4f} |"
+        )
     return 0
 
 

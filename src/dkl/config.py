@@ -35,6 +35,7 @@ from typing import Any, Literal, Union
 import yaml
 
 __all__ = [
+    "PRESET_DIR",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -42,11 +43,10 @@ __all__ = [
     "OptimConfig",
     "SchedConfig",
     "TrainConfig",
-    "PRESET_DIR",
-    "load_config",
     "config_from_dict",
     "config_to_dict",
     "list_presets",
+    "load_config",
     "register_section",
     "save_config",
 ]
@@ -291,9 +291,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     kwargs = {}
     for k, v in data.items():
         if k not in hints:
-            raise ConfigError(
-                f"unknown key '{prefix}.{k}' (known: {', '.join(sorted(names))})"
-            )
+            raise ConfigError(f"unknown key '{prefix}.{k}' (known: {', '.join(sorted(names))})")
         kwargs[k] = _coerce(v, hints[k], f"{prefix}.{k}")
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
@@ -328,9 +326,7 @@ def config_from_dict(data: dict) -> Config:
 
     recipe = top.get("recipe", Config.recipe)
     if recipe not in list_recipes():
-        raise ConfigError(
-            f"recipe: unknown recipe {recipe!r} (known: {', '.join(list_recipes())})"
-        )
+        raise ConfigError(f"recipe: unknown recipe {recipe!r} (known: {', '.join(list_recipes())})")
     cfg = Config(**top, sections=sections)
     # every recipe sees its own section even if the YAML left it out
     for name, cls in _RECIPE_SECTIONS.items():
@@ -367,15 +363,13 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def list_presets(group: str = "") -> list[str]:
     """Names of the bundled presets (``kd/digits_ikl``, ...), optionally under one group."""
     root = PRESET_DIR / group if group else PRESET_DIR
-    return sorted(
-        str(p.relative_to(PRESET_DIR).with_suffix("")) for p in root.rglob("*.yaml")
-    )
+    return sorted(str(p.relative_to(PRESET_DIR).with_suffix("")) for p in root.rglob("*.yaml"))
 
 
 def _resolve_preset(ref: str, relative_to: Path | None = None) -> Path:
     candidates = []
     p = Path(ref)
-    name = ref[:-5] if ref.endswith(".yaml") else ref
+    name = ref.removesuffix(".yaml")
     if relative_to is not None and not p.is_absolute():
         candidates += [relative_to / p, relative_to / f"{name}.yaml"]
     candidates.append(p)
@@ -384,8 +378,7 @@ def _resolve_preset(ref: str, relative_to: Path | None = None) -> Path:
         if c.is_file():
             return c.resolve()
     raise ConfigError(
-        f"config '{ref}': no such file or preset (looked in {PRESET_DIR}; "
-        f"try `dkl list`)"
+        f"config '{ref}': no such file or preset (looked in {PRESET_DIR}; try `dkl list`)"
     )
 
 

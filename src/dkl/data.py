@@ -33,13 +33,13 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 __all__ = [
+    "DATASETS",
     "DataInfo",
-    "TensorImageDataset",
     "SeededDataset",
     "ShardedBatchSampler",
+    "TensorImageDataset",
     "build_datasets",
     "shard_indices",
-    "DATASETS",
 ]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -269,7 +269,7 @@ def _imagefolder(root: str, download: bool, augment: bool, seed: int, image_size
         )
     val_tf = transforms.Compose(
         [
-            transforms.Resize(int(round(image_size / 0.875))),
+            transforms.Resize(round(image_size / 0.875)),
             transforms.CenterCrop(image_size),
             transforms.ToTensor(),
         ]

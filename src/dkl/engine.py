@@ -77,22 +77,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from dkl.config import Config, ConfigError, ModelConfig, config_to_dict, save_config
 from dkl.data import ShardedBatchSampler, build_datasets, collate_fn, shard_indices
 
 __all__ = [
     "Engine",
-    "Recipe",
-    "StepContext",
     "Interrupted",
     "NonFiniteLossError",
+    "Recipe",
+    "StepContext",
+    "evaluate_checkpoint",
     "load_checkpoint",
     "save_checkpoint",
     "train",
-    "evaluate_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = "dkl-checkpoint-1"
@@ -435,13 +435,20 @@ class Engine:
         params = self.recipe.param_groups(self.raw_model)
         if o.name == "sgd":
             return torch.optim.SGD(
-                params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                params,
+                lr=o.lr,
+                momentum=o.momentum,
+                weight_decay=o.weight_decay,
                 nesterov=o.nesterov,
             )
         if o.name == "adamw":
-            return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+            return torch.optim.AdamW(
+                params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+            )
         if o.name == "adam":
-            return torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+            return torch.optim.Adam(
+                params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+            )
         raise ConfigError(f"optim.name: unknown optimiser {o.name!r}")
 
     def make_loader(self, dataset: Any, batch_sampler: Any) -> torch.utils.data.DataLoader:
@@ -543,7 +550,9 @@ class Engine:
 
     def autocast(self):
         return torch.autocast(
-            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+            self.device.type,
+            dtype=self.amp_dtype or torch.float32,
+            enabled=self.amp_dtype is not None,
         )
 
     # checkpoints ----------------------------------------------------------------------------
@@ -667,7 +676,9 @@ class Engine:
             state = load_checkpoint(last, map_location=self.device)
             changed = _diff_config(state.get("config", {}), config_to_dict(cfg))
             if changed:
-                self.log("resume: the config differs from the checkpoint's in " + ", ".join(changed))
+                self.log(
+                    "resume: the config differs from the checkpoint's in " + ", ".join(changed)
+                )
             self.load_state_dict(state)
             self.log(
                 f"resumed {last} at epoch {self.epoch}, step {self.step_in_epoch} "
@@ -720,7 +731,9 @@ class Engine:
         model.train()
         batches = self.recipe.train_batches(self.epoch, self.step_in_epoch)
         bar = _progress(
-            t.progress and self.rank == 0, spe, self.step_in_epoch,
+            t.progress and self.rank == 0,
+            spe,
+            self.step_in_epoch,
             f"epoch {self.epoch}" + ("" if iteration_mode else f"/{t.epochs}"),
         )
         it: Iterator = iter(batches)
@@ -796,7 +809,9 @@ class Engine:
         if not iteration_mode or self.global_step % t.eval_every == 0 or self._finished():
             self._eval_point(t_start, epoch_extra, epoch=self.epoch - 1)
 
-    def _eval_point(self, t_start: float, extra: dict | None = None, epoch: int | None = None) -> None:
+    def _eval_point(
+        self, t_start: float, extra: dict | None = None, epoch: int | None = None
+    ) -> None:
         t = self.cfg.train
         record: dict[str, Any] = {
             "epoch": epoch if epoch is not None else self.epoch,
@@ -812,8 +827,12 @@ class Engine:
         self.history.append(record)
         improved = not self.best or record["top1"] > self.best["top1"]
         if improved:
-            self.best = {"top1": record["top1"], "top5": record["top5"], "epoch": record["epoch"],
-                         "step": record["step"]}
+            self.best = {
+                "top1": record["top1"],
+                "top5": record["top5"],
+                "epoch": record["epoch"],
+                "step": record["step"],
+            }
         self.elapsed = time.time() - t_start
         msg = " ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
@@ -822,8 +841,7 @@ class Engine:
         if self.rank != 0:
             return
         with open(self.run_dir / "metrics.jsonl", "w") as f:  # rewritten: consistent after resume
-            for h in self.history:
-                f.write(json.dumps(h) + "\n")
+            f.writelines(json.dumps(h) + "\n" for h in self.history)
         if improved and t.keep_best:
             save_checkpoint(self._export(), self.run_dir / "best.pt")
         n_points = len(self.history)
@@ -906,16 +924,20 @@ def _progress(enabled: bool, total: int, initial: int, desc: str):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True,
-                file=sys.stderr)
+    return tqdm(
+        total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr
+    )
 
 
 def _tensorboard(run_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        print("train.tensorboard=true but tensorboard is not installed (pip install "
-              "'dkl[tensorboard]'); continuing without it", file=sys.stderr)
+        print(
+            "train.tensorboard=true but tensorboard is not installed (pip install "
+            "'dkl[tensorboard]'); continuing without it",
+            file=sys.stderr,
+        )
         return None
     return SummaryWriter(str(run_dir / "tb"))
 
@@ -981,10 +1003,14 @@ def evaluate_checkpoint(path: str | Path, overrides: tuple[str, ...] | list[str]
 
     p = Path(path)
     if p.is_dir():
-        p = next((p / n for n in ("best.pt", "final.pt", "last.pt") if (p / n).is_file()), p / "best.pt")
+        p = next(
+            (p / n for n in ("best.pt", "final.pt", "last.pt") if (p / n).is_file()), p / "best.pt"
+        )
     state = load_checkpoint(p)
     if "config" not in state:
-        raise ValueError(f"'{p}' carries no config; evaluate it with a config and model.checkpoint=")
+        raise ValueError(
+            f"'{p}' carries no config; evaluate it with a config and model.checkpoint="
+        )
     data = apply_overrides(state["config"], ["train.progress=false", *overrides])
     cfg = config_from_dict(data)
     engine = Engine(cfg, log=lambda m: None, eval_only=True)

@@ -26,15 +26,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from dkl.config import ConfigError, ModelConfig, register_section
 from dkl.engine import Recipe, StepContext, load_checkpoint
 from dkl.recipes import register_recipe
 
-__all__ = ["DistillConfig", "TeacherConfig", "DistillRecipe", "kd_loss", "dkd_loss", "distill_loss"]
+__all__ = ["DistillConfig", "DistillRecipe", "TeacherConfig", "distill_loss", "dkd_loss", "kd_loss"]
 
 METHODS = ("ce", "kd", "dkd", "ikl")
 
@@ -89,7 +88,12 @@ def kd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
 
 
 def dkd_loss(
-    student: Tensor, teacher: Tensor, labels: Tensor, *, alpha: float, beta: float,
+    student: Tensor,
+    teacher: Tensor,
+    labels: Tensor,
+    *,
+    alpha: float,
+    beta: float,
     temperature: float,
 ) -> Tensor:
     r"""Decoupled KD (Zhao et al. 2022): :math:`T^2(\alpha\,\mathrm{TCKD} + \beta\,\mathrm{NCKD})`.
@@ -152,8 +156,13 @@ def distill_loss(
         )
     elif cfg.method == "ikl":
         term = ramp * ikl_loss(
-            student, teacher, alpha=cfg.alpha, beta=cfg.beta, temperature=cfg.temperature,
-            weight_temperature=cfg.weight_temperature, class_weights=class_weights,
+            student,
+            teacher,
+            alpha=cfg.alpha,
+            beta=cfg.beta,
+            temperature=cfg.temperature,
+            weight_temperature=cfg.weight_temperature,
+            class_weights=class_weights,
         )
     else:
         raise ValueError(f"unknown distillation method {cfg.method!r}; expected one of {METHODS}")
@@ -250,7 +259,6 @@ class DistillRecipe(Recipe):
         return s
 
 
-
 # --------------------------------------------------------------------------------------------
 # The digits demo: `dkl demo`
 # --------------------------------------------------------------------------------------------
@@ -274,19 +282,29 @@ def run_demo(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    common = [f"train.out_dir={out}", "train.overwrite=true", "train.progress=false",
-              "train.plot=false"]
+    common = [
+        f"train.out_dir={out}",
+        "train.overwrite=true",
+        "train.progress=false",
+        "train.plot=false",
+    ]
     if getattr(args, "epochs", 0):
         common.append(f"train.epochs={args.epochs}")
-    quiet = lambda msg: None  # noqa: E731
+    quiet = lambda msg: None
     t0 = time.time()
-    print(f"dkl demo: knowledge distillation on digits (1,347 train / 450 test images), "
-          f"{args.seeds} seed(s) per method -> {out}/", flush=True)
+    print(
+        f"dkl demo: knowledge distillation on digits (1,347 train / 450 test images), "
+        f"{args.seeds} seed(s) per method -> {out}/",
+        flush=True,
+    )
     tcfg = load_config("kd/digits_teacher", common)
     teacher = train(tcfg, log=quiet)
     teacher_ckpt = out / tcfg.name / "best.pt"
-    print(f"  teacher  {tcfg.model.name}{tcfg.model.kwargs}  {teacher['params']:,} params  "
-          f"top-1 {teacher['last']['top1']:.2f}  ({teacher['wall_time_s']:.1f}s)", flush=True)
+    print(
+        f"  teacher  {tcfg.model.name}{tcfg.model.kwargs}  {teacher['params']:,} params  "
+        f"top-1 {teacher['last']['top1']:.2f}  ({teacher['wall_time_s']:.1f}s)",
+        flush=True,
+    )
 
     results: dict = {}
     for method in DEMO_METHODS:
@@ -294,16 +312,30 @@ def run_demo(args) -> int:
         for seed in range(args.seeds):
             cfg = load_config(
                 f"kd/digits_{method}",
-                [*common, f"name=digits_{method}_s{seed}", f"seed={seed}",
-                 f"distill.teacher.checkpoint={teacher_ckpt}"],
+                [
+                    *common,
+                    f"name=digits_{method}_s{seed}",
+                    f"seed={seed}",
+                    f"distill.teacher.checkpoint={teacher_ckpt}",
+                ],
             )
             s = train(cfg, log=quiet)
             hist = [json.loads(line) for line in (out / cfg.name / "metrics.jsonl").open()]
-            runs.append({"seed": seed, "top1": s["last"]["top1"], "best_top1": s["best"]["top1"],
-                         "time_s": s["wall_time_s"], "curve": [h["top1"] for h in hist],
-                         "params": s["params"]})
-            print(f"  {method:<4} seed {seed}  top-1 {s['last']['top1']:.2f}  "
-                  f"({s['wall_time_s']:.1f}s)", flush=True)
+            runs.append(
+                {
+                    "seed": seed,
+                    "top1": s["last"]["top1"],
+                    "best_top1": s["best"]["top1"],
+                    "time_s": s["wall_time_s"],
+                    "curve": [h["top1"] for h in hist],
+                    "params": s["params"],
+                }
+            )
+            print(
+                f"  {method:<4} seed {seed}  top-1 {s['last']['top1']:.2f}  "
+                f"({s['wall_time_s']:.1f}s)",
+                flush=True,
+            )
         top1 = [r["top1"] for r in runs]
         results[method] = {
             "top1_mean": statistics.fmean(top1),
@@ -316,22 +348,30 @@ def run_demo(args) -> int:
 
     student = load_config("kd/digits_ce").model
     lines = [
-        f"Digits, teacher `{tcfg.model.name}` {dict(tcfg.model.kwargs)} "
-        f"({teacher['params']:,} params, top-1 {teacher['last']['top1']:.2f}) -> student "
-        f"`{student.name}` {dict(student.kwargs)} ({results['ce']['params']:,} params), "
-        f"{tcfg.train.epochs} epochs, {args.seeds} seeds (last-epoch top-1 on the 450 test images).",
+        (
+            f"Digits, teacher `{tcfg.model.name}` {dict(tcfg.model.kwargs)} "
+            f"({teacher['params']:,} params, top-1 {teacher['last']['top1']:.2f}) -> student "
+            f"`{student.name}` {dict(student.kwargs)} ({results['ce']['params']:,} params), "
+            f"{tcfg.train.epochs} epochs, {args.seeds} seeds (last-epoch top-1 on the 450 test "
+            f"images)."
+        ),
         "",
         "| method | top-1 (mean ± std) | time / run |",
         "|---|---|---|",
     ]
     for m, r in results.items():
-        lines.append(f"| {m} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} | "
-                     f"{r['time_s_mean']:.1f} s |")
+        lines.append(
+            f"| {m} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} | {r['time_s_mean']:.1f} s |"
+        )
     table = "\n".join(lines)
     total = time.time() - t0
     summary = {
-        "teacher": {"model": tcfg.model.name, "kwargs": tcfg.model.kwargs,
-                    "params": teacher["params"], "top1": teacher["last"]["top1"]},
+        "teacher": {
+            "model": tcfg.model.name,
+            "kwargs": tcfg.model.kwargs,
+            "params": teacher["params"],
+            "top1": teacher["last"]["top1"],
+        },
         "student": {"model": student.name, "kwargs": student.kwargs},
         "epochs": tcfg.train.epochs,
         "seeds": args.seeds,
@@ -365,8 +405,19 @@ def _plot_demo(results: dict, path, teacher_top1: float) -> None:
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 (%)")
     ax.set_title("digits: student test accuracy per epoch (mean ± std over seeds)")
-    lo = min(float(np.min([run["curve"][len(run["curve"]) // 3:] for r in results.values()
-                           for run in r["runs"]])) - 1, 95)
+    lo = min(
+        float(
+            np.min(
+                [
+                    run["curve"][len(run["curve"]) // 3 :]
+                    for r in results.values()
+                    for run in r["runs"]
+                ]
+            )
+        )
+        - 1,
+        95,
+    )
     ax.set_ylim(lo, 100)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -378,11 +429,13 @@ def _register_demo() -> None:
     from dkl.cli import register_demo
 
     def add_arguments(p) -> None:
-        p.add_argument("--epochs", type=int, default=0,
-                       help="epochs per run (default: the presets' 30)")
+        p.add_argument(
+            "--epochs", type=int, default=0, help="epochs per run (default: the presets' 30)"
+        )
 
-    register_demo("kd", "knowledge distillation on digits: ce / kd / dkd / ikl", run_demo,
-                  add_arguments)
+    register_demo(
+        "kd", "knowledge distillation on digits: ce / kd / dkd / ikl", run_demo, add_arguments
+    )
 
 
 _register_demo()
