@@ -449,6 +449,15 @@ def test_cifar_views_on_uint8_images():
 
 
 # --------------------------------------------------------------------------- the engine recipe
+@pytest.fixture
+def one_thread():
+    # the digits models are tiny: one thread is faster and immune to a busy machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _digits_cfg(tmp_path, method: str, *extra: str):
     from dkl.config import load_config
 
@@ -506,7 +515,7 @@ def test_bad_semisup_config_is_a_config_error():
         load_config("semisup/digits_fixmatch", ["semisup.uratio=0"])
 
 
-def test_engine_run_writes_indices_metrics_and_plot(tmp_path):
+def test_engine_run_writes_indices_metrics_and_plot(one_thread, tmp_path):
     import json
 
     from dkl.engine import Engine
@@ -529,7 +538,7 @@ def test_engine_run_writes_indices_metrics_and_plot(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["fixmatch_ikl", "meanteacher_ikl"])
-def test_resume_mid_run_equals_uninterrupted(tmp_path, method):
+def test_resume_mid_run_equals_uninterrupted(one_thread, tmp_path, method):
     from dkl.engine import Engine, Interrupted
 
     quiet = {"log": lambda m: None}
@@ -553,3 +562,83 @@ def test_resume_mid_run_equals_uninterrupted(tmp_path, method):
         resumed.recipe.eval_model().state_dict().values(),
     ):
         assert torch.equal(a, b)
+
+
+def test_demo_table_reports_mean_and_sample_std(one_thread, tmp_path):
+    import statistics
+
+    from dkl.recipes.semisup import run_demo
+
+    table, runs = run_demo(
+        tmp_path,
+        seeds=2,
+        methods=("supervised", "fixmatch"),
+        log=lambda m: None,
+        overrides=[
+            "train.iterations=4",
+            "train.eval_every=4",
+            "data.batch_size=8",
+            "semisup.uratio=1",
+            "model.kwargs.width=4",
+        ],
+    )
+    assert (tmp_path / "ssl_table.md").read_text().strip() == table
+    rows = table.splitlines()[2:]
+    assert [r.split("|")[1].strip() for r in rows] == ["supervised", "fixmatch"]
+    for row, method in zip(rows, ("supervised", "fixmatch")):
+        top1 = [r["top1"] for r in runs[method]]
+        want = f"{statistics.mean(top1):.2f} ± {statistics.stdev(top1):.2f}"
+        assert row.split("|")[2].strip() == want
+    assert rows[0].split("|")[4].strip() == "–"  # no mask ratio without unlabeled data
+
+
+def test_cifar_preset_path_with_a_tiny_vit_and_usb_weights(one_thread, tmp_path, monkeypatch):
+    """The CIFAR-100 FixMatch-IKL preset end to end on fake CIFAR-shaped data: PIL views with
+    RandAugment, a (depth-1) ViT-Ti/2 from a USB-layout checkpoint, layer decay, USB's schedule."""
+    pytest.importorskip("timm")
+    pytest.importorskip("torchvision")
+    import numpy as np
+
+    import dkl.engine
+    from dkl.config import load_config
+    from dkl.data import DataInfo, TensorImageDataset
+    from dkl.engine import Engine
+    from dkl.models_vit import vit_tiny_patch2_32
+
+    class FakeCifar:  # what build_datasets returns for cifar100: SeededDataset(base with .data)
+        def __init__(self, n):
+            rng = np.random.default_rng(0)
+            self.base = type("Base", (), {})()
+            self.base.data = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+            self.base.targets = [i % 100 for i in range(n)]
+
+        def __len__(self):
+            return len(self.base.targets)
+
+    test = TensorImageDataset(torch.rand(20, 3, 32, 32), torch.arange(20) % 100)
+    info = DataInfo("cifar100", 100, (3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    monkeypatch.setattr(dkl.engine, "build_datasets", lambda *a, **k: (FakeCifar(300), test, info))
+    src = vit_tiny_patch2_32(1000, depth=1, img_size=28)
+    ckpt = tmp_path / "usb.pth"
+    torch.save({"model": {"module." + k: v for k, v in src.state_dict().items()}}, ckpt)
+    cfg = load_config(
+        "semisup/cifar100_fixmatch_ikl",
+        [
+            f"train.out_dir={tmp_path}",
+            "train.iterations=2",
+            "train.eval_every=2",
+            "data.num_workers=0",
+            "data.batch_size=2",
+            "train.plot=false",
+            "model.name=vit_tiny_patch2_32",
+            f"model.kwargs={{depth: 1, pretrained: {ckpt}}}",
+        ],
+    )
+    engine = Engine(cfg, log=lambda m: None)
+    vit = engine.raw_model.model if hasattr(engine.raw_model, "model") else engine.raw_model
+    assert torch.equal(vit.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    lrs = sorted({g["initial_lr"] for g in engine.optimizer.param_groups})
+    assert lrs == pytest.approx([5e-4 * 0.25, 5e-4 * 0.5, 5e-4])  # stem, block 0 + norm, head
+    engine.fit()
+    assert len(engine.history) == 1 and engine.history[0]["step"] == 2
+    assert engine.history[0]["lr"] == pytest.approx(5e-4 * 1 / 5120)  # warm-up step 1 of 5,120
