@@ -326,6 +326,44 @@ def test_loss_and_grad_in_one_launch():
     assert none is None
 
 
+@needs_kernel
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
+def test_fused_linear_kernel_path_matches_torch_path(ce_weight):
+    """dkl.llm.fused_linear_ikl with the kernel per chunk == with the torch path per chunk."""
+    from dkl.llm import fused_linear_ikl
+
+    g = torch.Generator().manual_seed(12)
+    N, H, V = 21, 16, 300
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[5:13] = -100  # with chunk 8: one chunk fully ignored, others partly
+    base = {
+        "hs": torch.randn(N, H, generator=g),
+        "ws": torch.randn(V, H, generator=g) * 0.5,
+        "bs": torch.randn(V, generator=g),
+        "ht": torch.randn(N, H + 4, generator=g),
+        "wt": torch.randn(V + 9, H + 4, generator=g) * 0.5,
+    }
+    results = []
+    for impl in ("triton", "torch"):
+        p = {k: v.to(DEVICE).requires_grad_(k in ("hs", "ws", "bs")) for k, v in base.items()}
+        loss = fused_linear_ikl(
+            p["hs"],
+            p["ws"],
+            p["ht"],
+            p["wt"],
+            student_bias=p["bs"],
+            labels=labels.to(DEVICE),
+            ce_weight=ce_weight,
+            chunk_size=8,
+            impl=impl,
+            **{k: v for k, v in CONFIGS["ikl_t2"].items() if k != "kind"},
+        )
+        (loss * 0.7).backward()
+        results.append((loss, p["hs"].grad, p["ws"].grad, p["bs"].grad))
+    for a, b, what in zip(*results, ("loss", "grad hidden", "grad weight", "grad bias")):
+        _close(a, b, 1e-5, what)
+
+
 # --------------------------------------------------------------------------- dispatch, errors
 def test_auto_picks_torch_on_cpu(monkeypatch):
     def boom(*args, **kwargs):

@@ -3,7 +3,8 @@
 One program handles one row of ``C`` logits, read in blocks of ``BLOCK`` columns. Pass 1 keeps
 running (online) statistics: log-sum-exps with a running maximum for the softmaxes, and the
 weighted mean / centred second moment of ``e = target - input`` merged block by block (Chan's
-parallel update), so the loss never subtracts two large sums. Pass 2 reads the row again and writes
+parallel update), so the loss never subtracts two large sums; ``e`` and the sCE sum are also taken
+relative to the row's first entry, so no accumulator carries the logits' common offset. Pass 2 reads the row again and writes
 the gradient(s), already multiplied by a per-row scale. ``PASS1`` / ``PASS2`` choose which passes a
 launch runs: the autograd forward runs pass 1 only, its backward pass 2 only (from the saved
 per-row statistics), and the chunked LLM path runs both in one launch.
@@ -26,7 +27,8 @@ WMODE_TARGET_SOFTMAX = 0  # softmax(target / T): the same softmax as the sCE / K
 WMODE_WEIGHT_SOFTMAX = 1  # softmax(target / T2) with T2 != T (IKL only)
 WMODE_CLASS_WEIGHTS = 2  # explicit non-negative (B, C) weights (IKL only)
 
-N_STATS = 4  # per-row statistics saved between the passes: lse_s, lse_t, lse_w (or W), mean(e)
+# per-row statistics saved between the passes: lse_s, lse_t, lse_w (or W), mean(e - e_ref)
+N_STATS = 4
 
 
 @triton.jit
