@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -186,12 +185,6 @@ def test_resume_after_signal_equals_uninterrupted(tmp_path, teacher, sig):
     assert all(torch.equal(pa[k], pb[k]) for k in pb)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_gloo(tmp_path, teacher):
     out = tmp_path / "ddp"
     cmd = [
@@ -199,7 +192,7 @@ def test_torchrun_two_processes_gloo(tmp_path, teacher):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        "--standalone",  # rendezvous on a free port chosen by torchrun itself
         "-m",
         "dkl",
         "train",
