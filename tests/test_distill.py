@@ -211,3 +211,54 @@ def test_demo_and_eval_cli(tmp_path, capsys):
     assert main(["eval", str(run / "final.pt"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["top1"] == pytest.approx(s["methods"]["ikl"]["runs"][1]["top1"])
+
+
+def test_cifar100_preset_end_to_end_on_generated_files(tmp_path, monkeypatch):
+    """The real resnet32x4 -> resnet8x4 IKL preset, two steps on CIFAR-100 files in the real
+    format, with a teacher checkpoint in mdistiller's layout and two loader workers."""
+    import os
+    import pickle
+
+    import numpy as np
+
+    tv_cifar = pytest.importorskip("torchvision.datasets.cifar")
+    from dkl.config import load_config
+    from dkl.engine import train
+    from dkl.models import create_model
+
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    d = tmp_path / "data" / "cifar-100-python"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("test", 8)):
+        with open(d / split, "wb") as f:
+            pickle.dump(
+                {
+                    "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                    "fine_labels": rng.integers(0, 100, n).tolist(),
+                    "coarse_labels": [0] * n,
+                },
+                f,
+            )
+    with open(d / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"f{i}" for i in range(100)]}, f)
+    ckpt = tmp_path / "ckpt_epoch_240.pth"
+    torch.save({"model": create_model("resnet32x4", 100).state_dict()}, ckpt)
+
+    cfg = load_config(
+        "kd/cifar100_resnet32x4_resnet8x4_ikl",
+        [
+            f"data.root={tmp_path / 'data'}",
+            "data.batch_size=8",
+            "data.num_workers=2",
+            f"distill.teacher.checkpoint={ckpt}",
+            "train.epochs=1",
+            f"train.out_dir={tmp_path / 'runs'}",
+            "train.progress=false",
+            "train.plot=false",
+            "train.device=cpu",
+        ],
+    )
+    s = train(cfg, log=lambda m: None)
+    assert s["steps"] == 2 and s["method"] == "ikl" and s["model"] == "resnet8x4"
+    assert 0 <= s["last"]["top1"] <= 100
