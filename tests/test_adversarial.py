@@ -259,3 +259,96 @@ def test_ema_copy_buffers_reset_copy_to_apply_and_state():
     assert net[0].weight.item() == 1.0
     with pytest.raises(ValueError, match=r"decay in \[0, 1\)"):
         ModelEMA(net, decay=1.0)
+
+
+# ---------------------------------------------------------------------------- the recipe
+def _cfg(preset: str, tmp_path, *extra: str):
+    from dkl.config import load_config
+
+    return load_config(preset, [f"train.out_dir={tmp_path}", "train.overwrite=true",
+                                "train.progress=false", "train.plot=false", "train.epochs=2",
+                                "train.max_steps_per_epoch=3", "adversarial.eval.pgd_examples=20",
+                                *extra])
+
+
+def test_all_adversarial_presets_load():
+    from dkl.config import list_presets, load_config
+
+    names = list_presets("adversarial")
+    assert {"adversarial/cifar10_ikl_at", "adversarial/cifar100_ikl_at",
+            "adversarial/cifar100_ikl_at_autoaug", "adversarial/cifar10_trades",
+            "adversarial/cifar10_pgd_at", "adversarial/digits_standard",
+            "adversarial/digits_ikl_at"} <= set(names)
+    for n in names:
+        load_config(n)
+    c10 = load_config("adversarial/cifar10_ikl_at").adversarial
+    assert (c10.alpha, c10.beta, c10.prior_temperature, c10.attack.loss) == (4.0, 20.0, 4.0, "sce")
+    assert c10.attack.eps == pytest.approx(8 / 255) and c10.attack.budget == "high"
+    assert (c10.awp.gamma, c10.awp.start_epoch, c10.ema.tau) == (0.005, 10, 0.9)
+    c100 = load_config("adversarial/cifar100_ikl_at_autoaug").adversarial
+    assert (c100.attack.loss, c100.aug_view, c100.aug_weight) == ("ikl", "autoaugment", 0.3)
+    assert load_config("adversarial/cifar100_trades").adversarial.trades_beta == 6.0
+
+
+def test_recipe_trains_with_awp_and_exports_the_ema(tmp_path):
+    from dkl.engine import Engine, load_checkpoint
+
+    cfg = _cfg("adversarial/digits_ikl_at", tmp_path, "adversarial.awp.gamma=0.005",
+               "adversarial.awp.start_epoch=2")
+    engine = Engine(cfg, log=lambda m: None)
+    summary = engine.fit()
+    recipe = engine.recipe
+    assert recipe.ema is not None and recipe.ema.num_updates == 2
+    assert recipe.eval_model() is recipe.ema.module
+    assert summary["adversarial"]["evaluated_model"] == "ema"
+    assert recipe.awp is not None and not recipe.awp.active  # restored before the step
+    assert not torch.equal(recipe.task.prior.prior, torch.full((10, 10), 0.1))  # prior stepped
+    final = load_checkpoint(tmp_path / cfg.name / "final.pt")
+    from dkl.engine import bare_model
+
+    ema_sd = bare_model(recipe.ema.module).state_dict()
+    assert final["model"].keys() == ema_sd.keys()
+    for k in ema_sd:
+        assert torch.equal(final["model"][k], ema_sd[k]), k
+    last = load_checkpoint(tmp_path / cfg.name / "last.pt")
+    assert "ema" in last["recipe"] and "prior" in last["recipe"]
+    assert "pgd10" in engine.history[-1] and "eps" in engine.history[-1]
+
+
+def test_recipe_second_view_needs_image_dataset(tmp_path):
+    from dkl.engine import Engine
+
+    cfg = _cfg("adversarial/digits_ikl_at", tmp_path, "adversarial.aug_view=cutout")
+    with pytest.raises(ValueError, match="aug_view"):
+        Engine(cfg, log=lambda m: None)
+
+
+def test_recipe_second_view_batches(tmp_path):
+    # a two-view batch goes through the recipe's step: CE on 2B rows, prior from the basic view
+    from dkl.engine import Engine, StepContext
+
+    cfg = _cfg("adversarial/digits_ikl_at", tmp_path)
+    engine = Engine(cfg, log=lambda m: None)
+    x = torch.rand(6, 1, 8, 8)
+    y = torch.arange(6) % 10
+    out = engine.recipe.train_step(((x, x.flip(-1)), y), StepContext(1, 0, 0, 1, 2))
+    assert out["logits"].shape == (6, 10) and out["labels"].shape == (6,)
+    assert int(engine.recipe.task.prior.counts.sum()) == 6
+
+
+def test_robust_command_on_a_run(tmp_path, capsys):
+    pytest.importorskip("torchattacks")
+    from dkl.cli import main
+    from dkl.engine import Engine
+
+    cfg = _cfg("adversarial/digits_standard", tmp_path)
+    Engine(cfg, log=lambda m: None).fit()
+    rc = main(["robust", str(tmp_path / cfg.name), "--n-examples", "8", "--version", "fast"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "non-standard" in out and "8 of 450" in out
+    import json
+
+    res = json.loads((tmp_path / cfg.name / "robust.json").read_text())
+    assert res["n_examples"] == 8 and res["standard"] is False
+    assert json.loads((tmp_path / cfg.name / "summary.json").read_text())["robust"]["version"] == "fast"

@@ -41,7 +41,8 @@ __all__ = [
 
 #: budget name -> (steps, step size as a fraction of ε). "high" is what the authors effectively ran
 #: (their staged schedule collapses to its last stage because its ``if``\ s are not ``elif``\ s).
-BUDGETS: dict[str, tuple[int, float]] = {"low": (2, 1.0), "high": (5, 0.5)}
+#: "pgd10" (10 steps of ε/4 = 2/255 at 8/255) is the usual PGD-AT / TRADES baseline attack.
+BUDGETS: dict[str, tuple[int, float]] = {"low": (2, 1.0), "high": (5, 0.5), "pgd10": (10, 0.25)}
 
 #: attack losses of the training attack (all maximised).
 ATTACK_LOSSES = ("ikl", "sce", "ce", "kl")

@@ -44,6 +44,7 @@ __all__ = [
     "build_autoattack",
     "check_gradient_masking",
     "evaluate_robustness",
+    "evaluate_run",
     "format_table",
 ]
 
@@ -178,6 +179,10 @@ def build_autoattack(
     return "torchattacks", out
 
 
+def _pct(mask: Tensor) -> float:
+    return 100.0 * int(mask.sum()) / max(mask.numel(), 1)
+
+
 def _predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
     with torch.no_grad():
         return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
@@ -298,7 +303,7 @@ def evaluate_robustness(
         num_classes = out0.shape[1]
         clean_pred = _predict(model, x, batch_size)
         clean_ok = clean_pred == y
-        result["clean"] = 100.0 * clean_ok.float().mean().item()
+        result["clean"] = _pct(clean_ok)
         say(f"  clean: {result['clean']:.2f}%")
 
         fgsm_ok = torch.zeros_like(clean_ok)
@@ -312,8 +317,8 @@ def evaluate_robustness(
             with torch.no_grad():
                 fgsm_ok[i:i + batch_size] = model(xf).argmax(1) == yb
                 pgd_ok[i:i + batch_size] = model(xp).argmax(1) == yb
-        result["fgsm"] = 100.0 * fgsm_ok.float().mean().item()
-        result[f"pgd{pgd_steps}"] = 100.0 * pgd_ok.float().mean().item()
+        result["fgsm"] = _pct(fgsm_ok)
+        result[f"pgd{pgd_steps}"] = _pct(pgd_ok)
         say(f"  fgsm: {result['fgsm']:.2f}%   pgd-{pgd_steps}: {result[f'pgd{pgd_steps}']:.2f}%")
 
         if sanity != "off":
@@ -344,11 +349,11 @@ def evaluate_robustness(
                 _check_threat_model(x_adv, xb, eps, spec.name)
                 with torch.no_grad():
                     robust[sel] = model(x_adv).argmax(1) == yb
-            per_attack[spec.name] = 100.0 * robust.float().mean().item()
+            per_attack[spec.name] = _pct(robust)
             say(f"  after {spec.name}: {per_attack[spec.name]:.2f}%  "
                 f"({int(robust.sum())}/{n} robust)")
         result["per_attack"] = per_attack
-        result["autoattack"] = 100.0 * robust.float().mean().item()
+        result["autoattack"] = _pct(robust)
     result["time_s"] = round(time.time() - t0, 2)
     return result
 
@@ -369,3 +374,86 @@ def format_table(rows: dict[str, dict[str, Any]], *, pgd_steps: int = 20) -> str
         lines.append(f"| {name} | {r['n_examples']} | {r['clean']:.2f} | "
                      f"{r[f'pgd{pgd_steps}']:.2f} | {aa} |")
     return "\n".join(lines)
+
+
+def _find_checkpoint(target) -> "Path":  # noqa: ANN001
+    from pathlib import Path
+
+    p = Path(target)
+    if p.is_dir():
+        # the exported end-of-training model (the EMA for adversarial runs) comes first
+        for name in ("final.pt", "last.pt", "best.pt"):
+            if (p / name).is_file():
+                return p / name
+        raise FileNotFoundError(f"no final.pt, last.pt or best.pt in run folder '{p}'")
+    if not p.is_file():
+        raise FileNotFoundError(f"no such run folder or checkpoint: '{p}'")
+    return p
+
+
+def evaluate_run(
+    target,  # noqa: ANN001
+    *,
+    n_examples: int | None = None,
+    version: str = "standard",
+    eps: float | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    backend: str = "auto",
+    sanity: str = "raise",
+    overrides: list[str] | tuple[str, ...] = (),
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+    write: bool = True,
+) -> dict[str, Any]:
+    """:func:`evaluate_robustness` of a dkl run folder or checkpoint on its test split.
+
+    The model is the one the run exports (``final.pt``: the EMA for adversarial runs). ``eps``
+    defaults to the run's ``adversarial.attack.eps`` (8/255 for other recipes). With ``write``,
+    the result goes to ``robust.json`` beside the checkpoint and under ``"robust"`` in its
+    ``summary.json``.
+    """
+    import json
+
+    from dkl.config import apply_overrides, config_from_dict
+    from dkl.engine import CHECKPOINT_FORMAT, Engine, bare_model, load_checkpoint
+
+    path = _find_checkpoint(target)
+    state = load_checkpoint(path)
+    if "config" not in state:
+        raise ValueError(f"'{path}' carries no config; evaluate a checkpoint written by dkl")
+    cfg = config_from_dict(apply_overrides(state["config"], ["train.progress=false", *overrides]))
+    torch.manual_seed(seed)
+    engine = Engine(cfg, log=lambda m: None, eval_only=True)
+    if state.get("format") == CHECKPOINT_FORMAT:
+        engine.load_state_dict(state)
+        model = engine.recipe.eval_model()
+    else:
+        bare_model(engine.raw_model).load_state_dict(state["model"])
+        model = engine.raw_model
+    if eps is None:
+        adv = cfg.sections.get("adversarial")
+        eps = float(adv.attack.eps) if adv is not None else 8 / 255
+    xs, ys, have = [], [], 0
+    for xb, yb in engine.test_loader():
+        xs.append(xb)
+        ys.append(yb)
+        have += len(yb)
+        if n_examples is not None and have >= n_examples:
+            break
+    x, y = torch.cat(xs), torch.cat(ys)
+    n_total = len(engine.test_set)
+    res = evaluate_robustness(model.float(), x, y, eps=eps, n_examples=n_examples,
+                              version=version, batch_size=batch_size, seed=seed, backend=backend,
+                              sanity=sanity, progress=progress, log=log)
+    res["n_total"] = n_total
+    res["checkpoint"] = str(path)
+    res["run"] = cfg.name
+    if write:
+        (path.parent / "robust.json").write_text(json.dumps(res, indent=2) + "\n")
+        summary = path.parent / "summary.json"
+        if summary.is_file():
+            data = json.loads(summary.read_text())
+            data["robust"] = res
+            summary.write_text(json.dumps(data, indent=2) + "\n")
+    return res

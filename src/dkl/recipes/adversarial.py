@@ -265,3 +265,375 @@ class AWP:
                 self._hook = None
 
         self._hook = optimizer.register_step_pre_hook(hook)
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe: `recipe: adversarial`, section `adversarial:`
+# --------------------------------------------------------------------------------------------
+from dataclasses import field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Literal  # noqa: E402
+
+from dkl.config import register_section  # noqa: E402
+from dkl.engine import Recipe, StepContext  # noqa: E402
+from dkl.recipes import register_recipe  # noqa: E402
+from dkl.ema import ModelEMA  # noqa: E402
+
+
+@dataclass
+class AttackConfig:
+    loss: str = ""  # ikl | sce | kl | ce; empty: the method's own (ikl_at: ikl, trades: kl, pgd_at: ce)
+    budget: str = "high"  # low: 2 steps of eps_e; high: 5 steps of eps_e / 2
+    eps: float = 8 / 255  # eps at the last epoch (ramped 8/255 * e / E unless fixed_eps)
+    fixed_eps: bool = False
+    init: str = ""  # normal (x + 0.001 N(0,1)) | uniform; empty: uniform for pgd_at, else normal
+    alpha: float = 1.0  # ikl attack loss: sCE weight
+    beta: float = 1.0  # ikl attack loss: wMSE weight
+
+
+@dataclass
+class AWPConfig:
+    gamma: float = 0.0  # 0: off; the SPEC's 0.005
+    start_epoch: int = 10
+    lr: float = 0.0  # the proxy's SGD lr; 0: optim.lr (the authors' choice)
+
+
+@dataclass
+class EMAConfig:
+    tau: float = 0.9  # epoch-level EMA of the weights; 0: off (the trained model is reported)
+    start_epoch: int = 1
+
+
+@dataclass
+class RobustEvalConfig:
+    pgd_examples: int = 0  # > 0: PGD accuracy of the eval model on this many test points per epoch
+    pgd_steps: int = 10
+
+
+@dataclass
+class AdversarialConfig:
+    method: Literal["standard", "pgd_at", "trades", "ikl_at"] = "ikl_at"
+    alpha: float = 4.0  # ikl_at: sCE weight
+    beta: float = 20.0  # ikl_at: wMSE weight
+    trades_beta: float = 6.0
+    prior_temperature: float = 4.0
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    aug_view: Literal["", "autoaugment", "cutout"] = ""  # a second augmented view (CIFAR only)
+    aug_weight: float = 0.3  # gamma of the second view's robust term
+    awp: AWPConfig = field(default_factory=AWPConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    eval: RobustEvalConfig = field(default_factory=RobustEvalConfig)
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"adversarial.method: expected one of {METHODS}, got {self.method!r}")
+        if not 0.0 <= self.ema.tau < 1.0:
+            raise ValueError(f"adversarial.ema.tau: expected [0, 1), got {self.ema.tau}")
+
+
+register_section("adversarial", AdversarialConfig)
+
+
+class _TwoViews:
+    """A transform returning ``(basic(img), view(img))``: the second-view batches of the authors."""
+
+    def __init__(self, basic, view) -> None:  # noqa: ANN001
+        self.basic, self.view = basic, view
+
+    def __call__(self, img):  # noqa: ANN001, ANN204
+        return self.basic(img), self.view(img)
+
+
+class _Cutout:
+    """Zero one random ``length``×``length`` square (clipped at the border) of a (C, H, W) tensor."""
+
+    def __init__(self, length: int = 16) -> None:
+        self.length = length
+
+    def __call__(self, img: Tensor) -> Tensor:
+        _, h, w = img.shape
+        cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+        y0, y1 = max(cy - self.length // 2, 0), min(cy + self.length // 2, h)
+        x0, x1 = max(cx - self.length // 2, 0), min(cx + self.length // 2, w)
+        img = img.clone()
+        img[:, y0:y1, x0:x1] = 0.0
+        return img
+
+
+def _install_second_view(train_set, kind: str) -> None:  # noqa: ANN001
+    base = getattr(train_set, "base", train_set)
+    if not hasattr(base, "transform") or base.transform is None:
+        raise ValueError(
+            f"adversarial.aug_view={kind!r} needs a torchvision image data set (cifar10/cifar100)"
+        )
+    from torchvision import transforms as T
+
+    crop_flip = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
+    if kind == "autoaugment":
+        view = T.Compose([*crop_flip, T.AutoAugment(T.AutoAugmentPolicy.CIFAR10), T.ToTensor()])
+    else:
+        view = T.Compose([*crop_flip, T.ToTensor(), _Cutout(16)])
+    base.transform = _TwoViews(base.transform, view)
+
+
+@register_recipe("adversarial")
+class AdversarialRecipe(Recipe):
+    """Adversarial training (``standard`` / ``pgd_at`` / ``trades`` / ``ikl_at``), see the module doc.
+
+    The attack runs on the unwrapped model (eval mode: no DDP synchronisation is needed for it);
+    the training forwards go through the engine's (possibly DDP-wrapped) model. The model that is
+    evaluated and exported is the epoch-level EMA once it has started.
+    """
+
+    def __init__(self, cfg, engine) -> None:  # noqa: ANN001
+        super().__init__(cfg, engine)
+        a: AdversarialConfig = cfg.adversarial
+        a.validate()
+        self.acfg = a
+        attack = None
+        if a.method != "standard":
+            loss = a.attack.loss or DEFAULT_ATTACK_LOSS[a.method]
+            init = a.attack.init or ("uniform" if a.method == "pgd_at" else "normal")
+            attack = TrainAttack(loss=loss, budget=a.attack.budget, max_eps=a.attack.eps,
+                                 fixed_eps=a.attack.fixed_eps, init=init,
+                                 alpha=a.attack.alpha, beta=a.attack.beta)
+        self.task = AdversarialLoss(a.method, engine.info.num_classes, attack=attack,
+                                    alpha=a.alpha, beta=a.beta, trades_beta=a.trades_beta,
+                                    prior_temperature=a.prior_temperature,
+                                    aug_weight=a.aug_weight)
+        if self.task.prior is not None:
+            self.task.prior.to(engine.device)
+        if a.aug_view and not getattr(engine, "eval_only", False):
+            _install_second_view(engine.train_set, a.aug_view)
+        self.awp: AWP | None = None
+        self.ema: ModelEMA | None = None
+        self._ema_state: dict | None = None
+        self.last_eps = 0.0
+
+    # models -------------------------------------------------------------------------------
+    def _ensure_ema(self) -> ModelEMA:
+        if self.ema is None:
+            self.ema = ModelEMA(self.raw_model, self.acfg.ema.tau)
+        return self.ema
+
+    def eval_model(self) -> nn.Module:
+        if self.ema is not None and self.ema.num_updates > 0:
+            return self.ema.module
+        return self.raw_model
+
+    # steps --------------------------------------------------------------------------------
+    def train_step(self, batch: Any, ctx: StepContext) -> dict:
+        inputs, y = batch
+        if isinstance(inputs, (list, tuple)):  # (basic, second view)
+            x_basic, x_view = inputs
+            x = torch.cat([x_basic, x_view])
+            labels = torch.cat([y, y])
+            n_basic = y.shape[0]
+        else:
+            x, labels, n_basic = inputs, y, None
+        epochs = self.cfg.train.epochs
+        if self.awp is not None:
+            self.awp.restore(self.raw_model)  # a skipped optimiser step (fp16 overflow) left it
+        x_adv = self.task.adversarial_examples(self.raw_model, x, labels, epoch=ctx.epoch,
+                                               epochs=epochs)
+        if self.task.attack is not None:
+            self.last_eps = self.task.attack.schedule(ctx.epoch, epochs)[2]
+        model = self.model
+        model.train()
+        g = self.acfg.awp
+        if g.gamma > 0 and ctx.epoch >= g.start_epoch and x_adv is not None:
+            if self.awp is None:
+                self.awp = AWP(self.raw_model, gamma=g.gamma, lr=g.lr or self.cfg.optim.lr)
+            self.awp.perturb(self.raw_model, lambda m: self.task.loss(
+                m, x, x_adv, labels, n_basic=n_basic, update_prior=False)["loss"])
+            self.awp.restore_before_step(self.engine.optimizer, self.raw_model)
+        out = self.task.loss(model, x, x_adv, labels, n_basic=n_basic)
+        nb = labels.shape[0] if n_basic is None else n_basic
+        return {"loss": out["loss"], "logits": out["logits"][:nb].detach(), "labels": labels[:nb],
+                "ce": out["ce"], "robust": out["robust"]}
+
+    def end_epoch(self, ctx: StepContext) -> dict:
+        extra: dict[str, Any] = {}
+        if self.task.prior is not None:
+            self.task.prior.step()
+        e = self.acfg.ema
+        if e.tau > 0 and ctx.epoch >= e.start_epoch:
+            ema = self._ensure_ema()
+            if ctx.epoch == e.start_epoch or ema.num_updates == 0:
+                ema.reset(self.raw_model)
+            else:
+                ema.update(self.raw_model)
+        if self.task.attack is not None:
+            extra["eps"] = self.last_eps
+        return extra
+
+    def evaluate(self, loader) -> dict | None:  # noqa: ANN001
+        n = self.acfg.eval.pgd_examples
+        if n <= 0:
+            return None
+        from dkl.attacks import pgd_attack
+
+        model = self.eval_model()
+        eps = self.acfg.attack.eps
+        correct = seen = 0
+        g = torch.Generator(device=self.engine.device).manual_seed(self.cfg.seed)
+        with eval_mode(model):
+            for xb, yb in loader:
+                if seen >= n:
+                    break
+                xb = xb[: n - seen].to(self.engine.device)
+                yb = yb[: n - seen].to(self.engine.device)
+                x_adv = pgd_attack(model, xb, yb, eps=eps, steps=self.acfg.eval.pgd_steps,
+                                   generator=g)
+                with torch.no_grad():
+                    correct += int((model(x_adv).argmax(1) == yb).sum())
+                seen += len(yb)
+        return {f"pgd{self.acfg.eval.pgd_steps}": 100.0 * correct / max(seen, 1)}
+
+    # state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        s: dict[str, Any] = {"last_eps": self.last_eps}
+        if self.task.prior is not None:
+            s["prior"] = self.task.prior.state_dict()
+        if self.ema is not None:
+            s["ema"] = self.ema.state_dict()
+        return s
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_eps = float(state.get("last_eps", 0.0))
+        if self.task.prior is not None and "prior" in state:
+            self.task.prior.load_state_dict(state["prior"])
+        if "ema" in state:
+            self._ensure_ema().load_state_dict(state["ema"])
+
+    def summary(self) -> dict:
+        a = self.acfg
+        return {"adversarial": {
+            "method": a.method, "eps": a.attack.eps,
+            "evaluated_model": "ema" if self.eval_model() is not self.raw_model else "model",
+        }}
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: `dkl robust RUN` and `dkl demo --recipe adversarial`
+# --------------------------------------------------------------------------------------------
+def _robust_args(p) -> None:  # noqa: ANN001
+    p.add_argument("target", help="a run folder (uses final.pt: the EMA) or a dkl checkpoint")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (data.root=..., device=cpu)")
+    p.add_argument("--n-examples", type=int, default=None, help="first N test points (default: all)")
+    p.add_argument("--version", choices=["standard", "fast"], default="standard",
+                   help="AutoAttack version; 'fast' (APGD-CE + APGD-T) is NON-STANDARD")
+    p.add_argument("--eps", type=float, default=None,
+                   help="L-inf radius (default: the run's adversarial.attack.eps, else 8/255)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", choices=["auto", "official", "torchattacks"], default="auto")
+    p.add_argument("--sanity", choices=["raise", "warn", "off"], default="raise",
+                   help="gradient-masking check (default: fail loudly)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _robust_run(args) -> int:  # noqa: ANN001
+    import json
+    import sys
+
+    from dkl.config import ConfigError
+    from dkl.robust import GradientMaskingError, evaluate_run, format_table
+
+    try:
+        res = evaluate_run(args.target, n_examples=args.n_examples, version=args.version,
+                           eps=args.eps, batch_size=args.batch_size, seed=args.seed,
+                           backend=args.backend, sanity=args.sanity, overrides=args.overrides,
+                           log=None if args.json else print)
+    except GradientMaskingError as e:
+        print(f"dkl: gradient masking: {e}", file=sys.stderr)
+        return 3
+    except (ConfigError, FileNotFoundError, ValueError, ImportError) as e:
+        print(f"dkl: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(format_table({res["run"]: res}))
+        print(f"{res['label']}; L∞ ε = {res['eps']:.5f}; {res['n_examples']} of {res['n_total']} "
+              f"test points; backend {res['backend']}; seed {res['seed']}; "
+              f"-> {Path(res['checkpoint']).parent / 'robust.json'}")
+    return 0
+
+
+def _demo_args(p) -> None:  # noqa: ANN001
+    g = p.add_argument_group("adversarial demo")
+    g.add_argument("--adv-methods", default="standard,ikl_at",
+                   help="digits presets to compare (default standard,ikl_at; also trades, pgd_at)")
+    g.add_argument("--adv-n-examples", type=int, default=None,
+                   help="test points for AutoAttack (default: all 450)")
+    g.add_argument("--adv-version", choices=["standard", "fast"], default="standard")
+
+
+def run_demo(out: str = "runs/demo_adversarial", *, methods=("standard", "ikl_at"), seeds: int = 1,
+             n_examples: int | None = None, version: str = "standard", log=print) -> str:  # noqa: ANN001
+    """Train the digits presets, evaluate clean / PGD-20 / AutoAttack, return a markdown table."""
+    import statistics
+
+    from dkl.config import load_config
+    from dkl.engine import train
+    from dkl.robust import evaluate_run
+
+    rows = []
+    for method in methods:
+        per_seed = []
+        for seed in range(seeds):
+            name = f"digits_{method}_s{seed}"
+            cfg = load_config(f"adversarial/digits_{method}",
+                              [f"seed={seed}", f"name={name}", f"train.out_dir={out}",
+                               "train.overwrite=true", "train.progress=false"])
+            log(f"== training {name}")
+            train(cfg)
+            res = evaluate_run(Path(out) / name, n_examples=n_examples, version=version,
+                               progress=False, log=None)
+            log(f"   clean {res['clean']:.2f}  PGD-20 {res['pgd20']:.2f}  "
+                f"{res['label'].split(' (')[0]} {res['autoattack']:.2f}")
+            per_seed.append(res)
+
+        def ms(key: str) -> str:
+            vals = [r[key] for r in per_seed]
+            sd = f" ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else ""
+            return f"{statistics.mean(vals):.2f}{sd}"
+
+        rows.append((method, per_seed[0], ms("clean"), ms("pgd20"), ms("autoattack")))
+    r0 = rows[0][1]
+    aa = "AutoAttack" + ("" if r0["standard"] else " (fast, NON-STANDARD)")
+    head = (f"Digits, MLP, L∞ ε = {r0['eps']:g}, {r0['n_examples']} of {r0['n_total']} test points, "
+            f"{seeds} seed(s), evaluated model: EMA of the weights; {r0['label']}, "
+            f"backend {r0['backend']}\n\n| method | clean | PGD-20 | {aa} |\n|---|---|---|---|")
+    table = "\n".join([head] + [f"| {m} | {c} | {p} | {a} |" for m, _, c, p, a in rows])
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "robust_table.md").write_text(table + "\n")
+    log(table)
+    return table
+
+
+def _demo_run(args) -> int:  # noqa: ANN001
+    out = args.out if args.out != "runs/demo" else "runs/demo_adversarial"
+    methods = [m.strip() for m in args.adv_methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        print(f"dkl: error: unknown method(s) {bad}; expected some of {METHODS}")
+        return 2
+    run_demo(out, methods=methods, seeds=args.seeds, n_examples=args.adv_n_examples,
+             version=args.adv_version)
+    return 0
+
+
+def _register_cli() -> None:
+    try:
+        from dkl.cli import register_command, register_demo
+    except ImportError:  # pragma: no cover
+        return
+    register_command("robust", "clean / PGD-20 / AutoAttack accuracy of a run (SPEC §4)",
+                     _robust_args, _robust_run)
+    register_demo("adversarial", "digits adversarial training: standard vs IKL-AT, robustness",
+                  _demo_run, _demo_args)
+
+
+_register_cli()
