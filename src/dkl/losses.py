@@ -193,7 +193,7 @@ def soft_cross_entropy(input: Tensor, target_probs: Tensor, temperature: float =
     return -(target_probs.detach() * log_p).sum(dim=1)
 
 
-def _use_triton(impl: str, input: Tensor) -> bool:
+def _use_triton(impl: str, input: Tensor, target: Tensor) -> bool:
     if impl not in IMPLS:
         raise ValueError(f"Unknown impl {impl!r}: expected one of {IMPLS}")
     if impl == "torch":
@@ -202,14 +202,10 @@ def _use_triton(impl: str, input: Tensor) -> bool:
         return False  # the torch reference serves CPU, float64 and compiled graphs
     from dkl import ops  # lazy: triton is optional
 
-    if impl == "triton":
-        reason = ops.triton_unavailable_reason()
-        if reason is None and input.dtype == torch.float64:
-            reason = "the fused kernel supports float32, bfloat16 and float16, got float64"
-        if reason is not None:
-            raise RuntimeError(f"impl='triton' cannot run: {reason}. Use impl='torch' or 'auto'.")
-        return True
-    return ops.triton_available()
+    reason = ops.triton_unavailable_reason(input, target)
+    if impl == "triton" and reason is not None:
+        raise RuntimeError(f"impl='triton' cannot run: {reason}. Use impl='torch' or 'auto'.")
+    return reason is None
 
 
 def _fused(kind: str, input: Tensor, target: Tensor, reduction: str, mask: Tensor | None, **kw) -> Tensor:
@@ -263,7 +259,7 @@ def kl_loss(
     _check_positive("temperature", temperature)
     _check_reduction(reduction)
     _check_mask(mask, input)
-    if _use_triton(impl, input):
+    if _use_triton(impl, input, target):
         return _fused("kl", input, target, reduction, mask, alpha=1.0, beta=1.0,
                       temperature=temperature, weight_temperature=1.0, class_weights=None)
     with torch.autocast(input.device.type, enabled=False):
@@ -321,7 +317,7 @@ def dkl_loss(
     _check_positive("temperature", temperature)
     _check_reduction(reduction)
     _check_mask(mask, input)
-    if _use_triton(impl, input):
+    if _use_triton(impl, input, target):
         return _fused("dkl", input, target, reduction, mask, alpha=alpha, beta=beta,
                       temperature=temperature, weight_temperature=temperature, class_weights=None)
     with torch.autocast(input.device.type, enabled=False):
@@ -390,7 +386,7 @@ def ikl_loss(
     _check_mask(mask, input)
     if class_weights is not None:
         _check_class_weights(class_weights, input)
-    if _use_triton(impl, input):
+    if _use_triton(impl, input, target):
         return _fused("ikl", input, target, reduction, mask, alpha=alpha, beta=beta,
                       temperature=temperature, weight_temperature=weight_temperature,
                       class_weights=None if class_weights is None else class_weights.detach())
