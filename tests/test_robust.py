@@ -7,7 +7,7 @@ import types
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from dkl.robust import (
     GradientMaskingError,
@@ -169,7 +169,7 @@ def test_evaluate_fast_is_labelled_non_standard_and_monotone(no_official):
 
 def test_each_attack_runs_only_on_still_correct_points_worst_case_kept(monkeypatch):
     # spy attacks: each one breaks the first point it is given (pushes it to the wrong class)
-    import dkl.robust as robust
+    from dkl import robust
     from dkl.robust import AttackSpec
 
     model, x, y = trained_linear()

@@ -49,7 +49,7 @@ ATTACK_LOSSES = ("ikl", "sce", "ce", "kl")
 _INITS = ("normal", "uniform", "none")
 
 
-class eval_mode:  # noqa: N801 (a context manager used like a function)
+class eval_mode:
     """``with eval_mode(model):`` puts ``model`` in eval mode and restores its previous mode after.
 
     Restores per module, so a model whose submodules were in mixed modes comes back unchanged.

@@ -28,6 +28,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -376,7 +377,7 @@ def format_table(rows: dict[str, dict[str, Any]], *, pgd_steps: int = 20) -> str
     return "\n".join(lines)
 
 
-def _find_checkpoint(target) -> "Path":  # noqa: ANN001
+def _find_checkpoint(target) -> Path:
     from pathlib import Path
 
     p = Path(target)
@@ -392,7 +393,7 @@ def _find_checkpoint(target) -> "Path":  # noqa: ANN001
 
 
 def evaluate_run(
-    target,  # noqa: ANN001
+    target,
     *,
     n_examples: int | None = None,
     version: str = "standard",

@@ -42,7 +42,7 @@ from dkl.attacks import TrainAttack, eval_mode
 from dkl.losses import ikl_loss
 from dkl.prior import ClassPrior
 
-__all__ = ["AWP", "AdversarialLoss", "METHODS", "adversarial_loss"]
+__all__ = ["AWP", "METHODS", "AdversarialLoss", "adversarial_loss"]
 
 METHODS = ("standard", "pgd_at", "trades", "ikl_at")
 #: the attack loss each method uses unless the config says otherwise
@@ -210,7 +210,7 @@ class AWP:
         # weights with more than one dimension: conv kernels and linear matrices, not BN or biases
         return {n: p for n, p in model.named_parameters() if p.dim() > 1}
 
-    def compute(self, model: nn.Module, loss_fn) -> dict[str, Tensor]:  # noqa: ANN001
+    def compute(self, model: nn.Module, loss_fn) -> dict[str, Tensor]:
         """The per-layer perturbation direction ``‖w‖ · d / ‖d‖`` from one proxy step on −loss."""
         self.proxy.load_state_dict(model.state_dict())
         self.proxy.train()
@@ -236,7 +236,7 @@ class AWP:
         for n, d in diff.items():
             params[n].add_(d, alpha=self.gamma)
 
-    def perturb(self, model: nn.Module, loss_fn) -> None:  # noqa: ANN001
+    def perturb(self, model: nn.Module, loss_fn) -> None:
         self.apply(model, self.compute(model, loss_fn))
 
     @property
@@ -258,7 +258,7 @@ class AWP:
         if self._hook is not None:
             self._hook.remove()
 
-        def hook(opt, args, kwargs):  # noqa: ANN001
+        def hook(opt, args, kwargs):
             self.restore(model)
             if self._hook is not None:
                 self._hook.remove()
@@ -270,14 +270,14 @@ class AWP:
 # --------------------------------------------------------------------------------------------
 # The recipe: `recipe: adversarial`, section `adversarial:`
 # --------------------------------------------------------------------------------------------
-from dataclasses import field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Literal  # noqa: E402
+from dataclasses import field
+from pathlib import Path
+from typing import Literal
 
-from dkl.config import register_section  # noqa: E402
-from dkl.engine import Recipe, StepContext  # noqa: E402
-from dkl.recipes import register_recipe  # noqa: E402
-from dkl.ema import ModelEMA  # noqa: E402
+from dkl.config import register_section
+from dkl.ema import ModelEMA
+from dkl.engine import Recipe, StepContext
+from dkl.recipes import register_recipe
 
 
 @dataclass
@@ -337,10 +337,10 @@ register_section("adversarial", AdversarialConfig)
 class _TwoViews:
     """A transform returning ``(basic(img), view(img))``: the second-view batches of the authors."""
 
-    def __init__(self, basic, view) -> None:  # noqa: ANN001
+    def __init__(self, basic, view) -> None:
         self.basic, self.view = basic, view
 
-    def __call__(self, img):  # noqa: ANN001, ANN204
+    def __call__(self, img):
         return self.basic(img), self.view(img)
 
 
@@ -360,7 +360,7 @@ class _Cutout:
         return img
 
 
-def _install_second_view(train_set, kind: str) -> None:  # noqa: ANN001
+def _install_second_view(train_set, kind: str) -> None:
     base = getattr(train_set, "base", train_set)
     if not hasattr(base, "transform") or base.transform is None:
         raise ValueError(
@@ -385,7 +385,7 @@ class AdversarialRecipe(Recipe):
     evaluated and exported is the epoch-level EMA once it has started.
     """
 
-    def __init__(self, cfg, engine) -> None:  # noqa: ANN001
+    def __init__(self, cfg, engine) -> None:
         super().__init__(cfg, engine)
         a: AdversarialConfig = cfg.adversarial
         a.validate()
@@ -467,7 +467,7 @@ class AdversarialRecipe(Recipe):
             extra["eps"] = self.last_eps
         return extra
 
-    def evaluate(self, loader) -> dict | None:  # noqa: ANN001
+    def evaluate(self, loader) -> dict | None:
         n = self.acfg.eval.pgd_examples
         if n <= 0:
             return None
@@ -517,7 +517,7 @@ class AdversarialRecipe(Recipe):
 # --------------------------------------------------------------------------------------------
 # Command line: `dkl robust RUN` and `dkl demo --recipe adversarial`
 # --------------------------------------------------------------------------------------------
-def _robust_args(p) -> None:  # noqa: ANN001
+def _robust_args(p) -> None:
     p.add_argument("target", help="a run folder (uses final.pt: the EMA) or a dkl checkpoint")
     p.add_argument("overrides", nargs="*", help="key=value overrides (data.root=..., device=cpu)")
     p.add_argument("--n-examples", type=int, default=None, help="first N test points (default: all)")
@@ -533,7 +533,7 @@ def _robust_args(p) -> None:  # noqa: ANN001
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def _robust_run(args) -> int:  # noqa: ANN001
+def _robust_run(args) -> int:
     import json
     import sys
 
@@ -561,7 +561,7 @@ def _robust_run(args) -> int:  # noqa: ANN001
     return 0
 
 
-def _demo_args(p) -> None:  # noqa: ANN001
+def _demo_args(p) -> None:
     g = p.add_argument_group("adversarial demo")
     g.add_argument("--adv-methods", default="standard,ikl_at",
                    help="digits presets to compare (default standard,ikl_at; also trades, pgd_at)")
@@ -571,12 +571,12 @@ def _demo_args(p) -> None:  # noqa: ANN001
 
 
 def run_demo(out: str = "runs/demo_adversarial", *, methods=("standard", "ikl_at"), seeds: int = 1,
-             n_examples: int | None = None, version: str = "standard", log=print) -> str:  # noqa: ANN001
+             n_examples: int | None = None, version: str = "standard", log=print) -> str:
     """Train the digits presets, evaluate clean / PGD-20 / AutoAttack, return a markdown table."""
     import statistics
 
     from dkl.config import load_config
-    from dkl.engine import train
+    from dkl.engine import Engine
     from dkl.robust import evaluate_run
 
     rows = []
@@ -588,14 +588,14 @@ def run_demo(out: str = "runs/demo_adversarial", *, methods=("standard", "ikl_at
                               [f"seed={seed}", f"name={name}", f"train.out_dir={out}",
                                "train.overwrite=true", "train.progress=false"])
             log(f"== training {name}")
-            train(cfg)
+            Engine(cfg, log=lambda m: None).fit()
             res = evaluate_run(Path(out) / name, n_examples=n_examples, version=version,
                                progress=False, log=None)
             log(f"   clean {res['clean']:.2f}  PGD-20 {res['pgd20']:.2f}  "
                 f"{res['label'].split(' (')[0]} {res['autoattack']:.2f}")
             per_seed.append(res)
 
-        def ms(key: str) -> str:
+        def ms(key: str, per_seed: list = per_seed) -> str:
             vals = [r[key] for r in per_seed]
             sd = f" ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else ""
             return f"{statistics.mean(vals):.2f}{sd}"
@@ -613,7 +613,7 @@ def run_demo(out: str = "runs/demo_adversarial", *, methods=("standard", "ikl_at
     return table
 
 
-def _demo_run(args) -> int:  # noqa: ANN001
+def _demo_run(args) -> int:
     out = args.out if args.out != "runs/demo" else "runs/demo_adversarial"
     methods = [m.strip() for m in args.adv_methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
