@@ -113,7 +113,7 @@ def main() -> None:
     print(
         f"\n(ce runs no teacher forward, so its step is the student's alone. The loss is the "
         f"only part that differs between kd, dkd and ikl: ikl's loss costs "
-        f"{extra:+.2f} % of a kd step more than kd's; step-time differences beyond that are "
+        f"{extra:+.3f} % of a kd step more than kd's; step-time differences beyond that are "
         f"timing noise.)"
     )
 
