@@ -5,15 +5,17 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # torch/torchvision are installed first so a local wheel cache or index pin can be chosen here.
 TORCH_SPEC ?= torch torchvision
-EXTRAS ?= vision,test
+EXTRAS ?= vision,timm,llm,test
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench bench-kernel lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	# the `robust` extra: torchattacks pins requests~=2.25 (an old pin it does not import); skip its deps
+	$(PY) -m pip install -q --no-deps "torchattacks>=3.5"
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,6 +28,9 @@ test: install
 
 bench: install
 	$(PY) benchmarks/loss_speed.py
+
+bench-kernel: install
+	$(PY) benchmarks/kernel_speed.py
 
 lint: install
 	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check src tests benchmarks
