@@ -136,33 +136,42 @@ def _reduce(per_row: Tensor, reduction: str, mask: Tensor | None = None) -> Tens
     return per_row.sum() / count
 
 
+def _scaled(x: Tensor, temperature: float) -> Tensor:
+    """``x / T`` as one multiplication, and no pass at all for ``T = 1``."""
+    return x if temperature == 1.0 else x * (1.0 / temperature)
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum(1)`` without the (B, C) product."""
+    return torch.linalg.vecdot(a, b, dim=1)
+
+
 class _WeightedMSE(torch.autograd.Function):
     """Centred closed form of wMSE with its exact gradient ``W w (e - ē)``.
 
-    Saves a single (B, C) tensor (the gradient w.r.t. ``e``); autograd through the expression would
-    keep four.
+    Saves one (B, C) tensor, ``w (e - ē)``, and the row totals ``W``; backward is one scaled copy
+    per side that needs it (autograd through the expression would keep four tensors).
     """
 
     @staticmethod
     def forward(ctx, target: Tensor, input: Tensor, weights: Tensor) -> Tensor:  # type: ignore[override]
         e = target - input
-        total = weights.sum(dim=1, keepdim=True)
+        total = weights.sum(dim=1)
         # W = 0 only when every weight is 0; the row's loss and gradient are then 0.
-        mean = (weights * e).sum(dim=1, keepdim=True) / total.clamp_min(torch.finfo(e.dtype).tiny)
-        centred = e - mean
+        mean = _rowdot(weights, e) / total.clamp_min(torch.finfo(e.dtype).tiny)
+        centred = e - mean.unsqueeze(1)
         wc = weights * centred
-        loss = 0.5 * total.squeeze(1) * (wc * centred).sum(dim=1)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            ctx.save_for_backward(total * wc)
-        return loss
+            ctx.save_for_backward(wc, total)
+        return 0.5 * total * _rowdot(wc, centred)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        (grad_e,) = ctx.saved_tensors
-        g = grad_output.unsqueeze(1) * grad_e
+        wc, total = ctx.saved_tensors
+        scale = (grad_output * total).unsqueeze(1)
         return (
-            g if ctx.needs_input_grad[0] else None,
-            -g if ctx.needs_input_grad[1] else None,
+            wc * scale if ctx.needs_input_grad[0] else None,
+            wc * -scale if ctx.needs_input_grad[1] else None,
             None,
         )
 
@@ -189,8 +198,8 @@ def weighted_mse(target: Tensor, input: Tensor, weights: Tensor) -> Tensor:
 
 def soft_cross_entropy(input: Tensor, target_probs: Tensor, temperature: float = 1.0) -> Tensor:
     r"""Per-row :math:`-\sum_j p_j \log\sigma(z_s / T)_j` with ``target_probs`` held constant."""
-    log_p = F.log_softmax(input / temperature, dim=1)
-    return -(target_probs.detach() * log_p).sum(dim=1)
+    log_p = F.log_softmax(_scaled(input, temperature), dim=1)
+    return -_rowdot(target_probs.detach(), log_p)
 
 
 def _use_triton(impl: str, input: Tensor, target: Tensor) -> bool:
@@ -264,9 +273,9 @@ def kl_loss(
                       temperature=temperature, weight_temperature=1.0, class_weights=None)
     with torch.autocast(input.device.type, enabled=False):
         zs, zt = _compute_dtype(input), _compute_dtype(target)
-        log_q = F.log_softmax(zs / temperature, dim=1)
-        log_p = F.log_softmax(zt / temperature, dim=1)
-        per_row = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+        log_q = F.log_softmax(_scaled(zs, temperature), dim=1)
+        log_p = F.log_softmax(_scaled(zt, temperature), dim=1)
+        per_row = _rowdot(log_p.exp(), log_p - log_q)
         return _reduce(per_row, reduction, mask)
 
 
@@ -321,7 +330,7 @@ def dkl_loss(
         return _fused("dkl", input, target, reduction, mask, alpha=alpha, beta=beta,
                       temperature=temperature, weight_temperature=temperature, class_weights=None)
     with torch.autocast(input.device.type, enabled=False):
-        us, ut = _compute_dtype(input) / temperature, _compute_dtype(target) / temperature
+        us, ut = _scaled(_compute_dtype(input), temperature), _scaled(_compute_dtype(target), temperature)
         w = F.softmax(ut.detach(), dim=1)
         per_row = beta * weighted_mse(ut, us.detach(), w) + alpha * soft_cross_entropy(us, w)
         return _reduce(per_row, reduction, mask)
@@ -393,14 +402,14 @@ def ikl_loss(
     with torch.autocast(input.device.type, enabled=False):
         zs, zt = _compute_dtype(input), _compute_dtype(target)
         zt_const = zt.detach()
-        p = F.softmax(zt_const / temperature, dim=1)
+        p = F.softmax(_scaled(zt_const, temperature), dim=1)
         if class_weights is not None:
             w = class_weights.detach().to(zt.dtype)
         elif weight_temperature == temperature:
             w = p
         else:
-            w = F.softmax(zt_const / weight_temperature, dim=1)
-        per_row = beta * weighted_mse(zt, zs, w) + alpha * soft_cross_entropy(zs / temperature, p)
+            w = F.softmax(_scaled(zt_const, weight_temperature), dim=1)
+        per_row = beta * weighted_mse(zt, zs, w) + alpha * soft_cross_entropy(zs, p, temperature)
         return _reduce(per_row, reduction, mask)
 
 
