@@ -28,6 +28,8 @@ test: install
 
 bench: install
 	$(PY) benchmarks/loss_speed.py
+	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/adv_step.py --widen 1 --reps 3
 
 bench-kernel: install
 	$(PY) benchmarks/kernel_speed.py
