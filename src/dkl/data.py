@@ -42,12 +42,15 @@ __all__ = [
     "shard_indices",
 ]
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# one set of constants: the CIFAR-100 ones are those mdistiller's released teachers were trained with
+from dkl.models.normalize import (  # noqa: E402
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+)
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 

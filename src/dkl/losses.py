@@ -103,6 +103,15 @@ def _check_mask(mask: Tensor | None, input: Tensor) -> None:
         raise ValueError(f"Expected mask on {input.device}, got {mask.device}")
 
 
+def _check_call(input: Any, target: Any, temperature: float, reduction: str,
+                mask: Tensor | None) -> None:
+    """The checks every loss function runs on its arguments."""
+    _check_logits(input, target)
+    _check_positive("temperature", temperature)
+    _check_reduction(reduction)
+    _check_mask(mask, input)
+
+
 def _check_class_weights(class_weights: Tensor, input: Tensor) -> None:
     if not isinstance(class_weights, Tensor) or not class_weights.is_floating_point():
         got = class_weights.dtype if isinstance(class_weights, Tensor) else type(class_weights)
@@ -264,10 +273,7 @@ def kl_loss(
         tensor(1.1504, grad_fn=<DivBackward0>)
         >>> loss.backward()
     """
-    _check_logits(input, target)
-    _check_positive("temperature", temperature)
-    _check_reduction(reduction)
-    _check_mask(mask, input)
+    _check_call(input, target, temperature, reduction, mask)
     if _use_triton(impl, input, target):
         return _fused("kl", input, target, reduction, mask, alpha=1.0, beta=1.0,
                       temperature=temperature, weight_temperature=1.0, class_weights=None)
@@ -322,10 +328,7 @@ def dkl_loss(
         >>> all(torch.allclose(a, b) for a, b in zip(g_dkl, g_kl))  # Theorem 1
         True
     """
-    _check_logits(input, target)
-    _check_positive("temperature", temperature)
-    _check_reduction(reduction)
-    _check_mask(mask, input)
+    _check_call(input, target, temperature, reduction, mask)
     if _use_triton(impl, input, target):
         return _fused("dkl", input, target, reduction, mask, alpha=alpha, beta=beta,
                       temperature=temperature, weight_temperature=temperature, class_weights=None)
@@ -388,11 +391,8 @@ def ikl_loss(
         >>> z_s.grad.shape
         torch.Size([2, 3])
     """
-    _check_logits(input, target)
-    _check_positive("temperature", temperature)
+    _check_call(input, target, temperature, reduction, mask)
     _check_positive("weight_temperature", weight_temperature)
-    _check_reduction(reduction)
-    _check_mask(mask, input)
     if class_weights is not None:
         _check_class_weights(class_weights, input)
     if _use_triton(impl, input, target):
