@@ -993,33 +993,40 @@ def train(cfg: Config, *, resume: bool = False, log: Any = None) -> dict:
             dist.destroy_process_group()
 
 
+def engine_from_checkpoint(
+    path: str | Path, overrides: tuple[str, ...] | list[str] = ()
+) -> tuple[Engine, nn.Module]:
+    """An evaluation-only :class:`Engine` rebuilt from a checkpoint's own config, and the model
+    the run reports (the recipe's ``eval_model()``, e.g. an EMA, for full training states)."""
+    from dkl.config import apply_overrides, config_from_dict
+
+    p = Path(path)
+    state = load_checkpoint(p)
+    if "config" not in state:
+        raise ValueError(
+            f"'{p}' carries no config; evaluate it with a config and model.checkpoint="
+        )
+    cfg = config_from_dict(apply_overrides(state["config"], ["train.progress=false", *overrides]))
+    engine = Engine(cfg, log=lambda m: None, eval_only=True)
+    if state.get("format") == CHECKPOINT_FORMAT:
+        engine.load_state_dict(state)
+        return engine, engine.recipe.eval_model()
+    bare_model(engine.raw_model).load_state_dict(state["model"])
+    return engine, engine.raw_model
+
+
 def evaluate_checkpoint(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> dict:
     """Evaluate a run folder (its ``best.pt``) or a checkpoint file written by dkl.
 
     The file must carry its config (every dkl checkpoint does); ``overrides`` change it
     (e.g. ``data.root=...``, ``device=cpu``).
     """
-    from dkl.config import apply_overrides, config_from_dict
-
     p = Path(path)
     if p.is_dir():
         p = next(
             (p / n for n in ("best.pt", "final.pt", "last.pt") if (p / n).is_file()), p / "best.pt"
         )
-    state = load_checkpoint(p)
-    if "config" not in state:
-        raise ValueError(
-            f"'{p}' carries no config; evaluate it with a config and model.checkpoint="
-        )
-    data = apply_overrides(state["config"], ["train.progress=false", *overrides])
-    cfg = config_from_dict(data)
-    engine = Engine(cfg, log=lambda m: None, eval_only=True)
-    if state.get("format") == CHECKPOINT_FORMAT:
-        engine.load_state_dict(state)
-        model = engine.recipe.eval_model()
-    else:
-        bare_model(engine.raw_model).load_state_dict(state["model"])
-        model = engine.raw_model
+    engine, model = engine_from_checkpoint(p, overrides)
     res = engine.evaluate(model)
     res["checkpoint"] = str(p)
     return res

@@ -416,22 +416,12 @@ def evaluate_run(
     """
     import json
 
-    from dkl.config import apply_overrides, config_from_dict
-    from dkl.engine import CHECKPOINT_FORMAT, Engine, bare_model, load_checkpoint
+    from dkl.engine import engine_from_checkpoint
 
     path = _find_checkpoint(target)
-    state = load_checkpoint(path)
-    if "config" not in state:
-        raise ValueError(f"'{path}' carries no config; evaluate a checkpoint written by dkl")
-    cfg = config_from_dict(apply_overrides(state["config"], ["train.progress=false", *overrides]))
     torch.manual_seed(seed)
-    engine = Engine(cfg, log=lambda m: None, eval_only=True)
-    if state.get("format") == CHECKPOINT_FORMAT:
-        engine.load_state_dict(state)
-        model = engine.recipe.eval_model()
-    else:
-        bare_model(engine.raw_model).load_state_dict(state["model"])
-        model = engine.raw_model
+    engine, model = engine_from_checkpoint(path, overrides)
+    cfg = engine.cfg
     if eps is None:
         adv = cfg.sections.get("adversarial")
         eps = float(adv.attack.eps) if adv is not None else 8 / 255
