@@ -177,7 +177,8 @@ def test_gradcheck_float64():
 def test_module_equals_function():
     zs, zt = make_logits(4, 6)
     cw = torch.rand(4, 6, dtype=torch.float64)
-    kw = dict(alpha=2.0, beta=5.0, temperature=4.0, weight_temperature=100.0, reduction="sum")
+    kw = {"alpha": 2.0, "beta": 5.0, "temperature": 4.0, "weight_temperature": 100.0,
+          "reduction": "sum"}
     assert_close64(IKLLoss(**kw)(zs, zt, cw), ikl_loss(zs, zt, class_weights=cw, **kw))
     assert_close64(DKLLoss(alpha=2.0, beta=3.0, temperature=2.0)(zs, zt),
                    dkl_loss(zs, zt, alpha=2.0, beta=3.0, temperature=2.0))

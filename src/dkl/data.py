@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 # one set of constants: the CIFAR-100 ones are those mdistiller's released teachers were trained with
-from dkl.models.normalize import (  # noqa: E402
+from dkl.models.normalize import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     CIFAR100_MEAN,

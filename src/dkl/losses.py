@@ -38,14 +38,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "kl_loss",
-    "dkl_loss",
-    "ikl_loss",
-    "weighted_mse",
-    "soft_cross_entropy",
-    "KLLoss",
     "DKLLoss",
     "IKLLoss",
+    "KLLoss",
+    "dkl_loss",
+    "ikl_loss",
+    "kl_loss",
+    "soft_cross_entropy",
+    "weighted_mse",
 ]
 
 REDUCTIONS = ("none", "mean", "sum")

@@ -120,7 +120,7 @@ class ClassPrior(nn.Module):
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, temperature={self.temperature}, momentum={self.momentum}"
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A checkpoint from elsewhere must not bring a broken prior in silently.
         key = prefix + "prior"
         if key in state_dict:
