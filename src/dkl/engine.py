@@ -36,6 +36,8 @@ interface (all methods have defaults except :meth:`Recipe.train_step`):
     The training batches of one data epoch, skipping the first ``start`` (exact resume); default:
     :class:`dkl.data.ShardedBatchSampler` over ``engine.train_set``. SSL overrides these to
     zip a labeled and an unlabeled loader.
+``after_step(ctx)``
+    Called after every optimiser step (a per-step EMA teacher).
 ``end_epoch(ctx) -> dict``
     Called after the last step of each data epoch (``ClassPrior.step()``, epoch-level EMA).
 ``eval_model() -> nn.Module``
@@ -175,6 +177,9 @@ class Recipe:
     # steps --------------------------------------------------------------------------------
     def train_step(self, batch: Any, ctx: StepContext) -> dict:
         raise NotImplementedError
+
+    def after_step(self, ctx: StepContext) -> None:
+        """Called after every optimiser step (EMA teachers and other per-step updates)."""
 
     def end_epoch(self, ctx: StepContext) -> dict:
         return {}
@@ -767,6 +772,7 @@ class Engine:
                     nn.utils.clip_grad_norm_(self.raw_model.parameters(), t.grad_clip)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                self.recipe.after_step(ctx)
                 self._accumulate(loss_value, out)
                 labels = out.get("labels")
                 self.samples_seen += (labels.numel() if labels is not None else 0) * self.world

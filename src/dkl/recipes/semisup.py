@@ -584,7 +584,6 @@ class SemiSupRecipe(Recipe):
             images, self.labels, self.unlabeled_idx, [weak, student], seed=cfg.seed, stream=1
         )
         self.task: SemiSupTask | None = None
-        self._ema_pending = False
         self._pl = dict.fromkeys(_PL_KEYS, 0.0)
         self._wrote_indices = False
 
@@ -607,17 +606,12 @@ class SemiSupRecipe(Recipe):
         return groups
 
     def eval_model(self) -> nn.Module:
-        self._flush_ema()
         assert self.task is not None
         return self.task.eval_model
 
-    def _flush_ema(self) -> None:
-        # The engine steps the optimiser after train_step returns and has no after-step hook, so
-        # the EMA update of step t runs lazily: at the start of step t+1, or when the EMA is
-        # read (evaluation, checkpoint). Weights do not change in between, so this is exact.
-        if self._ema_pending and self.task is not None:
-            self.task.after_step()
-        self._ema_pending = False
+    def after_step(self, ctx: StepContext) -> None:
+        assert self.task is not None
+        self.task.after_step()  # the EMA teacher follows the weights just updated
 
     # data ---------------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
@@ -668,7 +662,6 @@ class SemiSupRecipe(Recipe):
     # step ---------------------------------------------------------------------------------
     def train_step(self, batch: Any, ctx: StepContext) -> dict:
         assert self.task is not None
-        self._flush_ema()
         if self.scfg.lr_schedule == "usb_cosine":
             f = usb_cosine_factor(
                 ctx.global_step, ctx.total_steps, self.scfg.warmup_iters, self.scfg.cosine_cycles
@@ -677,7 +670,6 @@ class SemiSupRecipe(Recipe):
                 g["lr"] = g["initial_lr"] * f
         labeled, unlabeled = batch
         loss, m = self.task.step(labeled, unlabeled, ctx.global_step)
-        self._ema_pending = self.task.ema is not None
         for k in _PL_KEYS:
             if k in m:
                 self._pl[k] += float(m.pop(k))
@@ -702,7 +694,6 @@ class SemiSupRecipe(Recipe):
 
     # state --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        self._flush_ema()
         assert self.task is not None
         state: dict = {"pl": dict(self._pl), "labeled_indices": list(self.labeled_idx)}
         if self.task.ema is not None:
@@ -719,7 +710,6 @@ class SemiSupRecipe(Recipe):
         self._pl = {k: float(state["pl"].get(k, 0.0)) for k in _PL_KEYS}
         if self.task.ema is not None:
             self.task.ema.load_state_dict(state["ema"])
-        self._ema_pending = False
 
     def summary(self) -> dict:
         e = self.engine
