@@ -352,3 +352,18 @@ def test_robust_command_on_a_run(tmp_path, capsys):
     res = json.loads((tmp_path / cfg.name / "robust.json").read_text())
     assert res["n_examples"] == 8 and res["standard"] is False
     assert json.loads((tmp_path / cfg.name / "summary.json").read_text())["robust"]["version"] == "fast"
+
+
+def test_cifar_presets_use_the_authors_cosine():
+    """SPEC §4: lr 0.2 · ½(1 + cos(π e / (E + 1))) at epoch e = 1..E, E = 200."""
+    import math
+
+    from dkl.config import load_config
+    from dkl.engine import _lr_factor
+
+    for preset in ("adversarial/cifar10_ikl_at", "adversarial/cifar100_ikl_at"):
+        cfg = load_config(preset)
+        assert cfg.optim.lr == 0.2 and cfg.train.epochs == 200
+        for e in (1, 2, 50, 150, 200):
+            want = 0.5 * (1 + math.cos(math.pi * e / 201))
+            assert math.isclose(_lr_factor(cfg, e - 1, 200.0), want, rel_tol=1e-12)

@@ -106,7 +106,9 @@ class SchedConfig:
     ``lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + cos(pi * t / total)))`` with ``total``
     defaulting to the run length; ``constant``. ``warmup`` units of linear warm-up from
     ``warmup_start`` * lr. With ``per_step: false`` (default for epochs) the lr changes only at
-    epoch boundaries; ``per_step: true`` interpolates within an epoch.
+    epoch boundaries; ``per_step: true`` interpolates within an epoch. ``offset`` shifts the cosine's
+    position: with ``total: 201, offset: 1`` epoch ``e`` (from 1) gets ``0.5 (1 + cos(pi e / 201))``,
+    the adversarial-training schedule of the IKL-AT authors.
     """
 
     name: Literal["constant", "multistep", "cosine"] = "multistep"
@@ -115,6 +117,7 @@ class SchedConfig:
     warmup: float = 0.0
     warmup_start: float = 0.0
     total: float = 0.0
+    offset: float = 0.0
     min_lr_ratio: float = 0.0
     per_step: bool = False
 

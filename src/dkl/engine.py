@@ -266,7 +266,7 @@ def _lr_factor(cfg: Config, t: float, total: float) -> float:
         return s.gamma ** sum(t >= m for m in s.milestones)
     if s.name == "cosine":
         horizon = (s.total or total) - s.warmup
-        x = min(max(t - s.warmup, 0.0) / max(horizon, 1e-12), 1.0)
+        x = min(max(t + s.offset - s.warmup, 0.0) / max(horizon, 1e-12), 1.0)
         return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * x))
     raise ConfigError(f"sched.name: unknown schedule {s.name!r}")
 
