@@ -281,13 +281,9 @@ def _accuracy_counts(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> 
 def bare_model(m: nn.Module) -> nn.Module:
     """The model inside the normalisation wrapper: its keys are the architecture's own
     (mdistiller / torchvision), which is what every dkl checkpoint stores under ``"model"``."""
-    from dkl import models
+    from dkl.models import unwrap_normalization
 
-    unwrap = getattr(models, "unwrap_normalization", None)
-    if unwrap is not None:
-        return unwrap(m)
-    inner = getattr(m, "model", None)
-    return inner if isinstance(inner, nn.Module) else m
+    return unwrap_normalization(m)
 
 
 def _diff_config(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -60,7 +60,7 @@ import dkl.models_vit  # noqa: F401  (registers the ViT models)
 from dkl.config import ConfigError, register_section
 from dkl.ema import ModelEMA
 from dkl.engine import Recipe, StepContext
-from dkl.losses import ikl_loss
+from dkl.losses import ikl_loss, soft_cross_entropy
 from dkl.recipes import register_recipe
 from dkl.semisup_data import (
     DigitsStrong,
@@ -143,12 +143,11 @@ def fixmatch_loss(
     if pl_temperature <= 0:
         raise ValueError(f"Expected pl_temperature > 0, got {pl_temperature}")
     mask = confidence_mask(target, threshold)
-    log_p = F.log_softmax(input.float(), dim=1)
     zt = target.detach().float()
     if hard_label:
-        per = F.nll_loss(log_p, zt.argmax(dim=1), reduction="none")
+        per = F.cross_entropy(input.float(), zt.argmax(dim=1), reduction="none")
     else:
-        per = -(F.softmax(zt / pl_temperature, dim=1) * log_p).sum(dim=1)
+        per = soft_cross_entropy(input.float(), F.softmax(zt / pl_temperature, dim=1))
     return masked_batch_mean(per, mask), mask
 
 
