@@ -199,6 +199,7 @@ def _clean_env() -> dict:
     }
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONFAULTHANDLER"] = "1"  # a worker that aborts prints where it was
     return env
 
 
@@ -227,7 +228,8 @@ def test_torchrun_two_processes_gloo(tmp_path, teacher):
     )
     if res.returncode != 0:  # show the workers' errors, not the warnings
         lines = [ln for ln in res.stderr.splitlines() if not ln.startswith("[W")]
-        pytest.fail("torchrun failed:\n" + "\n".join(lines[-80:]))
+        out_tail = "\n".join(res.stdout.splitlines()[-15:])
+        pytest.fail(f"torchrun failed:\n{out_tail}\n" + "\n".join(lines[-80:]))
     run = out / "digits_ikl"
     s = json.loads((run / "summary.json").read_text())
     assert s["world_size"] == 2 and s["global_batch_size"] == 64

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,8 @@ TOL = {
     torch.bfloat16: (2e-5, 8e-3),
     torch.float16: (2e-5, 1e-3),
 }
-# lead's torch path computes half inputs in fp32 too, so the same table serves the comparison.
+LOSS_ATOL = 5e-7  # float32 accumulation: a few ulps of the O(1) terms a divergence is summed from
+# The torch path computes half inputs in fp32 too, so the same table serves that comparison.
 CONFIGS = {
     "kl": {"kind": "kl", "temperature": 2.0},
     "dkl": {"kind": "dkl", "alpha": 1.5, "beta": 0.7, "temperature": 3.0},
@@ -124,12 +126,14 @@ def oracle(
     return per
 
 
-def _close(actual, expected, rel, what):
-    """max |actual - expected| <= rel * max(|expected|, tiny), reported with context."""
+def _close(actual, expected, rel, what, atol=0.0):
+    """max |actual - expected| <= rel * max(|expected|, tiny) + atol, reported with context."""
     actual, expected = actual.double(), expected.double()
     scale = max(expected.abs().max().item(), 1e-12)
     err = (actual - expected).abs().max().item()
-    assert err <= rel * scale, f"{what}: max error {err:.3g} > {rel:g} x scale {scale:.3g}"
+    assert err <= rel * scale + atol, (
+        f"{what}: max error {err:.3g} > {rel:g} x scale {scale:.3g} + {atol:g}"
+    )
 
 
 def _make(shape, dtype, *, seed, cw=False, target_grad=True, spread=3.0):
@@ -174,7 +178,7 @@ def test_pairwise_oracle_equals_closed_form():
 def test_kernel_matches_oracle(shape, dtype, config):
     cfg = CONFIGS[config]
     s, t, mask, weights, upstream = _make(
-        shape, dtype, seed=hash((shape, config)) % 2**31, cw=bool(cfg.get("class_weights"))
+        shape, dtype, seed=zlib.crc32(repr((shape, config)).encode()), cw=bool(cfg.get("class_weights"))
     )
     kw = _kwargs(cfg, weights)
     loss_tol, grad_tol = TOL[dtype]
@@ -187,7 +191,8 @@ def test_kernel_matches_oracle(shape, dtype, config):
     wmse = _wmse_pairwise if shape[1] <= 1001 else _wmse_closed
     ref = oracle(s, t, mask=mask, wmse=wmse, **kw)
     rs, rt = torch.autograd.grad((ref * upstream.double()).sum(), (s, t))
-    _close(out, ref, loss_tol, "loss")
+    # a small divergence is a difference of O(1) float32 terms: allow their rounding too
+    _close(out, ref, loss_tol, "loss", atol=LOSS_ATOL)
     _close(gs, rs, grad_tol, "grad input")
     _close(gt, rt, grad_tol, "grad target")
     # masked rows: exactly zero loss and gradient
@@ -388,7 +393,7 @@ def test_bad_inputs_raise_clearly():
     s, t = torch.randn(4, 10, device=DEVICE), torch.randn(4, 10, device=DEVICE)
     with pytest.raises(ValueError, match="kind in"):
         ops.fused_divergence(s, t, kind="js")
-    with pytest.raises(ValueError, match=r"target of shape \(B, C\) = \(4, 10\), got \(4, 9\)"):
+    with pytest.raises(ValueError, match=r"shape \(B, C\) = \(4, 10\) like input, got \(4, 9\)"):
         ops.fused_divergence(s, t[:, :9], kind="kl")
     with pytest.raises(ValueError, match="at least 2 classes"):
         ops.fused_divergence(s[:, :1], t[:, :1], kind="kl")
@@ -396,7 +401,7 @@ def test_bad_inputs_raise_clearly():
         ops.fused_divergence(s.double(), t.double(), kind="kl")
     with pytest.raises(ValueError, match="class_weights apply to kind='ikl'"):
         ops.fused_divergence(s, t, kind="dkl", class_weights=torch.ones_like(s))
-    with pytest.raises(ValueError, match=r"row_mask a bool tensor of shape \(B,\)"):
+    with pytest.raises(TypeError, match=r"row_mask to be a bool tensor of shape \(B,\)"):
         ops.fused_divergence(s, t, kind="kl", row_mask=torch.ones(4, device=DEVICE))
     with pytest.raises(ValueError, match="temperature > 0"):
         ops.fused_divergence(s, t, kind="kl", temperature=0.0)

@@ -226,8 +226,10 @@ def test_meanteacher_mse_of_probabilities_by_hand():
 
 
 def test_losses_reject_mismatched_logits():
-    with pytest.raises(ValueError, match=r"same shape \(B, C\)"):
+    with pytest.raises(ValueError, match=r"target of shape \(B, C\) = \(2, 3\) like input, got \(2, 4\)"):
         fixmatch_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(TypeError, match="floating-point input logits, got torch.int64"):
+        ikl_consistency(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3))
 
 
 # --------------------------------------------------------------------------- EMA teacher

@@ -64,6 +64,7 @@ SIGTERM or SIGINT the engine finishes the current step, writes ``last.pt`` and r
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -725,6 +726,14 @@ class Engine:
                 plot_history(self.history, self.run_dir / "curves.png", title=cfg.name)
         return summary
 
+    def close(self) -> None:
+        """Drop the DDP wrapper (and with it the reducer's hold on the process group).
+
+        :func:`train` calls this before it destroys the group it started. The model stays
+        usable as ``engine.raw_model``.
+        """
+        self.model = self.raw_model
+
     def _run_epoch(self, spe: int, total: int, t_start: float) -> None:
         cfg, t = self.cfg, self.cfg.train
         iteration_mode = t.iterations > 0
@@ -984,15 +993,23 @@ def train(cfg: Config, *, resume: bool = False, log: Any = None) -> dict:
     ``log`` receives each log line (default: print on rank 0).
     """
     owns_group = not dist.is_initialized()
-    engine = Engine(cfg, log=log)
+    engine = None
     try:
+        engine = Engine(cfg, log=log)
         summary = engine.fit(resume=resume)
         if dist.is_initialized() and engine.world > 1:
             dist.barrier()  # rank 0 has written its files before anyone leaves
         return summary
     finally:
+        if engine is not None:
+            engine.close()
+        del engine
         if owns_group and dist.is_initialized():  # we started it: shut it down before exiting
+            # Nothing may still hold the group when it goes: a DDP reducer freed later, during
+            # interpreter shutdown, takes gloo's threads down with it and can abort the process.
+            gc.collect()
             dist.destroy_process_group()
+            gc.collect()
 
 
 def engine_from_checkpoint(

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dkl import ops
+from dkl._checks import check_positive
 from dkl.losses import ikl_loss
 
 __all__ = ["FusedLinearIKLLoss", "fused_linear_ikl", "valid_token_mask"]
@@ -42,11 +43,6 @@ def valid_token_mask(labels: Tensor, ignore_index: int = -100) -> Tensor:
     if labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"Expected integer labels, got {labels.dtype}")
     return labels != ignore_index
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"Expected {name} > 0, got {value}")
 
 
 def _flatten_tokens(x: Tensor, name: str) -> Tensor:
@@ -302,8 +298,8 @@ def fused_linear_ikl(
         )
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"Expected chunk_size a positive int, got {chunk_size!r}")
-    _check_positive("temperature", temperature)
-    _check_positive("weight_temperature", weight_temperature)
+    check_positive("temperature", temperature)
+    check_positive("weight_temperature", weight_temperature)
     if impl not in IMPLS:
         raise ValueError(f"Unknown impl {impl!r}: expected one of {IMPLS}")
     cfg = {

@@ -37,6 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dkl._checks import (
+    check_class_weights,
+    check_logits,
+    check_positive,
+    check_row_mask,
+    is_compiling,
+)
+
 __all__ = [
     "DKLLoss",
     "IKLLoss",
@@ -54,77 +62,18 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------- input checks
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
-def _check_logits(input: Any, target: Any) -> None:
-    for name, t in (("input", input), ("target", target)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"Expected {name} to be a torch.Tensor of logits, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"Expected {name} of shape (B, C), got {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"Expected floating-point {name} logits, got {t.dtype}")
-    if input.shape != target.shape:
-        raise ValueError(
-            f"Expected target of shape (B, C) = {tuple(input.shape)} like input, "
-            f"got {tuple(target.shape)}"
-        )
-    if input.device != target.device:
-        raise ValueError(
-            f"Expected input and target on the same device, got {input.device} and {target.device}"
-        )
-    if input.shape[1] < 2:
-        raise ValueError(f"Expected at least 2 classes (C >= 2), got C = {input.shape[1]}")
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"Expected {name} > 0, got {value}")
-
-
 def _check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"Unknown reduction {reduction!r}: expected one of {REDUCTIONS}")
 
 
-def _check_mask(mask: Tensor | None, input: Tensor) -> None:
-    if mask is None:
-        return
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
-        raise TypeError(f"Expected mask to be a bool tensor of shape (B,), got {got}")
-    if mask.shape != input.shape[:1]:
-        raise ValueError(
-            f"Expected mask of shape (B,) = ({input.shape[0]},), got {tuple(mask.shape)}"
-        )
-    if mask.device != input.device:
-        raise ValueError(f"Expected mask on {input.device}, got {mask.device}")
-
-
 def _check_call(input: Any, target: Any, temperature: float, reduction: str,
                 mask: Tensor | None) -> None:
     """The checks every loss function runs on its arguments."""
-    _check_logits(input, target)
-    _check_positive("temperature", temperature)
+    check_logits(input, target)
+    check_positive("temperature", temperature)
     _check_reduction(reduction)
-    _check_mask(mask, input)
-
-
-def _check_class_weights(class_weights: Tensor, input: Tensor) -> None:
-    if not isinstance(class_weights, Tensor) or not class_weights.is_floating_point():
-        got = class_weights.dtype if isinstance(class_weights, Tensor) else type(class_weights)
-        raise TypeError(f"Expected floating-point class_weights of shape (B, C), got {got}")
-    if class_weights.shape != input.shape:
-        raise ValueError(
-            f"Expected class_weights of shape (B, C) = {tuple(input.shape)}, "
-            f"got {tuple(class_weights.shape)}"
-        )
-    if class_weights.device != input.device:
-        raise ValueError(f"Expected class_weights on {input.device}, got {class_weights.device}")
-    if not _compiling() and bool((class_weights < 0).any()):
-        raise ValueError("Expected non-negative class_weights, got negative entries")
+    check_row_mask(mask, input)
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -216,7 +165,7 @@ def _use_triton(impl: str, input: Tensor, target: Tensor) -> bool:
         raise ValueError(f"Unknown impl {impl!r}: expected one of {IMPLS}")
     if impl == "torch":
         return False
-    if impl == "auto" and (not input.is_cuda or input.dtype == torch.float64 or _compiling()):
+    if impl == "auto" and (not input.is_cuda or input.dtype == torch.float64 or is_compiling()):
         return False  # the torch reference serves CPU, float64 and compiled graphs
     from dkl import ops  # lazy: triton is optional
 
@@ -392,9 +341,9 @@ def ikl_loss(
         torch.Size([2, 3])
     """
     _check_call(input, target, temperature, reduction, mask)
-    _check_positive("weight_temperature", weight_temperature)
+    check_positive("weight_temperature", weight_temperature)
     if class_weights is not None:
-        _check_class_weights(class_weights, input)
+        check_class_weights(class_weights, input)
     if _use_triton(impl, input, target):
         return _fused("ikl", input, target, reduction, mask, alpha=alpha, beta=beta,
                       temperature=temperature, weight_temperature=weight_temperature,
@@ -432,7 +381,7 @@ class KLLoss(_Loss):
 
     def __init__(self, *, temperature: float = 1.0, reduction: str = "mean", impl: str = "auto"):
         super().__init__(reduction)
-        _check_positive("temperature", temperature)
+        check_positive("temperature", temperature)
         self.temperature, self.impl = temperature, impl
 
     def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -455,7 +404,7 @@ class DKLLoss(_Loss):
     def __init__(self, *, alpha: float = 1.0, beta: float = 1.0, temperature: float = 1.0,
                  reduction: str = "mean", impl: str = "auto"):
         super().__init__(reduction)
-        _check_positive("temperature", temperature)
+        check_positive("temperature", temperature)
         self.alpha, self.beta, self.temperature, self.impl = alpha, beta, temperature, impl
 
     def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -482,8 +431,8 @@ class IKLLoss(_Loss):
     def __init__(self, *, alpha: float = 1.0, beta: float = 1.0, temperature: float = 1.0,
                  weight_temperature: float = 1.0, reduction: str = "mean", impl: str = "auto"):
         super().__init__(reduction)
-        _check_positive("temperature", temperature)
-        _check_positive("weight_temperature", weight_temperature)
+        check_positive("temperature", temperature)
+        check_positive("weight_temperature", weight_temperature)
         self.alpha, self.beta = alpha, beta
         self.temperature, self.weight_temperature, self.impl = temperature, weight_temperature, impl
 

@@ -20,6 +20,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from dkl._checks import check_class_weights, check_logits, check_positive, check_row_mask
+
 __all__ = [
     "divergence_loss_and_grad",
     "fused_divergence",
@@ -127,52 +129,17 @@ def _check_inputs(
 ) -> None:
     if kind not in KINDS:
         raise ValueError(f"Expected kind in {KINDS}, got {kind!r}")
-    if not isinstance(input, Tensor) or not isinstance(target, Tensor):
-        raise TypeError(
-            f"Expected input and target tensors, got {type(input).__name__} and "
-            f"{type(target).__name__}"
-        )
-    if input.dim() != 2:
-        raise ValueError(f"Expected input of shape (B, C), got {tuple(input.shape)}")
-    if target.shape != input.shape:
-        raise ValueError(
-            f"Expected target of shape (B, C) = {tuple(input.shape)}, got {tuple(target.shape)}"
-        )
-    if input.shape[1] < 2:
-        raise ValueError(f"Expected at least 2 classes, got input of shape {tuple(input.shape)}")
-    if target.device != input.device:
-        raise ValueError(
-            f"Expected target on {input.device} (the input's device), got {target.device}"
-        )
+    check_logits(input, target)
     reason = triton_unavailable_reason(input, target)
     if reason is not None:
         raise RuntimeError(f"the fused kernel cannot run: {reason}")
-    if not temperature > 0:
-        raise ValueError(f"Expected temperature > 0, got {temperature}")
-    if not weight_temperature > 0:
-        raise ValueError(f"Expected weight_temperature > 0, got {weight_temperature}")
+    check_positive("temperature", temperature)
+    check_positive("weight_temperature", weight_temperature)
     if class_weights is not None:
         if kind != "ikl":
             raise ValueError(f"class_weights apply to kind='ikl' only, got kind={kind!r}")
-        if class_weights.shape != input.shape:
-            raise ValueError(
-                f"Expected class_weights of shape (B, C) = {tuple(input.shape)}, "
-                f"got {tuple(class_weights.shape)}"
-            )
-        if class_weights.device != input.device:
-            raise ValueError(
-                f"Expected class_weights on {input.device}, got {class_weights.device}"
-            )
-        if not class_weights.is_floating_point():
-            raise ValueError(f"Expected floating class_weights, got {class_weights.dtype}")
-    if row_mask is not None:
-        if row_mask.dtype != torch.bool or row_mask.shape != (input.shape[0],):
-            raise ValueError(
-                f"Expected row_mask a bool tensor of shape (B,) = ({input.shape[0]},), got "
-                f"{row_mask.dtype} of shape {tuple(row_mask.shape)}"
-            )
-        if row_mask.device != input.device:
-            raise ValueError(f"Expected row_mask on {input.device}, got {row_mask.device}")
+        check_class_weights(class_weights, input)
+    check_row_mask(row_mask, input, "row_mask")
 
 
 def _rows_contiguous(x: Tensor) -> Tensor:

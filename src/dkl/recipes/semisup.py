@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import dkl.models_vit  # noqa: F401  (registers the ViT models)
+from dkl._checks import check_logits
 from dkl.config import ConfigError, register_section
 from dkl.ema import ModelEMA
 from dkl.engine import Recipe, StepContext
@@ -96,14 +97,6 @@ METHODS = ("supervised", "fixmatch", "fixmatch_ikl", "meanteacher", "meanteacher
 # --------------------------------------------------------------------------------------------
 
 
-def _check_pair(input: Tensor, target: Tensor) -> None:
-    if input.ndim != 2 or input.shape != target.shape:
-        raise ValueError(
-            f"Expected input and target logits of the same shape (B, C), got "
-            f"{tuple(input.shape)} and {tuple(target.shape)}"
-        )
-
-
 def confidence_mask(target_logits: Tensor, threshold: float) -> Tensor:
     """``1.0`` where ``max_j softmax(target)_j >= threshold``, else ``0.0``; shape ``(B,)``, no grad.
 
@@ -139,7 +132,7 @@ def fixmatch_loss(
     ``hard_label``: target ``argmax σ(z_w)``; else the soft target ``σ(z_w / T_pl)``.
     Returns ``(loss, mask)``; loss = :func:`masked_batch_mean`.
     """
-    _check_pair(input, target)
+    check_logits(input, target)
     if pl_temperature <= 0:
         raise ValueError(f"Expected pl_temperature > 0, got {pl_temperature}")
     mask = confidence_mask(target, threshold)
@@ -168,7 +161,7 @@ def ikl_consistency(
     ``detach_target=False`` the wMSE moves the target too when it carries gradient (FixMatch-IKL's
     weak view, as in the authors' code); an EMA teacher's logits carry none anyway.
     """
-    _check_pair(input, target)
+    check_logits(input, target)
     mask = confidence_mask(target, threshold)
     tg = target.detach() if detach_target else target
     per = ikl_loss(
@@ -191,7 +184,7 @@ def meanteacher_loss(
     The mean over classes is USB's ``F.mse_loss(..., reduction='none').mean(dim=1)``; the target
     probabilities are detached.
     """
-    _check_pair(input, target)
+    check_logits(input, target)
     mask = confidence_mask(target, threshold)
     p_in = F.softmax(input.float(), dim=1)
     p_tg = F.softmax(target.detach().float(), dim=1)

@@ -1,0 +1,77 @@
+"""Argument checks shared by the losses, the fused kernel's entry points and the recipes.
+
+Each raises with a message that names what was expected and what came; none of them changes
+its inputs. One copy here, so the torch path and the kernel path refuse the same inputs with
+the same words.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def is_compiling() -> bool:
+    """True while ``torch.compile`` traces (data-dependent checks are skipped then)."""
+    return torch.compiler.is_compiling()
+
+
+def check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"Expected {name} > 0, got {value}")
+
+
+def check_logits(input: Any, target: Any) -> None:
+    """Two floating-point (B, C) tensors of the same shape, on one device, with C >= 2."""
+    for name, t in (("input", input), ("target", target)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"Expected {name} to be a torch.Tensor of logits, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"Expected {name} of shape (B, C), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"Expected floating-point {name} logits, got {t.dtype}")
+    if input.shape != target.shape:
+        raise ValueError(
+            f"Expected target of shape (B, C) = {tuple(input.shape)} like input, "
+            f"got {tuple(target.shape)}"
+        )
+    if input.device != target.device:
+        raise ValueError(
+            f"Expected input and target on the same device, got {input.device} and {target.device}"
+        )
+    if input.shape[1] < 2:
+        raise ValueError(f"Expected at least 2 classes (C >= 2), got C = {input.shape[1]}")
+
+
+def check_row_mask(mask: Any, input: Tensor, name: str = "mask") -> None:
+    """``None`` or a bool (B,) tensor on the input's device."""
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"Expected {name} to be a bool tensor of shape (B,), got {got}")
+    if mask.shape != input.shape[:1]:
+        raise ValueError(
+            f"Expected {name} of shape (B,) = ({input.shape[0]},), got {tuple(mask.shape)}"
+        )
+    if mask.device != input.device:
+        raise ValueError(f"Expected {name} on {input.device}, got {mask.device}")
+
+
+def check_class_weights(class_weights: Any, input: Tensor) -> None:
+    """Floating-point, non-negative, the input's shape and device (the sign is not checked
+    while compiling: it would need a host sync)."""
+    if not isinstance(class_weights, Tensor) or not class_weights.is_floating_point():
+        got = class_weights.dtype if isinstance(class_weights, Tensor) else type(class_weights)
+        raise TypeError(f"Expected floating-point class_weights of shape (B, C), got {got}")
+    if class_weights.shape != input.shape:
+        raise ValueError(
+            f"Expected class_weights of shape (B, C) = {tuple(input.shape)}, "
+            f"got {tuple(class_weights.shape)}"
+        )
+    if class_weights.device != input.device:
+        raise ValueError(f"Expected class_weights on {input.device}, got {class_weights.device}")
+    if not is_compiling() and bool((class_weights < 0).any()):
+        raise ValueError("Expected non-negative class_weights, got negative entries")
