@@ -126,12 +126,17 @@ def test_checkpoint_is_weights_only_and_complete(tmp_path, teacher):
 
 _SLOW_STEPS = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, time
     from dkl.recipes import distill
     _step = distill.DistillRecipe.train_step
+    _done = [0]
     def slow(self, batch, ctx):  # numerics untouched; only gives the test time to signal
         time.sleep(0.03)
-        return _step(self, batch, ctx)
+        out = _step(self, batch, ctx)
+        _done[0] += 1  # steps taken so far, for the test to signal at a known point
+        with open(os.environ["DKL_TEST_STEPS"], "w") as f:
+            f.write(str(_done[0]))
+        return out
     distill.DistillRecipe.train_step = slow
     from dkl.cli import main
     sys.exit(main(sys.argv[1:]))
@@ -155,15 +160,22 @@ def test_resume_after_signal_equals_uninterrupted(tmp_path, teacher, sig):
 
     out = tmp_path / "cut"
     cmd = [sys.executable, "-c", _SLOW_STEPS, "train", *args, f"train.out_dir={out}"]
+    steps = tmp_path / "steps.txt"
+    env = {**_clean_env(), "DKL_TEST_STEPS": str(steps)}
     proc = subprocess.Popen(
-        cmd, env=_clean_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    metrics = out / ref_cfg.name / "metrics.jsonl"
-    deadline = time.time() + 60
-    while not metrics.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.25)  # ~8 steps into epoch 2 (22 steps of >= 30 ms each)
-    proc.send_signal(sig)
+
+    def taken() -> int:
+        try:
+            return int(steps.read_text() or 0)
+        except (FileNotFoundError, ValueError):  # not written yet, or caught mid-write
+            return 0
+
+    deadline = time.time() + 120
+    while taken() < 22 + 5 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(sig)  # ~5 of epoch 2's 22 steps (>= 30 ms each) done: mid-epoch
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + int(sig), err
     assert "--resume" in err
