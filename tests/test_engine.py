@@ -197,6 +197,25 @@ def test_resume_after_signal_equals_uninterrupted(tmp_path, teacher, sig):
     assert all(torch.equal(pa[k], pb[k]) for k in pb)
 
 
+def test_resume_with_fewer_ranks_keeps_the_running_sums(tmp_path):
+    """A checkpoint written by 2 ranks, resumed by 1: the epoch's running sums are merged."""
+    cfg = load_config("kd/digits_ce", [f"train.out_dir={tmp_path}", "train.epochs=1", *QUIET])
+    state = Engine(cfg, log=lambda m: None).state_dict()
+
+    def part(loss: float, seen: int) -> dict:
+        running = {"loss": loss, "correct": 1, "seen": seen, "steps": 2, "extra": {"ce": 0.5}}
+        return {"rng": state["rng"], "running": running, "recipe": {}}
+
+    state["ranks"] = [part(1.0, 10), part(3.0, 20)]
+    logs: list[str] = []
+    engine = Engine(cfg, log=logs.append)
+    engine.load_state_dict(state)
+    assert engine.running == {
+        "loss": 4.0, "correct": 2, "seen": 30, "steps": 4, "extra": {"ce": 1.0}
+    }
+    assert "written by 2 rank(s), this run has 1" in logs[-1]
+
+
 def _clean_env() -> dict:
     """This process's environment minus what other tests or launchers may have left in it."""
     drop = {
@@ -215,16 +234,12 @@ def _clean_env() -> dict:
     return env
 
 
-def test_torchrun_two_processes_gloo(tmp_path, teacher):
-    out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--standalone",  # rendezvous on a free port chosen by torchrun itself
-        "-m",
-        "dkl",
+_TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+# --standalone: rendezvous on a free port chosen by torchrun itself
+
+
+def _ddp_args(teacher: Path, out: Path) -> list[str]:
+    return [
         "train",
         "kd/digits_ikl",
         f"distill.teacher.checkpoint={teacher}",
@@ -234,21 +249,82 @@ def test_torchrun_two_processes_gloo(tmp_path, teacher):
         f"train.out_dir={out}",
         *QUIET,
     ]
-    env = _clean_env()
+
+
+def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
     res = subprocess.run(
-        cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=180, env=env
+        [*_TORCHRUN, "-m", "dkl", *args],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=180, env=_clean_env(),
     )
     if res.returncode != 0:  # show the workers' errors, not the warnings
         lines = [ln for ln in res.stderr.splitlines() if not ln.startswith("[W")]
         out_tail = "\n".join(res.stdout.splitlines()[-15:])
         pytest.fail(f"torchrun failed:\n{out_tail}\n" + "\n".join(lines[-80:]))
-    run = out / "digits_ikl"
+    return res
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, teacher) -> tuple[Path, subprocess.CompletedProcess]:
+    """An uninterrupted 2-rank gloo run of kd/digits_ikl with GI, 2 epochs."""
+    out = tmp_path_factory.mktemp("ddp")
+    return out / "digits_ikl", _torchrun(_ddp_args(teacher, out))
+
+
+def test_torchrun_two_processes_gloo(ddp_run):
+    run, res = ddp_run
     s = json.loads((run / "summary.json").read_text())
     assert s["world_size"] == 2 and s["global_batch_size"] == 64
     # weights and the class prior (sums all-reduced, then stepped) are identical on both ranks
     assert s["rank_sync"]["params_max_abs_diff"] == 0.0
     assert s["rank_sync"]["prior_max_abs_diff"] == 0.0
-    prior = torch.load(run / "last.pt", weights_only=True)["recipe"]["prior"]["prior"]
+    ck = torch.load(run / "last.pt", weights_only=True)
+    prior = ck["recipe"]["prior"]["prior"]
     assert torch.allclose(prior.sum(1), torch.ones(10, dtype=prior.dtype), atol=1e-5)
+    # every rank's RNG state is in the checkpoint, and the ranks draw different streams
+    r0, r1 = (part["rng"] for part in ck["ranks"])
+    assert torch.equal(r0["torch"], ck["rng"]["torch"])
+    assert not torch.equal(r0["torch"], r1["torch"])
     assert len(_records(run)) == 2
     assert "global_batch=64 (32/rank)" in res.stdout
+
+
+def test_torchrun_preempted_then_resumed_equals_uninterrupted(tmp_path, teacher, ddp_run):
+    """SIGTERM to torchrun mid-epoch (a preempted job), then --resume: same run as never stopped."""
+    ref, _ = ddp_run
+    out = tmp_path / "cut"
+    script = tmp_path / "slow_dkl.py"
+    script.write_text(_SLOW_STEPS)
+    steps = tmp_path / "steps.txt"
+    env = {**_clean_env(), "DKL_TEST_STEPS": str(steps)}
+    proc = subprocess.Popen(
+        [*_TORCHRUN, str(script), *_ddp_args(teacher, out)],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+    def taken() -> int:
+        try:
+            return int(steps.read_text() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    deadline = time.time() + 150
+    while taken() < 22 + 5 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, "the preempted run should not report success"
+    ck = load_checkpoint(out / "digits_ikl" / "last.pt")
+    assert ck["engine"]["epoch"] == 2 and 0 < ck["engine"]["step_in_epoch"] < 22, (
+        ck["engine"], err[-3000:]
+    )
+    assert len(ck["ranks"]) == 2
+
+    _torchrun([*_ddp_args(teacher, out), "--resume"])
+    assert _records(out / "digits_ikl") == _records(ref)
+    a = torch.load(out / "digits_ikl" / "final.pt", weights_only=True)["model"]
+    b = torch.load(ref / "final.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    # each rank got its own half-epoch prior sums back, so epoch 2's all-reduced prior matches
+    pa = load_checkpoint(out / "digits_ikl" / "last.pt")["recipe"]["prior"]["prior"]
+    pb = load_checkpoint(ref / "last.pt")["recipe"]["prior"]["prior"]
+    assert torch.equal(pa, pb)

@@ -104,6 +104,20 @@ def test_errors():
         ClassPrior(3).load_state_dict(ClassPrior(4).state_dict())
 
 
+def test_running_state_round_trip():
+    prior = ClassPrior(3)
+    prior.update(torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]), torch.tensor([0, 2]))
+    part = prior.running_state()
+    other = ClassPrior(3)
+    other.load_running_state(part)
+    assert torch.equal(other.sums, prior.sums) and torch.equal(other.counts, prior.counts)
+    assert other.counts.tolist() == [1.0, 0.0, 1.0]
+    part["sums"][0, 0] = 99.0  # a copy, not a view of the buffers
+    assert prior.sums[0, 0] != 99.0
+    with pytest.raises(ValueError, match=r"running sums of shape \(3, 3\), got \(4, 4\)"):
+        other.load_running_state(ClassPrior(4).running_state())
+
+
 # --------------------------------------------------------------------------- two gloo ranks
 def _data():
     g = torch.Generator().manual_seed(42)

@@ -48,7 +48,10 @@ interface (all methods have defaults except :meth:`Recipe.train_step`):
 ``state_dict() / load_state_dict(sd)``
     Everything else a resume needs (prior with its running sums, EMA weights, counters). Values
     must be tensors / numbers / strings / lists / dicts (checkpoints load with
-    ``weights_only=True``).
+    ``weights_only=True``). Saved from rank 0.
+``rank_state() / load_rank_state(sd)``
+    What each rank sums on its own between all-reduces (a prior's running sums, pseudo-label
+    counts): saved for every rank, so a DDP run resumes exactly.
 
 Units: epoch-based runs (``train.epochs``) evaluate and checkpoint at every epoch end; iteration
 runs (``train.iterations`` > 0) evaluate and checkpoint every ``train.eval_every`` steps and
@@ -56,7 +59,9 @@ cycle through data epochs as needed. The lr schedule is a pure function of the g
 
 Exact resume: the data order of an epoch is a function of ``(seed, epoch)`` and augmentation is
 seeded per sample, so a checkpoint needs only the position (epoch, step within it) plus model,
-optimiser, scaler, recipe state, running metrics and the torch/numpy/python RNG states. On
+optimiser, scaler, recipe state, running metrics and the torch/numpy/python RNG states (every
+rank's, under DDP: each rank draws its own stream once the models are built, and keeps its own
+running sums and its recipe's, see :meth:`Recipe.rank_state`). On
 SIGTERM or SIGINT the engine finishes the current step, writes ``last.pt`` and raises
 :class:`Interrupted`; ``fit(resume=True)`` continues from there and, on CPU with
 ``train.deterministic=true``, ends with exactly the metrics of an uninterrupted run.
@@ -64,6 +69,7 @@ SIGTERM or SIGINT the engine finishes the current step, writes ``last.pt`` and r
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import math
@@ -195,6 +201,18 @@ class Recipe:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def rank_state(self) -> dict:
+        """What this rank has summed since the last all-reduce (e.g. a prior's running sums).
+
+        Numbers and tensors in (nested) dicts, additive across ranks. The engine saves every
+        rank's copy and gives each rank its own back on resume; resumed by another number of
+        ranks, rank 0 gets the sum of them all and the others zeros.
+        """
+        return {}
+
+    def load_rank_state(self, state: dict) -> None:
+        pass
+
     def summary(self) -> dict:
         """Extra fields for summary.json."""
         return {}
@@ -223,6 +241,37 @@ def _to_lists(x: Any) -> Any:
 
 def _to_tuples(x: Any) -> Any:
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def _tree_add(a: Any, b: Any) -> Any:
+    """Sum of two nested dicts of numbers / tensors (a key missing on one side counts as 0)."""
+    if isinstance(a, dict):
+        return {k: _tree_add(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k))
+                for k in {**a, **b}}
+    return a + b
+
+
+def _tree_zeros(a: Any) -> Any:
+    if isinstance(a, dict):
+        return {k: _tree_zeros(v) for k, v in a.items()}
+    return torch.zeros_like(a) if torch.is_tensor(a) else type(a)(0)
+
+
+def _tree_cpu(a: Any) -> Any:
+    if isinstance(a, dict):
+        return {k: _tree_cpu(v) for k, v in a.items()}
+    return a.detach().cpu().clone() if torch.is_tensor(a) else a
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s random stream during training (rank 0 keeps ``seed``)."""
+    return seed if rank == 0 else (seed * 1_000_003 + 7_919 * rank) % (2**63 - 1)
 
 
 def _set_rng_state(state: dict) -> None:
@@ -371,6 +420,10 @@ class Engine:
         self._reset_running()
         self._stop_signal: int | None = None
         self._tb = None
+        # Models are built: from here on each rank draws its own random numbers (dropout, drop
+        # path, attack starts), or every rank would repeat rank 0's draws on its own shard.
+        if self.world > 1:
+            _seed_all(_rank_seed(cfg.seed, self.rank))
 
     # setup ---------------------------------------------------------------------------------
     def _setup_distributed(self) -> None:
@@ -409,11 +462,9 @@ class Engine:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
     def _seed_everything(self, seed: int) -> None:
-        # every rank starts from the same seed (identical init; DDP also broadcasts rank 0's
-        # weights); the data order is sharded by rank, not by seed
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        # every rank builds its models from the same seed (identical init; DDP also broadcasts
+        # rank 0's weights); the data order is sharded by rank, not by seed
+        _seed_all(seed)
 
     def build_model(self, mcfg: ModelConfig, *, normalize: bool | None = None) -> nn.Module:
         """``create_model`` + optional initial weights + the data set's normalisation wrapper.
@@ -558,8 +609,24 @@ class Engine:
         )
 
     # checkpoints ----------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {
+    def _rank_states(self) -> list[dict] | None:
+        """What differs between ranks (RNG state, running metric sums), gathered from every
+        rank: a collective under DDP; ``None`` for one process."""
+        if self.world == 1:
+            return None
+        states: list[Any] = [None] * self.world
+        mine = {
+            "rng": _rng_state(),
+            "running": copy.deepcopy(self.running),
+            "recipe": _tree_cpu(self.recipe.rank_state()),
+        }
+        dist.all_gather_object(states, mine)
+        return states
+
+    def state_dict(self, ranks: list[dict] | None = None) -> dict:
+        """The full training state. ``ranks``: each rank's own part, from
+        :meth:`_rank_states` (a collective, so the caller gathers it on all ranks)."""
+        state = {
             "format": CHECKPOINT_FORMAT,
             "model": bare_model(self.raw_model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -580,6 +647,9 @@ class Engine:
             "rng": _rng_state(),
             "config": config_to_dict(self.cfg),
         }
+        if ranks is not None:
+            state["ranks"] = ranks
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != CHECKPOINT_FORMAT:
@@ -595,8 +665,33 @@ class Engine:
         self.epoch, self.step_in_epoch = e["epoch"], e["step_in_epoch"]
         self.global_step, self.best, self.history = e["global_step"], e["best"], e["history"]
         self.elapsed, self.train_time = e["elapsed"], e["train_time"]
-        self.samples_seen, self.running = e["samples_seen"], e["running"]
-        _set_rng_state(state["rng"])
+        self.samples_seen = e["samples_seen"]
+        ranks = state.get("ranks")
+        if ranks is None:  # written by one process: its sums are those the recipe just loaded
+            ranks = [{"rng": state["rng"], "running": e["running"],
+                      "recipe": _tree_cpu(self.recipe.rank_state())}]
+        if len(ranks) == self.world:
+            mine = ranks[self.rank]
+            _set_rng_state(mine["rng"])
+            self.running = mine["running"]
+            self.recipe.load_rank_state(mine["recipe"])
+            return
+        # written by another number of ranks: rank 0 carries the sums of them all (they come
+        # out the same once all-reduced), the others start from zero; each reseeds its stream
+        total = {k: ranks[0][k] for k in ("running", "recipe")}
+        for part in ranks[1:]:
+            total = _tree_add(total, {k: part[k] for k in ("running", "recipe")})
+        mine = total if self.rank == 0 else _tree_zeros(total)
+        self.running = mine["running"]
+        self.recipe.load_rank_state(mine["recipe"])
+        if self.world == 1:
+            _set_rng_state(ranks[0]["rng"])
+        else:
+            _seed_all(_rank_seed(self.cfg.seed + self.global_step, self.rank))
+        self.log(
+            f"resume: the checkpoint was written by {len(ranks)} rank(s), this run has "
+            f"{self.world}; the random draws from here on differ from an uninterrupted run"
+        )
 
     def _export(self) -> dict:
         """What ``best.pt`` / ``final.pt`` hold: the bare model's weights (mdistiller-style keys)."""
@@ -607,9 +702,11 @@ class Engine:
         }
 
     def _save(self, name: str = "last.pt") -> Path:
+        """Write the training state (collective under DDP: every rank must call it)."""
         path = self.run_dir / name
+        ranks = self._rank_states()
         if self.rank == 0:
-            save_checkpoint(self.state_dict(), path)
+            save_checkpoint(self.state_dict(ranks), path)
         return path
 
     # the loop -------------------------------------------------------------------------------
@@ -849,15 +946,17 @@ class Engine:
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
         )
         self.log(msg)
+        n_points = len(self.history)  # the same on every rank, so is the decision to save
+        save_last = (t.save_every > 0 and n_points % t.save_every == 0) or self._finished()
+        ranks = self._rank_states() if save_last else None
         if self.rank != 0:
             return
         with open(self.run_dir / "metrics.jsonl", "w") as f:  # rewritten: consistent after resume
             f.writelines(json.dumps(h) + "\n" for h in self.history)
         if improved and t.keep_best:
             save_checkpoint(self._export(), self.run_dir / "best.pt")
-        n_points = len(self.history)
-        if (t.save_every > 0 and n_points % t.save_every == 0) or self._finished():
-            save_checkpoint(self.state_dict(), self.run_dir / "last.pt")
+        if save_last:
+            save_checkpoint(self.state_dict(ranks), self.run_dir / "last.pt")
         if self._finished():
             save_checkpoint(self._export(), self.run_dir / "final.pt")
         if self._tb is not None:

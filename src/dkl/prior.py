@@ -112,6 +112,20 @@ class ClassPrior(nn.Module):
         self.sums.zero_()
         self.counts.zero_()
 
+    def running_state(self) -> dict:
+        """This process's running ``sums`` and ``counts`` since the last :meth:`step`, before
+        any all-reduce (what a distributed resume must give back to each rank)."""
+        return {"sums": self.sums.clone(), "counts": self.counts.clone()}
+
+    def load_running_state(self, state: dict) -> None:
+        for name in ("sums", "counts"):
+            buf, value = getattr(self, name), state[name]
+            if tuple(value.shape) != tuple(buf.shape):
+                raise ValueError(
+                    f"Expected running {name} of shape {tuple(buf.shape)}, got {tuple(value.shape)}"
+                )
+            buf.copy_(value)
+
     def weights(self, labels: Tensor) -> Tensor:
         """Rows of the prior for ``labels``: ``(B, C)`` class weights for :func:`dkl.ikl_loss`."""
         self._check_labels(labels)

@@ -506,6 +506,13 @@ class AdversarialRecipe(Recipe):
         if "ema" in state:
             self._ensure_ema().load_state_dict(state["ema"])
 
+    def rank_state(self) -> dict:
+        return {"prior": self.task.prior.running_state()} if self.task.prior is not None else {}
+
+    def load_rank_state(self, state: dict) -> None:
+        if self.task.prior is not None and "prior" in state:
+            self.task.prior.load_running_state(state["prior"])
+
     def summary(self) -> dict:
         a = self.acfg
         return {"adversarial": {

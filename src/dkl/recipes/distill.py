@@ -251,6 +251,13 @@ class DistillRecipe(Recipe):
         if self.prior is not None and "prior" in state:
             self.prior.load_state_dict(state["prior"])
 
+    def rank_state(self) -> dict:
+        return {"prior": self.prior.running_state()} if self.prior is not None else {}
+
+    def load_rank_state(self, state: dict) -> None:
+        if self.prior is not None and "prior" in state:
+            self.prior.load_running_state(state["prior"])
+
     def summary(self) -> dict:
         s: dict = {"method": self.dcfg.method}
         if self.teacher_metrics:

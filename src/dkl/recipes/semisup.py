@@ -703,6 +703,12 @@ class SemiSupRecipe(Recipe):
         if self.task.ema is not None:
             self.task.ema.load_state_dict(state["ema"])
 
+    def rank_state(self) -> dict:
+        return {"pl": dict(self._pl)}  # this rank's pseudo-label counts since the last eval
+
+    def load_rank_state(self, state: dict) -> None:
+        self._pl = {k: float(state["pl"].get(k, 0.0)) for k in _PL_KEYS}
+
     def summary(self) -> dict:
         e = self.engine
         if e.rank == 0 and self.cfg.train.plot and e.history and not e.eval_only:
