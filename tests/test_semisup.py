@@ -20,8 +20,6 @@ from dkl.recipes.semisup import (
     masked_batch_mean,
     meanteacher_loss,
     param_groups,
-    set_lr,
-    usb_cosine_factor,
 )
 from dkl.semisup_data import (
     DigitsStrong,
@@ -353,18 +351,22 @@ def test_layer_decay_needs_a_vit_and_plain_groups_skip_bias_decay():
 
 
 def test_usb_cosine_schedule_by_hand():
+    from dkl.config import load_config
+    from dkl.engine import _lr_factor
+
+    cfg = load_config("semisup/cifar100_fixmatch")
     total, warm = 204_800, 5_120
-    assert usb_cosine_factor(0, total, warm) == 0.0
-    assert usb_cosine_factor(2_560, total, warm) == pytest.approx(0.5)
-    assert usb_cosine_factor(warm, total, warm) == pytest.approx(1.0)
+    assert (cfg.sched.name, cfg.sched.warmup, cfg.sched.cycles) == ("usb_cosine", warm, 7 / 16)
+
+    def f(step: int) -> float:  # the factor of update number `step` (0-based)
+        return _lr_factor(cfg, float(step), float(total))
+
+    assert f(0) == 0.0
+    assert f(2_560) == pytest.approx(0.5)
+    assert f(warm) == pytest.approx(1.0)
     mid = warm + (total - warm) // 2
-    assert usb_cosine_factor(mid, total, warm) == pytest.approx(
-        math.cos(math.pi * 7 / 16 * (mid - warm) / (total - warm))
-    )
-    assert usb_cosine_factor(total, total, warm) == pytest.approx(math.cos(7 * math.pi / 16))
-    opt = build_optimizer(TinyViTLike(), lr=4.0, weight_decay=0.0, layer_decay=0.5)
-    set_lr(opt, 0.5)
-    assert sorted({g["lr"] for g in opt.param_groups}) == [0.25, 0.5, 1.0, 2.0]
+    assert f(mid) == pytest.approx(math.cos(math.pi * 7 / 16 * (mid - warm) / (total - warm)))
+    assert f(total) == pytest.approx(math.cos(7 * math.pi / 16))  # ≈ 0.195, not 0
 
 
 # --------------------------------------------------------------------------- USB ViT weights
@@ -470,7 +472,7 @@ def _digits_cfg(tmp_path, method: str, *extra: str):
             "train.iterations=24",
             "train.eval_every=8",
             "train.plot=true",
-            "semisup.warmup_iters=4",
+            "sched.warmup=4",
             "data.batch_size=8",
             "semisup.uratio=2",
             "model.kwargs.width=4",
@@ -493,7 +495,8 @@ def test_presets_load_and_cifar_matches_spec(method):
     c = load_config(f"semisup/cifar100_{method}")
     s = c.semisup
     assert (c.data.batch_size, s.uratio, s.num_labels_per_class, s.threshold) == (8, 1, 2, 0.95)
-    assert (c.train.iterations, s.warmup_iters, s.layer_decay) == (204_800, 5_120, 0.5)
+    assert (c.train.iterations, c.sched.warmup, s.layer_decay) == (204_800, 5_120, 0.5)
+    assert c.sched.name == "usb_cosine"
     assert (c.optim.name, c.optim.lr, c.optim.weight_decay) == ("adamw", 5e-4, 5e-4)
     assert c.model.name == "vit_small_patch2_32" and s.lambda_u == 1.0 and s.unsup_warmup == 0
     want = {
@@ -535,7 +538,7 @@ def test_engine_run_writes_indices_metrics_and_plot(one_thread, tmp_path):
         assert "train_unsup_loss" in h and "top1" in h
     assert (run / "ssl_curves.png").is_file() and summary["num_labeled"] == 30
     # the lr follows USB's warm-up + cosine (group 0 = the head group, undecayed)
-    f = usb_cosine_factor(23, 24, 4)
+    f = math.cos(math.pi * 7 / 16 * (23 - 4) / (24 - 4))
     assert hist[-1]["lr"] == pytest.approx(cfg.optim.lr * f)
 
 

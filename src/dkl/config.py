@@ -108,10 +108,13 @@ class SchedConfig:
     ``warmup_start`` * lr. With ``per_step: false`` (default for epochs) the lr changes only at
     epoch boundaries; ``per_step: true`` interpolates within an epoch. ``offset`` shifts the cosine's
     position: with ``total: 201, offset: 1`` epoch ``e`` (from 1) gets ``0.5 (1 + cos(pi e / 201))``,
-    the adversarial-training schedule of the IKL-AT authors.
+    the adversarial-training schedule of the IKL-AT authors. ``usb_cosine``:
+    ``lr * max(0, cos(pi * cycles * x))`` with ``x`` the position after warm-up over the rest of
+    the run (USB's and FixMatch's schedule; with ``cycles = 7/16`` it ends at ``cos(7 pi / 16)``
+    ≈ 0.195 of the peak, not at 0).
     """
 
-    name: Literal["constant", "multistep", "cosine"] = "multistep"
+    name: Literal["constant", "multistep", "cosine", "usb_cosine"] = "multistep"
     milestones: list = field(default_factory=list)
     gamma: float = 0.1
     warmup: float = 0.0
@@ -119,6 +122,7 @@ class SchedConfig:
     total: float = 0.0
     offset: float = 0.0
     min_lr_ratio: float = 0.0
+    cycles: float = 7.0 / 16.0
     per_step: bool = False
 
 

@@ -314,10 +314,12 @@ def _lr_factor(cfg: Config, t: float, total: float) -> float:
         return 1.0
     if s.name == "multistep":
         return s.gamma ** sum(t >= m for m in s.milestones)
+    horizon = (s.total or total) - s.warmup
+    x = min(max(t + s.offset - s.warmup, 0.0) / max(horizon, 1e-12), 1.0)
     if s.name == "cosine":
-        horizon = (s.total or total) - s.warmup
-        x = min(max(t + s.offset - s.warmup, 0.0) / max(horizon, 1e-12), 1.0)
         return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * x))
+    if s.name == "usb_cosine":
+        return max(0.0, math.cos(math.pi * s.cycles * x))
     raise ConfigError(f"sched.name: unknown schedule {s.name!r}")
 
 

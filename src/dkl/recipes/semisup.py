@@ -84,8 +84,6 @@ __all__ = [
     "masked_batch_mean",
     "meanteacher_loss",
     "param_groups",
-    "set_lr",
-    "usb_cosine_factor",
     "vit_layer_id",
 ]
 
@@ -308,29 +306,6 @@ def build_optimizer(
     raise ValueError(f"Unknown optimizer {name!r}: expected 'adamw' or 'sgd'")
 
 
-def usb_cosine_factor(step: int, total: int, warmup: int = 0, cycles: float = 7.0 / 16.0) -> float:
-    r"""USB's lr factor at ``step`` (0-based; the factor used for update number ``step``).
-
-    ``step / warmup`` during warm-up, then ``max(0, cos(π · cycles · (step − warmup) / (total −
-    warmup)))``. With ``cycles = 7/16`` (USB's default) the lr ends at ``cos(7π/16) ≈ 0.195`` of
-    its peak, not at 0.
-
-    >>> [round(usb_cosine_factor(s, 100, 10), 4) for s in (0, 5, 10, 100)]
-    [0.0, 0.5, 1.0, 0.1951]
-    """
-    if step < warmup:
-        return step / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return max(0.0, math.cos(math.pi * cycles * progress))
-
-
-def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
-    """Set every group's lr to ``base_lr · factor`` (``base_lr`` defaults to the group's lr)."""
-    for g in optimizer.param_groups:
-        g.setdefault("base_lr", g["lr"])
-        g["lr"] = g["base_lr"] * factor
-
-
 # --------------------------------------------------------------------------------------------
 # The task: one training step
 # --------------------------------------------------------------------------------------------
@@ -362,9 +337,6 @@ class SemiSupConfig:
     )
     teacher_train_mode: bool = True  # MeanTeacher: teacher forward in train mode (as USB)
     layer_decay: float = 1.0  # ViT layer-wise lr decay (SPEC: 0.5); needs a ViT
-    lr_schedule: Literal["engine", "usb_cosine"] = "engine"  # usb_cosine: set sched.name=constant
-    warmup_iters: int = 0  # usb_cosine: linear warm-up iterations
-    cosine_cycles: float = 7.0 / 16.0  # usb_cosine: lr = cos(π · cycles · progress)
     crop_ratio: float = 0.875  # CIFAR views: reflect padding int(32 · (1 − ratio)) = 4
     randaugment_ops: int = 3
     randaugment_magnitude: int = 9
@@ -654,12 +626,6 @@ class SemiSupRecipe(Recipe):
     # step ---------------------------------------------------------------------------------
     def train_step(self, batch: Any, ctx: StepContext) -> dict:
         assert self.task is not None
-        if self.scfg.lr_schedule == "usb_cosine":
-            f = usb_cosine_factor(
-                ctx.global_step, ctx.total_steps, self.scfg.warmup_iters, self.scfg.cosine_cycles
-            )
-            for g in self.engine.optimizer.param_groups:
-                g["lr"] = g["initial_lr"] * f
         labeled, unlabeled = batch
         loss, m = self.task.step(labeled, unlabeled, ctx.global_step)
         for k in _PL_KEYS:
