@@ -9,6 +9,11 @@ Usage::
     summary = Engine(cfg).fit()          # resume=True continues runs/<name>/last.pt
     print(summary["last"]["top1"])
 
+Under ``torchrun`` prefer :func:`train`, which also tears the process group down in the safe
+order; with an ``Engine`` of your own, call ``engine.close()`` before
+``torch.distributed.destroy_process_group()`` (a DDP wrapper freed after its group, at
+interpreter exit, can abort the process).
+
 What the engine owns: device and AMP, DDP under ``torchrun``, seeding and deterministic mode, the
 optimiser and the lr schedule, the step (autocast, GradScaler, clipping), evaluation (top-1/top-5,
 gathered over ranks), checkpoints and exact resume, signals, logs, plots and the progress bar.
