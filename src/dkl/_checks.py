@@ -61,8 +61,8 @@ def check_row_mask(mask: Any, input: Tensor, name: str = "mask") -> None:
 
 
 def check_class_weights(class_weights: Any, input: Tensor) -> None:
-    """Floating-point, non-negative, the input's shape and device (the sign is not checked
-    while compiling: it would need a host sync)."""
+    """Floating-point, the input's shape and device (no host sync; the sign is
+    :func:`check_non_negative`'s)."""
     if not isinstance(class_weights, Tensor) or not class_weights.is_floating_point():
         got = class_weights.dtype if isinstance(class_weights, Tensor) else type(class_weights)
         raise TypeError(f"Expected floating-point class_weights of shape (B, C), got {got}")
@@ -73,5 +73,10 @@ def check_class_weights(class_weights: Any, input: Tensor) -> None:
         )
     if class_weights.device != input.device:
         raise ValueError(f"Expected class_weights on {input.device}, got {class_weights.device}")
-    if not is_compiling() and bool((class_weights < 0).any()):
-        raise ValueError("Expected non-negative class_weights, got negative entries")
+
+
+def check_non_negative(name: str, t: Tensor) -> None:
+    """No negative entry. It reads the values (a host sync on CUDA), so the losses run it once
+    per call and the kernel's entry points leave it to them; skipped while compiling."""
+    if not is_compiling() and bool((t < 0).any()):
+        raise ValueError(f"Expected non-negative {name}, got negative entries")

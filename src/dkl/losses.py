@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from dkl._checks import (
     check_class_weights,
     check_logits,
+    check_non_negative,
     check_positive,
     check_row_mask,
     is_compiling,
@@ -344,6 +345,7 @@ def ikl_loss(
     check_positive("weight_temperature", weight_temperature)
     if class_weights is not None:
         check_class_weights(class_weights, input)
+        check_non_negative("class_weights", class_weights)
     if _use_triton(impl, input, target):
         return _fused("ikl", input, target, reduction, mask, alpha=alpha, beta=beta,
                       temperature=temperature, weight_temperature=weight_temperature,
