@@ -147,6 +147,22 @@ def _rows_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _prepared(
+    input: Tensor,
+    target: Tensor,
+    kind: str,
+    temperature: float,
+    weight_temperature: float,
+    class_weights: Tensor | None,
+    row_mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Checked arguments in the layout the kernel reads (class weights detached)."""
+    _check_inputs(input, target, kind, temperature, weight_temperature, class_weights, row_mask)
+    if class_weights is not None:
+        class_weights = _rows_contiguous(class_weights.detach())
+    return _rows_contiguous(input), _rows_contiguous(target), class_weights
+
+
 def _launch(
     input: Tensor,
     target: Tensor,
@@ -303,11 +319,9 @@ def fused_divergence(
         - class_weights: (B, C), detached; row_mask: (B,) bool
         - output: (B,) float32
     """
-    _check_inputs(input, target, kind, temperature, weight_temperature, class_weights, row_mask)
-    input = _rows_contiguous(input)
-    target = _rows_contiguous(target)
-    if class_weights is not None:
-        class_weights = _rows_contiguous(class_weights.detach())
+    input, target, class_weights = _prepared(
+        input, target, kind, temperature, weight_temperature, class_weights, row_mask
+    )
     params = {
         "kind": kind,
         "alpha": float(alpha),
@@ -339,16 +353,15 @@ def divergence_loss_and_grad(
     fused-linear path). ``grad_scale`` is (B,) (``None`` means ones). Returns
     ``(loss, grad_input, grad_target)``; ``grad_target`` is ``None`` unless asked for.
     """
-    _check_inputs(input, target, kind, temperature, weight_temperature, class_weights, row_mask)
+    input, target, class_weights = _prepared(
+        input, target, kind, temperature, weight_temperature, class_weights, row_mask
+    )
+    input, target = input.detach(), target.detach()
     B = input.shape[0]
     if grad_scale is not None and grad_scale.shape != (B,):
         raise ValueError(
             f"Expected grad_scale of shape (B,) = ({B},), got {tuple(grad_scale.shape)}"
         )
-    input = _rows_contiguous(input.detach())
-    target = _rows_contiguous(target.detach())
-    if class_weights is not None:
-        class_weights = _rows_contiguous(class_weights.detach())
     scale = (
         grad_scale.detach().to(device=input.device, dtype=torch.float32)
         if grad_scale is not None
