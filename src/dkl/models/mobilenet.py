@@ -9,12 +9,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._init import he_fan_out_init
 from .registry import register_model
 
 __all__ = ["CifarMobileNetV2", "MobileNetV1"]
@@ -69,16 +68,7 @@ class CifarMobileNetV2(nn.Module):
         last = int(1280 * width_mult) if width_mult > 1.0 else 1280
         self.conv2 = nn.Sequential(*_conv_bn_relu(cin, last, 1, 1))
         self.classifier = nn.Sequential(nn.Linear(last, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        he_fan_out_init(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
