@@ -1,11 +1,11 @@
-# Two entry points for a fresh machine: `make demo` and `make test`.
-# Both create .venv and install the package into it first.
+# Entry points for a fresh machine: `make demo`, `make test` and `make lint`.
+# Each creates .venv and installs the package into it first.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # torch/torchvision are installed first so a local wheel cache or index pin can be chosen here.
 TORCH_SPEC ?= torch torchvision
-EXTRAS ?= vision,timm,llm,test
+EXTRAS ?= vision,timm,llm,test,lint
 
 .PHONY: install demo test bench bench-kernel lint clean
 
@@ -34,8 +34,11 @@ bench: install
 bench-kernel: install
 	$(PY) benchmarks/kernel_speed.py
 
+# the import-layer contract is [tool.importlinter] in pyproject.toml
 lint: install
-	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -2,7 +2,7 @@
 
 dkl: the natural logits are computed once per batch (eval mode, no grad) and reused by every
 attack step; wMSE in the O(B·C) closed form (``dkl.ikl_loss``).
-Authors' way (re-implemented here from the description in SPEC §1/§4, for timing only): the
+Authors' way (re-implemented here after their training script, for timing only): the
 natural logits are recomputed inside every attack step, and the wMSE is the pairwise B×C×C sum,
 normalised by ``Σ w_j w_k`` (= B for prior rows that sum to 1, so both are batch means).
 

@@ -1,4 +1,4 @@
-"""Student training-step time with ``ikl`` vs ``kd`` vs ``dkd`` vs ``ce`` (SPEC §3 recipe).
+"""Student training-step time with ``ikl`` vs ``kd`` vs ``dkd`` vs ``ce`` (CIFAR-100 IKL-KD recipe).
 
 resnet8x4 student <- resnet32x4 teacher, CIFAR-100 shapes (batch 64, 3x32x32, 100 classes), on
 the current device. One step = teacher forward (no grad; not for ``ce``) + student forward + loss

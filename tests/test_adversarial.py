@@ -24,7 +24,7 @@ def batch(b: int = 8, seed: int = 1):
 
 
 def pairwise_wmse(z_t: torch.Tensor, z_s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """SPEC §1 written out: ¼ Σ_j Σ_k w_ij w_ik ((z_t,ij − z_t,ik) − (z_s,ij − z_s,ik))², per row."""
+    """The paper's pairwise row sum ¼ Σ_jk w_ij w_ik ((z_t,ij − z_t,ik) − (z_s,ij − z_s,ik))²."""
     dt = z_t[:, :, None] - z_t[:, None, :]
     ds = z_s[:, :, None] - z_s[:, None, :]
     return 0.25 * (w[:, :, None] * w[:, None, :] * (dt - ds) ** 2).sum((1, 2))
@@ -355,7 +355,7 @@ def test_robust_command_on_a_run(tmp_path, capsys):
 
 
 def test_cifar_presets_use_the_authors_cosine():
-    """SPEC §4: lr 0.2 · ½(1 + cos(π e / (E + 1))) at epoch e = 1..E, E = 200."""
+    """The IKL-AT authors' lr: 0.2 · ½(1 + cos(π e / (E + 1))) at epoch e = 1..E, E = 200."""
     import math
 
     from dkl.config import load_config

@@ -1,4 +1,4 @@
-"""Training and evaluation attacks (SPEC §4): schedule, budgets, projection, mode, call counts."""
+"""Training and evaluation attacks: schedule, budgets, projection, mode, call counts."""
 
 from __future__ import annotations
 

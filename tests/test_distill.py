@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dkl.config import ModelConfig
-from dkl.engine import Engine
-from dkl.recipes.distill import DistillConfig, distill_loss, dkd_loss
+from dkl.config import Config, ModelConfig
+from dkl.data import DataInfo
+from dkl.recipes.distill import DistillConfig, DistillLoss, dkd_loss
+from dkl.train import RunContext
+
+
+def distill_loss(cfg, s, t, y, *, epoch, class_weights=None):
+    """The loss module of ``cfg``, built once and called on one batch."""
+    return DistillLoss(cfg)(s, t, y, epoch=epoch, class_weights=class_weights)
 
 
 def _softmax(z, T=1.0):
@@ -152,9 +156,9 @@ MDISTILLER_KEYS = {
 }
 
 
-def _stub_engine():
-    info = SimpleNamespace(num_classes=100, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    return SimpleNamespace(info=info, device=torch.device("cpu"))
+def _cifar100_context() -> RunContext:
+    info = DataInfo("cifar100", 100, (3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    return RunContext(Config(), torch.device("cpu"), 0, 1, info, None, None)
 
 
 @pytest.mark.parametrize("name", sorted(MDISTILLER_KEYS))
@@ -173,8 +177,8 @@ def test_mdistiller_teacher_checkpoint_loads(tmp_path, name):
     path = tmp_path / "ckpt_epoch_240.pth"
     torch.save({"model": sd, "epoch": 240}, path)  # mdistiller's released layout
 
-    engine = _stub_engine()
-    teacher = Engine.build_model(engine, ModelConfig(name=name, checkpoint=str(path)))
+    ctx = _cifar100_context()
+    teacher = ctx.build_model(ModelConfig(name=name, checkpoint=str(path)))
     bare = create_model(name, 100)
     bare.load_state_dict(sd)
     bare.eval()
@@ -223,7 +227,7 @@ def test_cifar100_preset_end_to_end_on_generated_files(tmp_path, monkeypatch):
 
     tv_cifar = pytest.importorskip("torchvision.datasets.cifar")
     from dkl.config import load_config
-    from dkl.engine import train
+    from dkl.api import train
     from dkl.models import create_model
 
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))

@@ -17,7 +17,7 @@ RTOL64 = 1e-10
 
 # --------------------------------------------------------------------------- the oracle
 def pairwise_wmse(zt, zs, w):
-    """SPEC §1 as written: ¼ Σ_j Σ_k w_j w_k ((zt_j - zt_k) - (zs_j - zs_k))²  (B×C×C)."""
+    """The paper's pairwise form: ¼ Σ_j Σ_k w_j w_k ((zt_j - zt_k) - (zs_j - zs_k))²  (B×C×C)."""
     dt = zt[:, :, None] - zt[:, None, :]
     ds = zs[:, :, None] - zs[:, None, :]
     return 0.25 * (w[:, :, None] * w[:, None, :] * (dt - ds) ** 2).sum(dim=(1, 2))

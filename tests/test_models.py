@@ -17,12 +17,6 @@ import torch
 from torch import nn
 
 from dkl.models import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    CIFAR100_MEAN,
-    CIFAR100_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     Normalize,
     NormalizedModel,
     count_parameters,
@@ -508,6 +502,74 @@ def test_timm_missing_is_a_clear_import_error(monkeypatch):
         create_model("timm:resnet18", 10)
 
 
+def test_prefixes_are_registered_by_the_library_modules():
+    from dkl.models.registry import _PREFIXES, register_prefix
+
+    assert set(_PREFIXES) >= {"tv", "timm"}
+    with pytest.raises(ValueError, match="Model prefix 'tv' is already registered"):
+        register_prefix("tv", lambda name, num_classes: nn.Identity())
+    with pytest.raises(ValueError, match="Expected a non-empty prefix without ':', got 'a:b'"):
+        register_prefix("a:b", lambda name, num_classes: nn.Identity())
+    # an unregistered prefix is just an unknown name
+    with pytest.raises(ValueError, match="Unknown model 'foo:bar'"):
+        create_model("foo:bar", 10)
+
+
+def test_registry_does_not_import_the_library_modules():
+    # the dependency points one way: imagenet (and every architecture) -> registry
+    import ast
+    import inspect
+
+    from dkl.models import registry
+
+    tree = ast.parse(inspect.getsource(registry))
+    imported = {
+        node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module is not None
+    }
+    assert "imagenet" not in imported and "dkl.models.imagenet" not in imported
+
+
+# ------------------------------------------------------------------------------------------- ViT
+
+
+def test_vit_models_are_registered_cifar_models():
+    pytest.importorskip("timm")
+    assert {"vit_small_patch2_32", "vit_tiny_patch2_32"} <= set(list_models(family="cifar"))
+    small = meta_model("vit_small_patch2_32", 100)
+    tiny = meta_model("vit_tiny_patch2_32", 10)
+    # USB's ViT-S/2: embed 384, 6 heads; ViT-Ti/2: embed 192, 3 heads; 12 blocks, 16x16 + 1 tokens
+    assert small.pos_embed.shape == (1, 257, 384) and small.head.weight.shape == (100, 384)
+    assert tiny.pos_embed.shape == (1, 257, 192) and tiny.head.weight.shape == (10, 192)
+    assert len(small.blocks) == len(tiny.blocks) == 12
+    assert small.blocks[0].attn.num_heads == 6 and tiny.blocks[0].attn.num_heads == 3
+
+
+def test_vit_forward_returns_logits():
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch2_32", 10).eval()
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_models_import_without_timm():
+    import subprocess
+
+    code = (
+        "import sys; sys.modules['timm'] = None\n"
+        "import dkl.models as m\n"
+        "assert 'vit_tiny_patch2_32' in m.list_models()\n"
+        "try:\n"
+        "    m.create_model('vit_tiny_patch2_32', 10)\n"
+        "except ImportError as e:\n"
+        "    assert \"pip install 'dkl[timm]'\" in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('expected an ImportError')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_create_model_with_checkpoint(tmp_path):
     src = create_model("resnet8", 10)
     torch.save({"net": src.state_dict()}, tmp_path / "r8.pth")
@@ -609,12 +671,6 @@ def test_load_weights_rejects_non_state_dict(tmp_path):
 # ---------------------------------------------------------------------------------- normalisation
 
 
-def test_normalize_constants():
-    assert CIFAR100_MEAN == (0.5071, 0.4867, 0.4408) and CIFAR100_STD == (0.2675, 0.2565, 0.2761)
-    assert CIFAR10_MEAN == (0.4914, 0.4822, 0.4465) and CIFAR10_STD == (0.2470, 0.2435, 0.2616)
-    assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and IMAGENET_STD == (0.229, 0.224, 0.225)
-
-
 def test_normalize_matches_hand_formula_and_has_no_state():
     norm = Normalize((0.5, 0.25, 0.0), (0.5, 0.25, 2.0))
     x = torch.tensor([1.0, 0.5, 1.0]).view(1, 3, 1, 1)
@@ -633,11 +689,12 @@ def test_normalize_matches_hand_formula_and_has_no_state():
 def test_with_normalization_forward_and_state_dict_prefix(tmp_path):
     torch.manual_seed(0)
     inner = create_model("resnet8", 10).eval()
-    wrapped = with_normalization(inner, CIFAR10_MEAN, CIFAR10_STD).eval()
+    mean_, std_ = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # CIFAR-10's
+    wrapped = with_normalization(inner, mean_, std_).eval()
     assert isinstance(wrapped, NormalizedModel)
     x = torch.rand(2, 3, 32, 32)
-    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(mean_).view(1, 3, 1, 1)
+    std = torch.tensor(std_).view(1, 3, 1, 1)
     assert torch.allclose(wrapped(x), inner((x - mean) / std))
     assert all(k.startswith("model.") for k in wrapped.state_dict())
 

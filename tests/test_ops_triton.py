@@ -87,7 +87,7 @@ def _wmse_closed(e: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _wmse_pairwise(e: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """SPEC §1 definition: ¼ Σ_jk w_j w_k (e_j - e_k)²."""
+    """The paper's pairwise definition: ¼ Σ_jk w_j w_k (e_j - e_k)²."""
     diff = e.unsqueeze(2) - e.unsqueeze(1)
     return 0.25 * (w.unsqueeze(2) * w.unsqueeze(1) * diff**2).sum((1, 2))
 
@@ -105,7 +105,7 @@ def oracle(
     mask=None,
     wmse=_wmse_closed,
 ):
-    """Per-row loss in float64, differentiable in s and t exactly as SPEC §1 prescribes."""
+    """Per-row loss in float64; DKL's wMSE moves only t, IKL's moves s and t; weights constant."""
     s64, t64 = s.double(), t.double()
     us, ut = s64 / temperature, t64 / temperature
     log_ps, log_pt = F.log_softmax(us, 1), F.log_softmax(ut, 1)

@@ -9,7 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from dkl.models_vit import load_usb_pretrained, resize_pos_embed
+from dkl.data import (
+    DigitsStrong,
+    DigitsWeak,
+    InfiniteBatchSampler,
+    SemiSupLoader,
+    ViewDataset,
+    split_labeled,
+)
+from dkl.models import load_usb_pretrained, resize_pos_embed
 from dkl.recipes.semisup import (
     SemiSupConfig,
     SemiSupTask,
@@ -20,14 +28,6 @@ from dkl.recipes.semisup import (
     masked_batch_mean,
     meanteacher_loss,
     param_groups,
-)
-from dkl.semisup_data import (
-    DigitsStrong,
-    DigitsWeak,
-    InfiniteBatchSampler,
-    SemiSupLoader,
-    ViewDataset,
-    split_labeled,
 )
 
 

@@ -1,11 +1,11 @@
-r"""L∞ attacks: the training attack of IKL-AT / TRADES / PGD-AT (SPEC §4) and PGD / FGSM for evaluation.
+r"""L∞ attacks: the training attack of IKL-AT / TRADES / PGD-AT and PGD / FGSM for evaluation.
 
 All attacks work in pixel space: inputs are in :math:`[0, 1]` and normalisation lives inside the
 model (:func:`dkl.models.with_normalization`), so the ε-ball is the true one. Every attack puts the
 model in eval mode while it runs and restores the previous mode afterwards, and takes gradients
 with :func:`torch.autograd.grad` with respect to the input only (parameter ``.grad`` is untouched).
 
-Training attack (SPEC §4)::
+Training attack, as in the IKL-AT authors' training script::
 
     x_0     = x + 0.001 · N(0, 1)                      (init="normal"; "uniform" = U(-ε, ε), Madry)
     x_{k+1} = Π_{[0,1]} Π_{B_ε(x)} (x_k + a · sign(∇_x L(f(x_k), z_nat, y)))
@@ -183,8 +183,8 @@ def perturb(
     """Generic L∞ signed-gradient ascent on ``loss_fn(model(x_adv))``; returns a detached ``x_adv``.
 
     The model runs in eval mode and is restored to its previous mode(s). ``init`` is ``"normal"``
-    (``x + init_std·N(0,1)``, SPEC §4), ``"uniform"`` (``U(-ε, ε)``) or ``"none"``. With
-    ``steps = 0`` the (projected) start point is returned.
+    (``x + init_std·N(0,1)``, as in the TRADES and IKL-AT code), ``"uniform"`` (``U(-ε, ε)``) or
+    ``"none"``. With ``steps = 0`` the (projected) start point is returned.
     """
     _check_images(x)
     if init not in _INITS:
@@ -214,16 +214,17 @@ def perturb(
 
 @dataclass
 class TrainAttack:
-    """The attack of one training batch (SPEC §4), configured once per run.
+    """The attack of one training batch, configured once per run.
 
     Args:
         loss: attack objective, see :func:`attack_loss`.
         budget: ``"low"`` (2 steps of ε_e) or ``"high"`` (5 steps of ε_e / 2).
         max_eps: ε at the last epoch (8/255 on CIFAR).
         fixed_eps: use ``max_eps`` in every epoch instead of the linear ramp.
-        init: start point, ``"normal"`` (SPEC) or ``"uniform"`` (Madry's PGD-AT).
+        init: start point, ``"normal"`` (TRADES, IKL-AT) or ``"uniform"`` (Madry's PGD-AT).
         init_std: std of the normal start.
-        alpha, beta: sCE / wMSE weights of the ``"ikl"`` objective (α = β = 1 in the SPEC).
+        alpha, beta: sCE / wMSE weights of the ``"ikl"`` objective (α = β = 1 in the authors'
+            CIFAR-100 attack).
 
     >>> atk = TrainAttack(loss="sce", budget="high", max_eps=8 / 255)
     >>> atk.schedule(100, 200)

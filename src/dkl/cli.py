@@ -7,11 +7,9 @@
     dkl train kd/digits_ikl --resume              # continue runs/<name>/last.pt
     torchrun --nproc_per_node=4 -m dkl train kd/cifar100_resnet32x4_resnet8x4_ikl
     dkl eval runs/digits_ikl                      # a run folder or a checkpoint file
+    dkl robust runs/digits_ikl_at                 # clean / PGD-20 / AutoAttack accuracy
     dkl demo                                      # the digits KD demo (--recipe to pick another)
     dkl list [GROUP]                              # bundled presets
-
-Other recipes add subcommands with :func:`register_command` and demos with :func:`register_demo`
-(call them at import time of their module in ``dkl.recipes``).
 """
 
 from __future__ import annotations
@@ -21,30 +19,7 @@ import json
 import sys
 from collections.abc import Callable
 
-__all__ = ["main", "register_command", "register_demo"]
-
-_COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
-_DEMOS: dict[str, tuple[str, Callable, Callable | None]] = {}
-
-
-def register_command(
-    name: str,
-    help: str,
-    add_arguments: Callable[[argparse.ArgumentParser], None],
-    run: Callable[[argparse.Namespace], int | None],
-) -> None:
-    """Add ``dkl <name>``: ``add_arguments(parser)`` declares options, ``run(args)`` runs it."""
-    _COMMANDS[name] = (help, add_arguments, run)
-
-
-def register_demo(
-    name: str,
-    help: str,
-    run: Callable[[argparse.Namespace], int | None],
-    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-) -> None:
-    """Add ``dkl demo --recipe <name>``; options from every demo share the demo parser."""
-    _DEMOS[name] = (help, run, add_arguments)
+__all__ = ["build_parser", "main"]
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -73,8 +48,9 @@ def _resolve_run_folder(ref: str) -> str:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from dkl.api import train
     from dkl.config import ConfigError, load_config
-    from dkl.engine import Interrupted, NonFiniteLossError, train
+    from dkl.train import Interrupted, NonFiniteLossError
 
     try:
         overrides = list(args.overrides)
@@ -108,14 +84,16 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", help="a run folder (uses best.pt) or a checkpoint written by dkl")
+    p.add_argument(
+        "target", help="a run folder (final.pt, else last.pt, else best.pt) or a dkl checkpoint"
+    )
     p.add_argument("overrides", nargs="*", help="key=value overrides (data.root=..., device=cpu)")
     p.add_argument("--json", action="store_true", help="print JSON only")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from dkl.api import evaluate_checkpoint
     from dkl.config import ConfigError
-    from dkl.engine import evaluate_checkpoint
 
     try:
         res = evaluate_checkpoint(args.target, args.overrides)
@@ -145,29 +123,76 @@ def _run_list(args: argparse.Namespace) -> int:
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", default="kd", help="which demo (default kd)")
+    from dkl.demos import DEMOS, demo_module
+
+    p.add_argument("--recipe", default="kd", choices=sorted(DEMOS), help="which demo (default kd)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
-    for _, (_, _, add) in sorted(_DEMOS.items()):
-        if add is not None:
-            add(p)
+    for name in sorted(DEMOS):
+        demo_module(name).add_arguments(p)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    if args.recipe not in _DEMOS:
-        return _fail(f"unknown demo {args.recipe!r}; expected one of {', '.join(sorted(_DEMOS))}")
-    return _DEMOS[args.recipe][1](args) or 0
+    from dkl.demos import demo_module
+
+    return demo_module(args.recipe).main(args) or 0
 
 
-register_command("train", "train a model from a preset or YAML file", _train_args, _run_train)
-register_command("eval", "evaluate a run folder or checkpoint", _eval_args, _run_eval)
-register_command("demo", "run a demo end to end (digits, minutes on a CPU)", _demo_args, _run_demo)
-register_command("list", "list the bundled presets", _list_args, _run_list)
+def _robust_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="a run folder (uses final.pt: the EMA) or a dkl checkpoint")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (data.root=..., device=cpu)")
+    p.add_argument("--n-examples", type=int, default=None, help="first N test points (default: all)")
+    p.add_argument("--version", choices=["standard", "fast"], default="standard",
+                   help="AutoAttack version; 'fast' (APGD-CE + APGD-T) is NON-STANDARD")
+    p.add_argument("--eps", type=float, default=None,
+                   help="L-inf radius (default: the run's adversarial.attack.eps, else 8/255)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", choices=["auto", "official", "torchattacks"], default="auto")
+    p.add_argument("--sanity", choices=["raise", "warn", "off"], default="raise",
+                   help="gradient-masking check (default: fail loudly)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _run_robust(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dkl.api import evaluate_run
+    from dkl.config import ConfigError
+    from dkl.robust import GradientMaskingError, format_table
+
+    try:
+        res = evaluate_run(args.target, n_examples=args.n_examples, version=args.version,
+                           eps=args.eps, batch_size=args.batch_size, seed=args.seed,
+                           backend=args.backend, sanity=args.sanity, overrides=args.overrides,
+                           log=None if args.json else print)
+    except GradientMaskingError as e:
+        print(f"dkl: gradient masking: {e}", file=sys.stderr)
+        return 3
+    except (ConfigError, FileNotFoundError, ValueError, ImportError) as e:
+        print(f"dkl: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(format_table({res["run"]: res}))
+        print(f"{res['label']}; L∞ ε = {res['eps']:.5f}; {res['n_examples']} of {res['n_total']} "
+              f"test points; backend {res['backend']}; seed {res['seed']}; "
+              f"-> {Path(res['checkpoint']).parent / 'robust.json'}")
+    return 0
+
+
+#: name -> (help, add_arguments, run)
+_COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "train": ("train a model from a preset or YAML file", _train_args, _run_train),
+    "eval": ("evaluate a run folder or checkpoint", _eval_args, _run_eval),
+    "robust": ("clean / PGD-20 / AutoAttack accuracy of a run", _robust_args, _run_robust),
+    "demo": ("run a demo end to end (digits, minutes on a CPU)", _demo_args, _run_demo),
+    "list": ("list the bundled presets", _list_args, _run_list),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import dkl.recipes  # noqa: F401  (recipes register their commands and demos on import)
-
     parser = argparse.ArgumentParser(
         prog="dkl", description="Decoupled / Improved KL losses: training recipes."
     )

@@ -6,9 +6,9 @@ r"""Exponential moving average of a model's weights, shared by the recipes.
 
 Used two ways:
 
-* adversarial training (SPEC §4): once per **epoch**, τ = 0.9, from a start epoch; the EMA is the
-  model that is evaluated and exported;
-* Mean Teacher (SPEC §5): once per **iteration**, τ = 0.999; the EMA is the teacher.
+* adversarial training (the IKL-AT authors' weight averaging): once per **epoch**, τ = 0.9, from
+  a start epoch; the EMA is the model that is evaluated and exported;
+* Mean Teacher (as in USB): once per **iteration**, τ = 0.999; the EMA is the teacher.
 
 Buffers. ``buffers="ema"`` (default) averages floating-point buffers (BatchNorm running mean and
 variance) like the parameters, which is what averaging the whole ``state_dict`` does in the authors'

@@ -1,6 +1,6 @@
 r"""KL, DKL and IKL losses from logits, exact and O(B·C) in time and memory.
 
-Notation (SPEC §1): ``input`` holds the logits :math:`z_s` of the side being trained (student,
+Notation: ``input`` holds the logits :math:`z_s` of the side being trained (student,
 adversarial example, strongly augmented view) and ``target`` the logits :math:`z_t` it is pulled
 towards (teacher, natural example, weak view). Both are ``(B, C)``. :math:`\sigma` is the softmax
 over classes and :math:`\mathrm{sg}` a stop-gradient.
@@ -144,7 +144,8 @@ def weighted_mse(target: Tensor, input: Tensor, weights: Tensor) -> Tensor:
         weights: ``(B, C)`` non-negative weights, treated as constants (detached).
 
     Returns:
-        ``(B,)`` per-row values, equal to the pairwise formula of SPEC §1.
+        ``(B,)`` per-row values, equal to the paper's pairwise
+        :math:`\tfrac14 \sum_{j,k} w_j w_k (e_j - e_k)^2`.
 
     Example:
         >>> t = torch.tensor([[1.0, 2.0, 4.0]])

@@ -1,4 +1,4 @@
-r"""The class-wise prior ("global information", GI) of IKL, SPEC §2.
+r"""The class-wise prior ("global information", GI) of IKL (Cui et al., NeurIPS 2024).
 
 Row :math:`c` of :math:`P \in \mathbb{R}^{C \times C}` is the mean of :math:`\sigma(z_t / T_p)`
 over the training samples of class :math:`c` seen in the *previous* epoch. It starts uniform; at

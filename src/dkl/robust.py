@@ -1,4 +1,4 @@
-r"""Robustness evaluation: clean accuracy, PGD-20 and AutoAttack (SPEC §4), with a masking check.
+r"""Robustness evaluation: clean accuracy, PGD-20 and AutoAttack, with a masking check.
 
 :func:`evaluate_robustness` runs, on the first ``n_examples`` points (all by default):
 
@@ -28,7 +28,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,7 +44,6 @@ __all__ = [
     "build_autoattack",
     "check_gradient_masking",
     "evaluate_robustness",
-    "evaluate_run",
     "format_table",
 ]
 
@@ -375,76 +373,3 @@ def format_table(rows: dict[str, dict[str, Any]], *, pgd_steps: int = 20) -> str
         lines.append(f"| {name} | {r['n_examples']} | {r['clean']:.2f} | "
                      f"{r[f'pgd{pgd_steps}']:.2f} | {aa} |")
     return "\n".join(lines)
-
-
-def _find_checkpoint(target) -> Path:
-    from pathlib import Path
-
-    p = Path(target)
-    if p.is_dir():
-        # the exported end-of-training model (the EMA for adversarial runs) comes first
-        for name in ("final.pt", "last.pt", "best.pt"):
-            if (p / name).is_file():
-                return p / name
-        raise FileNotFoundError(f"no final.pt, last.pt or best.pt in run folder '{p}'")
-    if not p.is_file():
-        raise FileNotFoundError(f"no such run folder or checkpoint: '{p}'")
-    return p
-
-
-def evaluate_run(
-    target,
-    *,
-    n_examples: int | None = None,
-    version: str = "standard",
-    eps: float | None = None,
-    batch_size: int = 256,
-    seed: int = 0,
-    backend: str = "auto",
-    sanity: str = "raise",
-    overrides: list[str] | tuple[str, ...] = (),
-    progress: bool = True,
-    log: Callable[[str], None] | None = print,
-    write: bool = True,
-) -> dict[str, Any]:
-    """:func:`evaluate_robustness` of a dkl run folder or checkpoint on its test split.
-
-    The model is the one the run exports (``final.pt``: the EMA for adversarial runs). ``eps``
-    defaults to the run's ``adversarial.attack.eps`` (8/255 for other recipes). With ``write``,
-    the result goes to ``robust.json`` beside the checkpoint and under ``"robust"`` in its
-    ``summary.json``.
-    """
-    import json
-
-    from dkl.engine import engine_from_checkpoint
-
-    path = _find_checkpoint(target)
-    torch.manual_seed(seed)
-    engine, model = engine_from_checkpoint(path, overrides)
-    cfg = engine.cfg
-    if eps is None:
-        adv = cfg.sections.get("adversarial")
-        eps = float(adv.attack.eps) if adv is not None else 8 / 255
-    xs, ys, have = [], [], 0
-    for xb, yb in engine.test_loader():
-        xs.append(xb)
-        ys.append(yb)
-        have += len(yb)
-        if n_examples is not None and have >= n_examples:
-            break
-    x, y = torch.cat(xs), torch.cat(ys)
-    n_total = len(engine.test_set)
-    res = evaluate_robustness(model.float(), x, y, eps=eps, n_examples=n_examples,
-                              version=version, batch_size=batch_size, seed=seed, backend=backend,
-                              sanity=sanity, progress=progress, log=log)
-    res["n_total"] = n_total
-    res["checkpoint"] = str(path)
-    res["run"] = cfg.name
-    if write:
-        (path.parent / "robust.json").write_text(json.dumps(res, indent=2) + "\n")
-        summary = path.parent / "summary.json"
-        if summary.is_file():
-            data = json.loads(summary.read_text())
-            data["robust"] = res
-            summary.write_text(json.dumps(data, indent=2) + "\n")
-    return res

@@ -1,5 +1,5 @@
 """Model zoo: a name registry, CIFAR / ImageNet / digits / adversarial-training architectures,
-weight loading and in-model input normalisation.
+USB's 32×32 ViTs, weight loading and in-model input normalisation (mean and std from the caller).
 
 >>> import torch
 >>> from dkl.models import create_model
@@ -12,19 +12,9 @@ from __future__ import annotations
 from torch import nn
 
 from . import cifar_resnet, imagenet, mobilenet, preact_resnet, shufflenet, small, vgg, wrn
-from .normalize import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    CIFAR100_MEAN,
-    CIFAR100_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Normalize,
-    NormalizedModel,
-    unwrap_normalization,
-    with_normalization,
-)
+from .normalize import Normalize, NormalizedModel, unwrap_normalization, with_normalization
 from .registry import ModelEntry, create_model, list_models, model_entry, register_model
+from .vit import load_usb_pretrained, resize_pos_embed
 from .weights import extract_state_dict, load_weights
 
 del cifar_resnet, imagenet, mobilenet, preact_resnet, shufflenet, small, vgg, wrn
@@ -40,12 +30,6 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
 
 
 __all__ = [
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
-    "CIFAR100_MEAN",
-    "CIFAR100_STD",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "ModelEntry",
     "Normalize",
     "NormalizedModel",
@@ -53,9 +37,11 @@ __all__ = [
     "create_model",
     "extract_state_dict",
     "list_models",
+    "load_usb_pretrained",
     "load_weights",
     "model_entry",
     "register_model",
+    "resize_pos_embed",
     "unwrap_normalization",
     "with_normalization",
 ]

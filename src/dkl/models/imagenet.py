@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .registry import _unknown_message, register_model
+from .registry import _unknown_message, register_model, register_prefix
 
 __all__ = ["timm_model", "torchvision_model"]
 
@@ -64,3 +64,6 @@ def _register_alias(name: str) -> None:
 # plain names that no CIFAR model spells the same way (CIFAR's is "ResNet50", "MobileNetV2")
 for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v2"):
     _register_alias(_name)
+
+register_prefix("tv", torchvision_model)
+register_prefix("timm", timm_model)

@@ -1,4 +1,7 @@
-"""Input normalisation inside the model, so data and attacks stay in [0, 1] pixel space."""
+"""Input normalisation inside the model, so data and attacks stay in [0, 1] pixel space.
+
+The mean and std come from the caller (the data sets' values are in :mod:`dkl.data`).
+"""
 
 from __future__ import annotations
 
@@ -7,26 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = [
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
-    "CIFAR100_MEAN",
-    "CIFAR100_STD",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "Normalize",
-    "NormalizedModel",
-    "unwrap_normalization",
-    "with_normalization",
-]
-
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-# the values mdistiller's CIFAR-100 teachers were trained with
-CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
-CIFAR100_STD = (0.2675, 0.2565, 0.2761)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["Normalize", "NormalizedModel", "unwrap_normalization", "with_normalization"]
 
 
 class Normalize(nn.Module):
@@ -88,7 +72,7 @@ def with_normalization(
     """Wrap ``model`` so it normalises its inputs itself (see :class:`NormalizedModel`).
 
     >>> from dkl.models import create_model
-    >>> net = with_normalization(create_model("resnet8", 10), CIFAR10_MEAN, CIFAR10_STD)
+    >>> net = with_normalization(create_model("resnet8", 10), (0.5,) * 3, (0.25,) * 3)
     >>> next(iter(net.state_dict()))
     'model.conv1.weight'
     """
@@ -101,7 +85,7 @@ def unwrap_normalization(model: nn.Module) -> nn.Module:
 
     >>> from dkl.models import create_model
     >>> inner = create_model("resnet8", 10)
-    >>> unwrap_normalization(with_normalization(inner, CIFAR10_MEAN, CIFAR10_STD)) is inner
+    >>> unwrap_normalization(with_normalization(inner, (0.5,) * 3, (0.25,) * 3)) is inner
     True
     """
     while True:

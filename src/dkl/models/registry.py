@@ -25,9 +25,19 @@ from pathlib import Path
 
 from torch import nn
 
-__all__ = ["ModelEntry", "create_model", "list_models", "model_entry", "register_model"]
+from .weights import load_weights
+
+__all__ = [
+    "ModelEntry",
+    "create_model",
+    "list_models",
+    "model_entry",
+    "register_model",
+    "register_prefix",
+]
 
 ModelFn = Callable[..., nn.Module]
+PrefixFn = Callable[..., nn.Module]
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,7 @@ class ModelEntry:
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
+_PREFIXES: dict[str, PrefixFn] = {}
 
 
 def register_model(
@@ -72,6 +83,19 @@ def register_model(
         return fn
 
     return decorator
+
+
+def register_prefix(prefix: str, fn: PrefixFn) -> None:
+    """Route ``create_model("<prefix>:<name>", num_classes, **kwargs)`` to ``fn(name, ...)``.
+
+    How ``tv:`` and ``timm:`` reach torchvision and timm (:mod:`dkl.models.imagenet` registers
+    them), so the registry never imports a model library itself.
+    """
+    if not prefix or ":" in prefix:
+        raise ValueError(f"Expected a non-empty prefix without ':', got {prefix!r}")
+    if prefix in _PREFIXES:
+        raise ValueError(f"Model prefix {prefix!r} is already registered")
+    _PREFIXES[prefix] = fn
 
 
 def list_models(pattern: str | None = None, *, family: str | None = None) -> list[str]:
@@ -133,14 +157,9 @@ def create_model(
         raise ValueError(f"Expected num_classes to be a positive int, got {num_classes!r}")
     if not isinstance(name, str):
         raise TypeError(f"Expected the model name as a str, got {type(name).__name__}")
-    if name.startswith("tv:"):
-        from .imagenet import torchvision_model
-
-        model = torchvision_model(name[3:], num_classes, **kwargs)
-    elif name.startswith("timm:"):
-        from .imagenet import timm_model
-
-        model = timm_model(name[5:], num_classes, **kwargs)
+    prefix, sep, rest = name.partition(":")
+    if sep and prefix in _PREFIXES:
+        model = _PREFIXES[prefix](rest, num_classes, **kwargs)
     else:
         entry = model_entry(name)
         try:
@@ -150,7 +169,5 @@ def create_model(
                 raise TypeError(f"Model {name!r} got an unknown option: {err}") from None
             raise
     if checkpoint is not None:
-        from .weights import load_weights
-
         load_weights(model, checkpoint, strict=strict)
     return model

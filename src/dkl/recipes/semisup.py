@@ -45,45 +45,34 @@ The per-batch losses are pure functions of logits (:func:`fixmatch_loss`, :func:
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import dkl.models_vit  # noqa: F401  (registers the ViT models)
 from dkl._checks import check_logits
-from dkl.config import ConfigError, register_section
+from dkl.config import ConfigError, SemiSupConfig
+from dkl.data import SemiSupLoader, ViewDataset, build_views, raw_images, split_labeled
 from dkl.ema import ModelEMA
-from dkl.engine import Recipe, StepContext
 from dkl.losses import ikl_loss, soft_cross_entropy
 from dkl.recipes import register_recipe
-from dkl.semisup_data import (
-    DigitsStrong,
-    DigitsWeak,
-    SemiSupLoader,
-    ViewDataset,
-    cifar_strong,
-    cifar_weak,
-    split_labeled,
-)
+from dkl.train import Counters, StepContext, Task
 
 __all__ = [
     "METHODS",
     "SemiSupConfig",
     "SemiSupTask",
-    "build_optimizer",
     "confidence_mask",
     "fixmatch_loss",
     "ikl_consistency",
     "masked_batch_mean",
     "meanteacher_loss",
     "param_groups",
+    "plot_ssl",
     "vit_layer_id",
 ]
 
@@ -191,7 +180,7 @@ def meanteacher_loss(
 
 
 # --------------------------------------------------------------------------------------------
-# Optimiser: AdamW with layer-wise lr decay; USB's warm-up + cosine
+# Optimiser groups: layer-wise lr decay (the schedule is the trainer's sched.name=usb_cosine)
 # --------------------------------------------------------------------------------------------
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -282,242 +271,15 @@ def param_groups(
     return [groups[k] for k in sorted(groups, key=lambda k: (-k[0], not k[1]))]
 
 
-def build_optimizer(
-    model: nn.Module,
-    *,
-    name: str = "adamw",
-    lr: float = 5e-4,
-    weight_decay: float = 5e-4,
-    layer_decay: float = 1.0,
-    momentum: float = 0.9,
-    nesterov: bool = True,
-    betas: Iterable[float] = (0.9, 0.999),
-) -> torch.optim.Optimizer:
-    """AdamW (or SGD) over :func:`param_groups`, as USB's ``get_optimizer`` builds it."""
-    groups = param_groups(model, lr=lr, weight_decay=weight_decay, layer_decay=layer_decay)
-    for g in groups:
-        g.pop("param_names")
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
-    if name == "sgd":
-        return torch.optim.SGD(
-            groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
-        )
-    raise ValueError(f"Unknown optimizer {name!r}: expected 'adamw' or 'sgd'")
-
-
 # --------------------------------------------------------------------------------------------
-# The task: one training step
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SemiSupConfig:
-    """The ``semisup:`` section of a config (defaults: SPEC §5's FixMatch-IKL on CIFAR-100)."""
-
-    method: Literal["supervised", "fixmatch", "fixmatch_ikl", "meanteacher", "meanteacher_ikl"] = (
-        "fixmatch_ikl"
-    )
-    num_labels_per_class: int = 2
-    include_labeled_in_unlabeled: bool = False  # USB: true (include_lb_to_ulb)
-    uratio: int = 1  # unlabeled batch = uratio * labeled batch (data.batch_size)
-    threshold: float = 0.95  # confidence mask (USB's p_cutoff)
-    lambda_u: float = 1.0
-    unsup_warmup: float = 0.0  # fraction of the iterations over which λ_u ramps up (0: none)
-    hard_label: bool = False  # FixMatch: argmax pseudo-label instead of the soft one
-    pl_temperature: float = 1.0  # FixMatch soft pseudo-label σ(z_w / T_pl) (USB in effect: 1)
-    alpha: float = 1.0  # IKL: weight of the sCE
-    beta: float = 0.1  # IKL: weight of the wMSE
-    temperature: float = 1.0  # IKL: sCE temperature
-    weight_temperature: float = 1.0  # IKL: T2 of the weights σ(z_tg / T2)
-    detach_target: bool = False  # FixMatch-IKL: stop the wMSE gradient into the weak view
-    ema_momentum: float = 0.999  # MeanTeacher's teacher; the evaluation EMA with eval_ema
-    eval_ema: bool = (
-        False  # FixMatch: evaluate an EMA copy (MeanTeacher always evaluates its teacher)
-    )
-    teacher_train_mode: bool = True  # MeanTeacher: teacher forward in train mode (as USB)
-    layer_decay: float = 1.0  # ViT layer-wise lr decay (SPEC: 0.5); needs a ViT
-    crop_ratio: float = 0.875  # CIFAR views: reflect padding int(32 · (1 − ratio)) = 4
-    randaugment_ops: int = 3
-    randaugment_magnitude: int = 9
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the bad field (the config loader calls this)."""
-        if self.method not in METHODS:
-            raise ValueError(f"Unknown semisup.method {self.method!r}: expected one of {METHODS}")
-        if self.uratio < 1:
-            raise ValueError(f"Expected semisup.uratio >= 1, got {self.uratio}")
-        if not 0.0 <= self.ema_momentum < 1.0:
-            raise ValueError(f"Expected semisup.ema_momentum in [0, 1), got {self.ema_momentum}")
-
-    @property
-    def uses_unlabeled(self) -> bool:
-        return self.method != "supervised"
-
-    @property
-    def uses_teacher(self) -> bool:
-        return self.method.startswith("meanteacher")
-
-    @property
-    def student_view(self) -> str:
-        """The view of an unlabeled image the student sees: strong (FixMatch) or weak (MT)."""
-        return "weak" if self.uses_teacher else "strong"
-
-
-register_section("semisup", SemiSupConfig)
-
-
-class SemiSupTask:
-    """One SSL training step on ``(labeled, unlabeled)`` batches from a :class:`SemiSupLoader`.
-
-    ``labeled = (x, y, index)``; ``unlabeled = (x_weak, x_student, y_true, index)`` (``None`` for
-    ``supervised``). :meth:`step` returns the loss (to back-propagate) and detached metrics:
-    ``logits_lb``, ``sup_loss``, ``unsup_loss``, ``mask_ratio`` (share of the unlabeled batch
-    above the threshold), ``pl_correct``/``pl_count`` (pseudo-labels right among the kept
-    samples) and ``pl_correct_all``/``unl_count`` (over all unlabeled samples).
-
-    ``model`` is what is called (DDP-wrapped under torchrun), ``raw`` the bare module the EMA
-    follows. :attr:`ema` (a :class:`dkl.ema.ModelEMA`, buffers copied as USB does) is the
-    MeanTeacher teacher or the evaluation EMA; call :meth:`after_step` after each optimiser step.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        cfg: SemiSupConfig,
-        *,
-        raw: nn.Module | None = None,
-        total_iters: int = 0,
-    ) -> None:
-        self.model, self.raw, self.cfg = model, raw if raw is not None else model, cfg
-        self.total_iters = int(total_iters)
-        cfg.validate()
-        self.ema: ModelEMA | None = None
-        if cfg.uses_teacher or cfg.eval_ema:
-            self.ema = ModelEMA(self.raw, cfg.ema_momentum, buffers="copy")
-
-    @property
-    def eval_model(self) -> nn.Module:
-        return self.ema.module if self.ema is not None else self.raw
-
-    def lambda_u(self, it: int) -> float:
-        if self.cfg.unsup_warmup <= 0 or self.total_iters <= 0:
-            return self.cfg.lambda_u
-        ramp = it / (self.cfg.unsup_warmup * self.total_iters)
-        return self.cfg.lambda_u * min(max(ramp, 0.0), 1.0)
-
-    def unsup(self, input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        c = self.cfg
-        if c.method == "fixmatch":
-            return fixmatch_loss(
-                input,
-                target,
-                threshold=c.threshold,
-                hard_label=c.hard_label,
-                pl_temperature=c.pl_temperature,
-            )
-        if c.method == "meanteacher":
-            return meanteacher_loss(input, target, threshold=c.threshold)
-        return ikl_consistency(
-            input,
-            target,
-            threshold=c.threshold,
-            alpha=c.alpha,
-            beta=c.beta,
-            temperature=c.temperature,
-            weight_temperature=c.weight_temperature,
-            detach_target=c.detach_target,
-        )
-
-    def _teacher_logits(self, x: Tensor) -> Tensor:
-        assert self.ema is not None
-        teacher = self.ema.module
-        teacher.train(self.cfg.teacher_train_mode)
-        try:
-            with torch.no_grad():
-                return teacher(x)
-        finally:
-            teacher.eval()
-
-    def step(
-        self, labeled: tuple[Tensor, ...], unlabeled: tuple[Tensor, ...] | None, it: int = 0
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        x_lb, y_lb = labeled[0], labeled[1]
-        n_lb = x_lb.shape[0]
-        method = self.cfg.method
-        if method == "supervised":
-            logits_lb = self.model(x_lb)
-            sup = F.cross_entropy(logits_lb, y_lb)
-            return sup, {"logits_lb": logits_lb.detach(), "sup_loss": sup.detach()}
-        if unlabeled is None:
-            raise ValueError(f"method {method!r} needs an unlabeled batch, got None")
-        x_w, x_st, y_true = unlabeled[0], unlabeled[1], unlabeled[2]
-        if method.startswith("fixmatch"):
-            logits = self.model(torch.cat([x_lb, x_w, x_st]))
-            logits_lb = logits[:n_lb]
-            target, input = logits[n_lb:].chunk(2)
-        else:
-            target = self._teacher_logits(x_w)
-            logits = self.model(torch.cat([x_lb, x_st]))
-            logits_lb, input = logits[:n_lb], logits[n_lb:]
-        sup = F.cross_entropy(logits_lb, y_lb)
-        unsup, mask = self.unsup(input, target)
-        loss = sup + self.lambda_u(it) * unsup
-        with torch.no_grad():
-            correct = (target.argmax(dim=1) == y_true).float()
-            metrics = {
-                "logits_lb": logits_lb.detach(),
-                "sup_loss": sup.detach(),
-                "unsup_loss": unsup.detach(),
-                "mask_ratio": mask.mean(),
-                "pl_correct": (correct * mask).sum(),
-                "pl_count": mask.sum(),
-                "pl_correct_all": correct.sum(),
-                "unl_count": torch.tensor(float(correct.numel()), device=correct.device),
-            }
-        return loss, metrics
-
-    def after_step(self) -> None:
-        """Move the EMA towards the current weights (call after ``optimizer.step()``)."""
-        if self.ema is not None:
-            self.ema.update(self.raw)
-
-
-# --------------------------------------------------------------------------------------------
-# The engine recipe
+# The task
 # --------------------------------------------------------------------------------------------
 
 _PL_KEYS = ("pl_correct", "pl_count", "pl_correct_all", "unl_count")
 
 
-def _raw_images(train_set: Any) -> tuple[Any, Any]:
-    """The un-augmented images and labels behind one of :func:`dkl.data.build_datasets`' sets."""
-    if hasattr(train_set, "images") and hasattr(train_set, "labels"):  # digits (tensors)
-        return train_set.images, train_set.labels
-    base = getattr(train_set, "base", train_set)  # SeededDataset around a torchvision set
-    if hasattr(base, "data") and hasattr(base, "targets"):
-        return base.data, base.targets
-    raise ConfigError(
-        f"recipe semisup: data set {type(base).__name__} exposes neither (images, labels) nor "
-        f"(data, targets); supported: digits, cifar10, cifar100"
-    )
-
-
-def build_views(data_name: str, cfg: SemiSupConfig) -> tuple[Any, Any]:
-    """``(weak, strong)`` transforms for a data set name (digits: tensor views; CIFAR: USB's)."""
-    if data_name == "digits":
-        return DigitsWeak(), DigitsStrong()
-    if data_name in ("cifar10", "cifar100"):
-        weak = cifar_weak(32, cfg.crop_ratio)
-        strong = cifar_strong(32, cfg.crop_ratio, cfg.randaugment_ops, cfg.randaugment_magnitude)
-        return weak, strong
-    raise ConfigError(
-        f"recipe semisup: no views for data '{data_name}' (digits, cifar10, cifar100)"
-    )
-
-
-@register_recipe("semisup")
-class SemiSupRecipe(Recipe):
+@register_recipe("semisup", config=SemiSupConfig)
+class SemiSupTask(Task):
     """``recipe: semisup``: FixMatch / MeanTeacher (± IKL) and the supervised baseline.
 
     ``data.batch_size`` is the labeled batch; the unlabeled batch is ``uratio`` times larger.
@@ -526,35 +288,51 @@ class SemiSupRecipe(Recipe):
     ``<run>/labeled_indices.json``. Each evaluation adds ``mask_ratio``, ``pl_acc`` (pseudo-labels
     right among the unlabeled samples above the threshold, %) and ``pl_acc_all`` (over all
     unlabeled samples, %) to the record; ``ssl_curves.png`` plots them with top-1.
+
+    A step takes ``labeled = (x, y, index)`` and ``unlabeled = (x_weak, x_student, y_true,
+    index)`` (``None`` for ``supervised``). :attr:`ema` (a :class:`dkl.ema.ModelEMA`, buffers
+    copied as USB does) is the MeanTeacher teacher or the evaluation EMA.
     """
 
-    def __init__(self, cfg: Any, engine: Any) -> None:
-        super().__init__(cfg, engine)
-        self.scfg: SemiSupConfig = cfg.semisup
-        images, labels = _raw_images(engine.train_set)
+    state_members = ("pl", "ema")
+
+    def __init__(self, cfg: Any, ctx: Any) -> None:
+        super().__init__(cfg, ctx)
+        s: SemiSupConfig = cfg.semisup
+        self.scfg = s
+        try:
+            images, labels = raw_images(ctx.train_set)
+            weak, strong = build_views(
+                cfg.data.name,
+                crop_ratio=s.crop_ratio,
+                randaugment_ops=s.randaugment_ops,
+                randaugment_magnitude=s.randaugment_magnitude,
+            )
+        except ValueError as e:
+            raise ConfigError(f"recipe semisup: {e}") from None
         self.labels = torch.as_tensor(labels).long()
         self.labeled_idx, self.unlabeled_idx = split_labeled(
             self.labels,
-            self.scfg.num_labels_per_class,
+            s.num_labels_per_class,
             seed=cfg.seed,
-            include_labeled_in_unlabeled=self.scfg.include_labeled_in_unlabeled,
+            include_labeled_in_unlabeled=s.include_labeled_in_unlabeled,
         )
-        weak, strong = build_views(cfg.data.name, self.scfg)
-        student = strong if self.scfg.student_view == "strong" else weak
+        student = strong if s.student_view == "strong" else weak
         self.labeled_set = ViewDataset(
             images, self.labels, self.labeled_idx, [weak], seed=cfg.seed, stream=0
         )
         self.unlabeled_set = ViewDataset(
             images, self.labels, self.unlabeled_idx, [weak, student], seed=cfg.seed, stream=1
         )
-        self.task: SemiSupTask | None = None
-        self._pl = dict.fromkeys(_PL_KEYS, 0.0)
+        self.pl = Counters(*_PL_KEYS)
+        self.ema: ModelEMA | None = None
         self._wrote_indices = False
 
     # model and optimiser ----------------------------------------------------------------------
     def build_model(self) -> nn.Module:
-        model = self.engine.build_model(self.cfg.model)
-        self.task = SemiSupTask(model, self.scfg, raw=model, total_iters=self.cfg.train.iterations)
+        model = super().build_model()
+        if self.scfg.uses_teacher or self.scfg.eval_ema:
+            self.ema = ModelEMA(model, self.scfg.ema_momentum, buffers="copy")
         return model
 
     def param_groups(self, model: nn.Module) -> Iterable:
@@ -570,115 +348,138 @@ class SemiSupRecipe(Recipe):
         return groups
 
     def eval_model(self) -> nn.Module:
-        assert self.task is not None
-        return self.task.eval_model
+        return self.ema.module if self.ema is not None else super().eval_model()
 
     def after_step(self, ctx: StepContext) -> None:
-        assert self.task is not None
-        self.task.after_step()  # the EMA teacher follows the weights just updated
+        if self.ema is not None:  # the EMA follows the weights just updated
+            self.ema.update(self.raw_model)
 
     # data ---------------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
-        per_step = self.engine.batch_per_rank * self.scfg.uratio * self.engine.world
-        return max(1, math.ceil(len(self.unlabeled_idx) / per_step))
-
-    def _effective_spe(self) -> int:
-        spe, cap = self.steps_per_epoch(), self.cfg.train.max_steps_per_epoch
-        return min(spe, cap) if cap > 0 else spe
+        per_step = self.ctx.batch_per_rank * self.scfg.uratio * self.ctx.world
+        return max(1, -(-len(self.unlabeled_idx) // per_step))
 
     def write_labeled_indices(self, run_dir: Path) -> Path:
         path = Path(run_dir) / "labeled_indices.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(
-            json.dumps(
-                {
-                    "seed": self.cfg.seed,
-                    "num_labels_per_class": self.scfg.num_labels_per_class,
-                    "indices": self.labeled_idx,
-                    "labels": self.labels[self.labeled_idx].tolist(),
-                    "num_unlabeled": len(self.unlabeled_idx),
-                }
-            )
-            + "\n"
-        )
+        record = {
+            "seed": self.cfg.seed,
+            "num_labels_per_class": self.scfg.num_labels_per_class,
+            "indices": self.labeled_idx,
+            "labels": self.labels[self.labeled_idx].tolist(),
+            "num_unlabeled": len(self.unlabeled_idx),
+        }
+        path.write_text(json.dumps(record) + "\n")
         return path
 
     def train_batches(self, epoch: int, start: int) -> Iterator:
-        e = self.engine
-        if not self._wrote_indices and e.rank == 0:
-            self.write_labeled_indices(e.run_dir)
+        ctx = self.ctx
+        if not self._wrote_indices and ctx.is_main:
+            self.write_labeled_indices(ctx.run_dir)
             self._wrote_indices = True
-        spe = self._effective_spe()
+        spe, cap = self.steps_per_epoch(), self.cfg.train.max_steps_per_epoch
+        spe = min(spe, cap) if cap > 0 else spe
         loader = SemiSupLoader(
             self.labeled_set,
             self.unlabeled_set if self.scfg.uses_unlabeled else None,
-            batch_size=e.batch_per_rank,
+            batch_size=ctx.batch_per_rank,
             uratio=self.scfg.uratio,
             seed=self.cfg.seed,
             num_workers=self.cfg.data.num_workers,
-            rank=e.rank,
-            world=e.world,
+            rank=ctx.rank,
+            world=ctx.world,
         )
         loader.load_state_dict({"step": (epoch - 1) * spe + start})
         for _ in range(start, spe):
             yield next(loader)
 
     # step ---------------------------------------------------------------------------------
+    def lambda_u(self, it: int) -> float:
+        c, total = self.scfg, self.cfg.train.iterations
+        if c.unsup_warmup <= 0 or total <= 0:
+            return c.lambda_u
+        return c.lambda_u * min(max(it / (c.unsup_warmup * total), 0.0), 1.0)
+
+    def unsup(self, input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        c = self.scfg
+        if c.method == "fixmatch":
+            return fixmatch_loss(input, target, threshold=c.threshold, hard_label=c.hard_label,
+                                 pl_temperature=c.pl_temperature)  # fmt: skip
+        if c.method == "meanteacher":
+            return meanteacher_loss(input, target, threshold=c.threshold)
+        return ikl_consistency(
+            input, target, threshold=c.threshold, alpha=c.alpha, beta=c.beta,
+            temperature=c.temperature, weight_temperature=c.weight_temperature,
+            detach_target=c.detach_target,
+        )  # fmt: skip
+
+    def _teacher_logits(self, x: Tensor) -> Tensor:
+        assert self.ema is not None
+        teacher = self.ema.module
+        teacher.train(self.scfg.teacher_train_mode)
+        try:
+            with torch.no_grad():
+                return teacher(x)
+        finally:
+            teacher.eval()
+
     def train_step(self, batch: Any, ctx: StepContext) -> dict:
-        assert self.task is not None
         labeled, unlabeled = batch
-        loss, m = self.task.step(labeled, unlabeled, ctx.global_step)
-        for k in _PL_KEYS:
-            if k in m:
-                self._pl[k] += float(m.pop(k))
-        out = {"loss": loss, "logits": m.pop("logits_lb"), "labels": labeled[1]}
-        out.update(m)
-        return out
+        x_lb, y_lb = labeled[0], labeled[1]
+        n_lb = x_lb.shape[0]
+        method = self.scfg.method
+        if method == "supervised":
+            logits_lb = self.model(x_lb)
+            sup = F.cross_entropy(logits_lb, y_lb)
+            return {"loss": sup, "logits": logits_lb.detach(), "labels": y_lb,
+                    "sup_loss": sup.detach()}  # fmt: skip
+        if unlabeled is None:
+            raise ValueError(f"method {method!r} needs an unlabeled batch, got None")
+        x_w, x_st, y_true = unlabeled[0], unlabeled[1], unlabeled[2]
+        if method.startswith("fixmatch"):  # one forward for all three (USB's use_cat)
+            logits = self.model(torch.cat([x_lb, x_w, x_st]))
+            logits_lb = logits[:n_lb]
+            target, input = logits[n_lb:].chunk(2)
+        else:
+            target = self._teacher_logits(x_w)
+            logits = self.model(torch.cat([x_lb, x_st]))
+            logits_lb, input = logits[:n_lb], logits[n_lb:]
+        sup = F.cross_entropy(logits_lb, y_lb)
+        unsup, mask = self.unsup(input, target)
+        loss = sup + self.lambda_u(ctx.global_step) * unsup
+        with torch.no_grad():
+            correct = (target.argmax(dim=1) == y_true).float()
+            self.pl.add(pl_correct=(correct * mask).sum(), pl_count=mask.sum(),
+                        pl_correct_all=correct.sum(), unl_count=float(correct.numel()))  # fmt: skip
+        return {"loss": loss, "logits": logits_lb.detach(), "labels": y_lb,
+                "sup_loss": sup.detach(), "unsup_loss": unsup.detach(),
+                "mask_ratio": mask.mean()}  # fmt: skip
 
     def evaluate(self, loader: Iterable) -> dict | None:
-        vals = torch.tensor([self._pl[k] for k in _PL_KEYS], dtype=torch.float64)
-        if torch.distributed.is_initialized() and self.engine.world > 1:
-            vals = vals.to(self.engine._comm_device())
-            torch.distributed.all_reduce(vals)
-            vals = vals.cpu()
-        self._pl = dict.fromkeys(_PL_KEYS, 0.0)
-        correct, count, correct_all, n = vals.tolist()
+        t = self.pl.reduce()
+        n = t["unl_count"]
         if n == 0:
             return None
-        out = {"mask_ratio": count / n, "pl_acc_all": 100.0 * correct_all / n}
-        if count > 0:  # left out while no sample passes the threshold (no NaN in the logs)
-            out["pl_acc"] = 100.0 * correct / count
+        out = {"mask_ratio": t["pl_count"] / n, "pl_acc_all": 100.0 * t["pl_correct_all"] / n}
+        if t["pl_count"] > 0:  # left out while no sample passes the threshold (no NaN in logs)
+            out["pl_acc"] = 100.0 * t["pl_correct"] / t["pl_count"]
         return out
 
     # state --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        assert self.task is not None
-        state: dict = {"pl": dict(self._pl), "labeled_indices": list(self.labeled_idx)}
-        if self.task.ema is not None:
-            state["ema"] = self.task.ema.state_dict()
-        return state
+        return {**super().state_dict(), "labeled_indices": list(self.labeled_idx)}
 
     def load_state_dict(self, state: dict) -> None:
-        assert self.task is not None
         if state.get("labeled_indices", self.labeled_idx) != self.labeled_idx:
             raise ValueError(
                 "checkpoint was trained on another labeled subset (seed or "
                 "num_labels_per_class differ)"
             )
-        self._pl = {k: float(state["pl"].get(k, 0.0)) for k in _PL_KEYS}
-        if self.task.ema is not None:
-            self.task.ema.load_state_dict(state["ema"])
+        super().load_state_dict(state)
 
-    def rank_state(self) -> dict:
-        return {"pl": dict(self._pl)}  # this rank's pseudo-label counts since the last eval
-
-    def load_rank_state(self, state: dict) -> None:
-        self._pl = {k: float(state["pl"].get(k, 0.0)) for k in _PL_KEYS}
-
-    def summary(self) -> dict:
-        e = self.engine
-        if e.rank == 0 and self.cfg.train.plot and e.history and not e.eval_only:
-            plot_ssl(e.history, e.run_dir / "ssl_curves.png", title=self.cfg.name)
+    def summary(self, history: list[dict]) -> dict:
+        if self.ctx.is_main and self.cfg.train.plot and history and not self.ctx.eval_only:
+            plot_ssl(history, self.ctx.run_dir / "ssl_curves.png", title=self.cfg.name)
         return {
             "method": self.scfg.method,
             "num_labeled": len(self.labeled_idx),
@@ -714,124 +515,3 @@ def plot_ssl(history: list[dict], path: str | Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-# --------------------------------------------------------------------------------------------
-# The digits demo: dkl demo --recipe semisup
-# --------------------------------------------------------------------------------------------
-
-DEMO_METHODS = ("supervised", "fixmatch", "fixmatch_ikl")
-_TABLE_HEAD = (
-    "| method | top-1 (%) mean ± std | per seed | mask ratio (last) | pseudo-label acc. (last, %) |"
-)
-
-
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return m, s
-
-
-def run_demo(
-    out: str | Path = "runs/demo_ssl",
-    *,
-    seeds: int = 3,
-    methods: Iterable[str] = DEMO_METHODS,
-    overrides: Iterable[str] = (),
-    log: Any = print,
-) -> tuple[str, dict[str, list[dict]]]:
-    """Train ``semisup/digits_<method>`` for each method and seed; return (markdown table, runs).
-
-    The seed picks the labeled subset as well as the initialisation, so the spread includes the
-    luck of the labels. Top-1 is the final model's (no best-of-run picking).
-    """
-    from dkl.config import load_config
-    from dkl.engine import Engine
-
-    runs: dict[str, list[dict]] = {}
-    for method in methods:
-        for seed in range(seeds):
-            cfg = load_config(
-                f"semisup/digits_{method}",
-                [
-                    f"seed={seed}",
-                    f"name={method}_seed{seed}",
-                    f"train.out_dir={out}",
-                    "train.overwrite=true",
-                    "train.progress=false",
-                    *overrides,
-                ],
-            )
-            engine = Engine(cfg, log=lambda m: None)
-            summary = engine.fit()
-            last = engine.history[-1]
-            runs.setdefault(method, []).append(
-                {
-                    "seed": seed,
-                    "top1": summary["last"]["top1"],
-                    "time_s": summary["wall_time_s"],
-                    "mask_ratio": last.get("mask_ratio"),
-                    "pl_acc": last.get("pl_acc"),
-                }
-            )
-            log(
-                f"  {method:13s} seed {seed}: top-1 {summary['last']['top1']:.2f}  "
-                f"({summary['wall_time_s']:.0f} s)"
-            )
-    lines = [
-        _TABLE_HEAD,
-        "|---|---|---|---|---|",
-    ]
-    for method, rs in runs.items():
-        m, s = _mean_std([r["top1"] for r in rs])
-        per = ", ".join(f"{r['top1']:.1f}" for r in rs)
-        masks = [r["mask_ratio"] for r in rs if r["mask_ratio"] is not None]
-        pls = [r["pl_acc"] for r in rs if r["pl_acc"] is not None]
-        mask = "–" if not masks else "{:.2f} ± {:.2f}".format(*_mean_std(masks))
-        pl = "–" if not pls else "{:.1f} ± {:.1f}".format(*_mean_std(pls))
-        lines.append(f"| {method} | {m:.2f} ± {s:.2f} | {per} | {mask} | {pl} |")
-    table = "\n".join(lines)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "ssl_table.md").write_text(table + "\n")
-    return table, runs
-
-
-def _demo_cli(args: Any) -> int:
-    # The digits models are tiny: one thread is faster than two, and immune to oversubscription.
-    torch.set_num_threads(1)
-    seeds = int(getattr(args, "seeds", 3))
-    out = Path(getattr(args, "out", "runs/demo"))
-    if out.name == "demo":  # the shared default: keep the SSL runs apart from the KD demo's
-        out = out.parent / "demo_ssl"
-    overrides = list(getattr(args, "ssl_set", None) or [])
-    print(f"SSL demo on digits: {', '.join(DEMO_METHODS)}; {seeds} seed(s); runs in {out}")
-    table, _ = run_demo(out, seeds=seeds, overrides=overrides)
-    print(table)
-    print(f"(table saved to {out / 'ssl_table.md'})")
-    return 0
-
-
-def _demo_args(p: Any) -> None:
-    p.add_argument(
-        "--ssl-set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="semisup demo: a config override for every run (repeatable), "
-        "e.g. --ssl-set train.iterations=300",
-    )
-
-
-def _register_demo() -> None:
-    try:
-        from dkl.cli import register_demo
-    except ImportError:  # pragma: no cover
-        return
-    register_demo(
-        "semisup",
-        "semi-supervised digits: supervised vs FixMatch vs FixMatch-IKL",
-        _demo_cli,
-        _demo_args,
-    )
-
-
-_register_demo()

@@ -3,8 +3,8 @@
 USB's semi-supervised ViTs are timm ``VisionTransformer`` s with the same parameter names:
 ViT-Small = embed 384, depth 12, 6 heads, patch 2 at 32×32 (16×16 patches + a class token),
 ``qkv_bias``, LayerNorm ε = 1e-6, class-token pooling, drop-path 0.2 (ViT-Tiny: 192 / 3 heads /
-drop-path 0.1). timm is imported only when a model is built (``pip install 'dkl[timm]'``).
-Importing this module registers both names in :mod:`dkl.models` (the SSL recipe imports it).
+drop-path 0.1). Both are registered under USB's names, family ``cifar`` (32×32 inputs). timm is
+imported only when a model is built (``pip install 'dkl[timm]'``).
 
 :func:`load_usb_pretrained` reads USB's released checkpoint layout from a local file, the way USB's
 ``load_checkpoint`` does: the state dict under ``["model"]``, a leading ``module.`` removed, the
@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .registry import register_model
 
 __all__ = [
     "USB_HEAD_PREFIXES",
@@ -69,6 +71,7 @@ def _vit(
     return model
 
 
+@register_model("vit_small_patch2_32", family="cifar")
 def vit_small_patch2_32(
     num_classes: int = 100, *, drop_path_rate: float = 0.2, **kwargs
 ) -> nn.Module:
@@ -76,6 +79,7 @@ def vit_small_patch2_32(
     return _vit(num_classes, 384, 6, drop_path_rate, **kwargs)
 
 
+@register_model("vit_tiny_patch2_32", family="cifar")
 def vit_tiny_patch2_32(
     num_classes: int = 100, *, drop_path_rate: float = 0.1, **kwargs
 ) -> nn.Module:
@@ -165,15 +169,3 @@ def load_usb_pretrained(
         )
     model.load_state_dict(new, strict=False)
     return {"dropped": dropped, "missing": missing, "resized": resized}
-
-
-def _register() -> None:
-    # in dkl's model registry under USB's names (family "cifar": 32×32 inputs)
-    from dkl.models.registry import list_models, register_model
-
-    for fn in (vit_small_patch2_32, vit_tiny_patch2_32):
-        if fn.__name__ not in list_models():
-            register_model(fn.__name__, family="cifar")(fn)
-
-
-_register()

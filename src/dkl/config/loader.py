@@ -1,26 +1,26 @@
-"""Typed run configuration: YAML presets + dotted ``key=value`` overrides.
+"""Loading configs: YAML presets, ``_base_`` includes, dotted overrides, validation.
 
-A run is described by one :class:`Config`. It is built from
+A run is described by one :class:`~dkl.config.Config`, built from
 
 1. a preset, given by name (``kd/digits_ikl`` -> ``src/dkl/configs/kd/digits_ikl.yaml``) or by
    path (``my/run.yaml``); a preset may start from others with ``_base_: name`` (or a list of
    names; later ones win, the preset's own keys win over all of them);
 2. command-line overrides ``section.key=value`` (values parsed as YAML: ``0.05``, ``[150, 180]``,
    ``true``, ``null``). A key without a dot that is not a top-level field is looked up in the
-   sections: ``seed=1`` is top-level, ``method=ikl`` means ``distill.method`` and ``device=cpu``
-   means ``train.device`` as long as exactly one section has that key.
+   run's sections (the shared ones and its recipe's): ``method=ikl`` means ``distill.method`` in
+   a distillation run. A short key that more than one of them has is an error naming the full
+   keys (``warmup`` is ``sched.warmup`` or ``distill.warmup``).
 
 Everything is validated against dataclasses: an unknown key, a value of the wrong type or a missing
-preset raises :class:`ConfigError` with one line naming the key. Recipes add their own section
-(``distill:``, ``adversarial:``, ...) with :func:`register_section`.
+preset raises :class:`~dkl.config.ConfigError` with one line naming the key.
 
 >>> cfg = load_config("kd/digits_ikl", ["distill.beta=0.5", "seed=3"])
->>> cfg.distill.method, cfg.distill.beta, cfg.seed
-('ikl', 0.5, 3)
+>>> cfg.distill.method, cfg.distill.beta, cfg.seed, cfg.adversarial
+('ikl', 0.5, 3, None)
 >>> load_config("kd/digits_ikl", ["train.epochz=3"])
 Traceback (most recent call last):
 ...
-dkl.config.ConfigError: unknown key 'train.epochz' (known: amp, deterministic, device, ...)
+dkl.config.schema.ConfigError: unknown key 'train.epochz' (known: amp, deterministic, device, ...)
 """
 
 from __future__ import annotations
@@ -28,182 +28,54 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 
+from dkl.config.schema import (
+    BUILTIN_SECTIONS,
+    COMMON_SECTIONS,
+    TOP_LEVEL,
+    Config,
+    ConfigError,
+)
+
 __all__ = [
     "PRESET_DIR",
-    "Config",
-    "ConfigError",
-    "DataConfig",
-    "ModelConfig",
-    "OptimConfig",
-    "SchedConfig",
-    "TrainConfig",
+    "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "known_recipes",
     "list_presets",
     "load_config",
-    "register_section",
+    "register_recipe_config",
     "save_config",
 ]
 
-PRESET_DIR = Path(__file__).resolve().parent / "configs"
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# recipe name -> its section's dataclass (None: the recipe has no section of its own)
+_RECIPE_SECTIONS: dict[str, type | None] = dict(BUILTIN_SECTIONS)
 
 
-class ConfigError(ValueError):
-    """A configuration problem; the message is one line that names the offending key."""
+def register_recipe_config(recipe: str, section: type | None = None) -> None:
+    """Declare a recipe name (and the dataclass of its own section, if it has one).
 
-
-# --------------------------------------------------------------------------------------------
-# Sections shared by every recipe
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DataConfig:
-    """Which data set and how it is batched. ``batch_size`` is the GLOBAL batch (all ranks)."""
-
-    name: str = "digits"  # digits | cifar10 | cifar100 | imagefolder
-    root: str = "data"
-    download: bool = False
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    num_workers: int = 0
-    augment: bool = True  # standard train augmentation (crop + flip) where the data set has one
-    image_size: int = 224  # imagefolder only
-    drop_last: bool = False
-
-
-@dataclass
-class ModelConfig:
-    """A model built by ``dkl.models.create_model(name, num_classes, **kwargs)``."""
-
-    name: str = "mlp"
-    kwargs: dict = field(default_factory=dict)
-    normalize: bool = True  # wrap with the data set's Normalize(mean, std): inputs stay in [0, 1]
-    checkpoint: str = ""  # optional initial weights (dkl.models.load_weights)
-
-
-@dataclass
-class OptimConfig:
-    name: Literal["sgd", "adamw", "adam"] = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-
-
-@dataclass
-class SchedConfig:
-    """Learning-rate schedule, in the run's unit: epochs (epoch-based) or iterations.
-
-    ``multistep``: ``lr * gamma ** (number of milestones passed)``; ``cosine``:
-    ``lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + cos(pi * t / total)))`` with ``total``
-    defaulting to the run length; ``constant``. ``warmup`` units of linear warm-up from
-    ``warmup_start`` * lr. With ``per_step: false`` (default for epochs) the lr changes only at
-    epoch boundaries; ``per_step: true`` interpolates within an epoch. ``offset`` shifts the cosine's
-    position: with ``total: 201, offset: 1`` epoch ``e`` (from 1) gets ``0.5 (1 + cos(pi e / 201))``,
-    the adversarial-training schedule of the IKL-AT authors. ``usb_cosine``:
-    ``lr * max(0, cos(pi * cycles * x))`` with ``x`` the position after warm-up over the rest of
-    the run (USB's and FixMatch's schedule; with ``cycles = 7/16`` it ends at ``cos(7 pi / 16)``
-    ≈ 0.195 of the peak, not at 0).
+    :func:`dkl.recipes.register_recipe` calls this, so a config may name any registered recipe;
+    its section is read from the YAML key of the recipe's name into ``cfg.sections[recipe]``.
     """
-
-    name: Literal["constant", "multistep", "cosine", "usb_cosine"] = "multistep"
-    milestones: list = field(default_factory=list)
-    gamma: float = 0.1
-    warmup: float = 0.0
-    warmup_start: float = 0.0
-    total: float = 0.0
-    offset: float = 0.0
-    min_lr_ratio: float = 0.0
-    cycles: float = 7.0 / 16.0
-    per_step: bool = False
+    if section is not None and not dataclasses.is_dataclass(section):
+        raise TypeError(f"a recipe section must be a dataclass, got {section!r}")
+    if recipe in COMMON_SECTIONS or recipe in TOP_LEVEL:
+        raise ValueError(f"recipe name {recipe!r} is reserved")
+    if recipe in BUILTIN_SECTIONS and section is not BUILTIN_SECTIONS[recipe]:
+        raise ValueError(f"recipe name {recipe!r} is taken by a built-in recipe")
+    _RECIPE_SECTIONS[recipe] = section
 
 
-@dataclass
-class TrainConfig:
-    """The loop. Set ``epochs`` for epoch-based runs or ``iterations`` (+ ``eval_every``)."""
-
-    epochs: int = 10
-    iterations: int = 0  # > 0: iteration-based; evaluation every `eval_every` iterations
-    eval_every: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    deterministic: bool = False
-    threads: int = 0  # torch CPU threads; 0 = torch's default. Tiny models run fastest on 1.
-    out_dir: str = "runs"
-    save_every: int = 1  # checkpoint every N evaluation points (last.pt); 0 = only at the end
-    keep_best: bool = True
-    progress: bool = True
-    tensorboard: bool = False
-    grad_clip: float = 0.0
-    log_every: int = 20  # progress-bar refresh, in steps
-    max_steps_per_epoch: int = 0  # > 0: cut every epoch short (smoke tests)
-    plot: bool = True
-    overwrite: bool = False  # allow a new run to replace runs/<name>/ (otherwise: --resume)
-
-
-_SECTIONS: dict[str, type] = {
-    "data": DataConfig,
-    "model": ModelConfig,
-    "optim": OptimConfig,
-    "sched": SchedConfig,
-    "train": TrainConfig,
-}
-_RECIPE_SECTIONS: dict[str, type] = {}
-_TOP_LEVEL = {"name": str, "recipe": str, "seed": int, "description": str}
-
-
-def register_section(name: str, cls: type) -> type:
-    """Register a recipe's own config section (a dataclass) under ``name``.
-
-    The section appears in :class:`Config` as an attribute (``cfg.distill``) and in YAML as a
-    mapping under that key. Usable as ``register_section("distill", DistillConfig)``.
-    """
-    if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"register_section expects a dataclass, got {cls!r}")
-    if name in _SECTIONS or name in _TOP_LEVEL:
-        raise ValueError(f"section name {name!r} is reserved")
-    _RECIPE_SECTIONS[name] = cls
-    return cls
-
-
-def _ensure_recipes_registered() -> None:
-    # The recipes register their sections at import; importing here keeps `load_config` usable
-    # without the caller knowing which recipes exist.
-    import dkl.recipes  # noqa: F401
-
-
-@dataclass
-class Config:
-    """A whole run: top-level fields, the shared sections and the recipe sections."""
-
-    name: str = "run"
-    recipe: str = "distill"
-    seed: int = 0
-    description: str = ""
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    sched: SchedConfig = field(default_factory=SchedConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    sections: dict = field(default_factory=dict)  # recipe sections, by name
-
-    def __getattr__(self, item: str) -> Any:
-        sections = self.__dict__.get("sections", {})
-        if item in sections:
-            return sections[item]
-        raise AttributeError(f"Config has no field or section {item!r}")
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.train.out_dir) / self.name
+def known_recipes() -> list[str]:
+    return sorted(_RECIPE_SECTIONS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,32 +184,38 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return obj
 
 
+def _section_keys(recipe: str) -> dict[str, type]:
+    """The sections a run of ``recipe`` has: the shared ones and the recipe's own."""
+    own = _RECIPE_SECTIONS.get(recipe)
+    return {**COMMON_SECTIONS, **({recipe: own} if own is not None else {})}
+
+
 def config_from_dict(data: dict) -> Config:
     """Validate a plain mapping (e.g. a loaded YAML) into a :class:`Config`."""
-    _ensure_recipes_registered()
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a mapping, got {type(data).__name__}")
+    recipe = _coerce(data.get("recipe", Config.recipe), str, "recipe")
+    if recipe not in _RECIPE_SECTIONS:
+        raise ConfigError(f"recipe: unknown recipe {recipe!r} (known: {', '.join(known_recipes())})")
+    sections = _section_keys(recipe)
     top: dict[str, Any] = {}
-    sections: dict[str, Any] = {}
     for k, v in data.items():
-        if k in _TOP_LEVEL:
-            top[k] = _coerce(v, _TOP_LEVEL[k], k)
-        elif k in _SECTIONS:
-            top[k] = _build(_SECTIONS[k], v, k)
+        if k in TOP_LEVEL:
+            top[k] = _coerce(v, TOP_LEVEL[k], k)
+        elif k in sections:
+            top[k] = _build(sections[k], v, k)
         elif k in _RECIPE_SECTIONS:
-            sections[k] = _build(_RECIPE_SECTIONS[k], v, k)
+            raise ConfigError(
+                f"section '{k}' belongs to recipe '{k}', but this run's recipe is '{recipe}'"
+            )
         else:
-            known = sorted([*_TOP_LEVEL, *_SECTIONS, *_RECIPE_SECTIONS])
+            known = sorted([*TOP_LEVEL, *sections])
             raise ConfigError(f"unknown key '{k}' (known: {', '.join(known)})")
-    from dkl.recipes import list_recipes
-
-    recipe = top.get("recipe", Config.recipe)
-    if recipe not in list_recipes():
-        raise ConfigError(f"recipe: unknown recipe {recipe!r} (known: {', '.join(list_recipes())})")
-    cfg = Config(**top, sections=sections)
-    # every recipe sees its own section even if the YAML left it out
-    for name, cls in _RECIPE_SECTIONS.items():
-        cfg.sections.setdefault(name, cls())
+    own = _RECIPE_SECTIONS[recipe]
+    if own is not None:
+        top.setdefault(recipe, own())  # the recipe's section, at its defaults if left out
+    extra = {} if recipe in BUILTIN_SECTIONS or own is None else {recipe: top.pop(recipe)}
+    cfg = Config(**top, sections=extra)
     t = cfg.train
     if t.iterations < 0 or t.epochs < 0:
         raise ConfigError("train.epochs / train.iterations: must be >= 0")
@@ -350,11 +228,11 @@ def config_from_dict(data: dict) -> Config:
 
 def config_to_dict(cfg: Config) -> dict:
     """The plain mapping form of ``cfg`` (what ``config.yaml`` holds); round-trips."""
-    out: dict[str, Any] = {k: getattr(cfg, k) for k in _TOP_LEVEL}
-    for k in _SECTIONS:
+    out: dict[str, Any] = {k: getattr(cfg, k) for k in TOP_LEVEL}
+    for k in COMMON_SECTIONS:
         out[k] = dataclasses.asdict(getattr(cfg, k))
-    for k, v in cfg.sections.items():
-        out[k] = dataclasses.asdict(v)
+    if cfg.section is not None:
+        out[cfg.recipe] = dataclasses.asdict(cfg.section)
     return out
 
 
@@ -412,8 +290,6 @@ def _load_yaml(path: Path, stack: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"config '{path}': expected a mapping at top level")
     bases = data.pop("_base_", None)
     if bases is None:
-        bases = data.pop("defaults", None)
-    if bases is None:
         return data
     if isinstance(bases, str):
         bases = [bases]
@@ -437,39 +313,21 @@ def _parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def _recipe_sections(recipe: str | None) -> set[str]:
-    """Section names that belong to ``recipe``: its own name and the class's ``section``."""
-    if not recipe:
-        return set()
-    from dkl.recipes import get_recipe
-
-    try:
-        cls = get_recipe(recipe)
-    except KeyError:
-        return {recipe}
-    return {recipe, getattr(cls, "section", recipe)}
-
-
-def _expand_key(key: str, recipe: str | None = None) -> list[str]:
+def _expand_key(key: str, recipe: str) -> list[str]:
     parts = key.split(".")
-    if len(parts) > 1 or key in _TOP_LEVEL or key in _SECTIONS or key in _RECIPE_SECTIONS:
+    sections = _section_keys(recipe)
+    if len(parts) > 1 or key in TOP_LEVEL or key in sections:
         return parts
     owners = [
-        name
-        for name, cls in {**_SECTIONS, **_RECIPE_SECTIONS}.items()
-        if key in {f.name for f in dataclasses.fields(cls)}
+        name for name, cls in sections.items() if key in {f.name for f in dataclasses.fields(cls)}
     ]
-    if len(owners) > 1:  # the running recipe's own section wins (method= -> distill.method)
-        mine = [o for o in owners if o in _recipe_sections(recipe)]
-        owners = mine or owners
     if len(owners) == 1:
         return [owners[0], key]
     if len(owners) > 1:
         raise ConfigError(
-            f"override '{key}' is ambiguous: write one of "
-            + ", ".join(f"{o}.{key}" for o in owners)
+            f"override '{key}' is ambiguous: write one of " + ", ".join(f"{o}.{key}" for o in owners)
         )
-    known = sorted([*_TOP_LEVEL, *_SECTIONS, *_RECIPE_SECTIONS])
+    known = sorted([*TOP_LEVEL, *sections])
     raise ConfigError(f"unknown key '{key}' (known: {', '.join(known)})")
 
 
@@ -478,7 +336,7 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     data = dict(data)
     for item in overrides:
         key, value = _parse_override(item)
-        parts = _expand_key(key, data.get("recipe", Config.recipe))
+        parts = _expand_key(key, str(data.get("recipe", Config.recipe)))
         node = data
         for p in parts[:-1]:
             child = node.get(p)
@@ -494,7 +352,6 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
 
 def load_config(ref: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a preset (name or path, or an already-loaded mapping) and apply overrides."""
-    _ensure_recipes_registered()
     if isinstance(ref, dict):
         data = dict(ref)
     else:

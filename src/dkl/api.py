@@ -1,0 +1,152 @@
+"""Run a config and evaluate what it wrote: the entry points behind ``dkl train`` / ``dkl eval``.
+
+::
+
+    from dkl.config import load_config
+    from dkl.api import train
+
+    cfg = load_config("kd/digits_ikl", ["train.epochs=5", "seed=1"])
+    summary = train(cfg)                 # resume=True continues runs/<name>/last.pt
+    print(summary["last"]["top1"])
+
+This is the layer that knows the recipes: it picks the config's recipe (``recipe: distill``) from
+:mod:`dkl.recipes` and hands its task to :class:`dkl.train.Trainer`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dkl.config import Config, ConfigError, apply_overrides, config_from_dict
+from dkl.models import unwrap_normalization
+from dkl.recipes import get_recipe
+from dkl.robust import evaluate_robustness
+from dkl.train import Trainer, find_checkpoint, load_checkpoint
+
+__all__ = ["evaluate_checkpoint", "evaluate_run", "load_run", "make_trainer", "train"]
+
+
+def make_trainer(cfg: Config, *, log: Callable[[str], None] | None = None, **kw: Any) -> Trainer:
+    """A :class:`~dkl.train.Trainer` for ``cfg`` with its recipe's task."""
+    try:
+        task_cls = get_recipe(cfg.recipe)
+    except KeyError as e:
+        raise ConfigError(f"recipe: {e.args[0]}") from None
+    return Trainer(cfg, task_cls, log=log, **kw)
+
+
+def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | None = None) -> dict:
+    """Train ``cfg`` to the end; the summary dict comes back. ``log`` gets each log line.
+
+    Under ``torchrun`` it also tears down the process group it started, in the safe order (a
+    DDP wrapper freed after its group, at interpreter exit, can abort the process): with a
+    :class:`~dkl.train.Trainer` of your own, call ``trainer.close()`` before
+    ``torch.distributed.destroy_process_group()``.
+    """
+    owns_group = not dist.is_initialized()
+    trainer = None
+    try:
+        trainer = make_trainer(cfg, log=log)
+        summary = trainer.fit(resume=resume)
+        if dist.is_initialized() and trainer.world > 1:
+            dist.barrier()  # rank 0 has written its files before anyone leaves
+        return summary
+    finally:
+        if trainer is not None:
+            trainer.close()
+        del trainer
+        if owns_group and dist.is_initialized():
+            # Nothing may still hold the group when it goes: a DDP reducer freed later, during
+            # interpreter shutdown, takes gloo's threads down with it and can abort the process.
+            gc.collect()
+            dist.destroy_process_group()
+            gc.collect()
+
+
+def load_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Trainer, nn.Module]:
+    """An evaluation-only trainer rebuilt from a checkpoint's own config, and the model the run
+    reports (the task's ``eval_model()``, e.g. an EMA, for a full training state)."""
+    p = find_checkpoint(path)
+    state = load_checkpoint(p)
+    if not isinstance(state, dict) or "config" not in state:
+        raise ValueError(f"'{p}' carries no config; evaluate it with a config and model.checkpoint=")
+    cfg = config_from_dict(apply_overrides(state["config"], ["train.progress=false", *overrides]))
+    trainer = make_trainer(cfg, log=lambda m: None, eval_only=True)
+    if state.get("format") is not None:  # a training state (last.pt)
+        trainer.scheduler = trainer.task.build_scheduler(trainer.optimizer, 1)
+        trainer.load_state_dict(state)
+        return trainer, trainer.task.eval_model()
+    unwrap_normalization(trainer.raw_model).load_state_dict(state["model"])
+    return trainer, trainer.raw_model
+
+
+def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict:
+    """Top-1 / top-5 / loss of a run folder (see :func:`dkl.train.find_checkpoint` for which
+    file it means) or of a checkpoint file written by dkl. ``overrides`` change its config
+    (``data.root=...``, ``train.device=cpu``)."""
+    p = find_checkpoint(path)
+    trainer, model = load_run(p, overrides)
+    res = trainer.ctx.evaluate(model)
+    res["checkpoint"] = str(p)
+    return res
+
+
+def evaluate_run(
+    target,
+    *,
+    n_examples: int | None = None,
+    version: str = "standard",
+    eps: float | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    backend: str = "auto",
+    sanity: str = "raise",
+    overrides: list[str] | tuple[str, ...] = (),
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+    write: bool = True,
+) -> dict[str, Any]:
+    """:func:`dkl.robust.evaluate_robustness` of a dkl run folder or checkpoint on its test split.
+
+    The model is the one the run exports (``final.pt``: the EMA for adversarial runs). ``eps``
+    defaults to the run's ``adversarial.attack.eps`` (8/255 for other recipes). With ``write``,
+    the result goes to ``robust.json`` beside the checkpoint and under ``"robust"`` in its
+    ``summary.json``.
+    """
+    path = find_checkpoint(target)
+    torch.manual_seed(seed)
+    trainer, model = load_run(path, overrides)
+    cfg = trainer.cfg
+    if eps is None:
+        eps = float(cfg.adversarial.attack.eps) if cfg.adversarial is not None else 8 / 255
+    xs, ys, have = [], [], 0
+    for xb, yb in trainer.ctx.test_loader():
+        xs.append(xb)
+        ys.append(yb)
+        have += len(yb)
+        if n_examples is not None and have >= n_examples:
+            break
+    x, y = torch.cat(xs), torch.cat(ys)
+    n_total = len(trainer.ctx.test_set)
+    res = evaluate_robustness(model.float(), x, y, eps=eps, n_examples=n_examples,
+                              version=version, batch_size=batch_size, seed=seed, backend=backend,
+                              sanity=sanity, progress=progress, log=log)
+    res["n_total"] = n_total
+    res["checkpoint"] = str(path)
+    res["run"] = cfg.name
+    if write:
+        (path.parent / "robust.json").write_text(json.dumps(res, indent=2) + "\n")
+        summary = path.parent / "summary.json"
+        if summary.is_file():
+            data = json.loads(summary.read_text())
+            data["robust"] = res
+            summary.write_text(json.dumps(data, indent=2) + "\n")
+    return res

@@ -1,0 +1,154 @@
+"""Checkpoints: atomic writes, safe loads, the random-generator states, which file a run means.
+
+A run folder holds up to three files:
+
+- ``last.pt``: the full training state (model, optimiser, lr schedule, AMP scaler, the task's
+  state, position, history, RNG states, and each rank's own part under DDP), what ``--resume``
+  continues;
+- ``best.pt``: the evaluated model at its best test top-1 so far, ``{"model", "config",
+  "metrics"}``;
+- ``final.pt``: the evaluated model at the end of training (an EMA where the recipe keeps one),
+  same layout.
+
+:func:`find_checkpoint` is the one rule for which file a run folder stands for.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "diff_config",
+    "find_checkpoint",
+    "load_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "tree_add",
+    "tree_cpu",
+    "tree_zeros",
+]
+
+#: the ``"format"`` of a training state (``last.pt``); 2 added the lr scheduler's state
+CHECKPOINT_FORMAT = "dkl-checkpoint-2"
+
+#: what a run folder stands for, in order of preference: the model at the end of training (or
+#: where it stopped), then the best epoch's
+RUN_FILES = ("final.pt", "last.pt", "best.pt")
+
+
+def save_checkpoint(obj: dict, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``.
+
+    A crash at any moment leaves either the old file or the new one, never a torn file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True`` (a file from elsewhere cannot run code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def find_checkpoint(target: str | Path) -> Path:
+    """The file a run folder stands for (``final.pt``, else ``last.pt``, else ``best.pt``), or
+    ``target`` itself when it is a file. Pass ``runs/x/best.pt`` to pick the best epoch's model."""
+    p = Path(target)
+    if p.is_dir():
+        for name in RUN_FILES:
+            if (p / name).is_file():
+                return p / name
+        raise FileNotFoundError(f"no {', '.join(RUN_FILES)} in run folder '{p}'")
+    if not p.is_file():
+        raise FileNotFoundError(f"no such run folder or checkpoint: '{p}'")
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# Random-generator states (stored as tensors and lists: loadable with weights_only=True)
+# --------------------------------------------------------------------------------------------
+
+
+def _to_lists(x: Any) -> Any:
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x: Any) -> Any:
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def rng_state() -> dict:
+    """torch's (and CUDA's, once initialised), NumPy's and Python's global generator states."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": _to_lists(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(_to_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+# Nested dicts of numbers / tensors (per-rank sums)
+# --------------------------------------------------------------------------------------------
+
+
+def tree_add(a: Any, b: Any) -> Any:
+    """Sum of two nested dicts of numbers / tensors (a key missing on one side counts as 0)."""
+    if isinstance(a, dict):
+        return {
+            k: tree_add(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k))
+            for k in {**a, **b}
+        }
+    return a + b
+
+
+def tree_zeros(a: Any) -> Any:
+    if isinstance(a, dict):
+        return {k: tree_zeros(v) for k, v in a.items()}
+    return torch.zeros_like(a) if torch.is_tensor(a) else type(a)(0)
+
+
+def tree_cpu(a: Any) -> Any:
+    if isinstance(a, dict):
+        return {k: tree_cpu(v) for k, v in a.items()}
+    return a.detach().cpu().clone() if torch.is_tensor(a) else a
+
+
+def diff_config(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key (old -> new)`` for every leaf where two nested config dicts differ."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += diff_config(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} ({a!r} -> {b!r})")
+    return out

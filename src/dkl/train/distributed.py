@@ -1,0 +1,168 @@
+"""The process group and what crosses it: rank/world, float64 sums, flags, rank seeds.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`setup` starts the process group: NCCL when the run
+uses CUDA, gloo otherwise. Every helper here is a no-op for one process, so the loop calls them
+unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dkl.config import ConfigError, TrainConfig
+from dkl.data import mix_seed
+
+__all__ = [
+    "Dist",
+    "all_gather_objects",
+    "all_reduce_sum",
+    "any_rank",
+    "is_main_process",
+    "max_abs_diff_across_ranks",
+    "rank_seed",
+    "seed_all",
+    "select_device",
+    "setup",
+    "to_device",
+]
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process sits: global ``rank`` of ``world`` processes, ``local_rank`` on its node."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str = "auto") -> Dist:
+    """Read torchrun's environment and start the process group if there is more than one rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        want_cuda = device != "cpu" and torch.cuda.is_available()
+        if want_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    if dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+    return Dist(rank, world, local_rank)
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _active() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _comm_device(t: torch.Tensor) -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo takes CPU ones
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over ranks (a new tensor on ``t``'s device; ``t`` itself for one process).
+
+    Sums of counts and losses travel in float64 so that they are exact whatever the world size.
+    """
+    if not _active():
+        return t
+    out = t.detach().to(_comm_device(t), torch.float64)
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (all ranks stop together)."""
+    if not _active():
+        return flag
+    t = torch.tensor([float(flag)], device=_comm_device(torch.empty(0)))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_gather_objects(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj``, in rank order, on every rank; ``None`` for one process."""
+    if not _active():
+        return None
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def max_abs_diff_across_ranks(tensors: list[torch.Tensor]) -> float:
+    """``max |t - t_rank0|`` over ranks and elements (how far replicas have drifted apart)."""
+    flat = torch.cat([t.detach().flatten().double() for t in tensors])
+    if not _active():
+        return 0.0
+    flat = flat.to(_comm_device(flat))
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    diff = (flat - ref).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff)
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s own random stream once the models are built (rank 0: ``seed``)."""
+    return seed if rank == 0 else mix_seed(seed, 0, 7_919 * rank)
+
+
+def select_device(cfg: TrainConfig, dist: Dist) -> torch.device:
+    t = cfg
+    """The run's device (``train.device``; ``cuda`` means this rank's GPU) and its flags."""
+    want = t.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device: '{want}' requested but CUDA is not available")
+        if want == "cuda":
+            want = f"cuda:{dist.local_rank if dist.world > 1 else torch.cuda.current_device()}"
+    device = torch.device(want)
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    if device.type == "cuda":
+        if t.deterministic:
+            # CPU kernels are already deterministic for a fixed thread count; on CUDA ask torch to
+            # pick deterministic kernels (and warn where none exists)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = not t.deterministic
+    return device
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors anywhere in nested lists / tuples / dicts, moved to ``device``."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
