@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dkl.attacks import TrainAttack
+from dkl.attacks import TrainAttack, eval_mode
 from dkl.models import with_normalization
 from dkl.models.wrn import WideResNet
 from dkl.recipes.adversarial import AdversarialLoss
@@ -93,15 +93,15 @@ def main() -> None:
     alpha, beta, epochs = 4.0, 20.0, 200
     epoch = epochs  # full ε = 8/255: 5 steps of 4/255
     attack = TrainAttack(loss="ikl", budget="high", max_eps=8 / 255, alpha=1.0, beta=1.0)
-    task = AdversarialLoss("ikl_at", c, attack=attack, alpha=alpha, beta=beta)
-    task.prior.to(device)
-    task.prior.prior.copy_(prior)
+    criterion = AdversarialLoss("ikl_at", alpha=alpha, beta=beta)
     steps, step_size, eps = attack.schedule(epoch, epochs)
     params = list(model.parameters())
 
     def dkl_step(update: bool = True):
-        x_adv = task.adversarial_examples(model, x, y, epoch=epoch, epochs=epochs)
-        loss = task.loss(model, x, x_adv, y, update_prior=False)["loss"]
+        with torch.no_grad(), eval_mode(model):  # natural logits once per batch, as dkl trains
+            z_nat = model(x)
+        x_adv = attack(model, x, epoch=epoch, epochs=epochs, labels=y, z_nat=z_nat, class_weights=w)
+        loss = criterion(model(x), model(x_adv), y, class_weights=w)["loss"]
         grads = torch.autograd.grad(loss, params)
         return x_adv, loss.detach(), grads
 

@@ -20,7 +20,7 @@ import time
 import torch
 
 from dkl.models import create_model
-from dkl.recipes.distill import DistillConfig, distill_loss
+from dkl.recipes.distill import DistillConfig, DistillLoss
 
 METHODS = {
     "ce": DistillConfig(method="ce"),
@@ -63,7 +63,7 @@ def main() -> None:
         if cfg.method != "ce":
             with torch.no_grad():
                 z_t = teacher(x)
-        out = distill_loss(cfg, student(x), z_t, y, epoch=30)
+        out = DistillLoss(cfg)(student(x), z_t, y, epoch=30)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
@@ -87,7 +87,7 @@ def main() -> None:
             _sync(device)
             t0 = time.perf_counter()
             for _ in range(group):
-                distill_loss(cfg, zs, zt, y, epoch=30)["loss"].backward()
+                DistillLoss(cfg)(zs, zt, y, epoch=30)["loss"].backward()
             _sync(device)
             if r:
                 loss_runs[m].append((time.perf_counter() - t0) / group * 1e3)

@@ -7,9 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dkl.attacks import TrainAttack
+from dkl.awp import AWP
+from dkl.config import AdversarialConfig, AttackConfig, config_from_dict
+from dkl.data import DataInfo
 from dkl.ema import ModelEMA
-from dkl.recipes.adversarial import AWP, AdversarialLoss, adversarial_loss
+from dkl.recipes.adversarial import AdversarialTask, adversarial_loss, training_attack
+from dkl.train import RunContext
 
 
 def tiny_model(seed: int = 0) -> nn.Module:
@@ -30,6 +33,18 @@ def pairwise_wmse(z_t: torch.Tensor, z_s: torch.Tensor, w: torch.Tensor) -> torc
     return 0.25 * (w[:, :, None] * w[:, None, :] * (dt - ds) ** 2).sum((1, 2))
 
 
+def make_task(method: str = "ikl_at", num_classes: int = 5, epochs: int = 4, model=None,
+              **adversarial) -> AdversarialTask:
+    """The adversarial task of a ``num_classes``-class run on CPU (``adversarial`` overrides its
+    section); ``model``, when given, is the one it trains and attacks."""
+    cfg = config_from_dict({"recipe": "adversarial", "train": {"epochs": epochs},
+                            "adversarial": {"method": method, **adversarial}})
+    info = DataInfo("toy", num_classes, (3, 2, 2), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    task = AdversarialTask(cfg, RunContext(cfg, torch.device("cpu"), 0, 1, info, None, None))
+    task.raw_model = task.model = model
+    return task
+
+
 def random_prior(c: int, seed: int = 5) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     p = torch.rand(c, c, generator=g) + 0.05
@@ -41,7 +56,7 @@ def test_ikl_at_loss_equals_hand_written_reference():
     x, y = batch()
     x_adv = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
     alpha, beta = 4.0, 20.0
-    task = AdversarialLoss("ikl_at", 5, alpha=alpha, beta=beta)
+    task = make_task("ikl_at", 5, alpha=alpha, beta=beta)
     prior = random_prior(5)
     task.prior.prior.copy_(prior)
 
@@ -75,7 +90,7 @@ def test_ikl_at_both_branches_get_wmse_gradient():
 
 def test_prior_fed_by_natural_logits_of_training_forward():
     x, y = batch(16)
-    task = AdversarialLoss("ikl_at", 5, prior_temperature=4.0)
+    task = make_task("ikl_at", 5, prior_temperature=4.0)
     model = tiny_model().train()
     x_adv = x.clone()
     torch.manual_seed(3)
@@ -104,7 +119,7 @@ def test_second_view_loss_and_prior_from_basic_view_only():
     ref = F.cross_entropy(z_nat, y) + robust(slice(0, b)) + gamma * robust(slice(b, 2 * b))
     torch.testing.assert_close(out["loss"], ref, rtol=1e-5, atol=1e-6)
 
-    task = AdversarialLoss("ikl_at", 5)
+    task = make_task("ikl_at", 5)
     x, _ = batch(2 * b)
     task.loss(tiny_model().train(), x, x, y, n_basic=b)
     expected_counts = torch.bincount(y[:b], minlength=5).double()
@@ -125,7 +140,9 @@ def test_trades_and_pgd_at_losses():
     with pytest.raises(ValueError, match="Expected method in"):
         adversarial_loss("mart", z_nat, z_adv, y)
     with pytest.raises(ValueError, match="pgd_at attacks CE"):
-        AdversarialLoss("pgd_at", 5, attack=TrainAttack(loss="kl"))
+        training_attack(AdversarialConfig(method="pgd_at", attack=AttackConfig(loss="kl")))
+    with pytest.raises(ValueError, match="pgd_at attacks CE"):
+        make_task("pgd_at", attack={"loss": "kl"})
 
 
 @pytest.mark.parametrize("method,forwards", [("ikl_at", (1, 5 + 1, 1)), ("trades", (1, 5 + 1, 1)),
@@ -147,9 +164,9 @@ def test_natural_forward_once_per_batch(method, forwards):
             return self.net(z)
 
     model = Counting().train()
-    attack = TrainAttack(loss={"pgd_at": "ce", "trades": "kl"}.get(method, "ikl"), budget="high")
-    task = AdversarialLoss(method, 5, attack=attack)
-    x_adv = task.adversarial_examples(model, x, y, epoch=1, epochs=4)
+    attack = {"loss": {"pgd_at": "ce", "trades": "kl"}.get(method, "ikl"), "budget": "high"}
+    task = make_task(method, 5, epochs=4, model=model, attack=attack)
+    x_adv = task.adversarial_examples(x, y, epoch=1)
     task.loss(model, x, x_adv, y)
     assert (calls["nat_eval"], calls["other"], calls["nat_train"]) == forwards
 
@@ -160,7 +177,7 @@ def test_awp_perturbs_weight_matrices_by_gamma_norm_and_restores_exactly():
     model = tiny_model().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     awp = AWP(model, gamma=0.005, lr=0.1)
-    task = AdversarialLoss("ikl_at", 5)
+    task = make_task("ikl_at", 5)
     awp.perturb(model, lambda m: task.loss(m, x, x, y, update_prior=False)["loss"])
     assert awp.active
     for name, p in model.named_parameters():
@@ -179,18 +196,20 @@ def test_awp_perturbs_weight_matrices_by_gamma_norm_and_restores_exactly():
 
 
 def test_awp_step_uses_perturbed_gradient_on_original_weights():
+    # the trainer's order: forward/backward at w + γd, task.before_optimizer_step(), step
     x, y = batch()
     model = tiny_model().train()
+    task = make_task("ikl_at", 5, model=model)
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    awp = AWP(model, gamma=0.01, lr=0.1)
+    awp = task.awp = AWP(model, gamma=0.01, lr=0.1)
     diff = awp.compute(model, lambda m: F.cross_entropy(m(x), y))
     awp.apply(model, diff)
     perturbed = {n: p.detach().clone() for n, p in model.named_parameters()}
-    awp.restore_before_step(opt, model)
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    task.before_optimizer_step()
     opt.step()
     # reference: gradient at the perturbed point (computed independently) applied to w0
     ref = tiny_model().train()
@@ -203,9 +222,13 @@ def test_awp_step_uses_perturbed_gradient_on_original_weights():
         torch.testing.assert_close(grads[n], gref)
         torch.testing.assert_close(p.detach(), w0[n] - 0.1 * gref)
     assert not awp.active
-    # the hook is one-shot: a later step does not touch the weights again
+    # the restore is one-shot: a later step does not touch the weights again
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
+    w1 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    task.before_optimizer_step()
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), w1[n]), n
     opt.step()
 
 
@@ -291,58 +314,60 @@ def test_all_adversarial_presets_load():
 
 
 def test_recipe_trains_with_awp_and_exports_the_ema(tmp_path):
-    from dkl.engine import Engine, load_checkpoint
+    from dkl.api import make_trainer
+    from dkl.models import unwrap_normalization
+    from dkl.train import load_checkpoint
 
     cfg = _cfg("adversarial/digits_ikl_at", tmp_path, "adversarial.awp.gamma=0.005",
                "adversarial.awp.start_epoch=2")
-    engine = Engine(cfg, log=lambda m: None)
-    summary = engine.fit()
-    recipe = engine.recipe
-    assert recipe.ema is not None and recipe.ema.num_updates == 2
-    assert recipe.eval_model() is recipe.ema.module
+    trainer = make_trainer(cfg, log=lambda m: None)
+    summary = trainer.fit()
+    task = trainer.task
+    assert task.ema is not None and task.ema.num_updates == 2
+    assert task.eval_model() is task.ema.module
     assert summary["adversarial"]["evaluated_model"] == "ema"
-    assert recipe.awp is not None and not recipe.awp.active  # restored before the step
-    assert not torch.equal(recipe.task.prior.prior, torch.full((10, 10), 0.1))  # prior stepped
+    assert task.awp is not None and not task.awp.active  # restored before the step
+    assert not torch.equal(task.prior.prior, torch.full((10, 10), 0.1))  # prior stepped
     final = load_checkpoint(tmp_path / cfg.name / "final.pt")
-    from dkl.engine import bare_model
 
-    ema_sd = bare_model(recipe.ema.module).state_dict()
+    ema_sd = unwrap_normalization(task.ema.module).state_dict()
     assert final["model"].keys() == ema_sd.keys()
     for k in ema_sd:
         assert torch.equal(final["model"][k], ema_sd[k]), k
     last = load_checkpoint(tmp_path / cfg.name / "last.pt")
     assert "ema" in last["recipe"] and "prior" in last["recipe"]
-    assert "pgd10" in engine.history[-1] and "eps" in engine.history[-1]
+    assert "pgd10" in trainer.history[-1] and "eps" in trainer.history[-1]
 
 
 def test_recipe_second_view_needs_image_dataset(tmp_path):
-    from dkl.engine import Engine
+    from dkl.api import make_trainer
 
     cfg = _cfg("adversarial/digits_ikl_at", tmp_path, "adversarial.aug_view=cutout")
     with pytest.raises(ValueError, match="aug_view"):
-        Engine(cfg, log=lambda m: None)
+        make_trainer(cfg, log=lambda m: None)
 
 
 def test_recipe_second_view_batches(tmp_path):
     # a two-view batch goes through the recipe's step: CE on 2B rows, prior from the basic view
-    from dkl.engine import Engine, StepContext
+    from dkl.api import make_trainer
+    from dkl.train import StepContext
 
     cfg = _cfg("adversarial/digits_ikl_at", tmp_path)
-    engine = Engine(cfg, log=lambda m: None)
+    trainer = make_trainer(cfg, log=lambda m: None)
     x = torch.rand(6, 1, 8, 8)
     y = torch.arange(6) % 10
-    out = engine.recipe.train_step(((x, x.flip(-1)), y), StepContext(1, 0, 0, 1, 2))
+    out = trainer.task.train_step(((x, x.flip(-1)), y), StepContext(1, 0, 0, 1, 2))
     assert out["logits"].shape == (6, 10) and out["labels"].shape == (6,)
-    assert int(engine.recipe.task.prior.counts.sum()) == 6
+    assert int(trainer.task.prior.counts.sum()) == 6
 
 
 def test_robust_command_on_a_run(tmp_path, capsys):
     pytest.importorskip("torchattacks")
+    from dkl.api import make_trainer
     from dkl.cli import main
-    from dkl.engine import Engine
 
     cfg = _cfg("adversarial/digits_standard", tmp_path)
-    Engine(cfg, log=lambda m: None).fit()
+    make_trainer(cfg, log=lambda m: None).fit()
     rc = main(["robust", str(tmp_path / cfg.name), "--n-examples", "8", "--version", "fast"])
     out = capsys.readouterr().out
     assert rc == 0
@@ -359,11 +384,20 @@ def test_cifar_presets_use_the_authors_cosine():
     import math
 
     from dkl.config import load_config
-    from dkl.engine import _lr_factor
+    from dkl.train import build_optimizer, build_scheduler, lr_factor
 
     for preset in ("adversarial/cifar10_ikl_at", "adversarial/cifar100_ikl_at"):
         cfg = load_config(preset)
         assert cfg.optim.lr == 0.2 and cfg.train.epochs == 200
         for e in (1, 2, 50, 150, 200):
             want = 0.5 * (1 + math.cos(math.pi * e / 201))
-            assert math.isclose(_lr_factor(cfg, e - 1, 200.0), want, rel_tol=1e-12)
+            assert math.isclose(lr_factor(cfg.sched, e - 1, 200.0), want, rel_tol=1e-12)
+        # the trainer's schedule (stepped after every optimiser step): every step of epoch e
+        opt = build_optimizer(cfg.optim, [nn.Parameter(torch.zeros(1))])
+        sched = build_scheduler(opt, cfg.sched, steps_per_epoch=3, epochs=200)
+        for e in range(1, 201):
+            want = 0.2 * 0.5 * (1 + math.cos(math.pi * e / 201))
+            for _ in range(3):
+                assert math.isclose(opt.param_groups[0]["lr"], want, rel_tol=1e-12), e
+                opt.step()
+                sched.step()

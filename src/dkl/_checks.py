@@ -27,7 +27,9 @@ def check_logits(input: Any, target: Any) -> None:
     """Two floating-point (B, C) tensors of the same shape, on one device, with C >= 2."""
     for name, t in (("input", input), ("target", target)):
         if not isinstance(t, Tensor):
-            raise TypeError(f"Expected {name} to be a torch.Tensor of logits, got {type(t).__name__}")
+            raise TypeError(
+                f"Expected {name} to be a torch.Tensor of logits, got {type(t).__name__}"
+            )
         if t.dim() != 2:
             raise ValueError(f"Expected {name} of shape (B, C), got {tuple(t.shape)}")
         if not t.is_floating_point():

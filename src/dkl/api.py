@@ -77,7 +77,9 @@ def load_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Trainer, 
     p = find_checkpoint(path)
     state = load_checkpoint(p)
     if not isinstance(state, dict) or "config" not in state:
-        raise ValueError(f"'{p}' carries no config; evaluate it with a config and model.checkpoint=")
+        raise ValueError(
+            f"'{p}' carries no config; evaluate it with a config and model.checkpoint="
+        )
     cfg = config_from_dict(apply_overrides(state["config"], ["train.progress=false", *overrides]))
     trainer = make_trainer(cfg, log=lambda m: None, eval_only=True)
     if state.get("format") is not None:  # a training state (last.pt)
@@ -136,9 +138,20 @@ def evaluate_run(
             break
     x, y = torch.cat(xs), torch.cat(ys)
     n_total = len(trainer.ctx.test_set)
-    res = evaluate_robustness(model.float(), x, y, eps=eps, n_examples=n_examples,
-                              version=version, batch_size=batch_size, seed=seed, backend=backend,
-                              sanity=sanity, progress=progress, log=log)
+    res = evaluate_robustness(
+        model.float(),
+        x,
+        y,
+        eps=eps,
+        n_examples=n_examples,
+        version=version,
+        batch_size=batch_size,
+        seed=seed,
+        backend=backend,
+        sanity=sanity,
+        progress=progress,
+        log=log,
+    )
     res["n_total"] = n_total
     res["checkpoint"] = str(path)
     res["run"] = cfg.name

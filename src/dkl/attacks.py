@@ -83,7 +83,9 @@ def _check_epoch(epoch: int, epochs: int) -> None:
         raise ValueError(f"Expected epoch in [1, {epochs}] (epochs count from 1), got {epoch!r}")
 
 
-def epsilon_schedule(epoch: int, epochs: int, *, max_eps: float = 8 / 255, fixed: bool = False) -> float:
+def epsilon_schedule(
+    epoch: int, epochs: int, *, max_eps: float = 8 / 255, fixed: bool = False
+) -> float:
     r"""ε of epoch ``epoch`` (counted from 1): :math:`\varepsilon_e = \varepsilon_{max} \cdot e / E`.
 
     ``fixed=True`` returns ``max_eps`` for every epoch.
@@ -143,8 +145,9 @@ def attack_loss(
     z_nat = z_nat.detach()
     if kind == "ikl":
         # class_weights None: per-sample weights softmax(z_nat)
-        return ikl_loss(z_adv, z_nat, alpha=alpha, beta=beta, class_weights=class_weights,
-                        reduction="sum")
+        return ikl_loss(
+            z_adv, z_nat, alpha=alpha, beta=beta, class_weights=class_weights, reduction="sum"
+        )
     log_p_adv = F.log_softmax(z_adv, dim=1)
     if kind == "sce":
         return -(F.softmax(z_nat, dim=1) * log_p_adv).sum()
@@ -158,7 +161,9 @@ def _project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
 
 def _check_images(x: Tensor) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"Expected a floating-point image tensor, got {getattr(x, 'dtype', type(x))}")
+        raise TypeError(
+            f"Expected a floating-point image tensor, got {getattr(x, 'dtype', type(x))}"
+        )
     if x.numel():
         lo, hi = (float(v) for v in torch.aminmax(x.detach()))
         if lo < 0.0 or hi > 1.0:
@@ -280,11 +285,27 @@ class TrainAttack:
             z_nat = z_nat.detach()
 
         def loss_fn(z_adv: Tensor) -> Tensor:
-            return attack_loss(self.loss, z_adv, z_nat=z_nat, labels=labels,
-                               class_weights=class_weights, alpha=self.alpha, beta=self.beta)
+            return attack_loss(
+                self.loss,
+                z_adv,
+                z_nat=z_nat,
+                labels=labels,
+                class_weights=class_weights,
+                alpha=self.alpha,
+                beta=self.beta,
+            )
 
-        return perturb(model, x, eps=eps, steps=steps, step_size=step_size, loss_fn=loss_fn,
-                       init=self.init, init_std=self.init_std, generator=generator)
+        return perturb(
+            model,
+            x,
+            eps=eps,
+            steps=steps,
+            step_size=step_size,
+            loss_fn=loss_fn,
+            init=self.init,
+            init_std=self.init_std,
+            generator=generator,
+        )
 
 
 def pgd_attack(
@@ -301,13 +322,25 @@ def pgd_attack(
     """PGD-k evaluation attack: CE, uniform random start, step ``eps/4`` (2/255 at 8/255) by default."""
     step_size = eps / 4 if step_size is None else step_size
     return perturb(
-        model, x, eps=eps, steps=steps, step_size=step_size,
+        model,
+        x,
+        eps=eps,
+        steps=steps,
+        step_size=step_size,
         loss_fn=lambda z: F.cross_entropy(z, labels, reduction="sum"),
-        init="uniform" if random_start else "none", generator=generator,
+        init="uniform" if random_start else "none",
+        generator=generator,
     )
 
 
 def fgsm_attack(model: nn.Module, x: Tensor, labels: Tensor, *, eps: float = 8 / 255) -> Tensor:
     """FGSM: one signed step of size ε on CE from the clean input."""
-    return perturb(model, x, eps=eps, steps=1, step_size=eps, init="none",
-                   loss_fn=lambda z: F.cross_entropy(z, labels, reduction="sum"))
+    return perturb(
+        model,
+        x,
+        eps=eps,
+        steps=1,
+        step_size=eps,
+        init="none",
+        loss_fn=lambda z: F.cross_entropy(z, labels, reduction="sum"),
+    )

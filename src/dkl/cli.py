@@ -141,16 +141,30 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _robust_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", help="a run folder (uses final.pt: the EMA) or a dkl checkpoint")
     p.add_argument("overrides", nargs="*", help="key=value overrides (data.root=..., device=cpu)")
-    p.add_argument("--n-examples", type=int, default=None, help="first N test points (default: all)")
-    p.add_argument("--version", choices=["standard", "fast"], default="standard",
-                   help="AutoAttack version; 'fast' (APGD-CE + APGD-T) is NON-STANDARD")
-    p.add_argument("--eps", type=float, default=None,
-                   help="L-inf radius (default: the run's adversarial.attack.eps, else 8/255)")
+    p.add_argument(
+        "--n-examples", type=int, default=None, help="first N test points (default: all)"
+    )
+    p.add_argument(
+        "--version",
+        choices=["standard", "fast"],
+        default="standard",
+        help="AutoAttack version; 'fast' (APGD-CE + APGD-T) is NON-STANDARD",
+    )
+    p.add_argument(
+        "--eps",
+        type=float,
+        default=None,
+        help="L-inf radius (default: the run's adversarial.attack.eps, else 8/255)",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=["auto", "official", "torchattacks"], default="auto")
-    p.add_argument("--sanity", choices=["raise", "warn", "off"], default="raise",
-                   help="gradient-masking check (default: fail loudly)")
+    p.add_argument(
+        "--sanity",
+        choices=["raise", "warn", "off"],
+        default="raise",
+        help="gradient-masking check (default: fail loudly)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -162,10 +176,18 @@ def _run_robust(args: argparse.Namespace) -> int:
     from dkl.robust import GradientMaskingError, format_table
 
     try:
-        res = evaluate_run(args.target, n_examples=args.n_examples, version=args.version,
-                           eps=args.eps, batch_size=args.batch_size, seed=args.seed,
-                           backend=args.backend, sanity=args.sanity, overrides=args.overrides,
-                           log=None if args.json else print)
+        res = evaluate_run(
+            args.target,
+            n_examples=args.n_examples,
+            version=args.version,
+            eps=args.eps,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            backend=args.backend,
+            sanity=args.sanity,
+            overrides=args.overrides,
+            log=None if args.json else print,
+        )
     except GradientMaskingError as e:
         print(f"dkl: gradient masking: {e}", file=sys.stderr)
         return 3
@@ -176,9 +198,11 @@ def _run_robust(args: argparse.Namespace) -> int:
         print(json.dumps(res, indent=2))
     else:
         print(format_table({res["run"]: res}))
-        print(f"{res['label']}; L∞ ε = {res['eps']:.5f}; {res['n_examples']} of {res['n_total']} "
-              f"test points; backend {res['backend']}; seed {res['seed']}; "
-              f"-> {Path(res['checkpoint']).parent / 'robust.json'}")
+        print(
+            f"{res['label']}; L∞ ε = {res['eps']:.5f}; {res['n_examples']} of {res['n_total']} "
+            f"test points; backend {res['backend']}; seed {res['seed']}; "
+            f"-> {Path(res['checkpoint']).parent / 'robust.json'}"
+        )
     return 0
 
 

@@ -109,8 +109,12 @@ class ModelEMA:
             model.load_state_dict(saved)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "buffers": self.buffers, "num_updates": self.num_updates,
-                "module": self.module.state_dict()}
+        return {
+            "decay": self.decay,
+            "buffers": self.buffers,
+            "num_updates": self.num_updates,
+            "module": self.module.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = {"decay", "num_updates", "module"} - set(state)

@@ -68,8 +68,9 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"Unknown reduction {reduction!r}: expected one of {REDUCTIONS}")
 
 
-def _check_call(input: Any, target: Any, temperature: float, reduction: str,
-                mask: Tensor | None) -> None:
+def _check_call(
+    input: Any, target: Any, temperature: float, reduction: str, mask: Tensor | None
+) -> None:
     """The checks every loss function runs on its arguments."""
     check_logits(input, target)
     check_positive("temperature", temperature)
@@ -177,7 +178,9 @@ def _use_triton(impl: str, input: Tensor, target: Tensor) -> bool:
     return reason is None
 
 
-def _fused(kind: str, input: Tensor, target: Tensor, reduction: str, mask: Tensor | None, **kw) -> Tensor:
+def _fused(
+    kind: str, input: Tensor, target: Tensor, reduction: str, mask: Tensor | None, **kw
+) -> Tensor:
     from dkl.ops import fused_divergence
 
     per_row = fused_divergence(input, target, kind=kind, row_mask=mask, **kw)
@@ -226,8 +229,18 @@ def kl_loss(
     """
     _check_call(input, target, temperature, reduction, mask)
     if _use_triton(impl, input, target):
-        return _fused("kl", input, target, reduction, mask, alpha=1.0, beta=1.0,
-                      temperature=temperature, weight_temperature=1.0, class_weights=None)
+        return _fused(
+            "kl",
+            input,
+            target,
+            reduction,
+            mask,
+            alpha=1.0,
+            beta=1.0,
+            temperature=temperature,
+            weight_temperature=1.0,
+            class_weights=None,
+        )
     with torch.autocast(input.device.type, enabled=False):
         zs, zt = _compute_dtype(input), _compute_dtype(target)
         log_q = F.log_softmax(_scaled(zs, temperature), dim=1)
@@ -281,10 +294,23 @@ def dkl_loss(
     """
     _check_call(input, target, temperature, reduction, mask)
     if _use_triton(impl, input, target):
-        return _fused("dkl", input, target, reduction, mask, alpha=alpha, beta=beta,
-                      temperature=temperature, weight_temperature=temperature, class_weights=None)
+        return _fused(
+            "dkl",
+            input,
+            target,
+            reduction,
+            mask,
+            alpha=alpha,
+            beta=beta,
+            temperature=temperature,
+            weight_temperature=temperature,
+            class_weights=None,
+        )
     with torch.autocast(input.device.type, enabled=False):
-        us, ut = _scaled(_compute_dtype(input), temperature), _scaled(_compute_dtype(target), temperature)
+        us, ut = (
+            _scaled(_compute_dtype(input), temperature),
+            _scaled(_compute_dtype(target), temperature),
+        )
         w = F.softmax(ut.detach(), dim=1)
         per_row = beta * weighted_mse(ut, us.detach(), w) + alpha * soft_cross_entropy(us, w)
         return _reduce(per_row, reduction, mask)
@@ -348,9 +374,18 @@ def ikl_loss(
         check_class_weights(class_weights, input)
         check_non_negative("class_weights", class_weights)
     if _use_triton(impl, input, target):
-        return _fused("ikl", input, target, reduction, mask, alpha=alpha, beta=beta,
-                      temperature=temperature, weight_temperature=weight_temperature,
-                      class_weights=None if class_weights is None else class_weights.detach())
+        return _fused(
+            "ikl",
+            input,
+            target,
+            reduction,
+            mask,
+            alpha=alpha,
+            beta=beta,
+            temperature=temperature,
+            weight_temperature=weight_temperature,
+            class_weights=None if class_weights is None else class_weights.detach(),
+        )
     with torch.autocast(input.device.type, enabled=False):
         zs, zt = _compute_dtype(input), _compute_dtype(target)
         zt_const = zt.detach()
@@ -388,8 +423,14 @@ class KLLoss(_Loss):
         self.temperature, self.impl = temperature, impl
 
     def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
-        return kl_loss(input, target, temperature=self.temperature, reduction=self.reduction,
-                       mask=mask, impl=self.impl)
+        return kl_loss(
+            input,
+            target,
+            temperature=self.temperature,
+            reduction=self.reduction,
+            mask=mask,
+            impl=self.impl,
+        )
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, reduction={self.reduction!r}"
@@ -404,20 +445,36 @@ class DKLLoss(_Loss):
         tensor(1.6094)
     """
 
-    def __init__(self, *, alpha: float = 1.0, beta: float = 1.0, temperature: float = 1.0,
-                 reduction: str = "mean", impl: str = "auto"):
+    def __init__(
+        self,
+        *,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        temperature: float = 1.0,
+        reduction: str = "mean",
+        impl: str = "auto",
+    ):
         super().__init__(reduction)
         check_positive("temperature", temperature)
         self.alpha, self.beta, self.temperature, self.impl = alpha, beta, temperature, impl
 
     def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
-        return dkl_loss(input, target, alpha=self.alpha, beta=self.beta,
-                        temperature=self.temperature, reduction=self.reduction, mask=mask,
-                        impl=self.impl)
+        return dkl_loss(
+            input,
+            target,
+            alpha=self.alpha,
+            beta=self.beta,
+            temperature=self.temperature,
+            reduction=self.reduction,
+            mask=mask,
+            impl=self.impl,
+        )
 
     def extra_repr(self) -> str:
-        return (f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, "
-                f"reduction={self.reduction!r}")
+        return (
+            f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, "
+            f"reduction={self.reduction!r}"
+        )
 
 
 class IKLLoss(_Loss):
@@ -431,21 +488,44 @@ class IKLLoss(_Loss):
         torch.Size([4, 10])
     """
 
-    def __init__(self, *, alpha: float = 1.0, beta: float = 1.0, temperature: float = 1.0,
-                 weight_temperature: float = 1.0, reduction: str = "mean", impl: str = "auto"):
+    def __init__(
+        self,
+        *,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        temperature: float = 1.0,
+        weight_temperature: float = 1.0,
+        reduction: str = "mean",
+        impl: str = "auto",
+    ):
         super().__init__(reduction)
         check_positive("temperature", temperature)
         check_positive("weight_temperature", weight_temperature)
         self.alpha, self.beta = alpha, beta
         self.temperature, self.weight_temperature, self.impl = temperature, weight_temperature, impl
 
-    def forward(self, input: Tensor, target: Tensor, class_weights: Tensor | None = None,
-                mask: Tensor | None = None) -> Tensor:
-        return ikl_loss(input, target, alpha=self.alpha, beta=self.beta,
-                        temperature=self.temperature, weight_temperature=self.weight_temperature,
-                        class_weights=class_weights, reduction=self.reduction, mask=mask,
-                        impl=self.impl)
+    def forward(
+        self,
+        input: Tensor,
+        target: Tensor,
+        class_weights: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        return ikl_loss(
+            input,
+            target,
+            alpha=self.alpha,
+            beta=self.beta,
+            temperature=self.temperature,
+            weight_temperature=self.weight_temperature,
+            class_weights=class_weights,
+            reduction=self.reduction,
+            mask=mask,
+            impl=self.impl,
+        )
 
     def extra_repr(self) -> str:
-        return (f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, "
-                f"weight_temperature={self.weight_temperature}, reduction={self.reduction!r}")
+        return (
+            f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, "
+            f"weight_temperature={self.weight_temperature}, reduction={self.reduction!r}"
+        )

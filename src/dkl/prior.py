@@ -80,7 +80,11 @@ class ClassPrior(nn.Module):
     def update(self, target_logits: Tensor, labels: Tensor) -> None:
         """Accumulate ``σ(target_logits / T)`` of a batch into the rows of its labels."""
         if not isinstance(target_logits, Tensor) or target_logits.dim() != 2:
-            got = tuple(target_logits.shape) if isinstance(target_logits, Tensor) else type(target_logits)
+            got = (
+                tuple(target_logits.shape)
+                if isinstance(target_logits, Tensor)
+                else type(target_logits)
+            )
             raise ValueError(f"Expected target_logits of shape (B, C), got {got}")
         if target_logits.shape[1] != self.num_classes:
             raise ValueError(
@@ -91,7 +95,9 @@ class ClassPrior(nn.Module):
             raise TypeError(f"Expected floating-point target_logits, got {target_logits.dtype}")
         self._check_labels(labels, target_logits.shape[0])
         labels = labels.to(self.sums.device)
-        probs = F.softmax(target_logits.detach().to(self.sums.device, torch.float64) / self.temperature, dim=1)
+        probs = F.softmax(
+            target_logits.detach().to(self.sums.device, torch.float64) / self.temperature, dim=1
+        )
         self.sums.index_add_(0, labels, probs)
         self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=self.counts.dtype))
 

@@ -48,7 +48,10 @@ __all__ = [
 ]
 
 AA_VERSIONS = ("standard", "fast")
-_ATTACK_ORDER = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"), "fast": ("apgd-ce", "apgd-t")}
+_ATTACK_ORDER = {
+    "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "fast": ("apgd-ce", "apgd-t"),
+}
 
 
 class GradientMaskingError(RuntimeError):
@@ -76,14 +79,34 @@ def autoattack_specs(version: str, *, eps: float, num_classes: int, seed: int) -
     n_targets = min(9, num_classes - 1)
     common = {"norm": "Linf", "eps": eps, "n_restarts": 1, "seed": seed}
     specs = {
-        "apgd-ce": AttackSpec("apgd-ce", {**common, "steps": 100, "loss": "ce", "rho": 0.75,
-                                          "eot_iter": 1}),
-        "apgd-t": AttackSpec("apgd-t", {**common, "steps": 100, "loss": "dlr-targeted",
-                                        "n_target_classes": n_targets, "rho": 0.75, "eot_iter": 1}),
-        "fab-t": AttackSpec("fab-t", {**common, "steps": 100, "n_target_classes": n_targets,
-                                      "alpha_max": 0.1, "eta": 1.05, "beta": 0.9}),
-        "square": AttackSpec("square", {**common, "n_queries": 5000, "p_init": 0.8,
-                                        "loss": "margin"}),
+        "apgd-ce": AttackSpec(
+            "apgd-ce", {**common, "steps": 100, "loss": "ce", "rho": 0.75, "eot_iter": 1}
+        ),
+        "apgd-t": AttackSpec(
+            "apgd-t",
+            {
+                **common,
+                "steps": 100,
+                "loss": "dlr-targeted",
+                "n_target_classes": n_targets,
+                "rho": 0.75,
+                "eot_iter": 1,
+            },
+        ),
+        "fab-t": AttackSpec(
+            "fab-t",
+            {
+                **common,
+                "steps": 100,
+                "n_target_classes": n_targets,
+                "alpha_max": 0.1,
+                "eta": 1.05,
+                "beta": 0.9,
+            },
+        ),
+        "square": AttackSpec(
+            "square", {**common, "n_queries": 5000, "p_init": 0.8, "loss": "margin"}
+        ),
     }
     return [specs[name] for name in _ATTACK_ORDER[version]]
 
@@ -105,32 +128,66 @@ def _build_torchattacks(model: nn.Module, spec: AttackSpec, num_classes: int):
         ) from e
     s = spec.settings
     if spec.name == "apgd-ce":
-        atk = torchattacks.APGD(model, norm=s["norm"], eps=s["eps"], steps=s["steps"],
-                                n_restarts=s["n_restarts"], seed=s["seed"], loss="ce",
-                                eot_iter=s["eot_iter"], rho=s["rho"])
+        atk = torchattacks.APGD(
+            model,
+            norm=s["norm"],
+            eps=s["eps"],
+            steps=s["steps"],
+            n_restarts=s["n_restarts"],
+            seed=s["seed"],
+            loss="ce",
+            eot_iter=s["eot_iter"],
+            rho=s["rho"],
+        )
     elif spec.name == "apgd-t":
-        atk = torchattacks.APGDT(model, norm=s["norm"], eps=s["eps"], steps=s["steps"],
-                                 n_restarts=s["n_restarts"], seed=s["seed"],
-                                 eot_iter=s["eot_iter"], rho=s["rho"], n_classes=num_classes)
+        atk = torchattacks.APGDT(
+            model,
+            norm=s["norm"],
+            eps=s["eps"],
+            steps=s["steps"],
+            n_restarts=s["n_restarts"],
+            seed=s["seed"],
+            eot_iter=s["eot_iter"],
+            rho=s["rho"],
+            n_classes=num_classes,
+        )
         atk.n_target_classes = s["n_target_classes"]  # torchattacks' default is C - 1
     elif spec.name == "fab-t":
-        atk = torchattacks.FAB(model, norm=s["norm"], eps=s["eps"], steps=s["steps"],
-                               n_restarts=s["n_restarts"], seed=s["seed"], multi_targeted=True,
-                               n_classes=num_classes, alpha_max=s["alpha_max"], eta=s["eta"],
-                               beta=s["beta"])
+        atk = torchattacks.FAB(
+            model,
+            norm=s["norm"],
+            eps=s["eps"],
+            steps=s["steps"],
+            n_restarts=s["n_restarts"],
+            seed=s["seed"],
+            multi_targeted=True,
+            n_classes=num_classes,
+            alpha_max=s["alpha_max"],
+            eta=s["eta"],
+            beta=s["beta"],
+        )
         atk.n_target_classes = s["n_target_classes"]
     elif spec.name == "square":
-        atk = torchattacks.Square(model, norm=s["norm"], eps=s["eps"], n_queries=s["n_queries"],
-                                  n_restarts=s["n_restarts"], seed=s["seed"], p_init=s["p_init"],
-                                  loss=s["loss"], resc_schedule=True)
+        atk = torchattacks.Square(
+            model,
+            norm=s["norm"],
+            eps=s["eps"],
+            n_queries=s["n_queries"],
+            n_restarts=s["n_restarts"],
+            seed=s["seed"],
+            p_init=s["p_init"],
+            loss=s["loss"],
+            resc_schedule=True,
+        )
     else:  # pragma: no cover
         raise ValueError(f"unknown AutoAttack component {spec.name!r}")
     return atk
 
 
 def _build_official(module, model: nn.Module, specs: list[AttackSpec], eps: float, seed: int):
-    adversary = module.AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed,
-                                  verbose=False)
+    adversary = module.AutoAttack(
+        model, norm="Linf", eps=eps, version="standard", seed=seed, verbose=False
+    )
     # the official "standard" version already sets these; restated so a change upstream shows
     adversary.apgd.n_restarts = 1
     adversary.apgd.n_iter = 100
@@ -138,7 +195,8 @@ def _build_official(module, model: nn.Module, specs: list[AttackSpec], eps: floa
     adversary.apgd_targeted.n_restarts = 1
     adversary.apgd_targeted.n_iter = 100
     adversary.apgd_targeted.n_target_classes = next(
-        s.settings["n_target_classes"] for s in specs if s.name == "apgd-t")
+        s.settings["n_target_classes"] for s in specs if s.name == "apgd-t"
+    )
     adversary.fab.n_restarts = 1
     adversary.fab.n_iter = 100
     adversary.fab.targeted = True
@@ -154,8 +212,13 @@ def _build_official(module, model: nn.Module, specs: list[AttackSpec], eps: floa
 
 
 def build_autoattack(
-    model: nn.Module, *, version: str = "standard", eps: float = 8 / 255, num_classes: int = 10,
-    seed: int = 0, backend: str = "auto",
+    model: nn.Module,
+    *,
+    version: str = "standard",
+    eps: float = 8 / 255,
+    num_classes: int = 10,
+    seed: int = 0,
+    backend: str = "auto",
 ) -> tuple[str, list[tuple[AttackSpec, Callable[[Tensor, Tensor], Tensor], Any]]]:
     """``(backend, [(spec, run(x, y) -> x_adv, attack object or None), ...])`` in order.
 
@@ -163,7 +226,9 @@ def build_autoattack(
     ``"torchattacks"``.
     """
     if backend not in ("auto", "official", "torchattacks"):
-        raise ValueError(f"Expected backend in ('auto', 'official', 'torchattacks'), got {backend!r}")
+        raise ValueError(
+            f"Expected backend in ('auto', 'official', 'torchattacks'), got {backend!r}"
+        )
     specs = autoattack_specs(version, eps=eps, num_classes=num_classes, seed=seed)
     module = _official_module() if backend in ("auto", "official") else None
     if backend == "official" and module is None:
@@ -184,12 +249,19 @@ def _pct(mask: Tensor) -> float:
 
 def _predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
     with torch.no_grad():
-        return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+        return torch.cat(
+            [model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
+        )
 
 
 def check_gradient_masking(
-    model: nn.Module, x: Tensor, y: Tensor, *, pgd_correct: Tensor | None = None,
-    fgsm_correct: Tensor | None = None, eps: float = 8 / 255,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    pgd_correct: Tensor | None = None,
+    fgsm_correct: Tensor | None = None,
+    eps: float = 8 / 255,
 ) -> dict[str, Any]:
     """Raise :class:`GradientMaskingError` on obvious gradient masking; return what was measured.
 
@@ -204,9 +276,13 @@ def check_gradient_masking(
     with eval_mode(model), torch.no_grad():
         out = model(x)
     if out.dim() != 2:
-        raise GradientMaskingError(f"Expected model outputs of shape (B, C), got {tuple(out.shape)}")
+        raise GradientMaskingError(
+            f"Expected model outputs of shape (B, C), got {tuple(out.shape)}"
+        )
     row_sums = out.sum(1)
-    if bool((out >= 0).all()) and bool(torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-3)):
+    if bool((out >= 0).all()) and bool(
+        torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-3)
+    ):
         raise GradientMaskingError(
             "model outputs look like probabilities (non-negative, rows sum to 1): return logits, "
             "not softmax outputs; attacks on CE/DLR are unreliable on probabilities"
@@ -274,7 +350,9 @@ def evaluate_robustness(
     if sanity not in ("raise", "warn", "off"):
         raise ValueError(f"Expected sanity in ('raise', 'warn', 'off'), got {sanity!r}")
     if x.dim() < 2 or y.dim() != 1 or len(x) != len(y):
-        raise ValueError(f"Expected x (N, ...) and y (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"Expected x (N, ...) and y (N,), got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     params = [p for p in model.parameters() if p.is_floating_point()]
     if any(p.dtype != torch.float32 for p in params):
         raise TypeError("evaluate_robustness runs in fp32: convert the model with model.float()")
@@ -286,13 +364,25 @@ def evaluate_robustness(
     y = y[:n].to(device)
     lo, hi = x.min().item(), x.max().item()
     if lo < 0 or hi > 1:
-        raise ValueError(f"Expected inputs in [0, 1] (normalisation inside the model), got [{lo:.3g}, {hi:.3g}]")
+        raise ValueError(
+            f"Expected inputs in [0, 1] (normalisation inside the model), got [{lo:.3g}, {hi:.3g}]"
+        )
     t0 = time.time()
     standard = version == "standard"
-    label = ("AutoAttack standard" if standard else
-             "AutoAttack fast (NON-STANDARD: APGD-CE + APGD-T only; not comparable to published numbers)")
-    result: dict[str, Any] = {"n_examples": n, "n_total": n_total, "eps": eps, "version": version,
-                              "standard": standard, "label": label, "seed": seed}
+    label = (
+        "AutoAttack standard"
+        if standard
+        else "AutoAttack fast (NON-STANDARD: APGD-CE + APGD-T only; not comparable to published numbers)"
+    )
+    result: dict[str, Any] = {
+        "n_examples": n,
+        "n_total": n_total,
+        "eps": eps,
+        "version": version,
+        "standard": standard,
+        "label": label,
+        "seed": seed,
+    }
     say(f"robustness evaluation: {n} of {n_total} examples, L∞ ε = {eps:.5f}, {label}")
     g = torch.Generator(device=device).manual_seed(seed)
 
@@ -309,13 +399,13 @@ def evaluate_robustness(
         pgd_ok = torch.zeros_like(clean_ok)
         bar = tqdm(range(0, n, batch_size), desc="fgsm+pgd", disable=not progress, leave=False)
         for i in bar:
-            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            xb, yb = x[i : i + batch_size], y[i : i + batch_size]
             xf = fgsm_attack(model, xb, yb, eps=eps)
             xp = pgd_attack(model, xb, yb, eps=eps, steps=pgd_steps, generator=g)
             _check_threat_model(xp, xb, eps, f"PGD-{pgd_steps}")
             with torch.no_grad():
-                fgsm_ok[i:i + batch_size] = model(xf).argmax(1) == yb
-                pgd_ok[i:i + batch_size] = model(xp).argmax(1) == yb
+                fgsm_ok[i : i + batch_size] = model(xf).argmax(1) == yb
+                pgd_ok[i : i + batch_size] = model(xp).argmax(1) == yb
         result["fgsm"] = _pct(fgsm_ok)
         result[f"pgd{pgd_steps}"] = _pct(pgd_ok)
         say(f"  fgsm: {result['fgsm']:.2f}%   pgd-{pgd_steps}: {result[f'pgd{pgd_steps}']:.2f}%")
@@ -324,33 +414,38 @@ def evaluate_robustness(
             m = min(n, 512)
             try:
                 result["sanity"] = check_gradient_masking(
-                    model, x[:m], y[:m], pgd_correct=pgd_ok, fgsm_correct=fgsm_ok, eps=eps)
+                    model, x[:m], y[:m], pgd_correct=pgd_ok, fgsm_correct=fgsm_ok, eps=eps
+                )
             except GradientMaskingError as e:
                 if sanity == "raise":
                     raise
                 result["sanity"] = {"warning": str(e)}
                 say(f"  WARNING (gradient masking): {e}")
 
-        backend_name, attacks = build_autoattack(model, version=version, eps=eps,
-                                                 num_classes=num_classes, seed=seed, backend=backend)
+        backend_name, attacks = build_autoattack(
+            model, version=version, eps=eps, num_classes=num_classes, seed=seed, backend=backend
+        )
         result["backend"] = backend_name
         robust = clean_ok.clone()
         per_attack: dict[str, float] = {}
         for spec, run, _ in attacks:
             idx = robust.nonzero().flatten()
             torch.manual_seed(seed)
-            bar = tqdm(range(0, len(idx), batch_size), desc=spec.name, disable=not progress,
-                       leave=False)
+            bar = tqdm(
+                range(0, len(idx), batch_size), desc=spec.name, disable=not progress, leave=False
+            )
             for i in bar:
-                sel = idx[i:i + batch_size]
+                sel = idx[i : i + batch_size]
                 xb, yb = x[sel], y[sel]
                 x_adv = run(xb, yb).detach().to(device, torch.float32)
                 _check_threat_model(x_adv, xb, eps, spec.name)
                 with torch.no_grad():
                     robust[sel] = model(x_adv).argmax(1) == yb
             per_attack[spec.name] = _pct(robust)
-            say(f"  after {spec.name}: {per_attack[spec.name]:.2f}%  "
-                f"({int(robust.sum())}/{n} robust)")
+            say(
+                f"  after {spec.name}: {per_attack[spec.name]:.2f}%  "
+                f"({int(robust.sum())}/{n} robust)"
+            )
         result["per_attack"] = per_attack
         result["autoattack"] = _pct(robust)
     result["time_s"] = round(time.time() - t0, 2)
@@ -366,10 +461,13 @@ def format_table(rows: dict[str, dict[str, Any]], *, pgd_steps: int = 20) -> str
     |---|---|---|---|---|
     | a | 10 | 90.00 | 50.00 | 45.00 (fast, non-standard) |
     """
-    lines = ["| run | n | clean | PGD-20 | AutoAttack |".replace("20", str(pgd_steps)),
-             "|---|---|---|---|---|"]
+    lines = [
+        "| run | n | clean | PGD-20 | AutoAttack |".replace("20", str(pgd_steps)),
+        "|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
         aa = f"{r['autoattack']:.2f}" + ("" if r.get("standard", True) else " (fast, non-standard)")
-        lines.append(f"| {name} | {r['n_examples']} | {r['clean']:.2f} | "
-                     f"{r[f'pgd{pgd_steps}']:.2f} | {aa} |")
+        lines.append(
+            f"| {name} | {r['n_examples']} | {r['clean']:.2f} | {r[f'pgd{pgd_steps}']:.2f} | {aa} |"
+        )
     return "\n".join(lines)

@@ -196,7 +196,9 @@ def config_from_dict(data: dict) -> Config:
         raise ConfigError(f"config: expected a mapping, got {type(data).__name__}")
     recipe = _coerce(data.get("recipe", Config.recipe), str, "recipe")
     if recipe not in _RECIPE_SECTIONS:
-        raise ConfigError(f"recipe: unknown recipe {recipe!r} (known: {', '.join(known_recipes())})")
+        raise ConfigError(
+            f"recipe: unknown recipe {recipe!r} (known: {', '.join(known_recipes())})"
+        )
     sections = _section_keys(recipe)
     top: dict[str, Any] = {}
     for k, v in data.items():
@@ -325,7 +327,8 @@ def _expand_key(key: str, recipe: str) -> list[str]:
         return [owners[0], key]
     if len(owners) > 1:
         raise ConfigError(
-            f"override '{key}' is ambiguous: write one of " + ", ".join(f"{o}.{key}" for o in owners)
+            f"override '{key}' is ambiguous: write one of "
+            + ", ".join(f"{o}.{key}" for o in owners)
         )
     known = sorted([*TOP_LEVEL, *sections])
     raise ConfigError(f"unknown key '{key}' (known: {', '.join(known)})")

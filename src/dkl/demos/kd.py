@@ -15,7 +15,9 @@ __all__ = ["add_arguments", "main", "run_demo"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=0, help="epochs per run (default: the presets' 30)")
+    p.add_argument(
+        "--epochs", type=int, default=0, help="epochs per run (default: the presets' 30)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from dkl.attacks import TrainAttack, eval_mode, pgd_attack
 from dkl.awp import AWP
-from dkl.config import AdversarialConfig
+from dkl.config import AdversarialConfig, ConfigError
 from dkl.data import with_second_view
 from dkl.ema import ModelEMA
 from dkl.losses import ikl_loss
@@ -193,7 +193,10 @@ class AdversarialTask(Task):
             self.prior = ClassPrior(ctx.info.num_classes, temperature=a.prior_temperature)
             self.prior.to(ctx.device)
         if a.aug_view and not ctx.eval_only:
-            self.train_set = with_second_view(ctx.train_set, a.aug_view)
+            try:
+                self.train_set = with_second_view(ctx.train_set, a.aug_view)
+            except ValueError as e:  # digits: no image transform to extend
+                raise ConfigError(f"adversarial.aug_view: {e}") from None
         self.awp: AWP | None = None
         self.ema: ModelEMA | None = None
 

@@ -124,8 +124,7 @@ def tree_add(a: Any, b: Any) -> Any:
     """Sum of two nested dicts of numbers / tensors (a key missing on one side counts as 0)."""
     if isinstance(a, dict):
         return {
-            k: tree_add(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k))
-            for k in {**a, **b}
+            k: tree_add(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k)) for k in {**a, **b}
         }
     return a + b
 

@@ -113,7 +113,9 @@ class Trainer(TrainingState):
         if t.max_steps_per_epoch > 0:
             spe = min(spe, t.max_steps_per_epoch)
         if spe <= 0:
-            raise ConfigError(f"data.batch_size: {cfg.data.batch_size} leaves no full batch per epoch")
+            raise ConfigError(
+                f"data.batch_size: {cfg.data.batch_size} leaves no full batch per epoch"
+            )
         self.scheduler = self.task.build_scheduler(self.optimizer, spe)
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         last = cfg.run_dir / "last.pt"
@@ -248,7 +250,9 @@ class Trainer(TrainingState):
         post["eta"] = format_time(rate * (total - self.global_step))
         return post
 
-    def _eval_point(self, t_start: float, extra: dict | None = None, epoch: int | None = None) -> None:
+    def _eval_point(
+        self, t_start: float, extra: dict | None = None, epoch: int | None = None
+    ) -> None:
         t = self.cfg.train
         record: dict[str, Any] = {
             "epoch": epoch if epoch is not None else self.epoch,

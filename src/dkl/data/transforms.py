@@ -1,0 +1,302 @@
+"""Augmentations: the CIFAR crop + flip, the semi-supervised weak / strong views, a second view.
+
+Every view is a float tensor in [0, 1]: normalisation lives in the model.
+
+- :func:`crop_flip`: random crop to ``size`` after padding by ``padding`` pixels, then a horizontal
+  flip with probability 1/2. The CIFAR train transform and the adversarial second view use
+  ``(32, 4, "constant")``; USB's weak view uses reflect padding of ``int(size * (1 - crop_ratio))``
+  (4 pixels at 32 with ratio 0.875).
+- Semi-supervised views. CIFAR-like images (``uint8`` arrays ``(N, H, W, 3)``), as in USB:
+  weak = the reflect-padded crop + flip; strong = the weak transforms + torchvision's
+  ``RandAugment`` (3 ops) + a Cutout-like random erase. USB uses its own RandAugment (3 ops of
+  random magnitude, then Cutout up to half the side); torchvision's has a fixed magnitude, so the
+  strong view is close to, not identical with, USB's. Digits (float tensors ``(1, 8, 8)`` in
+  [0, 1]): weak = a random shift of up to one pixel (zero fill; no flip, digits are not
+  mirror-symmetric); strong = the weak shift + a random rotation (±20°) and scaling (0.85–1.15), a
+  random 3×3 erase and Gaussian pixel noise (σ = 0.1), clamped to [0, 1]. :func:`build_views`
+  picks the pair for a data set name.
+- Second view for adversarial training (CIFAR): :func:`with_second_view` returns a copy of a train
+  set whose samples are ``((basic, view), label)``, ``view`` = crop + flip + AutoAugment (CIFAR-10
+  policy) or crop + flip + Cutout (16×16).
+
+torchvision is imported only when a CIFAR transform is built (``pip install 'dkl[vision]'``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = [
+    "SECOND_VIEWS",
+    "Cutout",
+    "DigitsStrong",
+    "DigitsWeak",
+    "TwoViews",
+    "build_views",
+    "cifar_strong",
+    "cifar_weak",
+    "crop_flip",
+    "with_second_view",
+]
+
+SECOND_VIEWS = ("autoaugment", "cutout")
+
+
+def crop_flip(size: int = 32, padding: int = 4, padding_mode: str = "constant") -> list:
+    """``[RandomCrop(size, padding, padding_mode), RandomHorizontalFlip()]`` (torchvision)."""
+    from torchvision import transforms as T
+
+    return [
+        T.RandomCrop(size, padding=padding, padding_mode=padding_mode),
+        T.RandomHorizontalFlip(),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Semi-supervised views: digits
+# --------------------------------------------------------------------------------------------
+
+
+def _check_digits(x: Tensor) -> Tensor:
+    if not isinstance(x, Tensor) or x.ndim not in (3, 4):
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"Expected an image tensor (C, H, W) or a batch (N, C, H, W), got {got}")
+    return x[None] if x.ndim == 3 else x
+
+
+class DigitsWeak:
+    """Random shift by up to ``max_shift`` pixels in each direction, zero fill.
+
+    Works on one image ``(C, H, W)`` or a batch ``(N, C, H, W)`` (one shift per image), drawing
+    from ``generator`` (default: torch's global RNG).
+
+    >>> x = torch.arange(9.0).reshape(1, 3, 3)
+    >>> DigitsWeak()(x, generator=torch.Generator().manual_seed(0)).shape
+    torch.Size([1, 3, 3])
+    """
+
+    batched = True
+
+    def __init__(self, max_shift: int = 1) -> None:
+        self.max_shift = int(max_shift)
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        single = x.ndim == 3
+        xb = _check_digits(x)
+        s = self.max_shift
+        n, _, h, w = xb.shape
+        padded = F.pad(xb, (s, s, s, s))
+        dy, dx = torch.randint(0, 2 * s + 1, (2, n), generator=generator)
+        rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (N, 1, H, 1)
+        cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # (N, 1, 1, W)
+        out = padded[
+            torch.arange(n)[:, None, None, None],
+            torch.arange(xb.shape[1])[None, :, None, None],
+            rows,
+            cols,
+        ]
+        return out[0] if single else out
+
+    def __repr__(self) -> str:
+        return f"DigitsWeak(max_shift={self.max_shift})"
+
+
+class DigitsStrong:
+    """The weak shift, then rotation + scaling, a random square erase and Gaussian noise."""
+
+    batched = True
+
+    def __init__(
+        self,
+        max_shift: int = 1,
+        degrees: float = 20.0,
+        scale: tuple[float, float] = (0.85, 1.15),
+        erase: int = 3,
+        noise: float = 0.1,
+    ) -> None:
+        self.weak = DigitsWeak(max_shift)
+        self.degrees, self.scale, self.erase, self.noise = float(degrees), scale, int(erase), noise
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        single = x.ndim == 3
+        xb = self.weak(_check_digits(x), generator=generator)
+        n, c, h, w = xb.shape
+        u = torch.rand(2, n, generator=generator, dtype=xb.dtype)
+        angle = (u[0] * 2 - 1) * math.radians(self.degrees)
+        s = self.scale[0] + u[1] * (self.scale[1] - self.scale[0])
+        cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
+        zero = torch.zeros_like(cos)
+        theta = torch.stack(
+            [torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1
+        )
+        grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
+        xb = F.grid_sample(xb, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if self.erase > 0:
+            i = torch.randint(0, h - self.erase + 1, (n,), generator=generator)
+            j = torch.randint(0, w - self.erase + 1, (n,), generator=generator)
+            r, q = torch.arange(h), torch.arange(w)
+            in_r = (r[None] >= i[:, None]) & (r[None] < i[:, None] + self.erase)  # (N, H)
+            in_c = (q[None] >= j[:, None]) & (q[None] < j[:, None] + self.erase)  # (N, W)
+            xb = xb.masked_fill((in_r[:, :, None] & in_c[:, None, :])[:, None], 0.0)
+        if self.noise > 0:
+            xb = xb + self.noise * torch.randn(xb.shape, generator=generator, dtype=xb.dtype)
+        xb = xb.clamp(0.0, 1.0)
+        return xb[0] if single else xb
+
+    def __repr__(self) -> str:
+        return (
+            f"DigitsStrong(max_shift={self.weak.max_shift}, degrees={self.degrees}, "
+            f"scale={self.scale}, erase={self.erase}, noise={self.noise})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Semi-supervised views: CIFAR (USB)
+# --------------------------------------------------------------------------------------------
+
+
+def _usb_crop_flip(size: int, crop_ratio: float) -> list:
+    if not 0.0 < crop_ratio <= 1.0:
+        raise ValueError(f"Expected crop_ratio in (0, 1], got {crop_ratio}")
+    return crop_flip(size, padding=int(size * (1.0 - crop_ratio)), padding_mode="reflect")
+
+
+def cifar_weak(size: int = 32, crop_ratio: float = 0.875) -> Callable:
+    """USB's weak view for 32×32 images: reflect-padded random crop + flip, to a [0, 1] tensor."""
+    from torchvision import transforms as T
+
+    return T.Compose([*_usb_crop_flip(size, crop_ratio), T.ToTensor()])
+
+
+def cifar_strong(
+    size: int = 32,
+    crop_ratio: float = 0.875,
+    num_ops: int = 3,
+    magnitude: int = 9,
+    cutout: float = 0.5,
+) -> Callable:
+    """Weak transforms + ``RandAugment(num_ops, magnitude)`` + a square erase of side up to
+    ``cutout`` × image side (USB's Cutout), to a [0, 1] tensor."""
+    from torchvision import transforms as T
+
+    tf = [
+        *_usb_crop_flip(size, crop_ratio),
+        T.RandAugment(num_ops=num_ops, magnitude=magnitude),
+        T.ToTensor(),
+    ]
+    if cutout > 0:
+        tf.append(T.RandomErasing(p=1.0, scale=(0.0, cutout**2), ratio=(1.0, 1.0), value=0.5))
+    return T.Compose(tf)
+
+
+def build_views(
+    data_name: str,
+    *,
+    crop_ratio: float = 0.875,
+    randaugment_ops: int = 3,
+    randaugment_magnitude: int = 9,
+) -> tuple[Callable, Callable]:
+    """``(weak, strong)`` transforms for a data set name (digits: tensor views; CIFAR: USB's).
+
+    >>> weak, strong = build_views("digits")
+    >>> weak, strong.degrees
+    (DigitsWeak(max_shift=1), 20.0)
+    """
+    if data_name == "digits":
+        return DigitsWeak(), DigitsStrong()
+    if data_name in ("cifar10", "cifar100"):
+        weak = cifar_weak(32, crop_ratio)
+        strong = cifar_strong(32, crop_ratio, randaugment_ops, randaugment_magnitude)
+        return weak, strong
+    raise ValueError(f"no views for data {data_name!r}; expected one of digits, cifar10, cifar100")
+
+
+# --------------------------------------------------------------------------------------------
+# Second view (adversarial training)
+# --------------------------------------------------------------------------------------------
+
+
+class Cutout:
+    """Zero one random ``length``×``length`` square (clipped at the border) of a (C, H, W) tensor.
+
+    The centre is drawn from torch's global RNG (``torch.randint``), row then column.
+
+    >>> _ = torch.manual_seed(0)
+    >>> int((Cutout(2)(torch.ones(1, 4, 4)) == 0).sum()) in (1, 2, 4)
+    True
+    """
+
+    def __init__(self, length: int = 16) -> None:
+        self.length = length
+
+    def __call__(self, img: Tensor) -> Tensor:
+        _, h, w = img.shape
+        cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+        y0, y1 = max(cy - self.length // 2, 0), min(cy + self.length // 2, h)
+        x0, x1 = max(cx - self.length // 2, 0), min(cx + self.length // 2, w)
+        img = img.clone()
+        img[:, y0:y1, x0:x1] = 0.0
+        return img
+
+    def __repr__(self) -> str:
+        return f"Cutout(length={self.length})"
+
+
+class TwoViews:
+    """A transform returning ``(basic(img), view(img))``, in that order (``basic`` draws first)."""
+
+    def __init__(self, basic: Callable, view: Callable) -> None:
+        self.basic, self.view = basic, view
+
+    def __call__(self, img: Any) -> tuple[Any, Any]:
+        return self.basic(img), self.view(img)
+
+    def __repr__(self) -> str:
+        return f"TwoViews(basic={self.basic!r}, view={self.view!r})"
+
+
+def _second_view(kind: str) -> Callable:
+    from torchvision import transforms as T
+
+    if kind == "autoaugment":
+        policy = T.AutoAugmentPolicy.CIFAR10
+        return T.Compose([*crop_flip(32, padding=4), T.AutoAugment(policy), T.ToTensor()])
+    return T.Compose([*crop_flip(32, padding=4), T.ToTensor(), Cutout(16)])
+
+
+def with_second_view(train_set: Dataset, kind: str) -> Dataset:
+    """A copy of ``train_set`` whose samples are ``((basic, view), label)``.
+
+    ``basic`` is the set's own transform; ``view`` is crop + flip + AutoAugment (CIFAR-10 policy)
+    for ``kind="autoaugment"``, crop + flip + a 16×16 :class:`Cutout` for ``kind="cutout"``.
+    ``train_set`` is a torchvision image data set or a :class:`~dkl.data.SeededDataset` around
+    one; the copies are shallow (the images are shared) and ``train_set`` itself is left as it
+    was.
+
+    Raises:
+        ValueError: ``kind`` is not one of :data:`SECOND_VIEWS`, or the data set has no
+            torchvision transform to extend (digits).
+    """
+    if kind not in SECOND_VIEWS:
+        raise ValueError(f"Expected a second view in {SECOND_VIEWS}, got {kind!r}")
+    base = getattr(train_set, "base", train_set)
+    if getattr(base, "transform", None) is None:
+        raise ValueError(
+            f"a second view ({kind!r}) needs a torchvision image data set with a transform "
+            f"(cifar10, cifar100), got {type(base).__name__}"
+        )
+    new_base = copy.copy(base)
+    new_base.transform = TwoViews(base.transform, _second_view(kind))
+    if base is train_set:
+        return new_base
+    new = copy.copy(train_set)
+    new.base = new_base
+    return new
