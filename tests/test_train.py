@@ -1,4 +1,4 @@
-"""The training engine: improvement, exact resume after SIGTERM, torchrun, outputs, errors."""
+"""The trainer: improvement, exact resume after SIGTERM, torchrun, outputs, errors."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dkl.api import make_trainer, train
 from dkl.config import load_config
-from dkl.engine import Engine, NonFiniteLossError, load_checkpoint, train
+from dkl.train import CHECKPOINT_FORMAT, NonFiniteLossError, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["train.progress=false", "train.plot=false", "train.threads=1"]
@@ -40,9 +41,9 @@ def _records(run: Path) -> list[dict]:
 
 def test_one_epoch_improves_accuracy(tmp_path):
     cfg = load_config("kd/digits_ce", [f"train.out_dir={tmp_path}", "train.epochs=1", *QUIET])
-    engine = Engine(cfg, log=lambda m: None)
-    before = engine.evaluate()["top1"]
-    summary = engine.fit()
+    trainer = make_trainer(cfg, log=lambda m: None)
+    before = trainer.evaluate()["top1"]
+    summary = trainer.fit()
     after = summary["last"]["top1"]
     assert before < 30  # an untrained 10-class model is near chance
     assert after > before + 40
@@ -115,7 +116,12 @@ def test_checkpoint_is_weights_only_and_complete(tmp_path, teacher):
     )
     train(cfg, log=lambda m: None)
     ck = torch.load(tmp_path / cfg.name / "last.pt", weights_only=True)
-    assert set(ck) >= {"model", "optimizer", "scaler", "recipe", "engine", "rng", "config"}
+    assert set(ck) >= {
+        "model", "optimizer", "scheduler", "scaler", "recipe", "engine", "rng", "config"
+    }
+    assert ck["format"] == CHECKPOINT_FORMAT == "dkl-checkpoint-2"
+    # the lr schedule has stepped after each of the epoch's 22 optimiser steps
+    assert ck["scheduler"]["last_epoch"] == 22
     prior = ck["recipe"]["prior"]
     assert set(prior) >= {"prior", "sums", "counts"}
     # the prior was stepped once: rows are teacher means, no longer uniform
@@ -128,7 +134,7 @@ _SLOW_STEPS = textwrap.dedent(
     """
     import os, sys, time
     from dkl.recipes import distill
-    _step = distill.DistillRecipe.train_step
+    _step = distill.DistillTask.train_step
     _done = [0]
     def slow(self, batch, ctx):  # numerics untouched; only gives the test time to signal
         time.sleep(0.03)
@@ -137,7 +143,7 @@ _SLOW_STEPS = textwrap.dedent(
         with open(os.environ["DKL_TEST_STEPS"], "w") as f:
             f.write(str(_done[0]))
         return out
-    distill.DistillRecipe.train_step = slow
+    distill.DistillTask.train_step = slow
     from dkl.cli import main
     sys.exit(main(sys.argv[1:]))
     """
@@ -200,7 +206,9 @@ def test_resume_after_signal_equals_uninterrupted(tmp_path, teacher, sig):
 def test_resume_with_fewer_ranks_keeps_the_running_sums(tmp_path):
     """A checkpoint written by 2 ranks, resumed by 1: the epoch's running sums are merged."""
     cfg = load_config("kd/digits_ce", [f"train.out_dir={tmp_path}", "train.epochs=1", *QUIET])
-    state = Engine(cfg, log=lambda m: None).state_dict()
+    trainer = make_trainer(cfg, log=lambda m: None)
+    trainer.scheduler = trainer.task.build_scheduler(trainer.optimizer, 22)  # fit() builds it
+    state = trainer.state_dict()
 
     def part(loss: float, seen: int) -> dict:
         running = {"loss": loss, "correct": 1, "seen": seen, "steps": 2, "extra": {"ce": 0.5}}
@@ -208,9 +216,10 @@ def test_resume_with_fewer_ranks_keeps_the_running_sums(tmp_path):
 
     state["ranks"] = [part(1.0, 10), part(3.0, 20)]
     logs: list[str] = []
-    engine = Engine(cfg, log=logs.append)
-    engine.load_state_dict(state)
-    assert engine.running == {
+    trainer = make_trainer(cfg, log=logs.append)
+    trainer.scheduler = trainer.task.build_scheduler(trainer.optimizer, 22)
+    trainer.load_state_dict(state)
+    assert trainer.running.sums == {
         "loss": 4.0, "correct": 2, "seen": 30, "steps": 4, "extra": {"ce": 1.0}
     }
     assert "written by 2 rank(s), this run has 1" in logs[-1]
