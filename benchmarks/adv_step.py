@@ -123,11 +123,15 @@ def main() -> None:
     max_px = (xa - xr).abs().max().item()
     rel_loss = abs(la.item() - lr_.item()) / abs(lr_.item())
     rel_grad = max(((g1 - g2).norm() / g2.norm()).item() for g1, g2 in zip(ga, gr))
-    print(f"device={device} WRN-{args.depth}-{args.widen} B={b} C={c} steps={steps} "
-          f"step={step_size * 255:.2f}/255 eps={eps * 255:.2f}/255 threads={torch.get_num_threads()}")
-    print(f"equal results: identical adversarial pixels {100 * same_px:.4f}% (max diff {max_px:.2e}); "
-          f"loss {la.item():.6f} vs {lr_.item():.6f} (rel {rel_loss:.1e}); "
-          f"max relative grad diff {rel_grad:.1e}")
+    print(
+        f"device={device} WRN-{args.depth}-{args.widen} B={b} C={c} steps={steps} "
+        f"step={step_size * 255:.2f}/255 eps={eps * 255:.2f}/255 threads={torch.get_num_threads()}"
+    )
+    print(
+        f"equal results: identical adversarial pixels {100 * same_px:.4f}% (max diff {max_px:.2e}); "
+        f"loss {la.item():.6f} vs {lr_.item():.6f} (rel {rel_loss:.1e}); "
+        f"max relative grad diff {rel_grad:.1e}"
+    )
 
     # ---- timing, interleaved
     times = {"dkl": [], "authors": []}
@@ -142,8 +146,10 @@ def main() -> None:
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"step time (median of {args.reps}): dkl {1e3 * med['dkl']:.1f} ms, "
-          f"authors' way {1e3 * med['authors']:.1f} ms -> {med['authors'] / med['dkl']:.2f}x faster")
+    print(
+        f"step time (median of {args.reps}): dkl {1e3 * med['dkl']:.1f} ms, "
+        f"authors' way {1e3 * med['authors']:.1f} ms -> {med['authors'] / med['dkl']:.2f}x faster"
+    )
 
 
 if __name__ == "__main__":

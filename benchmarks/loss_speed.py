@@ -37,7 +37,9 @@ def pairwise_ikl(zs, zt, alpha=1.0, beta=1.0, T=1.0):
 
 
 CANDIDATES = {
-    "F.kl_div": lambda zs, zt: F.kl_div(F.log_softmax(zs, 1), F.softmax(zt, 1), reduction="batchmean"),
+    "F.kl_div": lambda zs, zt: F.kl_div(
+        F.log_softmax(zs, 1), F.softmax(zt, 1), reduction="batchmean"
+    ),
     "dkl.kl_loss": lambda zs, zt: dkl.kl_loss(zs, zt),
     "dkl.ikl_loss": lambda zs, zt: dkl.ikl_loss(zs, zt, beta=8.0, temperature=4.0),
     "pairwise (authors)": lambda zs, zt: pairwise_ikl(zs, zt, beta=8.0, T=4.0),
@@ -95,7 +97,9 @@ def peak_extra_bytes(fn, zs, zt, device):
     os.close(saved)
     zs.grad = zt.grad = None
     # running sum of allocations/frees in event order gives the peak above the start
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    events = sorted(
+        (e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start
+    )
     current = peak = 0
     for e in events:
         current += e.self_cpu_memory_usage
@@ -104,15 +108,23 @@ def peak_extra_bytes(fn, zs, zt, device):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shapes", nargs="*", help="BxC shapes, e.g. 256x1000")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}, torch {torch.__version__}, float32, median of up to {args.repeats} runs\n")
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({torch.get_num_threads()} threads)"
+    )
+    print(
+        f"device: {name}, torch {torch.__version__}, float32, median of up to {args.repeats} runs\n"
+    )
     print("| B × C | " + " | ".join(CANDIDATES) + " | ikl / kl_div | pairwise / ikl |")
     print("|---|" + "---|" * (len(CANDIDATES) + 2))
     for B, C in shapes:
@@ -124,12 +136,18 @@ def main() -> None:
             if label.startswith("pairwise") and 12 * B * C * C * 4 > PAIRWISE_BUDGET:
                 cells.append(f"skipped: needs ~{12 * B * C * C * 4 / 2**30:,.0f} GiB")
                 continue
-            t = time_fwd_bwd(fn, zs, zt, args.repeats if not label.startswith("pairwise") else 3, device)
+            t = time_fwd_bwd(
+                fn, zs, zt, args.repeats if not label.startswith("pairwise") else 3, device
+            )
             mem = peak_extra_bytes(fn, zs, zt, device)
             ms[label] = t
             cells.append(f"{t:.3g} ms / {mem / 2**20:.3g} MiB")
         ratio = ms["dkl.ikl_loss"] / ms["F.kl_div"]
-        speedup = f"{ms['pairwise (authors)'] / ms['dkl.ikl_loss']:.0f}×" if "pairwise (authors)" in ms else "–"
+        speedup = (
+            f"{ms['pairwise (authors)'] / ms['dkl.ikl_loss']:.0f}×"
+            if "pairwise (authors)" in ms
+            else "–"
+        )
         print(f"| {B} × {C} | " + " | ".join(cells) + f" | {ratio:.2f} | {speedup} |", flush=True)
 
 

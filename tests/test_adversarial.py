@@ -17,8 +17,9 @@ from dkl.train import RunContext
 
 def tiny_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(),
-                         nn.Linear(16, 5))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5)
+    )
 
 
 def batch(b: int = 8, seed: int = 1):
@@ -33,12 +34,18 @@ def pairwise_wmse(z_t: torch.Tensor, z_s: torch.Tensor, w: torch.Tensor) -> torc
     return 0.25 * (w[:, :, None] * w[:, None, :] * (dt - ds) ** 2).sum((1, 2))
 
 
-def make_task(method: str = "ikl_at", num_classes: int = 5, epochs: int = 4, model=None,
-              **adversarial) -> AdversarialTask:
+def make_task(
+    method: str = "ikl_at", num_classes: int = 5, epochs: int = 4, model=None, **adversarial
+) -> AdversarialTask:
     """The adversarial task of a ``num_classes``-class run on CPU (``adversarial`` overrides its
     section); ``model``, when given, is the one it trains and attacks."""
-    cfg = config_from_dict({"recipe": "adversarial", "train": {"epochs": epochs},
-                            "adversarial": {"method": method, **adversarial}})
+    cfg = config_from_dict(
+        {
+            "recipe": "adversarial",
+            "train": {"epochs": epochs},
+            "adversarial": {"method": method, **adversarial},
+        }
+    )
     info = DataInfo("toy", num_classes, (3, 2, 2), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     task = AdversarialTask(cfg, RunContext(cfg, torch.device("cpu"), 0, 1, info, None, None))
     task.raw_model = task.model = model
@@ -98,7 +105,8 @@ def test_prior_fed_by_natural_logits_of_training_forward():
     torch.manual_seed(3)
     z_nat = tiny_model().train()(x)  # same weights, same BN batch statistics
     sums = torch.zeros(5, 5, dtype=torch.float64).index_add_(
-        0, y, (z_nat.detach().double() / 4.0).softmax(1))
+        0, y, (z_nat.detach().double() / 4.0).softmax(1)
+    )
     torch.testing.assert_close(task.prior.sums, sums)
 
 
@@ -109,8 +117,9 @@ def test_second_view_loss_and_prior_from_basic_view_only():
     y = torch.randint(0, 5, (2 * b,))
     w = random_prior(5)[y]
     gamma = 0.3
-    out = adversarial_loss("ikl_at", z_nat, z_adv, y, alpha=4, beta=20, class_weights=w,
-                           n_basic=b, aug_weight=gamma)
+    out = adversarial_loss(
+        "ikl_at", z_nat, z_adv, y, alpha=4, beta=20, class_weights=w, n_basic=b, aug_weight=gamma
+    )
 
     def robust(rows):
         sce = -(z_nat[rows].softmax(1) * z_adv[rows].log_softmax(1)).sum(1)
@@ -145,8 +154,15 @@ def test_trades_and_pgd_at_losses():
         make_task("pgd_at", attack={"loss": "kl"})
 
 
-@pytest.mark.parametrize("method,forwards", [("ikl_at", (1, 5 + 1, 1)), ("trades", (1, 5 + 1, 1)),
-                                            ("pgd_at", (0, 5 + 1, 0)), ("standard", (0, 0, 1))])
+@pytest.mark.parametrize(
+    "method,forwards",
+    [
+        ("ikl_at", (1, 5 + 1, 1)),
+        ("trades", (1, 5 + 1, 1)),
+        ("pgd_at", (0, 5 + 1, 0)),
+        ("standard", (0, 0, 1)),
+    ],
+)
 def test_natural_forward_once_per_batch(method, forwards):
     x, y = batch()
     calls = {"nat_eval": 0, "other": 0, "nat_train": 0}
@@ -288,20 +304,34 @@ def test_ema_copy_buffers_reset_copy_to_apply_and_state():
 def _cfg(preset: str, tmp_path, *extra: str):
     from dkl.config import load_config
 
-    return load_config(preset, [f"train.out_dir={tmp_path}", "train.overwrite=true",
-                                "train.progress=false", "train.plot=false", "train.epochs=2",
-                                "train.max_steps_per_epoch=3", "adversarial.eval.pgd_examples=20",
-                                *extra])
+    return load_config(
+        preset,
+        [
+            f"train.out_dir={tmp_path}",
+            "train.overwrite=true",
+            "train.progress=false",
+            "train.plot=false",
+            "train.epochs=2",
+            "train.max_steps_per_epoch=3",
+            "adversarial.eval.pgd_examples=20",
+            *extra,
+        ],
+    )
 
 
 def test_all_adversarial_presets_load():
     from dkl.config import list_presets, load_config
 
     names = list_presets("adversarial")
-    assert {"adversarial/cifar10_ikl_at", "adversarial/cifar100_ikl_at",
-            "adversarial/cifar100_ikl_at_autoaug", "adversarial/cifar10_trades",
-            "adversarial/cifar10_pgd_at", "adversarial/digits_standard",
-            "adversarial/digits_ikl_at"} <= set(names)
+    assert {
+        "adversarial/cifar10_ikl_at",
+        "adversarial/cifar100_ikl_at",
+        "adversarial/cifar100_ikl_at_autoaug",
+        "adversarial/cifar10_trades",
+        "adversarial/cifar10_pgd_at",
+        "adversarial/digits_standard",
+        "adversarial/digits_ikl_at",
+    } <= set(names)
     for n in names:
         load_config(n)
     c10 = load_config("adversarial/cifar10_ikl_at").adversarial
@@ -318,8 +348,12 @@ def test_recipe_trains_with_awp_and_exports_the_ema(tmp_path):
     from dkl.models import unwrap_normalization
     from dkl.train import load_checkpoint
 
-    cfg = _cfg("adversarial/digits_ikl_at", tmp_path, "adversarial.awp.gamma=0.005",
-               "adversarial.awp.start_epoch=2")
+    cfg = _cfg(
+        "adversarial/digits_ikl_at",
+        tmp_path,
+        "adversarial.awp.gamma=0.005",
+        "adversarial.awp.start_epoch=2",
+    )
     trainer = make_trainer(cfg, log=lambda m: None)
     summary = trainer.fit()
     task = trainer.task
@@ -376,7 +410,10 @@ def test_robust_command_on_a_run(tmp_path, capsys):
 
     res = json.loads((tmp_path / cfg.name / "robust.json").read_text())
     assert res["n_examples"] == 8 and res["standard"] is False
-    assert json.loads((tmp_path / cfg.name / "summary.json").read_text())["robust"]["version"] == "fast"
+    assert (
+        json.loads((tmp_path / cfg.name / "summary.json").read_text())["robust"]["version"]
+        == "fast"
+    )
 
 
 def test_cifar_presets_use_the_authors_cosine():

@@ -131,8 +131,15 @@ def test_signed_step_matches_hand_computation():
     xg = x.clone().requires_grad_(True)
     grad = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)[0]
     expected = torch.clamp(x + 0.05 * grad.sign(), 0, 1)
-    got = perturb(model, x, eps=0.05, steps=1, step_size=0.05, init="none",
-                  loss_fn=lambda z: F.cross_entropy(z, y, reduction="sum"))
+    got = perturb(
+        model,
+        x,
+        eps=0.05,
+        steps=1,
+        step_size=0.05,
+        init="none",
+        loss_fn=lambda z: F.cross_entropy(z, y, reduction="sum"),
+    )
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
@@ -191,7 +198,8 @@ def test_attack_increases_its_loss():
         z_nat = model(x)
     for kind in ("ikl", "sce", "kl", "ce"):
         x_adv = TrainAttack(loss=kind, budget="high", max_eps=0.2, fixed_eps=True)(
-            model, x, epoch=1, epochs=1, labels=y, z_nat=z_nat)
+            model, x, epoch=1, epochs=1, labels=y, z_nat=z_nat
+        )
         with torch.no_grad():
             before = attack_loss(kind, model(x), z_nat=z_nat, labels=y)
             after = attack_loss(kind, model(x_adv), z_nat=z_nat, labels=y)
@@ -206,8 +214,9 @@ def test_attack_loss_values_against_torch():
     kl = (p * (p.log() - z_adv.log_softmax(1))).sum()
     torch.testing.assert_close(attack_loss("sce", z_adv, z_nat=z_nat), sce)
     torch.testing.assert_close(attack_loss("kl", z_adv, z_nat=z_nat), kl)
-    torch.testing.assert_close(attack_loss("ce", z_adv, labels=y),
-                               F.cross_entropy(z_adv, y, reduction="sum"))
+    torch.testing.assert_close(
+        attack_loss("ce", z_adv, labels=y), F.cross_entropy(z_adv, y, reduction="sum")
+    )
     with pytest.raises(ValueError, match="needs the natural logits"):
         attack_loss("sce", z_adv)
 

@@ -135,3 +135,123 @@ def test_every_bundled_preset_validates():
     assert len(names) >= 11 * 3 + 2 * 3
     for name in names:
         load_config(name)
+
+
+# --------------------------------------------------------------------------------------------
+# A run's config holds its own recipe's section only
+# --------------------------------------------------------------------------------------------
+
+
+def test_kd_config_has_only_its_own_section(tmp_path):
+    import yaml
+
+    from dkl.api import train
+
+    cfg = load_config(
+        "kd/digits_ce",
+        [
+            f"train.out_dir={tmp_path}",
+            "train.epochs=1",
+            "train.max_steps_per_epoch=2",
+            "train.progress=false",
+            "train.plot=false",
+            "train.threads=1",
+        ],
+    )
+    assert cfg.distill is not None and cfg.adversarial is None and cfg.semisup is None
+    assert cfg.sections == {}
+    d = config_to_dict(cfg)
+    assert "distill" in d and "adversarial" not in d and "semisup" not in d
+    train(cfg, log=lambda m: None)
+    written = yaml.safe_load((tmp_path / cfg.name / "config.yaml").read_text())
+    assert "distill" in written and "adversarial" not in written and "semisup" not in written
+    assert load_config(tmp_path / cfg.name / "config.yaml") == cfg
+
+
+def test_ambiguous_short_key_lists_the_full_names():
+    # `warmup` is both sched.warmup and distill.warmup in a distillation run
+    with pytest.raises(ConfigError, match="ambiguous") as info:
+        load_config("kd/digits_ikl", ["warmup=3"])
+    msg = str(info.value)
+    assert "sched.warmup" in msg and "distill.warmup" in msg and "\n" not in msg
+    # the full names still work, and a recipe without that key resolves it uniquely
+    cfg = load_config("kd/digits_ikl", ["sched.warmup=3", "distill.warmup=5"])
+    assert (cfg.sched.warmup, cfg.distill.warmup) == (3, 5)
+    assert load_config("adversarial/digits_ikl_at", ["warmup=3"]).sched.warmup == 3
+
+
+def test_short_keys_resolve_among_the_runs_sections_only():
+    # `uratio` is a semisup key: unknown to a distillation run, short for semisup.uratio there
+    with pytest.raises(ConfigError, match=r"^unknown key 'uratio'"):
+        load_config("kd/digits_ikl", ["uratio=3"])
+    assert load_config("semisup/digits_fixmatch", ["uratio=3"]).semisup.uratio == 3
+
+
+def test_a_section_of_another_recipe_is_rejected(tmp_path):
+    (tmp_path / "run.yaml").write_text("_base_: kd/digits_ikl\nadversarial: {method: trades}\n")
+    with pytest.raises(ConfigError, match=r"section 'adversarial' belongs to recipe") as info:
+        load_config(str(tmp_path / "run.yaml"))
+    assert "'distill'" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"section 'semisup' belongs to recipe"):
+        load_config("kd/digits_ikl", ["semisup.uratio=2"])
+    with pytest.raises(ConfigError, match=r"section 'distill' belongs to recipe"):
+        config_from_dict({"recipe": "adversarial", "distill": {"method": "kd"}})
+
+
+def test_recipe_from_outside_dkl_gets_its_section_in_sections():
+    from dataclasses import dataclass
+
+    from dkl.recipes import register_recipe
+    from dkl.train import Task
+
+    @dataclass
+    class ToySection:
+        smoothing: float = 0.1
+
+    @register_recipe("test_config_toy", config=ToySection)
+    class Toy(Task):
+        pass
+
+    cfg = load_config({"recipe": "test_config_toy"}, ["smoothing=0.3"])  # a short key too
+    assert cfg.sections == {"test_config_toy": ToySection(0.3)} and cfg.section.smoothing == 0.3
+    assert cfg.distill is None
+    # a distillation preset keeps its distill section: it cannot become a toy run
+    with pytest.raises(ConfigError, match=r"section 'distill' belongs to recipe"):
+        load_config("kd/digits_ce", ["recipe=test_config_toy"])
+    d = config_to_dict(cfg)
+    assert d["test_config_toy"] == {"smoothing": 0.3} and "distill" not in d
+    assert config_from_dict(d) == cfg
+
+
+# --------------------------------------------------------------------------------------------
+# What importing a piece of dkl pulls in (fresh interpreters)
+# --------------------------------------------------------------------------------------------
+
+
+def _fresh_python(code: str) -> str:
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+def test_importing_the_config_imports_no_training_code():
+    code = (
+        "import dkl.config, sys; "
+        "print('dkl.train' in sys.modules or 'dkl.api' in sys.modules "
+        "or 'dkl.recipes' in sys.modules)"
+    )
+    assert _fresh_python(code) == "False"
+
+
+def test_models_alone_build_a_vit():
+    code = (
+        "import dkl.models; "
+        "m = dkl.models.create_model('vit_tiny_patch2_32', 10); "
+        "import torch; print(tuple(m(torch.rand(2, 3, 32, 32)).shape))"
+    )
+    assert _fresh_python(code) == "(2, 10)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -226,8 +227,8 @@ def test_cifar100_preset_end_to_end_on_generated_files(tmp_path, monkeypatch):
     import numpy as np
 
     tv_cifar = pytest.importorskip("torchvision.datasets.cifar")
-    from dkl.config import load_config
     from dkl.api import train
+    from dkl.config import load_config
     from dkl.models import create_model
 
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))

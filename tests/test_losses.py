@@ -70,8 +70,16 @@ def test_ikl_matches_pairwise_oracle(alpha, beta, T, T2, weights, reduction):
         g = torch.Generator().manual_seed(1)
         cw = torch.rand(5, 7, generator=g, dtype=torch.float64)
         cw[0, :3] = 0.0  # zeros are legal weights
-    got = ikl_loss(zs, zt, alpha=alpha, beta=beta, temperature=T, weight_temperature=T2,
-                   class_weights=cw, reduction=reduction)
+    got = ikl_loss(
+        zs,
+        zt,
+        alpha=alpha,
+        beta=beta,
+        temperature=T,
+        weight_temperature=T2,
+        class_weights=cw,
+        reduction=reduction,
+    )
     want = reduce_ref(pairwise_ikl(zs, zt, alpha, beta, T, T2, cw), reduction)
     assert_close64(got, want)
     for g_got, g_want in zip(grads(got, zs, zt), grads(want, zs, zt)):
@@ -162,10 +170,16 @@ def test_gradcheck_float64():
     zt_const = zt.detach()
     cw = torch.rand(3, 5, dtype=torch.float64)
     checks = [
-        (lambda a: ikl_loss(a, zt_const, alpha=1.5, beta=3.0, temperature=2.0,
-                            weight_temperature=3.0), (zs,)),
-        (lambda a, b: ikl_loss(a, b, alpha=0.0, beta=2.0, class_weights=cw, reduction="none"),
-         (zs, zt)),
+        (
+            lambda a: ikl_loss(
+                a, zt_const, alpha=1.5, beta=3.0, temperature=2.0, weight_temperature=3.0
+            ),
+            (zs,),
+        ),
+        (
+            lambda a, b: ikl_loss(a, b, alpha=0.0, beta=2.0, class_weights=cw, reduction="none"),
+            (zs, zt),
+        ),
         (lambda a: dkl_loss(a, zt_const, beta=0.0, temperature=2.0), (zs,)),
         (lambda a, b: kl_loss(a, b, temperature=3.0), (zs, zt)),
         (lambda a, b: dkl.weighted_mse(b, a, cw), (zs, zt)),
@@ -177,13 +191,22 @@ def test_gradcheck_float64():
 def test_module_equals_function():
     zs, zt = make_logits(4, 6)
     cw = torch.rand(4, 6, dtype=torch.float64)
-    kw = {"alpha": 2.0, "beta": 5.0, "temperature": 4.0, "weight_temperature": 100.0,
-          "reduction": "sum"}
+    kw = {
+        "alpha": 2.0,
+        "beta": 5.0,
+        "temperature": 4.0,
+        "weight_temperature": 100.0,
+        "reduction": "sum",
+    }
     assert_close64(IKLLoss(**kw)(zs, zt, cw), ikl_loss(zs, zt, class_weights=cw, **kw))
-    assert_close64(DKLLoss(alpha=2.0, beta=3.0, temperature=2.0)(zs, zt),
-                   dkl_loss(zs, zt, alpha=2.0, beta=3.0, temperature=2.0))
-    assert_close64(KLLoss(temperature=2.0, reduction="none")(zs, zt),
-                   kl_loss(zs, zt, temperature=2.0, reduction="none"))
+    assert_close64(
+        DKLLoss(alpha=2.0, beta=3.0, temperature=2.0)(zs, zt),
+        dkl_loss(zs, zt, alpha=2.0, beta=3.0, temperature=2.0),
+    )
+    assert_close64(
+        KLLoss(temperature=2.0, reduction="none")(zs, zt),
+        kl_loss(zs, zt, temperature=2.0, reduction="none"),
+    )
     assert "beta=5.0" in repr(IKLLoss(**kw))
 
 
@@ -218,7 +241,9 @@ def test_half_inputs_within_tolerance_of_float32(dtype):
     torch.testing.assert_close(got, ref, rtol=HALF_TOL[dtype], atol=0)
     g_got = grads(got, zs_h)[0]
     assert g_got.dtype == dtype
-    torch.testing.assert_close(g_got.float(), grads(ref, zs)[0], rtol=HALF_TOL[dtype] * 4, atol=1e-3)
+    torch.testing.assert_close(
+        g_got.float(), grads(ref, zs)[0], rtol=HALF_TOL[dtype] * 4, atol=1e-3
+    )
 
 
 def test_float32_and_float64_keep_their_dtype():
@@ -248,8 +273,11 @@ def test_large_logits_stay_finite():
     g = torch.Generator().manual_seed(0)
     zs = (1e4 * torch.randn(4, 50, generator=g)).requires_grad_()
     zt = (1e4 * torch.randn(4, 50, generator=g)).requires_grad_()
-    for loss in (ikl_loss(zs, zt, beta=1.0, temperature=4.0), kl_loss(zs, zt),
-                 dkl_loss(zs, zt, temperature=4.0)):
+    for loss in (
+        ikl_loss(zs, zt, beta=1.0, temperature=4.0),
+        kl_loss(zs, zt),
+        dkl_loss(zs, zt, temperature=4.0),
+    ):
         assert torch.isfinite(loss)
         gs, gt = grads(loss, zs, zt)
         assert torch.isfinite(gs).all() and torch.isfinite(gt).all()
@@ -268,32 +296,75 @@ def _err(exc, match, fn, *args, **kw):
 
 def test_errors_name_what_was_expected():
     z = torch.zeros(8, 100)
-    _err(ValueError, r"Expected target of shape \(B, C\) = \(8, 100\) like input, got \(8, 10\)",
-         ikl_loss, z, torch.zeros(8, 10))
-    _err(ValueError, r"Expected input of shape \(B, C\), got \(8,\)", kl_loss,
-         torch.zeros(8), torch.zeros(8))
-    _err(TypeError, r"Expected floating-point input logits, got torch.int64", dkl_loss,
-         torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3))
+    _err(
+        ValueError,
+        r"Expected target of shape \(B, C\) = \(8, 100\) like input, got \(8, 10\)",
+        ikl_loss,
+        z,
+        torch.zeros(8, 10),
+    )
+    _err(
+        ValueError,
+        r"Expected input of shape \(B, C\), got \(8,\)",
+        kl_loss,
+        torch.zeros(8),
+        torch.zeros(8),
+    )
+    _err(
+        TypeError,
+        r"Expected floating-point input logits, got torch.int64",
+        dkl_loss,
+        torch.zeros(2, 3, dtype=torch.long),
+        torch.zeros(2, 3),
+    )
     _err(TypeError, r"Expected target to be a torch.Tensor", ikl_loss, z, [[0.0]])
     _err(ValueError, r"Unknown reduction 'avg'", ikl_loss, z, z, reduction="avg")
     _err(ValueError, r"Unknown reduction 'avg'", IKLLoss, reduction="avg")
-    _err(ValueError, r"Expected at least 2 classes \(C >= 2\), got C = 1", ikl_loss,
-         torch.zeros(3, 1), torch.zeros(3, 1))
+    _err(
+        ValueError,
+        r"Expected at least 2 classes \(C >= 2\), got C = 1",
+        ikl_loss,
+        torch.zeros(3, 1),
+        torch.zeros(3, 1),
+    )
     _err(ValueError, r"Expected temperature > 0, got 0", ikl_loss, z, z, temperature=0)
-    _err(ValueError, r"Expected weight_temperature > 0, got -1", ikl_loss, z, z,
-         weight_temperature=-1)
-    _err(ValueError, r"Expected class_weights of shape \(B, C\) = \(8, 100\), got \(100, 100\)",
-         ikl_loss, z, z, class_weights=torch.ones(100, 100))
+    _err(
+        ValueError,
+        r"Expected weight_temperature > 0, got -1",
+        ikl_loss,
+        z,
+        z,
+        weight_temperature=-1,
+    )
+    _err(
+        ValueError,
+        r"Expected class_weights of shape \(B, C\) = \(8, 100\), got \(100, 100\)",
+        ikl_loss,
+        z,
+        z,
+        class_weights=torch.ones(100, 100),
+    )
     bad = torch.ones(8, 100)
     bad[0, 0] = -0.1
     _err(ValueError, r"Expected non-negative class_weights", ikl_loss, z, z, class_weights=bad)
-    _err(ValueError, r"Expected mask of shape \(B,\) = \(8,\), got \(7,\)", ikl_loss, z, z,
-         mask=torch.ones(7, dtype=torch.bool))
+    _err(
+        ValueError,
+        r"Expected mask of shape \(B,\) = \(8,\), got \(7,\)",
+        ikl_loss,
+        z,
+        z,
+        mask=torch.ones(7, dtype=torch.bool),
+    )
     _err(TypeError, r"Expected mask to be a bool tensor", ikl_loss, z, z, mask=torch.ones(8))
     _err(ValueError, r"Unknown impl 'cuda'", ikl_loss, z, z, impl="cuda")
 
 
 def test_error_different_devices():
     meta = torch.zeros(8, 100, device="meta")
-    _err(ValueError, r"Expected input and target on the same device, got cpu and meta", ikl_loss,
-         torch.zeros(8, 100), meta)
+    _err(
+        ValueError,
+        r"Expected input and target on the same device, got cpu and meta",
+        ikl_loss,
+        torch.zeros(8, 100),
+        meta,
+    )

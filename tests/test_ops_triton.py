@@ -71,8 +71,17 @@ def test_hopper_compile_in_child_process():
     """The interpreter is on for this process (see the root conftest.py), and Triton's compiler
     is off under it: lower the kernel for sm_90 in a child process without the interpreter."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-           f"{__file__}::test_kernel_compiles_for_hopper"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "addopts=",
+        f"{__file__}::test_kernel_compiles_for_hopper",
+    ]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"compile test failed:\n{proc.stdout[-8000:]}"
     assert "1 passed" in proc.stdout, proc.stdout[-2000:]
@@ -178,7 +187,10 @@ def test_pairwise_oracle_equals_closed_form():
 def test_kernel_matches_oracle(shape, dtype, config):
     cfg = CONFIGS[config]
     s, t, mask, weights, upstream = _make(
-        shape, dtype, seed=zlib.crc32(repr((shape, config)).encode()), cw=bool(cfg.get("class_weights"))
+        shape,
+        dtype,
+        seed=zlib.crc32(repr((shape, config)).encode()),
+        cw=bool(cfg.get("class_weights")),
     )
     kw = _kwargs(cfg, weights)
     loss_tol, grad_tol = TOL[dtype]

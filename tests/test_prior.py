@@ -30,7 +30,9 @@ def test_rows_are_class_means_of_the_previous_epoch():
     torch.testing.assert_close(prior.prior[0], (p[0] + p[2]) / 2)
     torch.testing.assert_close(prior.prior[1], p[1])
     torch.testing.assert_close(prior.prior[2], p[3])
-    torch.testing.assert_close(prior.weights(torch.tensor([2, 0])), torch.stack([p[3], (p[0] + p[2]) / 2]))
+    torch.testing.assert_close(
+        prior.weights(torch.tensor([2, 0])), torch.stack([p[3], (p[0] + p[2]) / 2])
+    )
     assert prior.counts.sum() == 0 and prior.sums.abs().sum() == 0  # reset for the next epoch
 
 
@@ -57,7 +59,9 @@ def test_unseen_classes_keep_their_previous_row():
 
 def test_state_dict_round_trip_mid_epoch_resumes_exactly():
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(8, 5, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(6)]
+    batches = [
+        (torch.randn(8, 5, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(6)
+    ]
     straight = ClassPrior(5, temperature=4.0)
     for x, y in batches:
         straight.update(x, y)

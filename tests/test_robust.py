@@ -40,8 +40,14 @@ def no_official(monkeypatch):
 @pytest.mark.parametrize("num_classes", [10, 100])
 def test_torchattacks_components_have_the_standard_settings(no_official, num_classes):
     eps = 8 / 255
-    backend, attacks = build_autoattack(linear_model(num_classes), version="standard", eps=eps,
-                                        num_classes=num_classes, seed=0, backend="auto")
+    backend, attacks = build_autoattack(
+        linear_model(num_classes),
+        version="standard",
+        eps=eps,
+        num_classes=num_classes,
+        seed=0,
+        backend="auto",
+    )
     assert backend == "torchattacks"
     objs = {spec.name: obj for spec, _, obj in attacks}
     assert list(objs) == ["apgd-ce", "apgd-t", "fab-t", "square"]
@@ -85,7 +91,12 @@ def test_official_backend_is_configured_explicitly(monkeypatch):
     backend, attacks = build_autoattack(linear_model(), eps=0.1, seed=3)
     aa = made["obj"]
     assert backend == "autoattack (official)"
-    assert (made["norm"], made["eps"], made["version"], made["seed"]) == ("Linf", 0.1, "standard", 3)
+    assert (made["norm"], made["eps"], made["version"], made["seed"]) == (
+        "Linf",
+        0.1,
+        "standard",
+        3,
+    )
     assert (aa.apgd.n_iter, aa.apgd.n_restarts, aa.apgd.loss) == (100, 1, "ce")
     assert (aa.apgd_targeted.n_iter, aa.apgd_targeted.n_target_classes) == (100, 9)
     assert (aa.fab.n_iter, aa.fab.n_target_classes, aa.fab.targeted) == (100, 9, True)
@@ -152,8 +163,9 @@ def trained_linear(c: int = 4):
 def test_evaluate_fast_is_labelled_non_standard_and_monotone(no_official):
     model, x, y = trained_linear()
     logs = []
-    r = evaluate_robustness(model, x, y, eps=0.1, n_examples=10, version="fast", progress=False,
-                            log=logs.append, seed=0)
+    r = evaluate_robustness(
+        model, x, y, eps=0.1, n_examples=10, version="fast", progress=False, log=logs.append, seed=0
+    )
     assert r["n_examples"] == 10 and r["n_total"] == 24
     assert r["standard"] is False and "NON-STANDARD" in r["label"]
     assert any("NON-STANDARD" in line for line in logs)
@@ -161,10 +173,12 @@ def test_evaluate_fast_is_labelled_non_standard_and_monotone(no_official):
     assert r["clean"] >= r["pgd20"] >= 0
     accs = [r["clean"], *r["per_attack"].values()]
     assert accs == sorted(accs, reverse=True) and r["autoattack"] == accs[-1]
-    r2 = evaluate_robustness(model, x, y, eps=0.1, n_examples=10, version="fast", progress=False,
-                             log=None, seed=0)
-    assert {k: r2[k] for k in ("clean", "pgd20", "autoattack")} == \
-        {k: r[k] for k in ("clean", "pgd20", "autoattack")}
+    r2 = evaluate_robustness(
+        model, x, y, eps=0.1, n_examples=10, version="fast", progress=False, log=None, seed=0
+    )
+    assert {k: r2[k] for k in ("clean", "pgd20", "autoattack")} == {
+        k: r[k] for k in ("clean", "pgd20", "autoattack")
+    }
 
 
 def test_each_attack_runs_only_on_still_correct_points_worst_case_kept(monkeypatch):
@@ -183,13 +197,18 @@ def test_each_attack_runs_only_on_still_correct_points_worst_case_kept(monkeypat
                 other = x[(y != yb[0]).nonzero()[0, 0]]
                 out[0] = xb[0] + (other - xb[0]).clamp(-0.4, 0.4)
             return out
+
         return run
 
     names = ["apgd-ce", "apgd-t", "fab-t", "square"]
-    monkeypatch.setattr(robust, "build_autoattack", lambda *a, **k: (
-        "spy", [(AttackSpec(n), make(n), None) for n in names]))
-    r = evaluate_robustness(model, x, y, eps=0.4, version="standard", progress=False, log=None,
-                            sanity="off")
+    monkeypatch.setattr(
+        robust,
+        "build_autoattack",
+        lambda *a, **k: ("spy", [(AttackSpec(n), make(n), None) for n in names]),
+    )
+    r = evaluate_robustness(
+        model, x, y, eps=0.4, version="standard", progress=False, log=None, sanity="off"
+    )
     assert r["clean"] == 100.0
     n = len(x)
     sizes = [len(seen[k]) for k in names]

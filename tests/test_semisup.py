@@ -19,9 +19,7 @@ from dkl.data import (
 )
 from dkl.models import load_usb_pretrained, resize_pos_embed
 from dkl.recipes.semisup import (
-    SemiSupConfig,
     SemiSupTask,
-    build_optimizer,
     confidence_mask,
     fixmatch_loss,
     ikl_consistency,
@@ -224,52 +222,75 @@ def test_meanteacher_mse_of_probabilities_by_hand():
 
 
 def test_losses_reject_mismatched_logits():
-    with pytest.raises(ValueError, match=r"target of shape \(B, C\) = \(2, 3\) like input, got \(2, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"target of shape \(B, C\) = \(2, 3\) like input, got \(2, 4\)"
+    ):
         fixmatch_loss(torch.zeros(2, 3), torch.zeros(2, 4))
     with pytest.raises(TypeError, match="floating-point input logits, got torch.int64"):
         ikl_consistency(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3))
 
 
 # --------------------------------------------------------------------------- EMA teacher
+def _task_training(model: nn.Module, method: str, *overrides: str) -> SemiSupTask:
+    """The task of a digits ``method`` run whose trained model is ``model`` (built, like the
+    trainer's, by the task's own ``build_model``, which also makes its EMA)."""
+    from dkl.api import make_trainer
+    from dkl.config import load_config
+
+    cfg = load_config(f"semisup/digits_{method}", ["train.device=cpu", *overrides])
+    task = make_trainer(cfg, log=lambda m: None).task
+    assert isinstance(task, SemiSupTask)
+    task.ctx.build_model = lambda mcfg, **kw: model
+    task.raw_model = task.model = task.build_model()
+    assert task.raw_model is model
+    return task
+
+
+def _step_ctx(global_step: int = 0):
+    from dkl.train import StepContext
+
+    return StepContext(1, global_step, global_step, 100, 100)
+
+
 def test_ema_update_by_hand_and_buffers_copied():
     student = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
     with torch.no_grad():
         for p in student.parameters():
             p.fill_(3.0)
-    task = SemiSupTask(student, SemiSupConfig(method="fixmatch", eval_ema=True, ema_momentum=0.999))
+    task = _task_training(student, "fixmatch", "semisup.eval_ema=true",
+                          "semisup.ema_momentum=0.999")  # fmt: skip
     with torch.no_grad():
         for p in student.parameters():
             p.fill_(1.0)
         student[1].running_mean.fill_(7.0)
-    task.after_step()
+    task.after_step(_step_ctx())
     for p in task.ema.module.parameters():
         assert torch.allclose(p, torch.full_like(p, 0.999 * 3.0 + 0.001 * 1.0))
         assert not p.requires_grad
     assert task.ema.module[1].running_mean.item() == 7.0  # buffers copied, as USB does
-    assert task.eval_model is task.ema.module
+    assert task.eval_model() is task.ema.module
 
 
 def test_meanteacher_task_teacher_is_ema_and_gets_no_gradient():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-    task = SemiSupTask(
-        model, SemiSupConfig(method="meanteacher_ikl", threshold=0.0, alpha=0.02, beta=0.03)
-    )
-    assert task.eval_model is task.ema.module
+    task = _task_training(model, "meanteacher_ikl", "semisup.threshold=0.0", "semisup.alpha=0.02",
+                          "semisup.beta=0.03", "semisup.ema_momentum=0.999")  # fmt: skip
+    assert task.eval_model() is task.ema.module
     x = torch.rand(4, 1, 2, 2)
     lab = (x[:2], torch.tensor([0, 1]), torch.arange(2))
     unl = (x, x.flip(0), torch.tensor([0, 1, 2, 0]), torch.arange(4))
-    loss, m = task.step(lab, unl)
-    loss.backward()
+    m = task.train_step((lab, unl), _step_ctx())
+    m["loss"].backward()
     assert all(p.grad is None for p in task.ema.module.parameters())
     before = [p.clone() for p in task.ema.module.parameters()]
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    task.after_step()
+    task.after_step(_step_ctx())
     for b, e, s in zip(before, task.ema.module.parameters(), model.parameters()):
         assert torch.allclose(e, 0.999 * b + 0.001 * s)
-    assert m["mask_ratio"].item() == 1.0 and m["unl_count"].item() == 4
+    assert m["mask_ratio"].item() == 1.0 and task.pl.reduce()["unl_count"] == 4
 
 
 def test_fixmatch_task_runs_one_forward_and_counts_pseudo_labels():
@@ -277,18 +298,23 @@ def test_fixmatch_task_runs_one_forward_and_counts_pseudo_labels():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     calls = []
     model.register_forward_hook(lambda mod, i, o: calls.append(i[0].shape[0]))
-    task = SemiSupTask(model, SemiSupConfig(method="fixmatch", threshold=0.0))
+    task = _task_training(model, "fixmatch", "semisup.threshold=0.0", "semisup.eval_ema=false")
     x = torch.rand(4, 1, 2, 2)
     lab = (x[:2], torch.tensor([0, 1]), torch.arange(2))
     unl = (x, x, torch.tensor([0, 1, 2, 0]), torch.arange(4))
-    _loss, m = task.step(lab, unl)
+    out = task.train_step((lab, unl), _step_ctx())
     assert calls == [2 + 4 + 4]  # labeled + weak + strong in one pass
+    assert set(out) == {"loss", "logits", "labels", "sup_loss", "unsup_loss", "mask_ratio"}
     with torch.no_grad():
         pred = model(x).argmax(1)
-    assert m["pl_correct"].item() == (pred == unl[2]).sum().item()
-    assert task.ema is None and task.eval_model is model
-    with pytest.raises(ValueError, match="Unknown semisup.method"):
-        SemiSupConfig(method="mixmatch").validate()
+    counts = task.pl.reduce()
+    assert counts["pl_correct"] == (pred == unl[2]).sum().item()
+    assert counts["pl_count"] == 4 and counts["unl_count"] == 4  # threshold 0 keeps all
+    assert task.ema is None and task.eval_model() is model
+    from dkl.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="semisup.method"):
+        config_from_dict({"recipe": "semisup", "semisup": {"method": "mixmatch"}})
 
 
 # --------------------------------------------------------------------------- optimiser, schedule
@@ -343,7 +369,11 @@ def test_layer_decay_needs_a_vit_and_plain_groups_skip_bias_decay():
     mlp = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Linear(3, 2))
     with pytest.raises(ValueError, match="ViT-like"):
         param_groups(mlp, lr=0.1, weight_decay=0.1, layer_decay=0.5)
-    opt = build_optimizer(mlp, lr=0.1, weight_decay=0.1)
+    from dkl.config import OptimConfig
+    from dkl.train import build_optimizer
+
+    groups = param_groups(mlp, lr=0.1, weight_decay=0.1)
+    opt = build_optimizer(OptimConfig(name="adamw", lr=0.1, weight_decay=0.1), groups)
     assert isinstance(opt, torch.optim.AdamW)
     wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     assert wd_of[id(mlp[0].weight)] == 0.1 and wd_of[id(mlp[0].bias)] == 0.0
@@ -352,14 +382,14 @@ def test_layer_decay_needs_a_vit_and_plain_groups_skip_bias_decay():
 
 def test_usb_cosine_schedule_by_hand():
     from dkl.config import load_config
-    from dkl.engine import _lr_factor
+    from dkl.train import build_scheduler, lr_factor
 
     cfg = load_config("semisup/cifar100_fixmatch")
     total, warm = 204_800, 5_120
     assert (cfg.sched.name, cfg.sched.warmup, cfg.sched.cycles) == ("usb_cosine", warm, 7 / 16)
 
     def f(step: int) -> float:  # the factor of update number `step` (0-based)
-        return _lr_factor(cfg, float(step), float(total))
+        return lr_factor(cfg.sched, float(step), float(total))
 
     assert f(0) == 0.0
     assert f(2_560) == pytest.approx(0.5)
@@ -367,6 +397,11 @@ def test_usb_cosine_schedule_by_hand():
     mid = warm + (total - warm) // 2
     assert f(mid) == pytest.approx(math.cos(math.pi * 7 / 16 * (mid - warm) / (total - warm)))
     assert f(total) == pytest.approx(math.cos(7 * math.pi / 16))  # ≈ 0.195, not 0
+    # the trainer's LambdaLR (an iteration run) uses the same factor at every update
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
+    sched = build_scheduler(opt, cfg.sched, steps_per_epoch=50_000, iterations=total)
+    for step in (0, 2_560, warm, mid, total):
+        assert sched.lr_lambdas[0](step) == f(step)
 
 
 # --------------------------------------------------------------------------- USB ViT weights
@@ -422,7 +457,7 @@ def test_resize_pos_embed_matches_timm_resampler():
 
 def test_real_timm_vit_loads_usb_layout_and_gets_decayed_groups(tmp_path):
     pytest.importorskip("timm")
-    from dkl.models_vit import vit_tiny_patch2_32
+    from dkl.models.vit import vit_tiny_patch2_32
 
     torch.manual_seed(0)
     src = vit_tiny_patch2_32(1000, depth=2, img_size=28)  # 14×14 patches
@@ -438,7 +473,7 @@ def test_real_timm_vit_loads_usb_layout_and_gets_decayed_groups(tmp_path):
 
 def test_cifar_views_on_uint8_images():
     pytest.importorskip("torchvision")
-    from dkl.semisup_data import cifar_strong, cifar_weak
+    from dkl.data import cifar_strong, cifar_weak
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=g).numpy()
@@ -452,7 +487,7 @@ def test_cifar_views_on_uint8_images():
         cifar_weak(crop_ratio=0.0)
 
 
-# --------------------------------------------------------------------------- the engine recipe
+# --------------------------------------------------------------------------- the task in runs
 @pytest.fixture
 def one_thread():
     # the digits models are tiny: one thread is faster and immune to a busy machine
@@ -520,13 +555,13 @@ def test_bad_semisup_config_is_a_config_error():
         load_config("semisup/digits_fixmatch", ["semisup.uratio=0"])
 
 
-def test_engine_run_writes_indices_metrics_and_plot(one_thread, tmp_path):
+def test_run_writes_indices_metrics_and_plot(one_thread, tmp_path):
     import json
 
-    from dkl.engine import Engine
+    from dkl.api import make_trainer
 
     cfg = _digits_cfg(tmp_path, "fixmatch_ikl")
-    summary = Engine(cfg, log=lambda m: None).fit()
+    summary = make_trainer(cfg, log=lambda m: None).fit()
     run = tmp_path / cfg.name
     saved = json.loads((run / "labeled_indices.json").read_text())
     assert len(saved["indices"]) == 30 and sorted(saved["labels"]) == sorted(list(range(10)) * 3)
@@ -544,16 +579,28 @@ def test_engine_run_writes_indices_metrics_and_plot(one_thread, tmp_path):
 
 @pytest.mark.parametrize("method", ["fixmatch_ikl", "meanteacher_ikl"])
 def test_resume_mid_run_equals_uninterrupted(one_thread, tmp_path, method):
-    from dkl.engine import Engine, Interrupted
+    import os
+    import signal
+
+    from dkl.api import make_trainer
+    from dkl.train import Interrupted
 
     quiet = {"log": lambda m: None}
-    ref = Engine(_digits_cfg(tmp_path / "a", method), **quiet)
+    ref = make_trainer(_digits_cfg(tmp_path / "a", method), **quiet)
     ref.fit()
-    cut = Engine(_digits_cfg(tmp_path / "b", method), **quiet)
-    cut._should_stop = lambda: cut.global_step == 13  # a SIGTERM between two evaluations
+    cut = make_trainer(_digits_cfg(tmp_path / "b", method), **quiet)
+    after_step = cut.task.after_step
+
+    def sigterm_after_13(ctx):  # a SIGTERM between two evaluations (the 13th step of 24)
+        after_step(ctx)
+        if ctx.global_step + 1 == 13:
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler: stop after this step
+
+    cut.task.after_step = sigterm_after_13
     with pytest.raises(Interrupted):
         cut.fit()
-    resumed = Engine(_digits_cfg(tmp_path / "b", method), **quiet)
+    assert cut.global_step == 13
+    resumed = make_trainer(_digits_cfg(tmp_path / "b", method), **quiet)
     resumed.fit(resume=True)
 
     def strip(hist):
@@ -563,8 +610,8 @@ def test_resume_mid_run_equals_uninterrupted(one_thread, tmp_path, method):
     for a, b in zip(ref.raw_model.state_dict().values(), resumed.raw_model.state_dict().values()):
         assert torch.equal(a, b)
     for a, b in zip(
-        ref.recipe.eval_model().state_dict().values(),
-        resumed.recipe.eval_model().state_dict().values(),
+        ref.task.eval_model().state_dict().values(),
+        resumed.task.eval_model().state_dict().values(),
     ):
         assert torch.equal(a, b)
 
@@ -572,7 +619,7 @@ def test_resume_mid_run_equals_uninterrupted(one_thread, tmp_path, method):
 def test_demo_table_reports_mean_and_sample_std(one_thread, tmp_path):
     import statistics
 
-    from dkl.recipes.semisup import run_demo
+    from dkl.demos.semisup import run_demo
 
     table, runs = run_demo(
         tmp_path,
@@ -604,11 +651,11 @@ def test_cifar_preset_path_with_a_tiny_vit_and_usb_weights(one_thread, tmp_path,
     pytest.importorskip("torchvision")
     import numpy as np
 
-    import dkl.engine
+    import dkl.train.loop
+    from dkl.api import make_trainer
     from dkl.config import load_config
     from dkl.data import DataInfo, TensorImageDataset
-    from dkl.engine import Engine
-    from dkl.models_vit import vit_tiny_patch2_32
+    from dkl.models.vit import vit_tiny_patch2_32
 
     class FakeCifar:  # what build_datasets returns for cifar100: SeededDataset(base with .data)
         def __init__(self, n):
@@ -622,7 +669,9 @@ def test_cifar_preset_path_with_a_tiny_vit_and_usb_weights(one_thread, tmp_path,
 
     test = TensorImageDataset(torch.rand(20, 3, 32, 32), torch.arange(20) % 100)
     info = DataInfo("cifar100", 100, (3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    monkeypatch.setattr(dkl.engine, "build_datasets", lambda *a, **k: (FakeCifar(300), test, info))
+    monkeypatch.setattr(
+        dkl.train.loop, "build_datasets", lambda *a, **k: (FakeCifar(300), test, info)
+    )
     src = vit_tiny_patch2_32(1000, depth=1, img_size=28)
     ckpt = tmp_path / "usb.pth"
     torch.save({"model": {"module." + k: v for k, v in src.state_dict().items()}}, ckpt)
@@ -639,11 +688,13 @@ def test_cifar_preset_path_with_a_tiny_vit_and_usb_weights(one_thread, tmp_path,
             f"model.kwargs={{depth: 1, pretrained: {ckpt}}}",
         ],
     )
-    engine = Engine(cfg, log=lambda m: None)
-    vit = engine.raw_model.model if hasattr(engine.raw_model, "model") else engine.raw_model
+    trainer = make_trainer(cfg, log=lambda m: None)
+    vit = trainer.raw_model.model if hasattr(trainer.raw_model, "model") else trainer.raw_model
     assert torch.equal(vit.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
-    lrs = sorted({g["initial_lr"] for g in engine.optimizer.param_groups})
+    lrs = sorted({g["lr"] for g in trainer.optimizer.param_groups})  # before the schedule
     assert lrs == pytest.approx([5e-4 * 0.25, 5e-4 * 0.5, 5e-4])  # stem, block 0 + norm, head
-    engine.fit()
-    assert len(engine.history) == 1 and engine.history[0]["step"] == 2
-    assert engine.history[0]["lr"] == pytest.approx(5e-4 * 1 / 5120)  # warm-up step 1 of 5,120
+    trainer.fit()
+    lrs = sorted({g["initial_lr"] for g in trainer.optimizer.param_groups})
+    assert lrs == pytest.approx([5e-4 * 0.25, 5e-4 * 0.5, 5e-4])
+    assert len(trainer.history) == 1 and trainer.history[0]["step"] == 2
+    assert trainer.history[0]["lr"] == pytest.approx(5e-4 * 1 / 5120)  # warm-up step 1 of 5,120

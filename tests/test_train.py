@@ -116,9 +116,8 @@ def test_checkpoint_is_weights_only_and_complete(tmp_path, teacher):
     )
     train(cfg, log=lambda m: None)
     ck = torch.load(tmp_path / cfg.name / "last.pt", weights_only=True)
-    assert set(ck) >= {
-        "model", "optimizer", "scheduler", "scaler", "recipe", "engine", "rng", "config"
-    }
+    want = {"model", "optimizer", "scheduler", "scaler", "recipe", "engine", "rng", "config"}
+    assert set(ck) >= want
     assert ck["format"] == CHECKPOINT_FORMAT == "dkl-checkpoint-2"
     # the lr schedule has stepped after each of the epoch's 22 optimiser steps
     assert ck["scheduler"]["last_epoch"] == 22
@@ -220,7 +219,11 @@ def test_resume_with_fewer_ranks_keeps_the_running_sums(tmp_path):
     trainer.scheduler = trainer.task.build_scheduler(trainer.optimizer, 22)
     trainer.load_state_dict(state)
     assert trainer.running.sums == {
-        "loss": 4.0, "correct": 2, "seen": 30, "steps": 4, "extra": {"ce": 1.0}
+        "loss": 4.0,
+        "correct": 2,
+        "seen": 30,
+        "steps": 4,
+        "extra": {"ce": 1.0},
     }
     assert "written by 2 rank(s), this run has 1" in logs[-1]
 
@@ -263,7 +266,12 @@ def _ddp_args(teacher: Path, out: Path) -> list[str]:
 def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
     res = subprocess.run(
         [*_TORCHRUN, "-m", "dkl", *args],
-        check=False, cwd=REPO, capture_output=True, text=True, timeout=180, env=_clean_env(),
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=_clean_env(),
     )
     if res.returncode != 0:  # show the workers' errors, not the warnings
         lines = [ln for ln in res.stderr.splitlines() if not ln.startswith("[W")]
@@ -307,7 +315,11 @@ def test_torchrun_preempted_then_resumed_equals_uninterrupted(tmp_path, teacher,
     env = {**_clean_env(), "DKL_TEST_STEPS": str(steps)}
     proc = subprocess.Popen(
         [*_TORCHRUN, str(script), *_ddp_args(teacher, out)],
-        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
     def taken() -> int:
@@ -324,7 +336,8 @@ def test_torchrun_preempted_then_resumed_equals_uninterrupted(tmp_path, teacher,
     assert proc.returncode != 0, "the preempted run should not report success"
     ck = load_checkpoint(out / "digits_ikl" / "last.pt")
     assert ck["engine"]["epoch"] == 2 and 0 < ck["engine"]["step_in_epoch"] < 22, (
-        ck["engine"], err[-3000:]
+        ck["engine"],
+        err[-3000:],
     )
     assert len(ck["ranks"]) == 2
 
