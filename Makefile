@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # torch/torchvision are installed first so a local wheel cache or index pin can be chosen here.
-TORCH_SPEC ?= torch torchvision
+TORCH_PACKAGES ?= torch torchvision
 EXTRAS ?= vision,timm,llm,test,lint
 
 .PHONY: install demo test bench bench-kernel lint clean
@@ -12,7 +12,7 @@ EXTRAS ?= vision,timm,llm,test,lint
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q $(TORCH_PACKAGES)
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	# the `robust` extra: torchattacks pins requests~=2.25 (an old pin it does not import); skip its deps
 	$(PY) -m pip install -q --no-deps "torchattacks>=3.5"
