@@ -14,7 +14,7 @@ def test_preset_by_name_and_overrides():
     assert cfg.recipe == "distill" and cfg.distill.method == "ikl"
     assert cfg.distill.beta == 0.5 and cfg.seed == 3
     assert cfg.optim.lr == pytest.approx(1e-3)  # "1e-3" is a float, not a string
-    assert cfg.data.name == "digits"  # from digits_base via two levels of _base_
+    assert cfg.data.name == "digits"  # from _digits_base via two levels of _base_
 
 
 def test_short_keys_resolve_to_their_unique_section():
@@ -255,3 +255,11 @@ def test_models_alone_build_a_vit():
         "import torch; print(tuple(m(torch.rand(2, 3, 32, 32)).shape))"
     )
     assert _fresh_python(code) == "(2, 10)"
+
+
+def test_fragments_are_hidden_from_the_preset_list_but_still_load():
+    shown = list_presets("kd")
+    everything = list_presets("kd", fragments=True)
+    assert "kd/_digits_base" not in shown and "kd/_digits_base" in everything
+    assert all(not n.split("/")[-1].startswith("_") for n in shown)
+    assert load_config("kd/digits_ikl").data.name == "digits"  # reaches _digits_student, _digits_base

@@ -247,10 +247,16 @@ def save_config(cfg: Config, path: str | Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def list_presets(group: str = "") -> list[str]:
-    """Names of the bundled presets (``kd/digits_ikl``, ...), optionally under one group."""
+def list_presets(group: str = "", fragments: bool = False) -> list[str]:
+    """Names of the bundled presets (``kd/digits_ikl``, ...), optionally under one group.
+
+    Fragments (files whose name starts with ``_``, e.g. ``kd/_digits_base``) hold settings that
+    presets include with ``_base_``; they are not runs of their own and are left out unless
+    ``fragments=True``.
+    """
     root = PRESET_DIR / group if group else PRESET_DIR
-    return sorted(str(p.relative_to(PRESET_DIR).with_suffix("")) for p in root.rglob("*.yaml"))
+    paths = (p for p in root.rglob("*.yaml") if fragments or not p.name.startswith("_"))
+    return sorted(str(p.relative_to(PRESET_DIR).with_suffix("")) for p in paths)
 
 
 def _resolve_preset(ref: str, relative_to: Path | None = None) -> Path:
