@@ -49,8 +49,13 @@ class DistillConfig:
     gi: bool = False  # ikl: class-wise prior weights instead of per-sample ones
     prior_temperature: float = 0.0  # ikl + gi: 0 means `temperature`
     prior_momentum: float = 1.0
+    # share of the training images whose labels the CE term sees (a class-balanced subset picked
+    # with the run's seed); the teacher's term sees every image (Hinton et al. 2015, section 2)
+    label_fraction: float = 1.0
 
     def validate(self) -> None:
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ValueError(f"label_fraction: expected (0, 1], got {self.label_fraction}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.weight_temperature <= 0:

@@ -18,6 +18,12 @@ labels :math:`y`, temperature :math:`T` and the warm-up factor
 A teacher comes from a checkpoint file: a dkl run's ``best.pt`` (trained with ``method: ce``),
 one of mdistiller's released CIFAR-100 teachers (``{"model": state_dict}``), or a torchvision
 weight file; ``teacher.name`` may be left empty for a dkl checkpoint (its config names the model).
+
+With ``label_fraction`` < 1 the student sees the labels of a class-balanced share of the training
+images only (Hinton et al. 2015, section 2: a transfer set whose correct labels are known for
+some of it): the CE term is the mean over the labeled images of a batch (0 when it holds none),
+the teacher's term covers every image, and where a method needs a label for an unlabeled image
+(dkd's target class, the GI prior's row) the teacher's top class stands in.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from dkl.config import ConfigError, DistillConfig, ModelConfig, TeacherConfig
+from dkl.data import raw_images, split_labeled
 from dkl.losses import IKLLoss, KLLoss, kl_loss
 from dkl.prior import ClassPrior
 from dkl.recipes import register_recipe
@@ -37,8 +45,10 @@ __all__ = [
     "DistillConfig",
     "DistillLoss",
     "DistillTask",
+    "LabeledShare",
     "TeacherConfig",
     "dkd_loss",
+    "fill_labels",
     "kd_loss",
 ]
 
@@ -104,7 +114,9 @@ class DistillLoss(nn.Module):
     ``forward(student, teacher, labels, *, epoch, class_weights=None)`` returns ``{"loss", "ce"}``
     and, when a teacher is used, ``"kd"`` (the distillation term after warm-up); the parts are
     detached. ``epoch`` (from 1) drives the warm-up :math:`\\min(e / \\text{warmup}, 1)` of dkd
-    and ikl; ``class_weights`` are the GI prior's rows for ikl.
+    and ikl; ``class_weights`` are the GI prior's rows for ikl. ``labeled`` (bool, ``(B,)``)
+    limits the CE term to the flagged images; the others' labels are replaced by the teacher's
+    top class (:func:`fill_labels`), so no method reads them.
 
     >>> crit = DistillLoss(DistillConfig(method="kd"))
     >>> z = torch.zeros(2, 3)
@@ -132,15 +144,21 @@ class DistillLoss(nn.Module):
         *,
         epoch: int,
         class_weights: Tensor | None = None,
+        labeled: Tensor | None = None,
     ) -> dict[str, Tensor]:
         c = self.cfg
         student = student.float()
-        ce = F.cross_entropy(student, labels)
+        if labeled is None:
+            ce = F.cross_entropy(student, labels)
+        else:  # the mean over the labeled images only; 0 (with a gradient) when there are none
+            per_image = F.cross_entropy(student, labels, reduction="none") * labeled
+            ce = per_image.sum() / labeled.sum().clamp(min=1)
         if c.method == "ce":
             return {"loss": ce, "ce": ce.detach()}
         if teacher is None:
             raise ValueError(f"method {c.method!r} needs teacher logits")
         teacher = teacher.float()
+        labels = fill_labels(labels, labeled, teacher)
         ramp = 1.0 if c.warmup <= 0 else min(epoch / c.warmup, 1.0)
         if c.method == "kd":
             term = c.kd_weight * (self.kl(student, teacher) * c.temperature**2)
@@ -151,6 +169,65 @@ class DistillLoss(nn.Module):
         else:
             term = ramp * self.ikl(student, teacher, class_weights)
         return {"loss": c.ce_weight * ce + term, "ce": ce.detach(), "kd": term.detach()}
+
+
+def fill_labels(labels: Tensor, labeled: Tensor | None, teacher: Tensor) -> Tensor:
+    """``labels`` where ``labeled`` is true, the teacher's top class elsewhere (all of
+    ``labels`` when ``labeled`` is ``None``).
+
+    >>> fill_labels(torch.tensor([2, 2]), torch.tensor([True, False]), torch.eye(3)[:2])
+    tensor([2, 1])
+    """
+    if labeled is None:
+        return labels
+    return torch.where(labeled, labels, teacher.argmax(1))
+
+
+class LabeledShare(Dataset):
+    """A training set whose samples carry a third item: whether the CE term may use the label.
+
+    ``LabeledShare.pick(base, fraction, num_classes, seed=...)`` flags
+    ``max(1, round(fraction * N / num_classes))`` images of every class, chosen by
+    :func:`dkl.data.split_labeled` with ``seed``. Batches come from ``base`` (its
+    ``__getitems__`` and ``set_epoch`` when it has them) with the flags appended.
+    """
+
+    def __init__(self, base: Dataset, labeled: list[int]) -> None:
+        self.base = base
+        self.labeled = torch.zeros(len(base), dtype=torch.bool)  # type: ignore[arg-type]
+        self.labeled[torch.as_tensor(labeled, dtype=torch.long)] = True
+        self.num_labeled = int(self.labeled.sum())
+
+    @classmethod
+    def pick(cls, base: Dataset, fraction: float, num_classes: int, *, seed: int) -> LabeledShare:
+        try:
+            labels = raw_images(base)[1]
+        except ValueError:
+            labels = getattr(base, "targets", None)
+            if labels is None:
+                raise ConfigError(
+                    f"distill.label_fraction: the training set ({type(base).__name__}) exposes "
+                    f"no labels to pick a share from (expected .labels or .targets)"
+                ) from None
+        per_class = max(1, round(fraction * len(labels) / num_classes))
+        return cls(base, split_labeled(labels, per_class, seed=seed)[0])
+
+    def __len__(self) -> int:
+        return len(self.labeled)
+
+    def __getitem__(self, i: int):
+        x, y = self.base[i]
+        return x, y, self.labeled[i]
+
+    def __getitems__(self, idx: list[int]):
+        if not hasattr(self.base, "__getitems__"):
+            return [self[i] for i in idx]
+        x, y = self.base.__getitems__(idx)
+        return x, y, self.labeled[torch.as_tensor(idx, dtype=torch.long)]
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,6 +255,15 @@ class DistillTask(Task):
             ctx.log(
                 f"teacher {d.teacher.name or '(from checkpoint)'}: "
                 f"top1={self.teacher_metrics['top1']:.2f} top5={self.teacher_metrics['top5']:.2f}"
+            )
+        if d.label_fraction < 1 and not ctx.eval_only:
+            self.train_set = LabeledShare.pick(
+                self.train_set, d.label_fraction, ctx.info.num_classes, seed=cfg.seed
+            )
+            n = len(self.train_set)
+            ctx.log(
+                f"label_fraction={d.label_fraction:g}: the CE term sees the labels of "
+                f"{self.train_set.num_labeled} of {n} training images; the teacher sees all {n}"
             )
         if d.method == "ikl" and d.gi:
             self.prior = ClassPrior(
@@ -210,16 +296,20 @@ class DistillTask(Task):
         return teacher
 
     def train_step(self, batch, ctx: StepContext) -> dict:
-        x, y = batch
+        x, y, *flag = batch  # a third column: which images' labels the CE term may use
+        labeled = flag[0] if flag else None
         logits = self.model(x)
         z_t = weights = None
         if self.teacher is not None:
             with torch.no_grad():
                 z_t = self.teacher(x)
             if self.prior is not None:
-                weights = self.prior.weights(y)
-                self.prior.update(z_t.float(), y)
-        out = self.criterion(logits, z_t, y, epoch=ctx.epoch, class_weights=weights)
+                targets = fill_labels(y, labeled, z_t)
+                weights = self.prior.weights(targets)
+                self.prior.update(z_t.float(), targets)
+        out = self.criterion(
+            logits, z_t, y, epoch=ctx.epoch, class_weights=weights, labeled=labeled
+        )
         out.update(logits=logits, labels=y)
         return out
 
@@ -230,6 +320,8 @@ class DistillTask(Task):
 
     def summary(self, history: list[dict]) -> dict:
         s: dict = {"method": self.dcfg.method}
+        if isinstance(self.train_set, LabeledShare):
+            s["labeled_images"] = self.train_set.num_labeled
         if self.teacher is not None:
             s["teacher_top1"] = self.teacher_metrics["top1"]
             s["teacher_params"] = sum(p.numel() for p in self.teacher.parameters())
