@@ -11,9 +11,10 @@ labels :math:`y`, temperature :math:`T` and the warm-up factor
   TCKD = KL between the binary (target, rest) distributions, NCKD = KL between the softmaxes over
   the non-target classes only (both at temperature :math:`T`).
 - ``ikl``: :math:`w_{ce}\,\mathrm{CE} + \omega_e\,\mathrm{IKL}(z_s, z_t; \alpha, \beta, T, w)`
-  (the closed form of :func:`dkl.ikl_loss`; no :math:`T^2`), :math:`w = \sigma(z_t / T_2)` per sample, or with ``gi: true`` the
-  row :math:`P[y]` of a :class:`dkl.ClassPrior` fed with the teacher's logits of each training
-  batch (at ``prior_temperature``, default :math:`T`) and stepped at every epoch end.
+  (the closed form of :func:`dkl.ikl_loss`; no :math:`T^2`), :math:`w = \sigma(z_t / T_2)` per
+  sample, or with ``gi: true`` the row :math:`P[y]` of a :class:`dkl.ClassPrior` fed with the
+  teacher's logits of each training batch (at ``prior_temperature``, default :math:`T_2` as in
+  the authors' code) and stepped at every epoch end.
 
 A teacher comes from a checkpoint file: a dkl run's ``best.pt`` (trained with ``method: ce``),
 one of mdistiller's released CIFAR-100 teachers (``{"model": state_dict}``), or a torchvision
@@ -28,12 +29,14 @@ the teacher's term covers every image, and where a method needs a label for an u
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from dkl.config import ConfigError, DistillConfig, ModelConfig, TeacherConfig
+from dkl.config import ConfigError, DistillConfig, ModelConfig, TeacherConfig, preset_for_run
 from dkl.data import raw_images, split_labeled
 from dkl.losses import IKLLoss, KLLoss, kl_loss
 from dkl.prior import ClassPrior
@@ -236,6 +239,21 @@ class LabeledShare(Dataset):
 
 
 @register_recipe("distill", config=DistillConfig)
+def _missing_teacher(path: str) -> str:
+    """What to run when the teacher's weight file is not there."""
+    where = Path(path).resolve()
+    msg = f"distill.teacher.checkpoint: no teacher weights at '{path}' (looked for {where})"
+    preset = preset_for_run(Path(path).parent.name)
+    if preset:
+        msg += (
+            f"; train the teacher first: `dkl train {preset}` (with --out DIR, point this at "
+            f"DIR/{Path(path).parent.name}/{Path(path).name})"
+        )
+    else:
+        msg += "; train a teacher with distill.method=ce and point this at its best.pt or final.pt"
+    return msg
+
+
 class DistillTask(Task):
     """Trains ``cfg.model`` as a student of ``cfg.distill.teacher`` with ``cfg.distill.method``."""
 
@@ -268,7 +286,7 @@ class DistillTask(Task):
         if d.method == "ikl" and d.gi:
             self.prior = ClassPrior(
                 ctx.info.num_classes,
-                temperature=d.prior_temperature or d.temperature,
+                temperature=d.prior_temperature or d.weight_temperature,
                 momentum=d.prior_momentum,
             ).to(ctx.device)
 
@@ -279,6 +297,8 @@ class DistillTask(Task):
                 f"one with method=ce (e.g. `dkl train kd/digits_teacher`) and point this at its "
                 f"best.pt, or at a released teacher file"
             )
+        if not Path(t.checkpoint).is_file():
+            raise FileNotFoundError(_missing_teacher(t.checkpoint))
         name, kwargs = t.name, dict(t.kwargs)
         if not name:
             state = load_checkpoint(t.checkpoint)
