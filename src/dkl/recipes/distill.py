@@ -238,7 +238,6 @@ class LabeledShare(Dataset):
 # --------------------------------------------------------------------------------------------
 
 
-@register_recipe("distill", config=DistillConfig)
 def _missing_teacher(path: str) -> str:
     """What to run when the teacher's weight file is not there."""
     where = Path(path).resolve()
@@ -254,6 +253,7 @@ def _missing_teacher(path: str) -> str:
     return msg
 
 
+@register_recipe("distill", config=DistillConfig)
 class DistillTask(Task):
     """Trains ``cfg.model`` as a student of ``cfg.distill.teacher`` with ``cfg.distill.method``."""
 
