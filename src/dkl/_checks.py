@@ -7,6 +7,7 @@ the same words.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -19,8 +20,19 @@ def is_compiling() -> bool:
 
 
 def check_positive(name: str, value: float) -> None:
+    """A finite ``value > 0`` (temperatures)."""
     if not value > 0:
         raise ValueError(f"Expected {name} > 0, got {value}")
+    if not math.isfinite(value):
+        raise ValueError(f"Expected a finite {name} > 0, got {value}")
+
+
+def check_non_negative_scalar(name: str, value: float) -> None:
+    """A finite ``value >= 0`` (loss weights such as alpha and beta)."""
+    if not value >= 0:
+        raise ValueError(f"Expected {name} >= 0, got {value}")
+    if not math.isfinite(value):
+        raise ValueError(f"Expected a finite {name} >= 0, got {value}")
 
 
 def check_logits(input: Any, target: Any) -> None:
@@ -63,8 +75,8 @@ def check_row_mask(mask: Any, input: Tensor, name: str = "mask") -> None:
 
 
 def check_class_weights(class_weights: Any, input: Tensor) -> None:
-    """Floating-point, the input's shape and device (no host sync; the sign is
-    :func:`check_non_negative`'s)."""
+    """Floating-point, the input's shape and device (no host sync; the values are
+    :func:`check_weight_values`'s)."""
     if not isinstance(class_weights, Tensor) or not class_weights.is_floating_point():
         got = class_weights.dtype if isinstance(class_weights, Tensor) else type(class_weights)
         raise TypeError(f"Expected floating-point class_weights of shape (B, C), got {got}")
@@ -77,8 +89,11 @@ def check_class_weights(class_weights: Any, input: Tensor) -> None:
         raise ValueError(f"Expected class_weights on {input.device}, got {class_weights.device}")
 
 
-def check_non_negative(name: str, t: Tensor) -> None:
-    """No negative entry. It reads the values (a host sync on CUDA), so the losses run it once
-    per call and the kernel's entry points leave it to them; skipped while compiling."""
-    if not is_compiling() and bool((t < 0).any()):
-        raise ValueError(f"Expected non-negative {name}, got negative entries")
+def check_weight_values(name: str, t: Tensor) -> None:
+    """Every entry finite and non-negative. It reads the values (one host sync on CUDA, two only
+    on the way to an error), so each loss call runs it once; skipped while compiling."""
+    if is_compiling() or bool((torch.isfinite(t) & (t >= 0)).all()):
+        return
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"Expected finite {name}, got NaN or inf entries")
+    raise ValueError(f"Expected non-negative {name}, got negative entries")

@@ -1,4 +1,4 @@
-r"""KL, DKL and IKL losses from logits, exact and O(B·C) in time and memory.
+r"""KL, DKL, IKL and GKL losses from logits, exact and O(B·C) in time and memory.
 
 Notation: ``input`` holds the logits :math:`z_s` of the side being trained (student,
 adversarial example, strongly augmented view) and ``target`` the logits :math:`z_t` it is pulled
@@ -27,6 +27,20 @@ All reductions go through one :func:`_reduce`: ``"none"`` gives ``(B,)``, ``"mea
 the (valid) rows, ``"sum"`` the sum. Half-precision inputs (``float16``, ``bfloat16``) are computed in
 ``float32`` and the loss comes back as ``float32``; ``float32`` and ``float64`` inputs give a loss
 of their own dtype. Gradients reach the inputs in the inputs' dtype.
+
+Non-finite logits follow one rule in every loss (and in the fused kernel):
+
+- a ``-inf`` target logit marks a class the target rules out: its probability is 0, so it adds 0 to
+  the KL / soft-label CE and carries no wMSE weight, whatever ``class_weights`` say (the loss
+  equals the one computed on the finite classes alone, as ``F.kl_div`` does);
+- a ``-inf`` student logit on a class whose target logit is finite makes that row's loss ``+inf``
+  (the student gives zero probability to a possible class); its gradient is then not meaningful;
+- a row whose target logits are all ``-inf``, or any NaN / ``+inf`` logit, gives NaN for that row:
+  the target is not a distribution. Pass ``mask`` for rows without a target: rows outside the mask
+  are never read, so whatever they hold gives 0 loss and 0 gradient.
+
+An empty batch ``(0, C)`` gives what an all-False mask gives: 0 for ``"mean"`` and ``"sum"``, a
+``(0,)`` tensor for ``"none"``, with a gradient graph when the inputs require grad.
 """
 
 from __future__ import annotations
@@ -40,17 +54,20 @@ from torch import Tensor, nn
 from dkl._checks import (
     check_class_weights,
     check_logits,
-    check_non_negative,
+    check_non_negative_scalar,
     check_positive,
     check_row_mask,
+    check_weight_values,
     is_compiling,
 )
 
 __all__ = [
     "DKLLoss",
+    "GKLLoss",
     "IKLLoss",
     "KLLoss",
     "dkl_loss",
+    "gkl_loss",
     "ikl_loss",
     "kl_loss",
     "soft_cross_entropy",
@@ -69,13 +86,24 @@ def _check_reduction(reduction: str) -> None:
 
 
 def _check_call(
-    input: Any, target: Any, temperature: float, reduction: str, mask: Tensor | None
+    input: Any,
+    target: Any,
+    temperature: float,
+    reduction: str,
+    mask: Tensor | None,
+    **loss_weights: float,
 ) -> None:
-    """The checks every loss function runs on its arguments."""
+    """The checks every loss function runs on its arguments (``loss_weights``: alpha, beta...)."""
     check_logits(input, target)
     check_positive("temperature", temperature)
+    _check_scalars(**loss_weights)
     _check_reduction(reduction)
     check_row_mask(mask, input)
+
+
+def _check_scalars(**loss_weights: float) -> None:
+    for name, value in loss_weights.items():
+        check_non_negative_scalar(name, value)
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -85,15 +113,31 @@ def _compute_dtype(x: Tensor) -> Tensor:
 
 
 def _reduce(per_row: Tensor, reduction: str, mask: Tensor | None = None) -> Tensor:
-    """The one reduction: rows outside ``mask`` count as absent, not as zero-loss samples."""
+    """The one reduction: rows outside ``mask`` count as absent, not as zero-loss samples; with
+    no row to average (empty batch, all-False mask) the mean is 0."""
     if mask is not None:
         per_row = torch.where(mask, per_row, per_row.new_zeros(()))
     if reduction == "none":
         return per_row
     if reduction == "sum":
         return per_row.sum()
-    count = per_row.new_tensor(per_row.shape[0]) if mask is None else mask.sum().clamp_min(1)
+    count = max(per_row.shape[0], 1) if mask is None else mask.sum().clamp_min(1)
     return per_row.sum() / count
+
+
+def _valid_rows(mask: Tensor | None, *xs: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Rows outside ``mask`` replaced by zeros: nothing they hold (-inf, NaN) reaches the loss or
+    its gradient, as in the fused kernel, which never reads them."""
+    if mask is None:
+        return xs
+    keep = mask.unsqueeze(1)
+    return tuple(None if x is None else torch.where(keep, x, x.new_zeros(())) for x in xs)
+
+
+def _student_rules_out(per_row: Tensor, input: Tensor, absent: Tensor) -> Tensor:
+    """``+inf`` for rows where the student logit is -inf on a class the target keeps."""
+    ruled_out = (torch.isneginf(input) & ~absent).any(dim=1)
+    return torch.where(ruled_out, per_row.new_full((), float("inf")), per_row)
 
 
 def _scaled(x: Tensor, temperature: float) -> Tensor:
@@ -115,7 +159,8 @@ class _WeightedMSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, target: Tensor, input: Tensor, weights: Tensor) -> Tensor:  # type: ignore[override]
-        e = target - input
+        # a class without weight adds nothing, even where a logit is infinite (no 0 · inf)
+        e = torch.where(weights > 0, target - input, 0.0)
         total = weights.sum(dim=1)
         # W = 0 only when every weight is 0; the row's loss and gradient are then 0.
         mean = _rowdot(weights, e) / total.clamp_min(torch.finfo(e.dtype).tiny)
@@ -136,12 +181,19 @@ class _WeightedMSE(torch.autograd.Function):
         )
 
 
+def _present(weights: Tensor, absent: Tensor) -> Tensor:
+    """Detached weights in the logits' dtype, 0 on the classes the target rules out."""
+    return weights.detach().masked_fill(absent, 0.0)
+
+
 def weighted_mse(target: Tensor, input: Tensor, weights: Tensor) -> Tensor:
     r"""Per-row weighted MSE between logit vectors, :math:`\tfrac12 W \sum_j w_j (e_j - \bar e)^2`.
 
     Args:
-        target: ``(B, C)`` logits :math:`z_t`; receives gradient if it requires grad.
-        input: ``(B, C)`` logits :math:`z_s`; receives gradient if it requires grad.
+        target: ``(B, C)`` logits :math:`z_t`; receives gradient if it requires grad. A ``-inf``
+            entry gives its class weight 0.
+        input: ``(B, C)`` logits :math:`z_s`; receives gradient if it requires grad. A ``-inf``
+            entry where ``target`` is finite makes the row ``+inf``.
         weights: ``(B, C)`` non-negative weights, treated as constants (detached).
 
     Returns:
@@ -154,13 +206,25 @@ def weighted_mse(target: Tensor, input: Tensor, weights: Tensor) -> Tensor:
         >>> weighted_mse(t, s, torch.ones(1, 3))  # ¼ Σ_jk (e_j - e_k)² = ¼·2·(1 + 9 + 4)
         tensor([7.])
     """
-    return _WeightedMSE.apply(target, input, weights.detach().to(target.dtype))
+    absent = torch.isneginf(target)
+    per_row = _WeightedMSE.apply(target, input, _present(weights.to(target.dtype), absent))
+    return _student_rules_out(per_row, input, absent)
 
 
 def soft_cross_entropy(input: Tensor, target_probs: Tensor, temperature: float = 1.0) -> Tensor:
-    r"""Per-row :math:`-\sum_j p_j \log\sigma(z_s / T)_j` with ``target_probs`` held constant."""
-    log_p = F.log_softmax(_scaled(input, temperature), dim=1)
-    return -_rowdot(target_probs.detach(), log_p)
+    r"""Per-row :math:`-\sum_j p_j \log\sigma(z_s / T)_j` with ``target_probs`` held constant.
+
+    Classes with :math:`p_j = 0` add 0, even where :math:`z_s = -\infty`.
+    """
+    p = target_probs.detach()
+    log_q = F.log_softmax(_scaled(input, temperature), dim=1)
+    return -_rowdot(p, log_q.masked_fill(p == 0, 0.0))
+
+
+def _kl_rows(log_q: Tensor, log_p: Tensor) -> Tensor:
+    r"""Per-row :math:`\sum_j p_j (\log p_j - \log q_j)` with :math:`0 \log 0 = 0`."""
+    p = log_p.exp()
+    return _rowdot(p, (log_p - log_q).masked_fill(p == 0, 0.0))
 
 
 def _use_triton(impl: str, input: Tensor, target: Tensor) -> bool:
@@ -242,10 +306,10 @@ def kl_loss(
             class_weights=None,
         )
     with torch.autocast(input.device.type, enabled=False):
-        zs, zt = _compute_dtype(input), _compute_dtype(target)
+        zs, zt = _valid_rows(mask, _compute_dtype(input), _compute_dtype(target))
         log_q = F.log_softmax(_scaled(zs, temperature), dim=1)
         log_p = F.log_softmax(_scaled(zt, temperature), dim=1)
-        per_row = _rowdot(log_p.exp(), log_p - log_q)
+        per_row = _student_rules_out(_kl_rows(log_q, log_p), zs, torch.isneginf(zt))
         return _reduce(per_row, reduction, mask)
 
 
@@ -292,7 +356,7 @@ def dkl_loss(
         >>> all(torch.allclose(a, b) for a, b in zip(g_dkl, g_kl))  # Theorem 1
         True
     """
-    _check_call(input, target, temperature, reduction, mask)
+    _check_call(input, target, temperature, reduction, mask, alpha=alpha, beta=beta)
     if _use_triton(impl, input, target):
         return _fused(
             "dkl",
@@ -307,13 +371,13 @@ def dkl_loss(
             class_weights=None,
         )
     with torch.autocast(input.device.type, enabled=False):
-        us, ut = (
-            _scaled(_compute_dtype(input), temperature),
-            _scaled(_compute_dtype(target), temperature),
-        )
+        zs, zt = _valid_rows(mask, _compute_dtype(input), _compute_dtype(target))
+        us, ut = _scaled(zs, temperature), _scaled(zt, temperature)
+        absent = torch.isneginf(zt)
         w = F.softmax(ut.detach(), dim=1)
-        per_row = beta * weighted_mse(ut, us.detach(), w) + alpha * soft_cross_entropy(us, w)
-        return _reduce(per_row, reduction, mask)
+        wmse = _WeightedMSE.apply(ut, us.detach(), _present(w, absent))
+        per_row = beta * wmse + alpha * soft_cross_entropy(us, w)
+        return _reduce(_student_rules_out(per_row, zs, absent), reduction, mask)
 
 
 def ikl_loss(
@@ -368,12 +432,11 @@ def ikl_loss(
         >>> z_s.grad.shape
         torch.Size([2, 3])
     """
-    _check_call(input, target, temperature, reduction, mask)
+    _check_call(input, target, temperature, reduction, mask, alpha=alpha, beta=beta)
     check_positive("weight_temperature", weight_temperature)
     if class_weights is not None:
         check_class_weights(class_weights, input)
-        check_non_negative("class_weights", class_weights)
-    if _use_triton(impl, input, target):
+    if _use_triton(impl, input, target):  # the kernel's entry point checks the weights' values
         return _fused(
             "ikl",
             input,
@@ -386,18 +449,116 @@ def ikl_loss(
             weight_temperature=weight_temperature,
             class_weights=None if class_weights is None else class_weights.detach(),
         )
+    if class_weights is not None:
+        check_weight_values("class_weights", class_weights)
     with torch.autocast(input.device.type, enabled=False):
         zs, zt = _compute_dtype(input), _compute_dtype(target)
+        cw = None if class_weights is None else class_weights.detach().to(zt.dtype)
+        zs, zt, cw = _valid_rows(mask, zs, zt, cw)
+        absent = torch.isneginf(zt)
         zt_const = zt.detach()
         p = F.softmax(_scaled(zt_const, temperature), dim=1)
-        if class_weights is not None:
-            w = class_weights.detach().to(zt.dtype)
+        if cw is not None:
+            w = cw
         elif weight_temperature == temperature:
             w = p
         else:
             w = F.softmax(_scaled(zt_const, weight_temperature), dim=1)
-        per_row = beta * weighted_mse(zt, zs, w) + alpha * soft_cross_entropy(zs, p, temperature)
-        return _reduce(per_row, reduction, mask)
+        wmse = _WeightedMSE.apply(zt, zs, _present(w, absent))
+        per_row = beta * wmse + alpha * soft_cross_entropy(zs, p, temperature)
+        return _reduce(_student_rules_out(per_row, zs, absent), reduction, mask)
+
+
+def _power(weights: Tensor, gamma: float) -> Tensor:
+    """``weights ** gamma`` with zero weights kept at zero (also for ``gamma = 0``)."""
+    return weights.pow(gamma) if gamma > 0 else (weights > 0).to(weights.dtype)
+
+
+def gkl_loss(
+    input: Tensor,
+    target: Tensor,
+    *,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    temperature: float = 1.0,
+    weight_temperature: float = 1.0,
+    class_weights: Tensor | None = None,
+    reduction: str = "mean",
+    mask: Tensor | None = None,
+) -> Tensor:
+    r"""GKL, the successor of IKL in the authors' repository (DKLv2): powered weights and a wMSE
+    normalised by the batch's total pair weight.
+
+    With detached weights :math:`p = w^\gamma`, :math:`w` = ``class_weights`` (the GI prior rows)
+    or :math:`\sigma(z_t / T_2)`, and :math:`e = z_t - z_s`,
+
+    .. math::
+
+        \mathrm{GKL} = \beta\,\frac{\tfrac14 \sum_i \sum_{j,k} p_{ij} p_{ik}
+            \big((z_{t,ij} - z_{t,ik}) - (z_{s,ij} - z_{s,ik})\big)^2}
+            {\sum_i \sum_{j,k} p_{ij} p_{ik}}
+            + \alpha\,\frac1B \sum_i \mathrm{sCE}_T(z_{s,i}, z_{t,i}),
+
+    computed in closed form: the numerator is :math:`\sum_i \tfrac12 P_i \sum_j p_{ij}
+    (e_{ij} - \bar e_i)^2` and the denominator :math:`\sum_i P_i^2`, :math:`P_i = \sum_j p_{ij}`.
+    The normalisation runs over the valid rows of the batch, so the wMSE's scale does not depend
+    on the weights' (the authors' ``0.25 * ((delta_n - delta_a) ** 2 * p_n).sum() / p_n.sum()``).
+    As in :func:`ikl_loss` the wMSE is on raw logits and moves ``target`` too when it requires
+    grad; the sCE moves ``input`` only. No :math:`T^2` factor.
+
+    Args:
+        input: ``(B, C)`` logits :math:`z_s` being trained.
+        target: ``(B, C)`` logits :math:`z_t`.
+        alpha: weight of the soft-label cross-entropy, :math:`\ge 0`.
+        beta: weight of the normalised wMSE, :math:`\ge 0`.
+        gamma: exponent :math:`\gamma \ge 0` of the weights (zero weights stay zero, also at
+            :math:`\gamma = 0`).
+        temperature: :math:`T > 0` of the sCE.
+        weight_temperature: :math:`T_2 > 0` of the per-sample weights.
+        class_weights: optional ``(B, C)`` finite non-negative weights (``ClassPrior`` rows, not
+            raised to :math:`\gamma`: the power is applied here); treated as constants.
+        reduction: ``"mean"`` gives the value above. ``"none"`` gives ``(B,)`` rows
+            :math:`\beta\,\mathrm{wMSE}_i / \overline{P^2} + \alpha\,\mathrm{sCE}_i`, whose mean
+            over the valid rows is that value (:math:`\overline{P^2}` = mean of :math:`P_i^2`
+            over the valid rows); ``"sum"`` is their sum.
+        mask: optional bool ``(B,)`` of valid rows; the others count as absent, also in the
+            normalisation.
+
+    Shape:
+        ``(B,)`` for ``reduction="none"``, else a scalar; float32 for half inputs, otherwise the
+        input dtype.
+
+    Example:
+        >>> z_s = torch.tensor([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]], requires_grad=True)
+        >>> z_t = torch.tensor([[2.0, 1.0, 0.0], [3.0, 0.0, 0.0]])
+        >>> prior_rows = torch.tensor([[0.6, 0.2, 0.2], [0.1, 0.8, 0.1]])
+        >>> loss = gkl_loss(z_s, z_t, beta=4.0, gamma=0.5, temperature=4.0, class_weights=prior_rows)
+        >>> loss.backward()
+        >>> z_s.grad.shape
+        torch.Size([2, 3])
+    """
+    _check_call(input, target, temperature, reduction, mask, alpha=alpha, beta=beta, gamma=gamma)
+    check_positive("weight_temperature", weight_temperature)
+    if class_weights is not None:
+        check_class_weights(class_weights, input)
+        check_weight_values("class_weights", class_weights)
+    with torch.autocast(input.device.type, enabled=False):
+        zs, zt = _compute_dtype(input), _compute_dtype(target)
+        cw = None if class_weights is None else class_weights.detach().to(zt.dtype)
+        zs, zt, cw = _valid_rows(mask, zs, zt, cw)
+        absent = torch.isneginf(zt)
+        zt_const = zt.detach()
+        p = F.softmax(_scaled(zt_const, temperature), dim=1)
+        if cw is not None:
+            w = _power(cw, gamma)
+        else:  # σ(z_t / T2)^γ as exp(γ log σ): no underflow to 0 before the power
+            w = torch.exp(gamma * F.log_softmax(_scaled(zt_const, weight_temperature), dim=1))
+        w = _present(w, absent)
+        norm = _reduce(w.sum(dim=1).square(), "mean", mask)  # mean of P_i² over the valid rows
+        wmse = _WeightedMSE.apply(zt, zs, w) / norm.clamp_min(torch.finfo(w.dtype).tiny)
+        per_row = beta * wmse + alpha * soft_cross_entropy(zs, p, temperature)
+        return _reduce(_student_rules_out(per_row, zs, absent), reduction, mask)
 
 
 # --------------------------------------------------------------------------- modules
@@ -456,6 +617,7 @@ class DKLLoss(_Loss):
     ):
         super().__init__(reduction)
         check_positive("temperature", temperature)
+        _check_scalars(alpha=alpha, beta=beta)
         self.alpha, self.beta, self.temperature, self.impl = alpha, beta, temperature, impl
 
     def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -501,6 +663,7 @@ class IKLLoss(_Loss):
         super().__init__(reduction)
         check_positive("temperature", temperature)
         check_positive("weight_temperature", weight_temperature)
+        _check_scalars(alpha=alpha, beta=beta)
         self.alpha, self.beta = alpha, beta
         self.temperature, self.weight_temperature, self.impl = temperature, weight_temperature, impl
 
@@ -528,4 +691,61 @@ class IKLLoss(_Loss):
         return (
             f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, "
             f"weight_temperature={self.weight_temperature}, reduction={self.reduction!r}"
+        )
+
+
+class GKLLoss(_Loss):
+    """Module form of :func:`gkl_loss`; pass ``class_weights`` (the prior rows) per call for GI.
+
+    Example:
+        >>> criterion = GKLLoss(alpha=1.0, beta=16.0, gamma=0.05, temperature=4.0)
+        >>> student = torch.randn(4, 10, requires_grad=True)
+        >>> prior_rows = torch.full((4, 10), 0.1)
+        >>> criterion(student, torch.randn(4, 10), prior_rows).backward()
+        >>> student.grad.shape
+        torch.Size([4, 10])
+    """
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        gamma: float = 1.0,
+        temperature: float = 1.0,
+        weight_temperature: float = 1.0,
+        reduction: str = "mean",
+    ):
+        super().__init__(reduction)
+        check_positive("temperature", temperature)
+        check_positive("weight_temperature", weight_temperature)
+        _check_scalars(alpha=alpha, beta=beta, gamma=gamma)
+        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+        self.temperature, self.weight_temperature = temperature, weight_temperature
+
+    def forward(
+        self,
+        input: Tensor,
+        target: Tensor,
+        class_weights: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        return gkl_loss(
+            input,
+            target,
+            alpha=self.alpha,
+            beta=self.beta,
+            gamma=self.gamma,
+            temperature=self.temperature,
+            weight_temperature=self.weight_temperature,
+            class_weights=class_weights,
+            reduction=self.reduction,
+            mask=mask,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, "
+            f"temperature={self.temperature}, weight_temperature={self.weight_temperature}, "
+            f"reduction={self.reduction!r}"
         )
