@@ -12,7 +12,7 @@ from dkl.config import AdversarialConfig, AttackConfig, config_from_dict
 from dkl.data import DataInfo
 from dkl.ema import ModelEMA
 from dkl.recipes.adversarial import AdversarialTask, adversarial_loss, training_attack
-from dkl.train import RunContext
+from dkl.train import RunContext, StepContext
 
 
 def tiny_model(seed: int = 0) -> nn.Module:
@@ -248,6 +248,45 @@ def test_awp_step_uses_perturbed_gradient_on_original_weights():
     opt.step()
 
 
+def test_awp_with_a_second_view_ascends_the_authors_one_batch_loss():
+    # the authors' AWP loss over the 2B rows of (basic, view): CE(2B) + ½(R_basic + R_view)
+    b, alpha, beta, gamma, lr = 4, 4.0, 20.0, 0.005, 0.1
+    x, y = batch(b, seed=3)
+    x_view = x.flip(-1)
+    x_all = torch.cat([x, x_view])
+    x_adv = (x_all + 0.03 * torch.randn_like(x_all)).clamp(0, 1)
+    model = tiny_model().train()
+    task = make_task(
+        "ikl_at", 5, model=model, alpha=alpha, beta=beta, aug_weight=0.3,
+        awp={"gamma": gamma, "start_epoch": 1, "lr": lr},
+    )  # fmt: skip
+    prior = random_prior(5)
+    task.prior.prior.copy_(prior)
+    task.adversarial_examples = lambda x, labels, epoch: x_adv
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    task.train_step(((x, x_view), y), StepContext(1, 0, 0, 1, 1))
+
+    # reference: a proxy copy takes one SGD step on −loss, loss written out by hand
+    proxy = tiny_model().train()
+    y2 = torch.cat([y, y])
+    z_nat, z_adv = proxy(x_all), proxy(x_adv)
+    w = prior[y2]
+    sce = -(z_nat.detach().softmax(1) * z_adv.log_softmax(1)).sum(1)
+    robust = (beta * pairwise_wmse(z_nat, z_adv, w) + alpha * sce).sum() / (2 * b)
+    loss = F.cross_entropy(z_nat, y2) + robust
+    (-loss).backward()
+    for n, p in model.named_parameters():
+        if p.dim() <= 1:
+            assert torch.equal(p.detach(), w0[n]), n
+            continue
+        d = -lr * dict(proxy.named_parameters())[n].grad
+        want = w0[n] + gamma * w0[n].norm() / d.norm() * d
+        torch.testing.assert_close(p.detach(), want, rtol=1e-4, atol=1e-7)
+    task.before_optimizer_step()  # the weights come back bit for bit
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), w0[n]), n
+
+
 # ---------------------------------------------------------------------------- EMA
 def test_ema_arithmetic_by_hand():
     net = nn.Sequential(nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1))
@@ -325,22 +364,100 @@ def test_all_adversarial_presets_load():
     names = list_presets("adversarial")
     assert {
         "adversarial/cifar10_ikl_at",
+        "adversarial/cifar10_ikl_at_alpha4",
         "adversarial/cifar100_ikl_at",
+        "adversarial/cifar100_ikl_at_alpha4",
+        "adversarial/cifar100_ikl_at_alpha4_t2",
         "adversarial/cifar100_ikl_at_autoaug",
         "adversarial/cifar10_trades",
+        "adversarial/cifar100_trades_ikl_schedule",
+        "adversarial/cifar10_trades_awp",
         "adversarial/cifar10_pgd_at",
         "adversarial/digits_standard",
         "adversarial/digits_ikl_at",
     } <= set(names)
     for n in names:
         load_config(n)
-    c10 = load_config("adversarial/cifar10_ikl_at").adversarial
-    assert (c10.alpha, c10.beta, c10.prior_temperature, c10.attack.loss) == (4.0, 20.0, 4.0, "sce")
-    assert c10.attack.eps == pytest.approx(8 / 255) and c10.attack.budget == "high"
-    assert (c10.awp.gamma, c10.awp.start_epoch, c10.ema.tau) == (0.005, 10, 0.9)
-    c100 = load_config("adversarial/cifar100_ikl_at_autoaug").adversarial
-    assert (c100.attack.loss, c100.aug_view, c100.aug_weight) == ("ikl", "autoaugment", 0.3)
-    assert load_config("adversarial/cifar100_trades").adversarial.trades_beta == 6.0
+
+
+# the settings behind each published number, as the authors' released logs and scripts name them
+RELEASED = {
+    # preset: (alpha, beta, prior T, attack loss, source named in the first comment line)
+    "cifar10_ikl_at": (3.0, 20.0, 4.0, "sce", "cifar10_dkl_a3_b20_T4.log"),
+    "cifar10_ikl_at_alpha4": (4.0, 20.0, 4.0, "sce", "no released log"),
+    "cifar100_ikl_at": (3.0, 20.0, 4.0, "ikl", "cifar100_dkl_a3_b20_T4.log"),
+    "cifar100_ikl_at_alpha4": (4.0, 20.0, 4.0, "ikl", "no released log"),
+    "cifar100_ikl_at_alpha4_t2": (4.0, 20.0, 2.0, "ikl", "cifar100_dkl_a4_b20_T2.log"),
+    "cifar100_ikl_at_alpha5": (5.0, 20.0, 4.0, "ikl", "no log names it"),
+    "cifar100_ikl_at_autoaug": (4.0, 20.0, 4.0, "ikl", "README 65.93 / 32.52"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_ikl_at_presets_match_the_released_runs(name):
+    from dkl.config import PRESET_DIR, load_config
+
+    alpha, beta, t, attack, source = RELEASED[name]
+    a = load_config(f"adversarial/{name}").adversarial
+    assert (a.method, a.alpha, a.beta, a.prior_temperature, a.attack.loss) == (
+        "ikl_at",
+        alpha,
+        beta,
+        t,
+        attack,
+    )
+    assert a.attack.eps == pytest.approx(8 / 255) and a.attack.budget == "high"
+    assert (a.awp.gamma, a.awp.start_epoch, a.ema.tau, a.ema.start_epoch) == (0.005, 10, 0.9, 1)
+    if attack == "ikl":
+        assert (a.attack.alpha, a.attack.beta) == (1.0, 1.0)
+    first = (PRESET_DIR / "adversarial" / f"{name}.yaml").read_text().splitlines()[0]
+    assert source in first, first
+    if name.endswith("autoaug"):
+        assert (a.aug_view, a.aug_weight) == ("autoaugment", 0.3)
+
+
+def test_trades_presets_follow_their_own_scripts():
+    import math
+
+    from dkl.config import load_config
+    from dkl.train import lr_factor
+
+    def lr(cfg, epoch):  # lr of epoch e (counted from 1) as the trainer sets it
+        return cfg.optim.lr * lr_factor(cfg.sched, epoch - 1, float(cfg.train.epochs))
+
+    # Zhang et al. 2019: 76 epochs, 0.1 then 0.01 from epoch 75, eps 0.031, 10 steps of 0.007
+    z = load_config("adversarial/cifar10_trades")
+    a = z.adversarial
+    assert (a.method, a.trades_beta, a.attack.loss, a.attack.eps) == ("trades", 6.0, "kl", 0.031)
+    attack = training_attack(a)
+    assert attack.schedule(1, 76) == (10, 0.007, 0.031)
+    assert (z.train.epochs, z.optim.weight_decay, a.awp.gamma, a.ema.tau) == (76, 2e-4, 0.0, 0.0)
+    assert [lr(z, e) for e in (1, 74, 75, 76)] == pytest.approx([0.1, 0.1, 0.01, 0.01])
+    # Wu et al. 2020 TRADES-AWP: 200 epochs, x0.1 from 100, x0.01 from 150, AWP from 10
+    w = load_config("adversarial/cifar100_trades_awp")
+    a = w.adversarial
+    assert training_attack(a).schedule(1, 200) == pytest.approx((10, 2 / 255, 8 / 255))
+    assert (w.train.epochs, w.optim.weight_decay, a.awp.gamma, a.awp.start_epoch) == (
+        200,
+        5e-4,
+        0.005,
+        10,
+    )
+    assert [lr(w, e) for e in (99, 100, 149, 150)] == pytest.approx([0.1, 0.01, 0.01, 0.001])
+    # the IKL-AT authors' TRADES: lr 0.2 * 0.5 (1 + cos(pi (e - 1) / 200)), beta 9 on CIFAR-100
+    c = load_config("adversarial/cifar100_trades_ikl_schedule")
+    a = c.adversarial
+    assert (a.trades_beta, a.attack.budget, a.attack.fixed_eps, a.awp.gamma, a.ema.tau) == (
+        9.0,
+        "high",
+        False,
+        0.005,
+        0.9,
+    )
+    assert c.data.drop_last
+    for e in (1, 2, 100, 200):
+        want = 0.2 * 0.5 * (1 + math.cos(math.pi * (e - 1) / 200))
+        assert lr(c, e) == pytest.approx(want, rel=1e-12)
 
 
 def test_recipe_trains_with_awp_and_exports_the_ema(tmp_path):

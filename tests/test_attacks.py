@@ -227,3 +227,52 @@ def test_pgd_deterministic_with_generator():
     a = pgd_attack(model, x, y, eps=0.1, generator=torch.Generator().manual_seed(3))
     b = pgd_attack(model, x, y, eps=0.1, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------- as the released code
+class Recording(nn.Module):
+    """Records every input it sees (the attack's forwards)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.seen = inner, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return self.inner(x)
+
+
+def test_normal_start_is_not_projected_before_the_first_step():
+    # TRADES / IKL-AT: the first gradient is taken at x + 0.001 N(0, 1) itself, outside [0, 1]
+    # where x sits on the box; every later point is projected
+    x = torch.ones(8, 3, 2, 2)
+    x[4:] = 0.0
+    g = torch.Generator().manual_seed(0)
+    start = x + 0.001 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    model = Recording(tiny_model(bn=False))
+    out = perturb(model, x, eps=0.1, steps=2, step_size=0.05, init="normal", generator=g,
+                  loss_fn=lambda z: z.logsumexp(1).sum())  # fmt: skip
+    torch.testing.assert_close(model.seen[0], start, rtol=0, atol=0)
+    assert model.seen[0].max() > 1.0 and model.seen[0].min() < 0.0
+    assert model.seen[1].min() >= 0.0 and model.seen[1].max() <= 1.0
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    # uniform (Madry) starts inside the box; steps = 0 returns the projected start
+    model.seen.clear()
+    perturb(model, x, eps=0.1, steps=1, step_size=0.05, init="uniform",
+            loss_fn=lambda z: z.sum())  # fmt: skip
+    assert model.seen[0].min() >= 0.0 and model.seen[0].max() <= 1.0
+    x0 = perturb(model, x, eps=0.1, steps=0, step_size=0.05, loss_fn=lambda z: z.sum())
+    assert x0.min() >= 0.0 and x0.max() <= 1.0
+
+
+def test_absolute_step_size_replaces_the_budget_fraction():
+    # TRADES' own script: 10 steps of 0.007 at eps 0.031
+    atk = TrainAttack(loss="kl", budget="pgd10", max_eps=0.031, fixed_eps=True, step_size=0.007)
+    assert atk.schedule(3, 76) == (10, 0.007, 0.031)
+    assert TrainAttack(budget="pgd10", max_eps=0.04, fixed_eps=True).schedule(1, 5) == (
+        10,
+        pytest.approx(0.01),
+        0.04,
+    )
+    with pytest.raises(ValueError, match="step_size >= 0"):
+        TrainAttack(step_size=-0.1)

@@ -10,6 +10,10 @@ Training attack, as in the IKL-AT authors' training script::
     x_0     = x + 0.001 · N(0, 1)                      (init="normal"; "uniform" = U(-ε, ε), Madry)
     x_{k+1} = Π_{[0,1]} Π_{B_ε(x)} (x_k + a · sign(∇_x L(f(x_k), z_nat, y)))
 
+The normal start is not projected: the first gradient is taken at ``x + 0.001·N(0, 1)`` itself,
+which may lie a little outside [0, 1], as in the TRADES and IKL-AT code; every step after it is
+projected. The uniform start is clipped to [0, 1] before the first step.
+
 with the natural logits ``z_nat`` computed **once** per batch (eval mode, no grad) and passed in:
 the model is in eval mode and ``x`` does not change, so recomputing them at every step (as the
 authors' code does) gives the same numbers at one extra forward per step.
@@ -189,7 +193,8 @@ def perturb(
 
     The model runs in eval mode and is restored to its previous mode(s). ``init`` is ``"normal"``
     (``x + init_std·N(0,1)``, as in the TRADES and IKL-AT code), ``"uniform"`` (``U(-ε, ε)``) or
-    ``"none"``. With ``steps = 0`` the (projected) start point is returned.
+    ``"none"``. The normal start is not projected before the first step (as in the TRADES and
+    IKL-AT code); the uniform one is. With ``steps = 0`` the projected start point is returned.
     """
     _check_images(x)
     if init not in _INITS:
@@ -204,10 +209,11 @@ def perturb(
         x_adv = x + init_std * noise
     elif init == "uniform":
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_adv = x + eps * (2 * noise - 1)
+        x_adv = _project(x + eps * (2 * noise - 1), x, eps)
     else:
         x_adv = x.clone()
-    x_adv = _project(x_adv, x, eps)
+    if steps == 0:
+        return _project(x_adv, x, eps)
     with eval_mode(model), torch.enable_grad():
         for _ in range(steps):
             x_adv.requires_grad_(True)
@@ -230,6 +236,8 @@ class TrainAttack:
         init_std: std of the normal start.
         alpha, beta: sCE / wMSE weights of the ``"ikl"`` objective (α = β = 1 in the authors'
             CIFAR-100 attack).
+        step_size: an absolute step size that replaces the budget's fraction of ε (0: the
+            budget's; TRADES' own script: 0.007 at ε = 0.031).
 
     >>> atk = TrainAttack(loss="sce", budget="high", max_eps=8 / 255)
     >>> atk.schedule(100, 200)
@@ -244,6 +252,7 @@ class TrainAttack:
     init_std: float = 0.001
     alpha: float = 1.0
     beta: float = 1.0
+    step_size: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss not in ATTACK_LOSSES:
@@ -254,12 +263,14 @@ class TrainAttack:
             raise ValueError(f"Expected init in {_INITS}, got {self.init!r}")
         if not self.max_eps >= 0:
             raise ValueError(f"Expected max_eps >= 0, got {self.max_eps}")
+        if not self.step_size >= 0:
+            raise ValueError(f"Expected step_size >= 0 (0: the budget's), got {self.step_size}")
 
     def schedule(self, epoch: int, epochs: int) -> tuple[int, float, float]:
         """``(steps, step_size, eps)`` for epoch ``epoch`` of ``epochs`` (counted from 1)."""
         eps = epsilon_schedule(epoch, epochs, max_eps=self.max_eps, fixed=self.fixed_eps)
         steps, step_size = attack_budget(self.budget, eps)
-        return steps, step_size, eps
+        return steps, self.step_size or step_size, eps
 
     def needs_natural_logits(self) -> bool:
         return self.loss != "ce"

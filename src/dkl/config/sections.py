@@ -47,7 +47,7 @@ class DistillConfig:
     warmup: float = 20.0  # dkd, ikl: epochs of linear loss warm-up (0: none)
     weight_temperature: float = 100.0  # ikl: T2 of w = softmax(z_t / T2)
     gi: bool = False  # ikl: class-wise prior weights instead of per-sample ones
-    prior_temperature: float = 0.0  # ikl + gi: 0 means `temperature`
+    prior_temperature: float = 0.0  # ikl + gi: 0 means weight_temperature (the authors' T2)
     prior_momentum: float = 1.0
     # share of the training images whose labels the CE term sees (a class-balanced subset picked
     # with the run's seed); the teacher's term sees every image (Hinton et al. 2015, section 2)
@@ -78,6 +78,7 @@ class AttackConfig:
     # for pgd_at, normal for the others
     alpha: float = 1.0  # ikl attack loss: sCE weight
     beta: float = 1.0  # ikl attack loss: wMSE weight
+    step_size: float = 0.0  # absolute step size; 0: the budget's fraction of eps_e
 
 
 @dataclass
@@ -143,6 +144,9 @@ class SemiSupConfig:
     temperature: float = 1.0  # IKL: sCE temperature
     weight_temperature: float = 1.0  # IKL: T2 of the weights σ(z_tg / T2)
     detach_target: bool = False  # FixMatch-IKL: stop the wMSE gradient into the weak view
+    # FixMatch-IKL: detach the wMSE weights softmax(z_weak / T2); the authors' code does not, so
+    # the weights pass gradient into the weak logits too (no effect when the target is detached)
+    detach_weights: bool = False
     ema_momentum: float = 0.999  # MeanTeacher's teacher; the evaluation EMA with eval_ema
     eval_ema: bool = False  # FixMatch: evaluate an EMA copy (MeanTeacher evaluates its teacher)
     teacher_train_mode: bool = True  # MeanTeacher: teacher forward in train mode (as USB)

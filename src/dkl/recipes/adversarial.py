@@ -20,7 +20,9 @@ are attacked and forwarded as one batch of 2B; the CE term is the mean over all 
 robust term is ``robust(basic) + γ · robust(view)``, and only the basic view feeds the prior.
 
 AWP (:class:`dkl.awp.AWP`, Wu et al. 2020), from ``awp.start_epoch``, perturbs the weights for
-the training forward and backward and puts them back right before the optimiser step.
+the training forward and backward and puts them back right before the optimiser step. Its proxy
+step ascends the loss of the whole batch as one: with a second view that is the authors'
+``CE(2B rows) + robust(all 2B rows)`` = CE + ½(robust(basic) + robust(view)), without γ.
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ def training_attack(cfg: AdversarialConfig) -> TrainAttack | None:
         raise ValueError(f"adversarial.attack.loss: pgd_at attacks CE, got {loss!r}")
     init = a.init or ("uniform" if cfg.method == "pgd_at" else "normal")
     return TrainAttack(loss=loss, budget=a.budget, max_eps=a.eps, fixed_eps=a.fixed_eps,
-                       init=init, alpha=a.alpha, beta=a.beta)  # fmt: skip
+                       init=init, alpha=a.alpha, beta=a.beta, step_size=a.step_size)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,8 +261,9 @@ class AdversarialTask(Task):
         if g.gamma > 0 and ctx.epoch >= g.start_epoch and x_adv is not None:
             if self.awp is None:
                 self.awp = AWP(self.raw_model, gamma=g.gamma, lr=g.lr or self.cfg.optim.lr)
+            # the authors' AWP loss treats the 2B rows of two views as one batch (no γ)
             self.awp.perturb(self.raw_model, lambda m: self.loss(
-                m, x, x_adv, labels, n_basic=n_basic, update_prior=False)["loss"])  # fmt: skip
+                m, x, x_adv, labels, update_prior=False)["loss"])  # fmt: skip
         out = self.loss(self.model, x, x_adv, labels, n_basic=n_basic)
         nb = labels.shape[0] if n_basic is None else n_basic
         return {"loss": out["loss"], "logits": out["logits"][:nb].detach(), "labels": labels[:nb],
