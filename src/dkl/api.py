@@ -29,7 +29,8 @@ from dkl.config import Config, ConfigError, apply_overrides, config_from_dict
 from dkl.models import unwrap_normalization
 from dkl.recipes import get_recipe
 from dkl.robust import evaluate_robustness
-from dkl.train import Trainer, find_checkpoint, load_checkpoint
+from dkl.train import CheckpointError, Trainer, find_checkpoint, load_checkpoint
+from dkl.train.state import load_model_state
 
 __all__ = ["evaluate_checkpoint", "evaluate_run", "load_run", "make_trainer", "train"]
 
@@ -43,8 +44,19 @@ def make_trainer(cfg: Config, *, log: Callable[[str], None] | None = None, **kw:
     return Trainer(cfg, task_cls, log=log, **kw)
 
 
-def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | None = None) -> dict:
+def train(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    new_epoch: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Train ``cfg`` to the end; the summary dict comes back. ``log`` gets each log line.
+
+    ``resume`` continues ``<run_dir>/last.pt``: exactly, or with changed settings that can be
+    applied there (epochs, lr, weight decay, the schedule, logging); a change that would make it
+    another run (data, batch size mid-epoch, the recipe's settings) raises
+    :class:`~dkl.config.ConfigError` unless ``new_epoch``, which applies it from the next epoch.
 
     Under ``torchrun`` it also tears down the process group it started, in the safe order (a
     DDP wrapper freed after its group, at interpreter exit, can abort the process): with a
@@ -55,7 +67,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
     trainer = None
     try:
         trainer = make_trainer(cfg, log=log)
-        summary = trainer.fit(resume=resume)
+        summary = trainer.fit(resume=resume, new_epoch=new_epoch)
         if dist.is_initialized() and trainer.world > 1:
             dist.barrier()  # rank 0 has written its files before anyone leaves
         return summary
@@ -76,9 +88,10 @@ def load_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Trainer, 
     reports (the task's ``eval_model()``, e.g. an EMA, for a full training state)."""
     p = find_checkpoint(path)
     state = load_checkpoint(p)
-    if not isinstance(state, dict) or "config" not in state:
-        raise ValueError(
-            f"'{p}' carries no config; evaluate it with a config and model.checkpoint="
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise CheckpointError(
+            f"'{p}' is not a dkl checkpoint (no config and model inside); evaluate plain weights "
+            f"with a config: dkl eval CONFIG model.checkpoint={p}"
         )
     cfg = config_from_dict(apply_overrides(state["config"], ["train.progress=false", *overrides]))
     trainer = make_trainer(cfg, log=lambda m: None, eval_only=True)
@@ -86,7 +99,7 @@ def load_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Trainer, 
         trainer.scheduler = trainer.task.build_scheduler(trainer.optimizer, 1)
         trainer.load_state_dict(state)
         return trainer, trainer.task.eval_model()
-    unwrap_normalization(trainer.raw_model).load_state_dict(state["model"])
+    load_model_state(unwrap_normalization(trainer.raw_model), state["model"], f"'{p}'")
     return trainer, trainer.raw_model
 
 

@@ -1,30 +1,63 @@
-"""Command line: ``dkl train``, ``dkl eval``, ``dkl demo`` (and ``python -m dkl ...``).
+"""Command line: ``dkl train``, ``show``, ``eval``, ``robust``, ``demo``, ``list`` (and
+``python -m dkl ...``).
 
 ::
 
     dkl train kd/digits_ikl                       # a bundled preset, by name
     dkl train my.yaml distill.beta=0.5 seed=1     # a file + dotted overrides
-    dkl train kd/digits_ikl --resume              # continue runs/<name>/last.pt
+    dkl train my.yaml --out /tmp/runs --resume    # flags go anywhere; runs in /tmp/runs/<name>
+    dkl show kd/digits_ikl distill.beta=2         # the resolved config, every key
     torchrun --nproc_per_node=4 -m dkl train kd/cifar100_resnet32x4_resnet8x4_ikl
     dkl eval runs/digits_ikl                      # a run folder or a checkpoint file
     dkl robust runs/digits_ikl_at                 # clean / PGD-20 / AutoAttack accuracy
     dkl demo                                      # the digits KD demo (--recipe to pick another)
-    dkl list [GROUP]                              # bundled presets
+    dkl list [GROUP]                              # bundled presets, with what each one is
+
+A user error (a bad config, file, checkpoint or data set, a full disk, a diverged run) ends with
+one line ``dkl: error: ...`` and a non-zero exit; ``--debug`` (or ``DKL_DEBUG=1``) shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 __all__ = ["build_parser", "main"]
+
+_KEYS_EPILOG = (
+    "Every setting is a dotted key=value override (optim.lr=0.1, distill.beta=2, "
+    "data.root=/data). `dkl show CONFIG` prints all keys of a config with their values."
+)
 
 
 def _fail(msg: str, code: int = 2) -> int:
     print(f"dkl: error: {msg}", file=sys.stderr)
     return code
+
+
+def _fmt(x: object, spec: str = ".2f") -> str:
+    return format(x, spec) if isinstance(x, (int, float)) else "n/a"
+
+
+def _load(args: argparse.Namespace):
+    """The config named on the command line, with its overrides and ``--out``."""
+    from dkl.config import load_config
+
+    overrides = list(args.overrides)
+    ref = args.config
+    run = Path(ref)
+    if run.is_dir() and (run / "config.yaml").is_file():  # a run folder: its own config
+        ref = str(run / "config.yaml")
+        overrides = [f"name={run.name}", f"train.out_dir={run.parent}", *overrides]
+    if getattr(args, "out", None):
+        overrides.append(f"train.out_dir={args.out}")
+    return load_config(ref, overrides)
 
 
 # --------------------------------------------------------------------------------------------
@@ -35,51 +68,49 @@ def _fail(msg: str, code: int = 2) -> int:
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="preset name (kd/digits_ikl), YAML path, or a run folder")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=0.1")
-    p.add_argument("--resume", action="store_true", help="continue runs/<name>/last.pt")
-
-
-def _resolve_run_folder(ref: str) -> str:
-    from pathlib import Path
-
-    p = Path(ref)
-    if p.is_dir() and (p / "config.yaml").is_file():
-        return str(p / "config.yaml")
-    return ref
+    p.add_argument("--out", metavar="DIR", help="parent folder of the run (default: runs); "
+                   "the run goes to DIR/<name>")  # fmt: skip
+    p.add_argument("--resume", action="store_true", help="continue DIR/<name>/last.pt")
+    p.add_argument(
+        "--new-epoch",
+        action="store_true",
+        help="with --resume: apply settings that change the run (data, batch size mid-epoch, "
+        "the recipe's settings) from the start of the next epoch instead of refusing them",
+    )
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from dkl.api import train
-    from dkl.config import ConfigError, load_config
-    from dkl.train import Interrupted, NonFiniteLossError
 
-    try:
-        overrides = list(args.overrides)
-        ref = _resolve_run_folder(args.config)
-        if ref != args.config:
-            from pathlib import Path
-
-            run = Path(args.config)
-            overrides = [f"name={run.name}", f"train.out_dir={run.parent}", *overrides]
-        cfg = load_config(ref, overrides)
-        summary = train(cfg, resume=args.resume)
-    except ConfigError as e:
-        return _fail(str(e))
-    except (FileNotFoundError, FileExistsError) as e:
-        return _fail(str(e))
-    except NonFiniteLossError as e:
-        return _fail(str(e), 1)
-    except Interrupted as e:
-        print(f"dkl: {e}", file=sys.stderr)
-        return 128 + int(e.signum)
-    import os
-
+    if args.new_epoch and not args.resume:
+        return _fail("--new-epoch goes with --resume (it says how a run continues)")
+    cfg = _load(args)
+    summary = train(cfg, resume=args.resume, new_epoch=args.new_epoch)
     if int(os.environ.get("RANK", "0")) == 0:
         last, best = summary["last"], summary["best"]
         print(
-            f"done: {summary['name']}  last top1={last['top1']:.2f} top5={last['top5']:.2f}  "
-            f"best top1={best['top1']:.2f} (epoch {best['epoch']})  "
-            f"wall {summary['wall_time_s']:.1f}s  -> {cfg.run_dir}"
+            f"done: {summary['name']}  last top1={_fmt(last.get('top1'))} "
+            f"top5={_fmt(last.get('top5'))}  best top1={_fmt(best.get('top1'))} "
+            f"(epoch {best.get('epoch', 'n/a')})  wall {summary['wall_time_s']:.1f}s  "
+            f"-> {cfg.run_dir}"
         )
+    return 0
+
+
+def _show_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="preset name (kd/digits_ikl), YAML path, or a run folder")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=0.1")
+    p.add_argument("--out", metavar="DIR", help="as for dkl train (sets train.out_dir)")
+
+
+def _run_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from dkl.config import config_to_dict
+
+    cfg = _load(args)
+    print(f"# {args.config} {' '.join(args.overrides)}".rstrip())
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
     return 0
 
 
@@ -93,12 +124,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from dkl.api import evaluate_checkpoint
-    from dkl.config import ConfigError
 
-    try:
-        res = evaluate_checkpoint(args.target, args.overrides)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        return _fail(str(e))
+    res = evaluate_checkpoint(args.target, args.overrides)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
@@ -115,10 +142,15 @@ def _list_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_list(args: argparse.Namespace) -> int:
-    from dkl.config import list_presets
+    from dkl.config import PRESET_DIR, list_presets, preset_description
 
-    for name in list_presets(args.group):
-        print(name)
+    groups = sorted(p.name for p in PRESET_DIR.iterdir() if p.is_dir())
+    if args.group and args.group not in groups:
+        return _fail(f"no preset group '{args.group}' (groups: {', '.join(groups)})")
+    names = list_presets(args.group)
+    width = max(map(len, names), default=0)
+    for name in names:
+        print(f"{name:<{width}}  {preset_description(name)}".rstrip())
     return 0
 
 
@@ -169,31 +201,21 @@ def _robust_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_robust(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from dkl.api import evaluate_run
-    from dkl.config import ConfigError
-    from dkl.robust import GradientMaskingError, format_table
+    from dkl.robust import format_table
 
-    try:
-        res = evaluate_run(
-            args.target,
-            n_examples=args.n_examples,
-            version=args.version,
-            eps=args.eps,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            backend=args.backend,
-            sanity=args.sanity,
-            overrides=args.overrides,
-            log=None if args.json else print,
-        )
-    except GradientMaskingError as e:
-        print(f"dkl: gradient masking: {e}", file=sys.stderr)
-        return 3
-    except (ConfigError, FileNotFoundError, ValueError, ImportError) as e:
-        print(f"dkl: error: {e}", file=sys.stderr)
-        return 2
+    res = evaluate_run(
+        args.target,
+        n_examples=args.n_examples,
+        version=args.version,
+        eps=args.eps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        backend=args.backend,
+        sanity=args.sanity,
+        overrides=args.overrides,
+        log=None if args.json else print,
+    )
     if args.json:
         print(json.dumps(res, indent=2))
     else:
@@ -209,6 +231,7 @@ def _run_robust(args: argparse.Namespace) -> int:
 #: name -> (help, add_arguments, run)
 _COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train a model from a preset or YAML file", _train_args, _run_train),
+    "show": ("print a config with every key resolved (YAML)", _show_args, _run_show),
     "eval": ("evaluate a run folder or checkpoint", _eval_args, _run_eval),
     "robust": ("clean / PGD-20 / AutoAttack accuracy of a run", _robust_args, _run_robust),
     "demo": ("run a demo end to end (digits, minutes on a CPU)", _demo_args, _run_demo),
@@ -216,22 +239,96 @@ _COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 }
 
 
+def _subparser(name: str, parent=None) -> argparse.ArgumentParser:
+    help, add, run = _COMMANDS[name]
+    kw = {"description": help, "epilog": _KEYS_EPILOG}
+    if parent is not None:
+        p = parent.add_parser(name, help=help, **kw)
+    else:
+        p = argparse.ArgumentParser(prog=f"dkl {name}", **kw)
+    add(p)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    p.set_defaults(_run=run)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dkl", description="Decoupled / Improved KL losses: training recipes."
+        prog="dkl",
+        description="Decoupled / Improved KL losses: training recipes.",
+        epilog=_KEYS_EPILOG,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help, add, run) in _COMMANDS.items():
-        p = sub.add_parser(name, help=help, description=help)
-        add(p)
-        p.set_defaults(_run=run)
+    for name in _COMMANDS:
+        _subparser(name, sub)
     return parser
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Options may come anywhere: ``dkl train cfg --resume a=1`` = ``dkl train cfg a=1 --resume``."""
+    if argv and argv[0] in _COMMANDS:
+        return _subparser(argv[0]).parse_intermixed_args(argv[1:])
+    return build_parser().parse_args(argv)  # --help, or an unknown command: argparse says so
+
+
+def _user_error(e: BaseException) -> tuple[int, str] | None:
+    """``(exit code, one line)`` for an error a user can cause; ``None`` for a programming error."""
+    from dkl.config import ConfigError
+
+    if isinstance(e, KeyboardInterrupt):
+        return 130, "interrupted"
+    if isinstance(e, ConfigError):
+        return 2, str(e)
+    if isinstance(e, ImportError):
+        missing = e.name or ""
+        if missing.split(".")[0] == "dkl":
+            return None
+        return 2, f"{e} (an optional dependency: see the README's extras, pip install 'dkl[...]')"
+    if isinstance(e, OSError):
+        if isinstance(e, (FileNotFoundError, FileExistsError)) and not e.filename:
+            return 2, str(e)
+        reason = e.strerror or str(e)
+        where = f": '{e.filename}'" if e.filename else ""
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        hint = (
+            "; free some space and run again with --resume"
+            if full and "resume" not in reason
+            else ""
+        )
+        return (1 if full else 2), f"{reason}{where}{hint}"
+    import torch  # noqa: F401  (the classes below live in torch-importing modules)
+
+    from dkl.robust import GradientMaskingError
+    from dkl.train import Interrupted, NonFiniteLossError
+
+    if isinstance(e, Interrupted):
+        return 128 + int(e.signum), str(e)
+    if isinstance(e, NonFiniteLossError):
+        return 1, str(e)
+    if isinstance(e, GradientMaskingError):
+        return 3, f"gradient masking: {e}"
+    if isinstance(e, ValueError):  # our checks of data, checkpoints and arguments
+        return 2, str(e)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return int(args._run(args) or 0)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse(argv)
+    debug = args.debug or os.environ.get("DKL_DEBUG", "") not in ("", "0")
+    try:
+        return int(args._run(args) or 0)
+    except (Exception, KeyboardInterrupt) as e:
+        if debug:
+            raise
+        handled = _user_error(e)
+        if handled is None:
+            raise
+        code, msg = handled
+        msg = " ".join(msg.split())  # one line, whatever the message
+        prefix = "dkl: " if code >= 128 else "dkl: error: "
+        print(f"{prefix}{msg}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":  # pragma: no cover

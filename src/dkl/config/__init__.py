@@ -13,6 +13,8 @@ from dkl.config.loader import (
     known_recipes,
     list_presets,
     load_config,
+    preset_description,
+    preset_for_run,
     register_recipe_config,
     save_config,
 )
@@ -59,6 +61,8 @@ __all__ = [
     "known_recipes",
     "list_presets",
     "load_config",
+    "preset_description",
+    "preset_for_run",
     "register_recipe_config",
     "save_config",
 ]

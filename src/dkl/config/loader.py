@@ -26,6 +26,7 @@ dkl.config.schema.ConfigError: unknown key 'train.epochz' (known: amp, determini
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -49,6 +50,8 @@ __all__ = [
     "known_recipes",
     "list_presets",
     "load_config",
+    "preset_description",
+    "preset_for_run",
     "register_recipe_config",
     "save_config",
 ]
@@ -219,13 +222,42 @@ def config_from_dict(data: dict) -> Config:
     extra = {} if recipe in BUILTIN_SECTIONS or own is None else {recipe: top.pop(recipe)}
     cfg = Config(**top, sections=extra)
     t = cfg.train
-    if t.iterations < 0 or t.epochs < 0:
-        raise ConfigError("train.epochs / train.iterations: must be >= 0")
+    if t.iterations < 0:
+        raise ConfigError(f"train.iterations: must be >= 0 (0 = epoch-based), got {t.iterations}")
+    if t.iterations == 0 and t.epochs < 1:
+        raise ConfigError(
+            f"train.epochs: must be >= 1 (or set train.iterations > 0), got {t.epochs}"
+        )
     if t.iterations > 0 and t.eval_every <= 0:
         cfg.train.eval_every = t.iterations
-    if cfg.data.batch_size <= 0:
-        raise ConfigError(f"data.batch_size: must be > 0, got {cfg.data.batch_size}")
+    _check_numbers(cfg)
     return cfg
+
+
+def _check_numbers(cfg: Config) -> None:
+    """Values no run can use: caught here, with the key, not as a NaN or a crash mid-run."""
+    o, d, t = cfg.optim, cfg.data, cfg.train
+    checks = [
+        ("data.batch_size", d.batch_size, d.batch_size > 0, "> 0"),
+        ("data.eval_batch_size", d.eval_batch_size, d.eval_batch_size > 0, "> 0"),
+        ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
+        ("optim.lr", o.lr, math.isfinite(o.lr) and o.lr > 0, "a finite number > 0"),
+        (
+            "optim.weight_decay",
+            o.weight_decay,
+            math.isfinite(o.weight_decay) and o.weight_decay >= 0,
+            "a finite number >= 0",
+        ),
+        ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
+        ("train.grad_clip", t.grad_clip, t.grad_clip >= 0, ">= 0 (0 = off)"),
+        ("train.save_every", t.save_every, t.save_every >= 0, ">= 0 (0 = only at the end)"),
+        ("train.eval_every", t.eval_every, t.eval_every >= 0, ">= 0"),
+        ("train.max_steps_per_epoch", t.max_steps_per_epoch, t.max_steps_per_epoch >= 0, ">= 0"),
+        ("train.divergence_factor", t.divergence_factor, t.divergence_factor >= 0, ">= 0"),
+    ]
+    for key, value, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{key}: must be {expected}, got {value!r}")
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -257,6 +289,31 @@ def list_presets(group: str = "", fragments: bool = False) -> list[str]:
     root = PRESET_DIR / group if group else PRESET_DIR
     paths = (p for p in root.rglob("*.yaml") if fragments or not p.name.startswith("_"))
     return sorted(str(p.relative_to(PRESET_DIR).with_suffix("")) for p in paths)
+
+
+def preset_description(name: str) -> str:
+    """The first comment line of a bundled preset (what ``dkl list`` shows beside its name)."""
+    for line in _resolve_preset(name).read_text().splitlines():
+        line = line.strip()
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+        if line:
+            break
+    return ""
+
+
+def preset_for_run(run_name: str) -> str | None:
+    """The bundled preset whose run is called ``run_name`` (``digits_teacher`` ->
+    ``kd/digits_teacher``), or ``None``: what to train when a run's files are missing."""
+    names = list_presets()
+    for n in names:
+        if n.rsplit("/", 1)[-1] == run_name:
+            return n
+    for n in names:
+        data = yaml.safe_load(_resolve_preset(n).read_text()) or {}
+        if isinstance(data, dict) and data.get("name") == run_name:
+            return n
+    return None
 
 
 def _resolve_preset(ref: str, relative_to: Path | None = None) -> Path:

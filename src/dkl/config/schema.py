@@ -107,6 +107,8 @@ class TrainConfig:
     max_steps_per_epoch: int = 0  # > 0: cut every epoch short (smoke tests)
     plot: bool = True
     overwrite: bool = False  # allow a new run to replace runs/<name>/ (otherwise: --resume)
+    # stop when a step's loss exceeds this many times the median of the last 50 (0 = off)
+    divergence_factor: float = 1.0e4
 
 
 @dataclass

@@ -13,11 +13,12 @@ Run a config with :func:`dkl.api.train`, which picks the recipe's task by name.
 
 from dkl.train.checkpoint import (
     CHECKPOINT_FORMAT,
+    CheckpointError,
     find_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from dkl.train.loop import Interrupted, NonFiniteLossError, Trainer
+from dkl.train.loop import DivergenceError, Interrupted, NonFiniteLossError, Trainer
 from dkl.train.metrics import evaluate_classifier
 from dkl.train.optim import build_optimizer, build_scheduler, lr_factor
 from dkl.train.outputs import plot_history
@@ -25,7 +26,9 @@ from dkl.train.task import Counters, RunContext, StepContext, Task
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "CheckpointError",
     "Counters",
+    "DivergenceError",
     "Interrupted",
     "NonFiniteLossError",
     "RunContext",

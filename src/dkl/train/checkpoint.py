@@ -15,8 +15,11 @@ A run folder holds up to three files:
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +28,12 @@ import torch
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "config_changes",
     "diff_config",
     "find_checkpoint",
     "load_checkpoint",
+    "remove_stale_temporaries",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
@@ -44,26 +50,84 @@ CHECKPOINT_FORMAT = "dkl-checkpoint-2"
 RUN_FILES = ("final.pt", "last.pt", "best.pt")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable, truncated, of another kind or model."""
+
+
+def _tmp_name(path: Path, pid: int | str) -> Path:
+    return path.with_name(f".{path.name}.tmp{pid}")
+
+
 def save_checkpoint(obj: dict, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``.
 
-    A crash at any moment leaves either the old file or the new one, never a torn file.
+    A crash at any moment leaves either the old file or the new one, never a torn file. A write
+    that fails (a full disk) removes its temporary file and raises ``OSError`` saying so; the
+    previous ``path`` is untouched.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = _tmp_name(path, os.getpid())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            reason = os.strerror(e.errno) if e.errno else str(e)
+            hint = (
+                " (free some space and resume)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            )
+            kept = f"; the previous '{path.name}' is intact" if path.exists() else ""
+            raise OSError(
+                e.errno, f"could not write checkpoint '{path}': {reason}{kept}{hint}"
+            ) from e
+        raise
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that were killed (``.last.pt.tmp<pid>``).
+
+    A run calls this when it starts, before it writes anything; only one run uses a folder.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.glob(".*.pt.tmp*") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True`` (a file from elsewhere cannot run code)."""
+    """Load a checkpoint with ``weights_only=True`` (a file from elsewhere cannot run code).
+
+    Raises ``FileNotFoundError`` for a missing file and :class:`CheckpointError` (one line) for a
+    file that is empty, truncated, not a torch file, or holds anything but tensors and plain
+    containers.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint '{path}' is empty (0 bytes): an interrupted copy?")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "unsupported global" in str(e).lower():
+            why = "it holds objects other than tensors and plain containers (refused unread)"
+        else:
+            why = "it is not a torch checkpoint (unreadable pickle)"
+        raise CheckpointError(f"cannot load '{path}': {why}") from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as e:
+        if isinstance(e, OSError) and not isinstance(e, zipfile.BadZipFile) and e.errno:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot load '{path}': truncated or not a torch checkpoint ({first[:120]})"
+        ) from None
 
 
 def find_checkpoint(target: str | Path) -> Path:
@@ -141,13 +205,18 @@ def tree_cpu(a: Any) -> Any:
     return a.detach().cpu().clone() if torch.is_tensor(a) else a
 
 
-def diff_config(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """``key (old -> new)`` for every leaf where two nested config dicts differ."""
-    out = []
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every leaf where two config dicts differ."""
+    out: list[tuple[str, Any, Any]] = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += diff_config(a, b, f"{prefix}{k}.")
+            out += config_changes(a, b, f"{prefix}{k}.")
         elif a != b:
-            out.append(f"{prefix}{k} ({a!r} -> {b!r})")
+            out.append((f"{prefix}{k}", a, b))
     return out
+
+
+def diff_config(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key (old -> new)`` for every leaf where two nested config dicts differ."""
+    return [f"{k} ({a!r} -> {b!r})" for k, a, b in config_changes(old, new, prefix)]

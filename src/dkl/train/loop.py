@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import math
 import signal
+import statistics
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from dkl.train.outputs import RunWriter, format_record, format_time, plot_histor
 from dkl.train.state import TrainingState
 from dkl.train.task import RunContext, StepContext, Task
 
-__all__ = ["Interrupted", "NonFiniteLossError", "Trainer"]
+__all__ = ["DivergenceError", "Interrupted", "NonFiniteLossError", "Trainer"]
 
 
 class Interrupted(RuntimeError):
@@ -46,6 +48,18 @@ class Interrupted(RuntimeError):
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf: the run stops rather than train on garbage."""
+
+
+class DivergenceError(NonFiniteLossError):
+    """The run diverged: a non-finite loss, parameter or buffer, or a loss that exploded.
+
+    Raised before anything of the diverged state is written: ``last.pt`` keeps the last finite
+    training state.
+    """
+
+
+#: steps of training loss the explosion check and the learning check look back on
+_LOSS_WINDOW = 50
 
 
 class Trainer(TrainingState):
@@ -100,14 +114,21 @@ class Trainer(TrainingState):
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self._stop_signal: int | None = None
         self._writer: RunWriter | None = None
+        self._steps_per_epoch = 0
+        self._recent_losses: deque[float] = deque(maxlen=_LOSS_WINDOW)
+        self._first_losses: list[float] = []  # the run's first steps (the learning check)
         # Models are built: from here on each rank draws its own random numbers (dropout, drop
         # path, attack starts), or every rank would repeat rank 0's draws on its own shard.
         if self.world > 1:
             D.seed_all(D.rank_seed(cfg.seed, self.rank))
 
     # ---------------------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> dict:
-        """Train to the end (or until a signal); return the summary dict (rank 0 writes it)."""
+    def fit(self, resume: bool = False, new_epoch: bool = False) -> dict:
+        """Train to the end (or until a signal); return the summary dict (rank 0 writes it).
+
+        ``resume`` continues ``last.pt``; settings that change what the run is (see
+        :meth:`_resume`) are refused unless ``new_epoch``, which applies them from the next epoch.
+        """
         cfg, t = self.cfg, self.cfg.train
         spe = self.task.steps_per_epoch()
         if t.max_steps_per_epoch > 0:
@@ -116,11 +137,15 @@ class Trainer(TrainingState):
             raise ConfigError(
                 f"data.batch_size: {cfg.data.batch_size} leaves no full batch per epoch"
             )
+        self._steps_per_epoch = spe
         self.scheduler = self.task.build_scheduler(self.optimizer, spe)
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         last = cfg.run_dir / "last.pt"
+        if self.rank == 0:
+            for p in ckpt.remove_stale_temporaries(cfg.run_dir):
+                self.log(f"removed {p}, left by an interrupted checkpoint write")
         if resume:
-            self._resume(last)
+            self._resume(last, new_epoch=new_epoch)
         elif last.exists() and not t.overwrite:
             raise FileExistsError(
                 f"'{cfg.run_dir}' already holds a run; pass --resume to continue it, or choose "
@@ -216,14 +241,7 @@ class Trainer(TrainingState):
             out = self.task.train_step(batch, ctx)
         loss = out["loss"]
         loss_value = float(loss.detach())
-        if D.any_rank(not math.isfinite(loss_value)):
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss_value}) at epoch {self.epoch}, step {self.step_in_epoch} "
-                f"(global step {self.global_step}) of run '{self.cfg.name}'; stopped without "
-                f"updating. Lower optim.lr or the loss weights (IKL's wMSE acts on raw logits, "
-                f"so its beta must shrink as their spread grows), or use amp=bf16 instead of "
-                f"fp16. Last good checkpoint: {self.cfg.run_dir / 'last.pt'}"
-            )
+        self._check_loss(loss_value)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.train.grad_clip > 0:
@@ -240,6 +258,86 @@ class Trainer(TrainingState):
         self.samples_seen += (labels.numel() if labels is not None else 0) * self.world
         self.step_in_epoch += 1
         self.global_step += 1
+
+    # divergence and learning checks -------------------------------------------------------
+    def _check_loss(self, value: float) -> None:
+        """Stop on a non-finite loss, or one far above the median of the recent steps."""
+        factor = self.cfg.train.divergence_factor
+        recent = self._recent_losses
+        bad = None
+        if not math.isfinite(value):
+            bad = f"the training loss is {value}"
+        elif factor > 0 and len(recent) >= 10:
+            median = statistics.median(recent)
+            if median > 0 and value > factor * median:
+                bad = (
+                    f"the training loss exploded to {value:.4g}, {value / median:.3g}x the median "
+                    f"{median:.4g} of the last {len(recent)} steps"
+                )
+        if D.any_rank(bad is not None):
+            self._diverged(bad or "another rank's training loss diverged")
+        recent.append(value)
+        if self.global_step == len(self._first_losses) and len(self._first_losses) < 10:
+            self._first_losses.append(value)
+
+    def _nonfinite_state(self) -> str | None:
+        """The first parameter or buffer of the trained (or evaluated) model that is NaN or inf."""
+        models = {"model": self.raw_model, "evaluated model": self.task.eval_model()}
+        for label, model in models.items():
+            for kind, named in (
+                ("parameter", model.named_parameters),
+                ("buffer", model.named_buffers),
+            ):
+                for name, t in named():
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        return f"{label} {kind} '{name}' holds NaN or inf"
+        return None
+
+    def _diverged(self, what: str) -> None:
+        cfg = self.cfg
+        hint = f"lower optim.lr (now {cfg.optim.lr:g})"
+        beta = getattr(cfg.section, "beta", None)
+        if getattr(cfg.section, "method", "") in ("ikl", "dkl", "gkl") and beta:
+            hint += (
+                f" or the loss weights: IKL's wMSE acts on raw logits, so a smaller "
+                f"{cfg.recipe}.beta (now {beta:g}) often fixes it"
+            )
+        if cfg.train.amp == "fp16":
+            hint += "; or use train.amp=bf16"
+        last = cfg.run_dir / "last.pt"
+        kept = (
+            f"; last finite checkpoint: {last}" if self.rank == 0 and last.is_file() else
+            "; no checkpoint was written"
+        )  # fmt: skip
+        raise DivergenceError(
+            f"run '{cfg.name}' diverged at epoch {self.epoch}, step {self.step_in_epoch} (global "
+            f"step {self.global_step}): {what}; stopped before saving it. Try: {hint}{kept}"
+        )
+
+    def _learning_check(self, record: dict) -> None:
+        """Warn once, at the first evaluation, when the first epoch's loss did not go down."""
+        first, recent = self._first_losses, list(self._recent_losses)
+        n = min(len(first), len(recent) // 2, 10)
+        if len(self.history) != 1 or n < 2:
+            return
+        start, end = statistics.fmean(first[:n]), statistics.fmean(recent[-n:])
+        acc = record.get("train_acc")
+        chance = 100.0 / self.ctx.info.num_classes
+        if end < 0.97 * start or (acc is not None and acc > 1.5 * chance):
+            return
+        cfg = self.cfg
+        causes = [
+            f"optim.lr (now {cfg.optim.lr:g}) too high or too low",
+            "inputs on the wrong scale (data.mean / data.std, model.normalize)",
+        ]
+        if getattr(cfg.section, "method", "") in ("ikl", "dkl", "gkl"):
+            causes.append(f"a too-large {cfg.recipe}.beta (IKL's wMSE acts on raw logits)")
+        accuracy = f", train top-1 {acc:.1f}% (chance {chance:.1f}%)" if acc is not None else ""
+        self.log(
+            f"warning: the training loss has not gone down in the first {len(self.history)} "
+            f"evaluation period ({start:.4g} at the start, {end:.4g} now{accuracy}). Likely "
+            f"causes: {'; '.join(causes)}. The run continues."
+        )
 
     def _bar_stats(self, t_start: float, total: int) -> dict:
         post = {"loss": f"{self.running.mean_loss():.4f}"}
@@ -263,8 +361,15 @@ class Trainer(TrainingState):
         record.update(self.evaluate())
         record.update({k: float(v) if torch.is_tensor(v) else v for k, v in (extra or {}).items()})
         record["time"] = round(time.time() - t_start, 3)
+        bad = None
+        if not math.isfinite(float(record.get("test_loss", 0.0))):
+            bad = f"the test loss is {record['test_loss']}"
+        bad = bad or self._nonfinite_state()
+        if D.any_rank(bad is not None):
+            self._diverged(bad or "another rank's model diverged")
         self.running.reset()
         self.history.append(record)
+        self._learning_check(record)
         improved = not self.best or record["top1"] > self.best["top1"]
         if improved:
             self.best = {k: record[k] for k in ("top1", "top5", "epoch", "step")}

@@ -11,12 +11,61 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from dkl.config import config_to_dict
+import torch
+
+from dkl.config import ConfigError, config_to_dict
 from dkl.models import unwrap_normalization
 from dkl.train import checkpoint as ckpt
 from dkl.train import distributed as D
 
-__all__ = ["TrainingState"]
+__all__ = ["TrainingState", "load_model_state"]
+
+#: settings a resumed run takes over from the new config as they are: the optimiser's hyper-
+#: parameters and the schedule are re-applied at the restored position; the rest is bookkeeping
+SAFE_TO_CHANGE = (
+    "name", "description", "train.epochs", "train.iterations", "train.eval_every",
+    "train.device", "train.threads", "train.deterministic", "train.out_dir", "train.overwrite",
+    "train.save_every", "train.keep_best", "train.progress", "train.tensorboard",
+    "train.log_every", "train.plot", "train.grad_clip", "train.divergence_factor",
+    "optim.lr", "optim.weight_decay", "optim.momentum", "optim.nesterov", "optim.betas", "sched.",
+    "data.root", "data.download", "data.eval_batch_size", "data.num_workers",
+)  # fmt: skip
+#: settings with which the checkpoint cannot be continued at all
+NEVER_CHANGE = ("recipe", "model.name", "model.kwargs", "model.normalize")
+#: safe at an epoch boundary (the schedule is re-counted in the new epoch length), not mid-epoch
+EPOCH_LENGTH = ("data.batch_size", "train.max_steps_per_epoch", "data.drop_last")
+#: optimiser hyper-parameters taken from the new config on resume
+_OPTIM_KEYS = ("lr", "weight_decay", "momentum", "nesterov", "betas", "dampening", "eps")
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(key == p.rstrip(".") or key.startswith(p.rstrip(".") + ".") for p in patterns)
+
+
+def load_model_state(model: torch.nn.Module, saved: dict, source: str = "the checkpoint") -> None:
+    """``model.load_state_dict(saved)``, with a one-line :class:`CheckpointError` when ``saved``
+    belongs to another architecture or width (what is missing, unexpected or reshaped)."""
+    try:
+        model.load_state_dict(saved)
+    except RuntimeError:
+        raise ckpt.CheckpointError(
+            f"{source} holds the weights of another model than this {type(model).__name__} "
+            f"({_model_mismatch(model.state_dict(), saved)}); was model.name or model.kwargs "
+            f"changed?"
+        ) from None
+
+
+def _model_mismatch(own: dict, saved: dict) -> str:
+    missing = [k for k in own if k not in saved and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in saved if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in saved and hasattr(saved[k], "shape") and saved[k].shape != own[k].shape
+    ]
+    parts = [f"{len(missing)} missing", f"{len(unexpected)} unexpected", f"{len(shapes)} reshaped"]
+    example = shapes[:1] or missing[:1] or unexpected[:1]
+    return ", ".join(parts) + (f" (e.g. {example[0]})" if example else "")
 
 
 class TrainingState:
@@ -67,7 +116,7 @@ class TrainingState:
                 f"not a dkl training checkpoint of this version (format {state.get('format')!r}, "
                 f"expected {ckpt.CHECKPOINT_FORMAT!r}); use model.checkpoint= for plain weights"
             )
-        unwrap_normalization(self.raw_model).load_state_dict(state["model"])
+        load_model_state(unwrap_normalization(self.raw_model), state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -102,18 +151,107 @@ class TrainingState:
         self.running.load_state_dict(mine["running"])
         self.task.load_rank_state(mine["recipe"])
 
-    def _resume(self, last: Path) -> None:
+    def _resume(self, last: Path, new_epoch: bool = False) -> None:
+        """Continue from ``last``: exactly, or with the changed settings that can be applied.
+
+        Settings in ``SAFE_TO_CHANGE`` (epochs, lr, weight decay, the schedule, logging, paths)
+        are applied at the restored position and logged. Anything else that changed would make the
+        run something else: it stops with a :class:`ConfigError` naming the key and both values,
+        unless ``new_epoch`` is set, which applies the changes from the start of the next epoch.
+        A changed epoch length (batch size) is fine at an epoch boundary.
+        """
         if not last.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at '{last}'")
-        state = ckpt.load_checkpoint(last, map_location=self.device)
-        changed = ckpt.diff_config(state.get("config", {}), config_to_dict(self.cfg))
-        if changed:
-            self.log("resume: the config differs from the checkpoint's in " + ", ".join(changed))
+            raise FileNotFoundError(
+                f"--resume: no checkpoint at '{last}' (start the run without --resume, or check "
+                f"name= / --out)"
+            )
+        try:
+            state = ckpt.load_checkpoint(last, map_location=self.device)
+        except ckpt.CheckpointError as e:
+            raise ckpt.CheckpointError(f"--resume: {e}; remove it to start over") from None
+        if not isinstance(state, dict) or "engine" not in state:
+            raise ckpt.CheckpointError(
+                f"--resume: '{last}' is not a training state (a best.pt/final.pt copy holds "
+                f"only weights); use model.checkpoint= to start a new run from those weights"
+            )
+        changes = ckpt.config_changes(state.get("config") or {}, config_to_dict(self.cfg))
+        fixed = [c for c in changes if _matches(c[0], NEVER_CHANGE)]
+        if fixed:
+            k, a, b = fixed[0]
+            raise ConfigError(
+                f"--resume: {k} differs from the checkpoint's ({a!r} in '{last}', {b!r} now); a "
+                f"checkpoint continues only with its own {k}: start a new run (another name= "
+                f"or --out)"
+            )
+        mid_epoch = state["engine"]["step_in_epoch"] > 0
+        other = [
+            c
+            for c in changes
+            if not _matches(c[0], SAFE_TO_CHANGE)
+            and not (_matches(c[0], EPOCH_LENGTH) and not mid_epoch)
+        ]
+        if other and not new_epoch:
+            k, a, b = other[0]
+            where = "mid-epoch " if _matches(k, EPOCH_LENGTH) else ""
+            more = f" (and {len(other) - 1} more)" if len(other) > 1 else ""
+            raise ConfigError(
+                f"--resume: {k} changed {where}({a!r} -> {b!r}){more}; that makes it another run. "
+                f"Restore it, start a new run (another name= or --out), or add --new-epoch to "
+                f"continue from the next epoch with the new settings"
+            )
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.load_state_dict(state)
+        for k, a, b in changes:
+            self.log(f"resume: {k} changed ({a!r} -> {b!r}): applied")
+        if other and self.step_in_epoch > 0:
+            self.log(
+                f"resume: --new-epoch: the rest of epoch {self.epoch} is skipped; "
+                f"epoch {self.epoch + 1} starts with the new settings"
+            )
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        recount = any(_matches(k, EPOCH_LENGTH) for k, _, _ in changes)
+        self._apply_optimizer_settings(fresh, recount=recount)
         self.log(
             f"resumed {last} at epoch {self.epoch}, step {self.step_in_epoch} "
             f"(global step {self.global_step})"
         )
+
+    def _apply_optimizer_settings(self, fresh: list[dict], recount: bool = False) -> None:
+        """The new config's optimiser hyper-parameters and schedule, at the restored position.
+
+        ``fresh`` holds the param groups of the optimiser built from the new config (``lr`` there
+        is the schedule's start, ``initial_lr`` the base). With ``recount`` (the epoch length
+        changed) an epoch run's schedule position is re-counted in the new length; then every
+        group's lr is recomputed from it: ``initial_lr`` times the schedule's factor.
+        """
+        groups, sched = self.optimizer.param_groups, self.scheduler
+        if len(fresh) != len(groups):
+            raise ckpt.CheckpointError(
+                f"--resume: the checkpoint's optimiser has {len(groups)} parameter group(s), "
+                f"this run builds {len(fresh)}; was the model or recipe changed?"
+            )
+        old_base = [g.get("initial_lr", g["lr"]) for g in groups]
+        for g, f in zip(groups, fresh, strict=True):
+            for k in _OPTIM_KEYS:
+                if k in f:
+                    g[k] = f[k]
+            g["initial_lr"] = f.get("initial_lr", f["lr"])
+        if recount and self.cfg.train.iterations <= 0 and self.step_in_epoch == 0:
+            sched.last_epoch = self.global_step = self._position_of_epoch_start()
+        if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+            sched.base_lrs = [g["initial_lr"] for g in groups]
+            for g, base, fn in zip(groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+                g["lr"] = base * fn(sched.last_epoch)
+        else:  # another scheduler: keep its shape, rescale it to the new base lr
+            if hasattr(sched, "base_lrs"):
+                sched.base_lrs = [g["initial_lr"] for g in groups]
+            for g, old in zip(groups, old_base, strict=True):
+                g["lr"] *= g["initial_lr"] / old if old else 1.0
+        self.last_lr = groups[0]["lr"]
+
+    def _position_of_epoch_start(self) -> int:
+        """Optimiser steps before epoch ``self.epoch`` in this run's epoch length."""
+        return (self.epoch - 1) * self._steps_per_epoch
 
     def _export(self) -> dict:
         """What ``best.pt`` / ``final.pt`` hold: the evaluated model's bare weights."""

@@ -1,0 +1,467 @@
+"""Nothing silently wrong: every bad input or fault ends in a correct result or one line + exit.
+
+Each case goes through the command line (``dkl.cli.main``, in process) or the API and checks the
+message, the exit code and that nothing on disk was lost. The losses' own edge cases (``-inf``
+targets, empty batches, bad weights) are in ``test_loss_edge_cases.py``.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dkl.api import make_trainer, train
+from dkl.cli import main
+from dkl.config import ConfigError, load_config
+from dkl.train import CheckpointError, DivergenceError, Interrupted, load_checkpoint
+from dkl.train import checkpoint as ckpt
+from dkl.train.state import load_model_state
+
+QUIET = ["train.progress=false", "train.plot=false", "train.threads=1"]
+# a 16-unit MLP on digits, 5 steps an epoch: a run takes about a second
+TINY = {
+    "recipe": "distill",
+    "name": "tiny",
+    "data": {"name": "digits", "batch_size": 64},
+    "model": {"name": "mlp", "kwargs": {"hidden": [16]}},
+    "optim": {"name": "sgd", "lr": 0.1},
+    "sched": {"name": "cosine"},
+    "train": {"epochs": 2, "max_steps_per_epoch": 5, "deterministic": True},
+    "distill": {"method": "ce"},
+}
+
+
+@pytest.fixture
+def cfg_file(tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+def _cfg(path: Path, *overrides: str):
+    return load_config(path, [f"train.out_dir={path.parent / 'runs'}", *QUIET, *overrides])
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("dkl:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _interrupt_after(trainer, steps: int) -> None:
+    """Make ``trainer`` behave as if SIGTERM came after ``steps`` optimiser steps."""
+    step = trainer._step
+
+    def stepping(*a):
+        step(*a)
+        if trainer.global_step == steps:
+            trainer._stop_signal = signal.SIGTERM
+
+    trainer._step = stepping
+
+
+def _cut_mid_epoch(path: Path, steps: int = 7, *overrides: str) -> Path:
+    """A run interrupted mid-epoch 2 (5 steps an epoch); returns its folder."""
+    cfg = _cfg(path, *overrides)
+    trainer = make_trainer(cfg, log=lambda m: None)
+    _interrupt_after(trainer, steps)
+    with pytest.raises(Interrupted):
+        trainer.fit()
+    return cfg.run_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Resume is exact or refuses
+# --------------------------------------------------------------------------------------------
+
+
+def test_resume_applies_a_new_lr_and_weight_decay(cfg_file):
+    train(_cfg(cfg_file, "train.epochs=1"), log=lambda m: None)
+    cfg = _cfg(cfg_file, "train.epochs=2", "optim.lr=0.5", "optim.weight_decay=0.01")
+    logs: list[str] = []
+    trainer = make_trainer(cfg, log=logs.append)
+    trainer.fit(resume=True)
+    # epoch 2 of 2 under the cosine schedule (lr changes at epoch boundaries): factor
+    # 0.5 * (1 + cos(pi * 1 / 2)) = 0.5 of the NEW base lr
+    assert trainer.history[-1]["lr"] == pytest.approx(0.25)
+    g = trainer.optimizer.param_groups[0]
+    assert g["initial_lr"] == 0.5 and g["weight_decay"] == 0.01
+    assert any("optim.lr changed (0.1 -> 0.5): applied" in m for m in logs)
+
+
+def test_resume_with_more_epochs_follows_the_longer_schedule(cfg_file):
+    train(_cfg(cfg_file, "train.epochs=1"), log=lambda m: None)
+    trainer = make_trainer(_cfg(cfg_file, "train.epochs=4"), log=lambda m: None)
+    trainer.fit(resume=True)
+    lrs = [r["lr"] for r in trainer.history]
+    # epoch e (from 1) of 4: 0.1 * 0.5 * (1 + cos(pi * (e - 1) / 4))
+    expected = [0.1 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_resume_mid_epoch_with_another_batch_size_refuses(cfg_file, capsys):
+    run = _cut_mid_epoch(cfg_file)
+    before = (run / "last.pt").read_bytes()
+    out = cfg_file.parent / "runs"
+    code, err = _cli(
+        capsys, "train", cfg_file, "data.batch_size=32", "--resume", "--out", out, *QUIET
+    )
+    line = _one_error_line(err)
+    assert code == 2
+    assert "data.batch_size changed mid-epoch (64 -> 32)" in line and "--new-epoch" in line
+    assert (run / "last.pt").read_bytes() == before  # nothing on disk changed
+
+
+def test_resume_new_epoch_starts_the_next_epoch_with_the_new_batch_size(cfg_file):
+    run = _cut_mid_epoch(cfg_file)  # epoch 2, step 2 of 5
+    cfg = _cfg(cfg_file, "data.batch_size=32", "train.epochs=3")
+    logs: list[str] = []
+    trainer = make_trainer(cfg, log=logs.append)
+    trainer.fit(resume=True, new_epoch=True)
+    assert any("the rest of epoch 2 is skipped" in m for m in logs)
+    assert [r["epoch"] for r in trainer.history] == [1, 3]
+    # epoch 3 of 3, position re-counted in the new epoch length: factor 0.5 (1 + cos(2 pi / 3))
+    assert trainer.history[-1]["lr"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(2 * math.pi / 3)))
+    assert load_checkpoint(run / "last.pt")["config"]["data"]["batch_size"] == 32
+
+
+def test_resume_at_an_epoch_boundary_accepts_a_new_batch_size(cfg_file):
+    train(_cfg(cfg_file, "train.epochs=1"), log=lambda m: None)
+    trainer = make_trainer(_cfg(cfg_file, "data.batch_size=32"), log=lambda m: None)
+    trainer.fit(resume=True)
+    assert trainer.history[-1]["epoch"] == 2
+    assert trainer.scheduler.last_epoch == 2 * 5  # 5 steps an epoch in either length
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "values"),
+    [
+        ("seed=3", "seed", "(0 -> 3)"),
+        ("data.augment=false", "data.augment", "(True -> False)"),
+        ("distill.ce_weight=2", "distill.ce_weight", "(1.0 -> 2.0)"),
+    ],
+)
+def test_resume_refuses_settings_that_make_another_run(cfg_file, capsys, override, key, values):
+    train(_cfg(cfg_file, "train.epochs=1"), log=lambda m: None)
+    out = cfg_file.parent / "runs"
+    code, err = _cli(capsys, "train", cfg_file, "--resume", override, "--out", out, *QUIET)
+    line = _one_error_line(err)
+    assert code == 2 and f"{key} changed {values}" in line
+
+
+def test_resume_refuses_another_model_even_with_new_epoch(cfg_file, capsys):
+    train(_cfg(cfg_file, "train.epochs=1"), log=lambda m: None)
+    out = cfg_file.parent / "runs"
+    code, err = _cli(
+        capsys, "train", cfg_file, "model.kwargs.hidden=[32]", "--resume", "--new-epoch",
+        "--out", out, *QUIET,
+    )  # fmt: skip
+    line = _one_error_line(err)
+    assert code == 2 and "model.kwargs" in line and "[16]" in line and "[32]" in line
+
+
+def test_new_epoch_needs_resume(cfg_file, capsys):
+    code, err = _cli(capsys, "train", cfg_file, "--new-epoch")
+    assert code == 2 and "--new-epoch goes with --resume" in _one_error_line(err)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("damage", "expect"),
+    [
+        (lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
+        (lambda p: p.write_bytes(p.read_bytes()[:500]), "truncated or not a torch checkpoint"),
+        (lambda p: p.write_bytes(os.urandom(4096)), "not a torch checkpoint"),
+        (lambda p: p.write_bytes((p.parent / "best.pt").read_bytes()), "not a training state"),
+    ],
+    ids=["zero-bytes", "truncated", "random-bytes", "best-copied-to-last"],
+)
+def test_resume_from_a_damaged_checkpoint_is_one_line(cfg_file, capsys, damage, expect):
+    train(_cfg(cfg_file, "train.epochs=1"), log=lambda m: None)
+    damage(cfg_file.parent / "runs" / "tiny" / "last.pt")
+    out = cfg_file.parent / "runs"
+    code, err = _cli(capsys, "train", cfg_file, "--resume", "--out", out, *QUIET)
+    assert code == 2 and expect in _one_error_line(err)
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"x": Boom()}, path)
+    with pytest.raises(CheckpointError, match="refused unread"):
+        load_checkpoint(path)
+
+
+def test_weights_of_another_width_name_what_differs():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    other = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    with pytest.raises(CheckpointError) as e:
+        load_model_state(model, other.state_dict())
+    msg = str(e.value)
+    assert "\n" not in msg and "3 reshaped" in msg and "(32, 4) vs model (16, 4)" in msg
+
+
+def test_eval_of_random_bytes_is_one_line(tmp_path, capsys):
+    path = tmp_path / "x.pt"
+    path.write_bytes(os.urandom(1000))
+    code, err = _cli(capsys, "eval", path)
+    assert code == 2 and "not a torch checkpoint" in _one_error_line(err)
+
+
+# --------------------------------------------------------------------------------------------
+# Divergence
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_huge_lr_is_a_divergence_error_and_keeps_no_bad_checkpoint(cfg_file, capsys):
+    out = cfg_file.parent / "runs"
+    code, err = _cli(capsys, "train", cfg_file, "optim.lr=1e6", "--out", out, *QUIET)
+    line = _one_error_line(err)
+    assert code == 1
+    assert "diverged at epoch 1" in line and "lower optim.lr (now 1e+06)" in line
+    assert "no checkpoint was written" in line
+    assert not (out / "tiny" / "last.pt").exists()
+
+
+def test_divergence_after_a_good_epoch_names_the_finite_checkpoint(cfg_file):
+    train(_cfg(cfg_file, "train.epochs=1"), log=lambda m: None)
+    before = (cfg_file.parent / "runs" / "tiny" / "last.pt").read_bytes()
+    with pytest.raises(DivergenceError, match=r"epoch 2, .*last finite checkpoint: .*last\.pt"):
+        train(_cfg(cfg_file, "train.epochs=2", "optim.lr=1e6"), resume=True, log=lambda m: None)
+    after = cfg_file.parent / "runs" / "tiny" / "last.pt"
+    assert after.read_bytes() == before
+    state = load_checkpoint(after)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_an_exploding_loss_stops_before_it_is_inf(cfg_file):
+    cfg = _cfg(cfg_file, "train.max_steps_per_epoch=30")
+    trainer = make_trainer(cfg, log=lambda m: None)
+    task_step = trainer.task.train_step
+    calls = [0]
+
+    def exploding(batch, ctx):  # the real step, its loss scaled up 1e5x from step 15 on
+        out = task_step(batch, ctx)
+        calls[0] += 1
+        if calls[0] >= 15:
+            out["loss"] = out["loss"] * 1e5
+        return out
+
+    trainer.task.train_step = exploding
+    with pytest.raises(DivergenceError, match=r"exploded to .*x the median"):
+        trainer.fit()
+    assert trainer.global_step == 14  # stopped before updating with the exploded loss
+
+
+def test_non_finite_buffers_stop_the_run_at_evaluation(cfg_file):
+    cfg = _cfg(cfg_file, "model.name=digits_cnn", "model.kwargs={width: 4}")
+    trainer = make_trainer(cfg, log=lambda m: None)
+    after_step = trainer.task.after_step
+
+    def poisoning(ctx):  # as if a forward pass had overflowed a BatchNorm's statistics
+        after_step(ctx)
+        bn = next(m for m in trainer.raw_model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        bn.running_var.fill_(float("inf"))
+
+    trainer.task.after_step = poisoning
+    with pytest.raises(DivergenceError, match=r"buffer '.*running_var' holds NaN or inf"):
+        trainer.fit()
+    assert not (cfg.run_dir / "last.pt").exists()
+
+
+def test_the_learning_check_warns_when_the_loss_does_not_move(cfg_file):
+    logs: list[str] = []
+    train(_cfg(cfg_file, "train.epochs=1", "optim.lr=1e-7"), log=logs.append)
+    warning = [m for m in logs if m.startswith("warning: the training loss has not gone down")]
+    assert len(warning) == 1 and "optim.lr (now 1e-07)" in warning[0]
+    assert "chance 10.0%" in warning[0]
+
+
+def test_the_learning_check_is_quiet_when_the_model_learns(cfg_file):
+    logs: list[str] = []
+    train(_cfg(cfg_file, "train.epochs=1", "train.max_steps_per_epoch=20"), log=logs.append)
+    assert not any(m.startswith("warning:") for m in logs)
+
+
+# --------------------------------------------------------------------------------------------
+# Config values no run can use
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "expect"),
+    [
+        ("train.epochs=0", "train.epochs: must be >= 1 (or set train.iterations > 0), got 0"),
+        ("optim.lr=-0.1", "optim.lr: must be a finite number > 0, got -0.1"),
+        ("optim.lr=nan", "optim.lr: must be a finite number > 0, got nan"),
+        ("optim.weight_decay=-1", "optim.weight_decay: must be a finite number >= 0"),
+        ("optim.momentum=1.5", "optim.momentum: must be in [0, 1)"),
+        ("data.batch_size=0", "data.batch_size: must be > 0, got 0"),
+        ("train.divergence_factor=-1", "train.divergence_factor: must be >= 0"),
+        ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
+        ("model.name=no_such_net", "no_such_net"),
+        ("recipe=no_such_recipe", "no_such_recipe"),
+    ],
+)
+def test_bad_values_are_one_line(cfg_file, capsys, override, expect):
+    code, err = _cli(capsys, "train", cfg_file, override, "--out", cfg_file.parent / "r", *QUIET)
+    assert code == 2 and expect in _one_error_line(err)
+    assert not (cfg_file.parent / "r" / "tiny" / "last.pt").exists()
+
+
+def test_missing_files_are_one_line(tmp_path, capsys):
+    code, err = _cli(capsys, "train", tmp_path / "nope.yaml")
+    assert code == 2 and "no such file or preset" in _one_error_line(err)
+    code, err = _cli(capsys, "eval", tmp_path / "no_run")
+    assert code == 2 and "no such run folder or checkpoint" in _one_error_line(err)
+    code, err = _cli(capsys, "train", tmp_path / "x.yaml", "--resume")
+    assert code == 2
+
+
+def test_malformed_yaml_is_one_line(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data: {name: digits\noptim: [")
+    code, err = _cli(capsys, "show", path)
+    assert code == 2 and "invalid YAML" in _one_error_line(err)
+
+
+def test_a_missing_teacher_says_which_preset_makes_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative teacher path is looked for from where dkl runs
+    code, err = _cli(capsys, "train", "kd/digits_kd", "--out", tmp_path, *QUIET)
+    line = _one_error_line(err)
+    assert code == 2 and "dkl train kd/digits_teacher" in line
+    assert str(tmp_path) in line  # where the relative path was looked for
+
+
+# --------------------------------------------------------------------------------------------
+# Disk: full, leftovers
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_its_temporary_is_removed(
+    tmp_path, monkeypatch
+):
+    path = tmp_path / "last.pt"
+    ckpt.save_checkpoint({"a": torch.ones(2)}, path)
+
+    def full(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    with pytest.raises(OSError, match="No space left on device; the previous 'last.pt' is intact"):
+        ckpt.save_checkpoint({"a": torch.zeros(2)}, path)
+    assert torch.equal(load_checkpoint(path)["a"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_a_full_disk_during_training_is_one_line(cfg_file, capsys, monkeypatch):
+    def full(obj, f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    out = cfg_file.parent / "runs"
+    code, err = _cli(capsys, "train", cfg_file, "--out", out, *QUIET)
+    line = _one_error_line(err)
+    assert code == 1 and "could not write checkpoint" in line and "free some space" in line
+    assert not list((out / "tiny").glob(".*tmp*"))
+
+
+def test_leftover_temporaries_are_removed_on_the_next_start(cfg_file):
+    train(_cfg(cfg_file, "train.epochs=1"), log=lambda m: None)
+    run = cfg_file.parent / "runs" / "tiny"
+    (run / ".last.pt.tmp12345").write_bytes(b"half a checkpoint")
+    logs: list[str] = []
+    train(_cfg(cfg_file, "train.epochs=2"), resume=True, log=logs.append)
+    assert not (run / ".last.pt.tmp12345").exists()
+    assert any("removed" in m and ".last.pt.tmp12345" in m for m in logs)
+
+
+# --------------------------------------------------------------------------------------------
+# The command line itself
+# --------------------------------------------------------------------------------------------
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(ConfigError):
+        main(["show", str(tmp_path / "nope.yaml"), "--debug"])
+
+
+def test_programming_errors_still_surface(cfg_file, monkeypatch):
+    import dkl.api
+
+    def broken(*a, **k):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(dkl.api, "train", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        main(["train", str(cfg_file)])
+
+
+def test_keyboard_interrupt_is_exit_130(cfg_file, capsys, monkeypatch):
+    import dkl.api
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dkl.api, "train", interrupted)
+    code, err = _cli(capsys, "train", cfg_file)
+    assert code == 130 and _one_error_line(err) == "dkl: interrupted"
+
+
+def test_flags_go_anywhere(cfg_file, capsys):
+    out = cfg_file.parent / "x"
+    assert _cli(capsys, "train", cfg_file, "--out", out, "train.epochs=1", *QUIET)[0] == 0
+    a = _cli(capsys, "train", cfg_file, "--out", out, "--resume", "train.epochs=2", *QUIET)
+    b = _cli(capsys, "train", cfg_file, "--resume", "train.epochs=3", "--out", out, *QUIET)
+    assert a[0] == b[0] == 0
+    assert [r["epoch"] for r in load_checkpoint(out / "tiny" / "last.pt")["engine"]["history"]] == [
+        1,
+        2,
+        3,
+    ]
+
+
+def test_show_prints_the_resolved_config(capsys):
+    assert main(["show", "kd/digits_ikl", "distill.beta=2"]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)
+    assert data["distill"]["beta"] == 2.0 and data["recipe"] == "distill"
+    assert "optim" in data and "adversarial" not in data
+
+
+def test_list_shows_descriptions_and_hides_fragments(capsys):
+    assert main(["list", "kd"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in out]
+    assert "kd/digits_teacher" in names and not any("/_" in n for n in names)
+    row = next(line for line in out if line.startswith("kd/digits_teacher "))
+    assert "teacher" in row[len("kd/digits_teacher") :].lower()
+    code, err = _cli(capsys, "list", "nope")
+    assert code == 2 and "groups: adversarial, kd, semisup" in _one_error_line(err)
+
+
+def test_train_help_points_at_show(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "dkl show CONFIG" in out and "--out" in out and "--resume" in out
