@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from dkl.config import Config, ConfigError, save_config
-from dkl.data import build_datasets
+from dkl.data import UnknownDatasetError, build_datasets
 from dkl.train import checkpoint as ckpt
 from dkl.train import distributed as D
 from dkl.train.metrics import RunningMetrics
@@ -77,10 +77,13 @@ class Trainer(TrainingState):
         # rank 0's weights); the data order is sharded by rank, not by seed
         D.seed_all(cfg.seed)
         d = cfg.data
-        train_set, test_set, info = build_datasets(
-            d.name, root=d.root, download=d.download and self.rank == 0, augment=d.augment,
-            seed=cfg.seed, image_size=d.image_size,
-        )  # fmt: skip
+        options = {**d.dataset_options(), "download": d.download and self.rank == 0}
+        try:  # an `auto` mean / std is cached in the run folder
+            train_set, test_set, info = build_datasets(
+                **options, seed=cfg.seed, cache_dir=str(cfg.run_dir)
+            )
+        except UnknownDatasetError as e:
+            raise ConfigError(f"data.name: {e}") from None
         if self.world > 1:
             torch.distributed.barrier()  # rank 0 has downloaded
         if d.batch_size % self.world:
@@ -267,7 +270,7 @@ class Trainer(TrainingState):
         bad = None
         if not math.isfinite(value):
             bad = f"the training loss is {value}"
-        elif factor > 0 and len(recent) >= 10:
+        elif factor > 0 and len(recent) >= 5:
             median = statistics.median(recent)
             if median > 0 and value > factor * median:
                 bad = (
