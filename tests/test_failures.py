@@ -150,7 +150,7 @@ def test_resume_at_an_epoch_boundary_accepts_a_new_batch_size(cfg_file):
     ("override", "key", "values"),
     [
         ("seed=3", "seed", "(0 -> 3)"),
-        ("data.augment=false", "data.augment", "(True -> False)"),
+        ("train.amp=bf16", "train.amp", "('none' -> 'bf16')"),
         ("distill.ce_weight=2", "distill.ce_weight", "(1.0 -> 2.0)"),
     ],
 )
