@@ -426,7 +426,8 @@ def test_bad_inputs_raise_clearly():
 )
 def test_kernel_compiles_for_hopper():
     """No GPU in CI: still make sure the kernel lowers to PTX/cubin for sm_90 (catches code that
-    only the interpreter accepts). The heaviest variant: IKL, class weights, both passes."""
+    only the interpreter accepts). The heaviest variant (IKL, class weights, both passes) and the
+    two online-softmax weight modes (KL's target softmax, IKL's softmax at T2)."""
     try:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
@@ -454,8 +455,6 @@ def test_kernel_compiles_for_hopper():
         "beta": "fp32",
     }
     consts = {
-        "KIND": 2,
-        "WMODE": 2,
         "HAS_MASK": True,
         "HAS_SCALE": True,
         "PASS1": True,
@@ -464,17 +463,18 @@ def test_kernel_compiles_for_hopper():
         "GRAD_T": True,
         "BLOCK": 4096,
     }
-    try:
-        compiled = triton_compile(
-            ASTSource(fn, sig, constexprs=consts),
-            target=GPUTarget("cuda", 90, 32),
-            options={"num_warps": 8},
-        )
-    except Exception as exc:
-        if "ptxas" in str(exc) and "not found" in str(exc):  # pragma: no cover
-            pytest.skip(f"no ptxas: {exc}")
-        raise
-    assert "cubin" in compiled.asm
+    for kind, wmode in ((2, 2), (0, 0), (2, 1)):
+        try:
+            compiled = triton_compile(
+                ASTSource(fn, sig, constexprs={**consts, "KIND": kind, "WMODE": wmode}),
+                target=GPUTarget("cuda", 90, 32),
+                options={"num_warps": 8},
+            )
+        except Exception as exc:
+            if "ptxas" in str(exc) and "not found" in str(exc):  # pragma: no cover
+                pytest.skip(f"no ptxas: {exc}")
+            raise
+        assert "cubin" in compiled.asm, (kind, wmode)
 
 
 # --------------------------------------------------------------------------- benchmark smoke

@@ -9,6 +9,12 @@ the gradient(s), already multiplied by a per-row scale. ``PASS1`` / ``PASS2`` ch
 launch runs: the autograd forward runs pass 1 only, its backward pass 2 only (from the saved
 per-row statistics), and the chunked LLM path runs both in one launch.
 
+Non-finite logits follow the torch losses' rule: a ``-inf`` target logit marks a class the target
+rules out (probability 0, wMSE weight 0, its ``e`` taken as 0 so no ``0 * inf`` appears); a ``-inf``
+input logit on a class the target keeps makes the row's loss ``+inf``; a row whose target logits
+are all ``-inf`` gives NaN. Running maxima that are still ``-inf`` are replaced by 0 where they
+rescale a sum, so a block of ruled-out classes never produces ``-inf - -inf``.
+
 This module imports triton at import time; ``dkl.ops`` imports it lazily. Whether the kernel runs
 compiled or in the interpreter is decided by ``TRITON_INTERPRET`` when this module is imported.
 """
@@ -29,6 +35,17 @@ WMODE_CLASS_WEIGHTS = 2  # explicit non-negative (B, C) weights (IKL only)
 
 # per-row statistics saved between the passes: lse_s, lse_t, lse_w (or W), mean(e - e_ref)
 N_STATS = 4
+
+
+@triton.jit
+def _finite_or_zero(x):
+    return tl.where(tl.abs(x) < float("inf"), x, 0.0)
+
+
+@triton.jit
+def _shift(m):
+    """The shift used with a running maximum ``m``: ``m``, or 0 while ``m`` is still -inf."""
+    return tl.where(m == float("-inf"), 0.0, m)
 
 
 @triton.jit
@@ -78,9 +95,10 @@ def _divergence_kernel(
 
     # The row's first entries are references: e is accumulated as e - e_ref and sum p_t u_s as
     # sum p_t (u_s - ref_s), so no running sum carries the logits' common offset (whose rounding
-    # would otherwise cancel against the log-sum-exps at the end).
-    s0 = tl.load(s_row).to(tl.float32)
-    t0 = tl.load(t_row).to(tl.float32)
+    # would otherwise cancel against the log-sum-exps at the end). A non-finite first entry
+    # (a ruled-out class) is replaced by 0: only accuracy at large offsets depends on it.
+    s0 = _finite_or_zero(tl.load(s_row).to(tl.float32))
+    t0 = _finite_or_zero(tl.load(t_row).to(tl.float32))
     ref_s = s0 * inv_T
     ref_t = t0 * inv_T
     if KIND == 2:
@@ -99,38 +117,45 @@ def _divergence_kernel(
         m_t = tl.full([], neg_inf, tl.float32)  # running max of u_t (WMODE 1/2 only)
         z_t = tl.zeros([], tl.float32)  # sum exp(u_t - m_t) (WMODE 1/2 only)
         b_acc = tl.zeros([], tl.float32)  # sum exp(u_t - m_t) * (u_s - ref_s)  (sCE)
+        ruled_out = tl.zeros([], tl.float32)  # 1 once a kept class has a -inf input logit
         for start in range(0, n_cols, BLOCK):
             cols = start + offs
             inb = cols < C
             s = tl.load(s_row + cols, mask=inb, other=0.0).to(tl.float32)
             t = tl.load(t_row + cols, mask=inb, other=0.0).to(tl.float32)
+            kept = inb & (t != neg_inf)  # the classes the target does not rule out
+            hit = tl.where(kept & (s == neg_inf), 1.0, 0.0)
+            ruled_out = tl.maximum(ruled_out, tl.max(hit, axis=0))
             us = s * inv_T
             ut = t * inv_T
 
             # student softmax at T, online
             us_m = tl.where(inb, us, neg_inf)
             m_s_new = tl.maximum(m_s, tl.max(us_m, axis=0))
-            z_s = z_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(us_m - m_s_new), axis=0)
+            z_s = z_s * tl.exp(m_s - _shift(m_s_new)) + tl.sum(
+                tl.exp(us_m - _shift(m_s_new)), axis=0
+            )
             m_s = m_s_new
 
             if KIND == 2:
                 e = (t - s) - e_ref  # IKL: wMSE on raw logits
             else:
                 e = (ut - us) - e_ref
-            e = tl.where(inb, e, 0.0)
+            e = tl.where(kept, e, 0.0)
 
             # weights of this block and the factor that rescales the running sums
             if WMODE == 2:
                 wb = tl.load(cw_row + cols, mask=inb, other=0.0).to(tl.float32)
+                wb = tl.where(kept, wb, 0.0)
                 r_w = 1.0
             else:
                 if WMODE == 0:
-                    uw = tl.where(inb, ut, neg_inf)
+                    uw = tl.where(kept, ut, neg_inf)
                 else:
-                    uw = tl.where(inb, t * inv_T2, neg_inf)
+                    uw = tl.where(kept, t * inv_T2, neg_inf)
                 m_w_new = tl.maximum(m_w, tl.max(uw, axis=0))
-                r_w = tl.exp(m_w - m_w_new)
-                wb = tl.exp(uw - m_w_new)
+                r_w = tl.exp(m_w - _shift(m_w_new))
+                wb = tl.exp(uw - _shift(m_w_new))
                 m_w = m_w_new
 
             # block moments (centred in registers), then Chan's merge with the running ones
@@ -147,14 +172,14 @@ def _divergence_kernel(
             w_sum = n
 
             if KIND != 0:
-                dus = tl.where(inb, us - ref_s, 0.0)
+                dus = tl.where(kept, us - ref_s, 0.0)
                 if WMODE == 0:
                     b_acc = b_acc * r_w + tl.sum(wb * dus, axis=0)
                 else:
-                    ut_m = tl.where(inb, ut, neg_inf)
+                    ut_m = tl.where(kept, ut, neg_inf)
                     m_t_new = tl.maximum(m_t, tl.max(ut_m, axis=0))
-                    r_t = tl.exp(m_t - m_t_new)
-                    pt_b = tl.exp(ut_m - m_t_new)
+                    r_t = tl.exp(m_t - _shift(m_t_new))
+                    pt_b = tl.exp(ut_m - _shift(m_t_new))
                     z_t = z_t * r_t + tl.sum(pt_b, axis=0)
                     b_acc = b_acc * r_t + tl.sum(pt_b * dus, axis=0)
                     m_t = m_t_new
@@ -186,6 +211,8 @@ def _divergence_kernel(
         else:
             sce = (m_s - ref_s) + tl.log(z_s) - b_acc / z_t
             loss = beta * wmse + alpha * sce
+        loss = tl.where(ruled_out > 0, float("inf"), loss)
+        loss = tl.where(z_t == 0, float("nan"), loss)  # every target logit -inf: no distribution
         loss = tl.where(row_on, loss, 0.0)
         tl.store(loss_ptr + row, loss)
         if PASS2 == 0:
@@ -218,14 +245,16 @@ def _divergence_kernel(
             ld = inb & row_on
             s = tl.load(s_row + cols, mask=ld, other=0.0).to(tl.float32)
             t = tl.load(t_row + cols, mask=ld, other=0.0).to(tl.float32)
+            kept = t != float("-inf")
             us = s * inv_T
             ut = t * inv_T
             ps = tl.exp(us - lse_s)
-            pt = tl.exp(ut - lse_t)
+            pt = tl.exp(ut - lse_t)  # 0 on ruled-out classes
             if KIND == 2:
                 e = (t - s) - e_ref
             else:
                 e = (ut - us) - e_ref
+            e = tl.where(kept, e, 0.0)
             if KIND == 0:
                 gsv = inv_T * (ps - pt)
                 gtv = inv_T * pt * (e - mean)
@@ -239,6 +268,7 @@ def _divergence_kernel(
                     w = tl.exp(t * inv_T2 - wstat)
                 else:
                     w = tl.load(cw_row + cols, mask=ld, other=0.0).to(tl.float32)
+                    w = tl.where(kept, w, 0.0)
                 dw = (beta * wtot) * w * (e - mean)
                 gsv = (alpha * inv_T) * (ps - pt) - dw
                 gtv = dw

@@ -20,7 +20,14 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from dkl._checks import check_class_weights, check_logits, check_positive, check_row_mask
+from dkl._checks import (
+    check_class_weights,
+    check_logits,
+    check_non_negative_scalar,
+    check_positive,
+    check_row_mask,
+    check_weight_values,
+)
 
 __all__ = [
     "divergence_loss_and_grad",
@@ -122,6 +129,8 @@ def _check_inputs(
     input: Tensor,
     target: Tensor,
     kind: str,
+    alpha: float,
+    beta: float,
     temperature: float,
     weight_temperature: float,
     class_weights: Tensor | None,
@@ -133,12 +142,15 @@ def _check_inputs(
     reason = triton_unavailable_reason(input, target)
     if reason is not None:
         raise RuntimeError(f"the fused kernel cannot run: {reason}")
+    check_non_negative_scalar("alpha", alpha)
+    check_non_negative_scalar("beta", beta)
     check_positive("temperature", temperature)
     check_positive("weight_temperature", weight_temperature)
     if class_weights is not None:
         if kind != "ikl":
             raise ValueError(f"class_weights apply to kind='ikl' only, got kind={kind!r}")
         check_class_weights(class_weights, input)
+        check_weight_values("class_weights", class_weights)  # the one host sync of a call
     check_row_mask(row_mask, input, "row_mask")
 
 
@@ -151,13 +163,17 @@ def _prepared(
     input: Tensor,
     target: Tensor,
     kind: str,
+    alpha: float,
+    beta: float,
     temperature: float,
     weight_temperature: float,
     class_weights: Tensor | None,
     row_mask: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Checked arguments in the layout the kernel reads (class weights detached)."""
-    _check_inputs(input, target, kind, temperature, weight_temperature, class_weights, row_mask)
+    _check_inputs(
+        input, target, kind, alpha, beta, temperature, weight_temperature, class_weights, row_mask
+    )
     if class_weights is not None:
         class_weights = _rows_contiguous(class_weights.detach())
     return _rows_contiguous(input), _rows_contiguous(target), class_weights
@@ -309,9 +325,15 @@ def fused_divergence(
       :math:`w = \mathrm{sg}\,\sigma(z_t / T_2)` or ``class_weights``; both sides get the wMSE
       gradient, only the input gets the sCE one.
 
-    No :math:`T^2` factor. Rows where ``row_mask`` is False give 0 loss and 0 gradient. The
-    gradient w.r.t. ``target`` is computed only when ``target.requires_grad``; gradients come back
-    in each tensor's dtype. Accumulation is in float32.
+    No :math:`T^2` factor. Rows where ``row_mask`` is False are not read and give 0 loss and 0
+    gradient. The gradient w.r.t. ``target`` is computed only when ``target.requires_grad``;
+    gradients come back in each tensor's dtype. Accumulation is in float32.
+
+    Non-finite logits as in :mod:`dkl.losses`: a ``-inf`` target logit rules its class out (0
+    probability, 0 weight, 0 gradient; the input still gets its softmax share); a ``-inf`` input
+    logit on a class the target keeps gives ``+inf``; a row of ``-inf`` targets gives NaN.
+    ``alpha`` and ``beta`` must be finite and ``>= 0``, ``class_weights`` finite and ``>= 0``
+    (checked here: one host sync per call when they are given).
 
     Shape:
         - input, target: (B, C), float32 / bfloat16 / float16, on CUDA (or CPU with
@@ -320,7 +342,7 @@ def fused_divergence(
         - output: (B,) float32
     """
     input, target, class_weights = _prepared(
-        input, target, kind, temperature, weight_temperature, class_weights, row_mask
+        input, target, kind, alpha, beta, temperature, weight_temperature, class_weights, row_mask
     )
     params = {
         "kind": kind,
@@ -354,7 +376,7 @@ def divergence_loss_and_grad(
     ``(loss, grad_input, grad_target)``; ``grad_target`` is ``None`` unless asked for.
     """
     input, target, class_weights = _prepared(
-        input, target, kind, temperature, weight_temperature, class_weights, row_mask
+        input, target, kind, alpha, beta, temperature, weight_temperature, class_weights, row_mask
     )
     input, target = input.detach(), target.detach()
     B = input.shape[0]

@@ -1,0 +1,446 @@
+"""Non-finite logits, empty batches and bad arguments, for the torch losses and the fused kernel.
+
+The oracle computes each row in float64 on its finite target classes alone (the target softmax and
+the pairwise wMSE see only them; the student's softmax keeps all C classes), which is what a
+``-inf`` target logit means. ``F.kl_div`` is the second, independent reference for KL.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dkl
+from dkl import DKLLoss, GKLLoss, IKLLoss, KLLoss, dkl_loss, gkl_loss, ikl_loss, kl_loss
+
+INF = float("inf")
+LOSSES = {"kl": kl_loss, "dkl": dkl_loss, "ikl": ikl_loss, "gkl": gkl_loss}
+CONFIGS = {
+    "kl": ("kl", {"temperature": 2.0}),
+    "dkl": ("dkl", {"alpha": 1.5, "beta": 0.7, "temperature": 3.0}),
+    "ikl": ("ikl", {"alpha": 1.0, "beta": 4.0, "temperature": 4.0, "weight_temperature": 4.0}),
+    "ikl_t2": ("ikl", {"alpha": 2.0, "beta": 0.5, "temperature": 4.0, "weight_temperature": 1.5}),
+    "ikl_gi": ("ikl", {"alpha": 1.0, "beta": 2.0, "temperature": 1.0, "class_weights": True}),
+}
+
+
+# --------------------------------------------------------------------------- the oracle
+def pairwise_wmse(e, w):
+    """¼ Σ_jk w_j w_k (e_j - e_k)² of one row."""
+    d = e[:, None] - e[None, :]
+    return 0.25 * (w[:, None] * w[None, :] * d**2).sum()
+
+
+def finite_class_oracle(
+    zs,
+    zt,
+    kind,
+    *,
+    alpha=1.0,
+    beta=1.0,
+    temperature=1.0,
+    weight_temperature=1.0,
+    class_weights=None,
+):
+    """Per-row loss, each row restricted to the classes where its target logit is finite."""
+    T = temperature
+    rows = []
+    for i in range(zs.shape[0]):
+        keep = torch.isfinite(zt[i]).nonzero().squeeze(1)
+        s, t = zs[i].double(), zt[i].double()[keep]
+        log_q = F.log_softmax(s / T, dim=0)[keep]
+        log_p = F.log_softmax(t / T, dim=0)
+        p = log_p.exp()
+        if kind == "kl":
+            rows.append((p * (log_p - log_q)).sum())
+            continue
+        sce = -(p.detach() * log_q).sum()
+        if kind == "dkl":
+            w, e = p.detach(), t / T - s[keep].detach() / T
+        else:
+            if class_weights is not None:
+                w = class_weights[i].double()[keep]
+            else:
+                w = F.softmax(t.detach() / weight_temperature, dim=0)
+            e = t - s[keep]
+        rows.append(beta * pairwise_wmse(e, w) + alpha * sce)
+    return torch.stack(rows)
+
+
+def ruled_out_logits(dtype=torch.float64, C=9, seed=0):
+    """(4, C) logits; the target rules out: row 0 its first class (the student too), row 1 every
+    other class, row 2 nothing, row 3 all but two classes."""
+    g = torch.Generator().manual_seed(seed)
+    zs = torch.randn(4, C, generator=g, dtype=torch.float64) * 3
+    zt = torch.randn(4, C, generator=g, dtype=torch.float64) * 3 + 0.5
+    zt[0, 0] = zs[0, 0] = -INF
+    zt[1, ::2] = -INF
+    zt[3, 2:] = -INF
+    cw = torch.rand(4, C, generator=g, dtype=torch.float64) * 2
+    return zs.to(dtype).requires_grad_(), zt.to(dtype).requires_grad_(), cw.to(dtype)
+
+
+def _split(config, cw):
+    kind, kw = CONFIGS[config]
+    kw = dict(kw)
+    if kw.pop("class_weights", False):
+        kw["class_weights"] = cw
+    return kind, kw
+
+
+def _reduce_ref(per_row, reduction):
+    return {"none": per_row, "mean": per_row.mean(), "sum": per_row.sum()}[reduction]
+
+
+def _grads(out, *xs, upstream=None):
+    if upstream is not None:
+        out = out * upstream
+    return torch.autograd.grad(out.sum(), xs)
+
+
+def assert_close64(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- -inf targets
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_neg_inf_target_classes_drop_out(config, reduction):
+    zs, zt, cw = ruled_out_logits()
+    kind, kw = _split(config, cw)
+    got = LOSSES[kind](zs, zt, reduction=reduction, impl="torch", **kw)
+    want = _reduce_ref(finite_class_oracle(zs, zt, kind, **kw), reduction)
+    assert torch.isfinite(got).all()
+    assert_close64(got, want)
+    upstream = torch.tensor([0.5, -1.0, 2.0, 1.5], dtype=torch.float64)
+    up = upstream if reduction == "none" else None
+    g_got, g_want = _grads(got, zs, zt, upstream=up), _grads(want, zs, zt, upstream=up)
+    for a, b in zip(g_got, g_want):
+        assert torch.isfinite(a).all()
+        assert_close64(a, b)
+    assert torch.all(g_got[1][torch.isneginf(zt)] == 0)  # ruled-out target classes: no gradient
+
+
+def test_kl_with_neg_inf_target_equals_torch_kl_div():
+    zs, zt, _ = ruled_out_logits()
+    zs = zs.detach().clone()
+    zs[0, 0] = 1.0  # F.kl_div gives NaN where both sides are -inf (it computes 0 * -inf)
+    zs.requires_grad_()
+    T = 2.0
+    got = kl_loss(zs, zt, temperature=T, reduction="sum")
+    want = F.kl_div(F.log_softmax(zs / T, 1), F.softmax(zt / T, 1), reduction="sum")
+    assert_close64(got, want)
+    assert_close64(_grads(got, zs)[0], _grads(want, zs)[0])
+
+
+def test_theorem1_holds_with_ruled_out_classes():
+    zs, zt, _ = ruled_out_logits()
+    g_dkl = _grads(dkl_loss(zs, zt, temperature=3.0), zs, zt)
+    g_kl = _grads(kl_loss(zs, zt, temperature=3.0), zs, zt)
+    for a, b in zip(g_dkl, g_kl):
+        assert_close64(a, b)
+
+
+def test_soft_cross_entropy_skips_zero_probability_classes():
+    zs = torch.tensor([[-INF, 1.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    p = torch.tensor([[0.0, 0.25, 0.75]], dtype=torch.float64)
+    got = dkl.soft_cross_entropy(zs, p)
+    log_q = torch.log_softmax(zs.detach()[:, 1:], dim=1)  # q over the two finite classes
+    assert_close64(got, -(p[:, 1:] * log_q).sum(1))
+    assert torch.isfinite(_grads(got, zs)[0]).all()
+
+
+# --------------------------------------------------------------------------- the other rules
+@pytest.mark.parametrize("loss", ["kl", "dkl", "ikl", "ikl_gi", "gkl", "wmse"])
+def test_student_neg_inf_on_kept_class_gives_inf(loss):
+    zs, zt, cw = ruled_out_logits()
+    zs = zs.detach().clone()
+    zs[2, 4] = -INF  # row 2 keeps every class
+    cw[2, 4] = 0.0  # even where that class has no weight
+    fns = {
+        "kl": lambda: kl_loss(zs, zt, reduction="none"),
+        "dkl": lambda: dkl_loss(zs, zt, reduction="none"),
+        "ikl": lambda: ikl_loss(zs, zt, reduction="none"),
+        "ikl_gi": lambda: ikl_loss(zs, zt, class_weights=cw, reduction="none"),
+        "gkl": lambda: gkl_loss(zs, zt, class_weights=cw, reduction="none"),
+        "wmse": lambda: dkl.weighted_mse(zt, zs, cw),
+    }
+    out = fns[loss]()
+    assert out[2].item() == INF
+    assert torch.isfinite(out[[0, 1, 3]]).all()
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_all_neg_inf_target_row_is_nan_unless_masked(loss):
+    zs, zt, _ = ruled_out_logits()
+    zt = zt.detach().clone()
+    zt[1] = -INF
+    zt.requires_grad_()
+    fn = LOSSES[loss]
+    per_row = fn(zs, zt, reduction="none")
+    assert torch.isnan(per_row[1]) and torch.isfinite(per_row[[0, 2, 3]]).all()
+
+    mask = torch.tensor([True, False, True, True])
+    got = fn(zs, zt, mask=mask)
+    gs, gt = _grads(got, zs, zt)
+    assert torch.isfinite(got) and torch.isfinite(gs).all() and torch.isfinite(gt).all()
+    assert torch.all(gs[1] == 0) and torch.all(gt[1] == 0)
+    # the masked row is absent: same as the batch without it
+    keep = mask.nonzero().squeeze(1)
+    zs_k, zt_k = zs.detach()[keep].requires_grad_(), zt.detach()[keep].requires_grad_()
+    want = fn(zs_k, zt_k)
+    assert_close64(got, want)
+    for a, b in zip((gs[keep], gt[keep]), _grads(want, zs_k, zt_k)):
+        assert_close64(a, b)
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_masked_rows_are_never_read(loss):
+    """NaN and +inf in rows outside the mask change nothing, not even the gradient."""
+    zs, zt, _ = ruled_out_logits()
+    mask = torch.tensor([True, True, False, True])
+    clean = LOSSES[loss](zs, zt, mask=mask)
+    g_clean = _grads(clean, zs, zt)
+    zs2, zt2 = zs.detach().clone(), zt.detach().clone()
+    zs2[2, 1], zt2[2, 3], zt2[2, 5] = float("nan"), INF, float("nan")
+    zs2.requires_grad_(), zt2.requires_grad_()
+    dirty = LOSSES[loss](zs2, zt2, mask=mask)
+    assert_close64(dirty, clean)
+    for a, b in zip(_grads(dirty, zs2, zt2), g_clean):
+        assert torch.equal(a, b)
+
+
+def test_nan_logits_give_nan_rows():
+    zs, zt, _ = ruled_out_logits()
+    zt = zt.detach().clone()
+    zt[2, 3] = float("nan")
+    for loss in ("kl", "dkl", "ikl"):
+        out = LOSSES[loss](zs, zt, reduction="none")
+        assert torch.isnan(out[2]) and torch.isfinite(out[[0, 1, 3]]).all()
+    # GKL normalises by a sum over the batch: one NaN row makes every row NaN
+    assert torch.isnan(gkl_loss(zs, zt, reduction="none")).all()
+
+
+# --------------------------------------------------------------------------- empty batches
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_empty_batch_equals_all_false_mask(loss, reduction):
+    fn = LOSSES[loss]
+    zs = torch.randn(0, 5, requires_grad=True)
+    zt = torch.randn(0, 5, requires_grad=True)
+    empty = fn(zs, zt, reduction=reduction)
+    ws, wt = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True)
+    masked = fn(ws, wt, reduction=reduction, mask=torch.zeros(3, dtype=torch.bool))
+    if reduction == "none":
+        assert empty.shape == (0,) and torch.all(masked == 0)
+    else:
+        assert empty.item() == 0.0 == masked.item()
+    assert empty.requires_grad
+    gs, gt = _grads(empty, zs, zt)
+    assert gs.shape == (0, 5) and gt.shape == (0, 5)
+
+
+def test_empty_batch_with_class_weights_and_modules():
+    zs, zt, cw = torch.randn(0, 4), torch.randn(0, 4), torch.rand(0, 4)
+    assert ikl_loss(zs, zt, class_weights=cw).item() == 0.0
+    assert gkl_loss(zs, zt, class_weights=cw, gamma=0.5).item() == 0.0
+    for module in (KLLoss(), DKLLoss(), IKLLoss(), GKLLoss()):
+        assert module(zs, zt).item() == 0.0
+
+
+# --------------------------------------------------------------------------- bad arguments
+def _one_line_error(exc, match, fn, *args, **kw):
+    with pytest.raises(exc, match=match) as info:
+        fn(*args, **kw)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), INF, -INF])
+@pytest.mark.parametrize("loss", ["ikl", "gkl"])
+def test_non_finite_class_weights_raise(loss, bad):
+    z = torch.zeros(3, 4)
+    cw = torch.ones(3, 4)
+    cw[1, 2] = bad
+    _one_line_error(
+        ValueError,
+        "Expected finite class_weights, got NaN or inf",
+        LOSSES[loss],
+        z,
+        z,
+        class_weights=cw,
+    )
+    module = IKLLoss() if loss == "ikl" else GKLLoss()
+    _one_line_error(ValueError, "Expected finite class_weights", module, z, z, cw)
+
+
+BAD_SCALARS = [
+    ("alpha", -1.0, r"Expected alpha >= 0, got -1.0"),
+    ("beta", -0.5, r"Expected beta >= 0, got -0.5"),
+    ("alpha", float("nan"), r"Expected alpha >= 0, got nan"),
+    ("beta", INF, r"Expected a finite beta >= 0, got inf"),
+    ("temperature", -2.0, r"Expected temperature > 0, got -2.0"),
+    ("temperature", INF, r"Expected a finite temperature > 0, got inf"),
+    ("weight_temperature", 0.0, r"Expected weight_temperature > 0, got 0.0"),
+    ("gamma", -0.3, r"Expected gamma >= 0, got -0.3"),
+]
+ACCEPTS = {
+    "kl": {"temperature"},
+    "dkl": {"alpha", "beta", "temperature"},
+    "ikl": {"alpha", "beta", "temperature", "weight_temperature"},
+    "gkl": {"alpha", "beta", "gamma", "temperature", "weight_temperature"},
+}
+MODULES = {"kl": KLLoss, "dkl": DKLLoss, "ikl": IKLLoss, "gkl": GKLLoss}
+
+
+@pytest.mark.parametrize("name,value,match", BAD_SCALARS)
+def test_bad_scalars_raise_in_functions_and_modules(name, value, match):
+    """Negative α / β are refused: a negative β would reward the wMSE for growing and a negative
+    α the student for moving away from the target, which no recipe wants."""
+    z = torch.zeros(2, 3)
+    for loss, accepted in ACCEPTS.items():
+        if name not in accepted:
+            continue
+        _one_line_error(ValueError, match, LOSSES[loss], z, z, **{name: value})
+        _one_line_error(ValueError, match, MODULES[loss], **{name: value})
+
+
+def test_zero_alpha_beta_gamma_are_accepted():
+    z = torch.randn(2, 3)
+    assert torch.isfinite(ikl_loss(z, z, alpha=0.0, beta=0.0))
+    assert torch.isfinite(gkl_loss(z, z, alpha=0.0, beta=0.0, gamma=0.0))
+
+
+# --------------------------------------------------------------------------- the fused kernel
+KERNEL_HERE = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# Triton's interpreter runs the kernel in NumPy, which warns about the -inf - -inf that the kernel
+# computes and then discards with tl.where (a GPU does the same silently).
+quiet_interpreter = pytest.mark.filterwarnings(
+    "ignore:invalid value encountered:RuntimeWarning",
+    "ignore:divide by zero encountered:RuntimeWarning",
+)
+
+
+def _kernel_or_skip():
+    pytest.importorskip("triton")
+    if not KERNEL_HERE:
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1 (the root conftest.py sets it)")
+    from dkl import ops
+
+    return ops
+
+
+def _kernel_logits(C=37):
+    """float32 on the kernel's device; with 16-wide blocks row 1 has whole blocks ruled out."""
+    zs, zt, cw = ruled_out_logits(torch.float32, C=C, seed=3)
+    zt = zt.detach().clone()
+    zt[1, :20] = -INF  # a first block entirely -inf, then a partly ruled-out one
+    return (
+        zs.detach().to(DEVICE).requires_grad_(),
+        zt.to(DEVICE).requires_grad_(),
+        cw.to(DEVICE),
+    )
+
+
+def _close(actual, expected, rel, what):
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    scale = max(expected.abs().max().item(), 1e-12)
+    err = (actual - expected).abs().max().item()
+    assert err <= rel * scale + 1e-6, f"{what}: max error {err:.3g} > {rel:g} x {scale:.3g}"
+
+
+@quiet_interpreter
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_kernel_neg_inf_targets_match_oracle(config):
+    ops = _kernel_or_skip()
+    zs, zt, cw = _kernel_logits()
+    kind, kw = _split(config, cw)
+    out = ops.fused_divergence(zs, zt, kind=kind, _block=16, **kw)
+    upstream = torch.tensor([0.5, -1.0, 2.0, 1.5], device=DEVICE)
+    gs, gt = _grads(out, zs, zt, upstream=upstream)
+    ref = finite_class_oracle(zs, zt, kind, **kw)
+    rs, rt = _grads(ref, zs, zt, upstream=upstream.double())
+    _close(out, ref, 2e-5, "loss")
+    _close(gs, rs, 2e-5, "grad input")
+    _close(gt, rt, 2e-5, "grad target")
+    assert torch.all(gt[torch.isneginf(zt)] == 0)
+
+
+@quiet_interpreter
+def test_kernel_follows_the_row_rules():
+    ops = _kernel_or_skip()
+    zs, zt, cw = _kernel_logits()
+    zs, zt = zs.detach().clone(), zt.detach().clone()
+    zs[2, 30] = -INF  # kept class: +inf
+    zt[3] = -INF  # no target: NaN
+    for kind, kw in (
+        ("kl", {}),
+        ("dkl", {}),
+        ("ikl", {"weight_temperature": 2.0}),
+        ("ikl", {"class_weights": cw}),
+    ):
+        out = ops.fused_divergence(zs, zt, kind=kind, _block=16, **kw)
+        want = LOSSES[kind](zs, zt, reduction="none", impl="torch", **kw)
+        assert out[2].item() == INF and torch.isnan(out[3]), (kind, out)
+        _close(out[:2], want[:2], 2e-5, kind)
+    # rows outside the mask are not read: garbage there gives 0 loss and 0 gradient
+    zs[3, 0] = float("nan")
+    zs.requires_grad_(), zt.requires_grad_()
+    mask = torch.tensor([True, True, False, False], device=DEVICE)
+    out = ops.fused_divergence(zs, zt, kind="ikl", row_mask=mask, _block=16)
+    gs, gt = _grads(out, zs, zt)
+    assert torch.all(out[2:] == 0) and torch.all(gs[2:] == 0) and torch.all(gt[2:] == 0)
+    assert torch.isfinite(gs).all() and torch.isfinite(gt).all()
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_kernel_empty_batch_equals_all_false_mask(reduction):
+    _kernel_or_skip()
+    zs = torch.randn(0, 7, device=DEVICE, requires_grad=True)
+    zt = torch.randn(0, 7, device=DEVICE)
+    for fn in (kl_loss, dkl_loss, ikl_loss):
+        empty = fn(zs, zt, reduction=reduction, impl="triton")
+        masked = fn(
+            torch.randn(2, 7, device=DEVICE),
+            torch.randn(2, 7, device=DEVICE),
+            reduction=reduction,
+            mask=torch.zeros(2, dtype=torch.bool, device=DEVICE),
+            impl="triton",
+        )
+        if reduction == "none":
+            assert empty.shape == (0,) and torch.all(masked == 0)
+        else:
+            assert empty.item() == 0.0 == masked.item()
+        (g,) = _grads(empty, zs)
+        assert g.shape == (0, 7)
+
+
+def test_kernel_refuses_bad_scalars_and_weights():
+    ops = _kernel_or_skip()
+    z = torch.zeros(2, 5, device=DEVICE)
+    _one_line_error(
+        ValueError, r"Expected alpha >= 0", ops.fused_divergence, z, z, kind="ikl", alpha=-1.0
+    )
+    _one_line_error(
+        ValueError, r"Expected beta >= 0", ops.divergence_loss_and_grad, z, z, kind="dkl", beta=-2.0
+    )
+    cw = torch.ones(2, 5, device=DEVICE)
+    cw[0, 0] = float("nan")
+    _one_line_error(
+        ValueError,
+        "Expected finite class_weights",
+        ops.fused_divergence,
+        z,
+        z,
+        kind="ikl",
+        class_weights=cw,
+    )
+    # through the loss, dispatched to the kernel: the same check, once
+    _one_line_error(
+        ValueError, "Expected finite class_weights", ikl_loss, z, z, class_weights=cw, impl="triton"
+    )
