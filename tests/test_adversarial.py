@@ -135,6 +135,46 @@ def test_second_view_loss_and_prior_from_basic_view_only():
     torch.testing.assert_close(task.prior.counts, expected_counts)
 
 
+def test_gkl_at_loss_and_attack_equal_the_authors_formula():
+    # DKLv2: CE + β·¼ Σ_i Σ_jk p_ij p_ik (Δ_nat − Δ_adv)² / Σ_i Σ_jk p_ij p_ik + α·mean sCE,
+    # p = P[y] ** γ; attack on the same loss with α = β = γ = 1
+    x, y = batch()
+    x_adv = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+    alpha, beta, gamma = 4.0, 20.0, 0.4
+    task = make_task("gkl_at", 5, alpha=alpha, beta=beta, gamma=gamma)
+    prior = random_prior(5)
+    task.prior.prior.copy_(prior)
+
+    def gkl(z_nat, z_adv, w, a, b):
+        p = w**gamma
+        pp = p[:, :, None] * p[:, None, :]
+        dt = z_nat[:, :, None] - z_nat[:, None, :]
+        ds = z_adv[:, :, None] - z_adv[:, None, :]
+        wmse = 0.25 * (pp * (dt - ds) ** 2).sum() / pp.sum()
+        sce = -(z_nat.detach().softmax(1) * z_adv.log_softmax(1)).sum(1).mean()
+        return b * wmse + a * sce
+
+    m1, m2 = tiny_model(), tiny_model()
+    out = task.loss(m1.train(), x, x_adv, y)
+    out["loss"].backward()
+    z_nat, z_adv = m2.train()(x), m2(x_adv)
+    ref = F.cross_entropy(z_nat, y) + gkl(z_nat, z_adv, prior[y], alpha, beta)
+    ref.backward()
+    torch.testing.assert_close(out["loss"].detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-6)
+
+    atk = training_attack(task.acfg)
+    assert (atk.loss, atk.alpha, atk.beta, atk.gamma) == ("gkl", 1.0, 1.0, 1.0)
+    from dkl.attacks import attack_loss
+
+    z_nat = torch.randn(6, 5, dtype=torch.float64)
+    z_adv = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    w = prior[torch.arange(6) % 5].double()
+    got = attack_loss("gkl", z_adv, z_nat=z_nat, class_weights=w, gamma=gamma)
+    torch.testing.assert_close(got, 6 * gkl(z_nat, z_adv, w, 1.0, 1.0))
+
+
 def test_trades_and_pgd_at_losses():
     torch.manual_seed(0)
     z_nat, z_adv, y = torch.randn(4, 5), torch.randn(4, 5), torch.randint(0, 5, (4,))

@@ -267,3 +267,65 @@ def test_cifar100_preset_end_to_end_on_generated_files(tmp_path, monkeypatch):
     s = train(cfg, log=lambda m: None)
     assert s["steps"] == 2 and s["method"] == "ikl" and s["model"] == "resnet8x4"
     assert 0 <= s["last"]["top1"] <= 100
+
+
+# --------------------------------------------------------------------------------------------
+# GKL (the authors' DKLv2) and the GI prior's temperature
+# --------------------------------------------------------------------------------------------
+
+
+def _gkl_by_hand(zs, zt, w, alpha, beta, gamma, T):
+    # DKLv2: beta * 1/4 sum_i sum_jk p_ij p_ik (dt - ds)^2 / sum_i sum_jk p_ij p_ik + alpha * mean sCE
+    b, c = len(zs), len(zs[0])
+    p = [[wi**gamma for wi in row] for row in w]
+    num = den = sce = 0.0
+    for i in range(b):
+        for j in range(c):
+            for k in range(c):
+                pp = p[i][j] * p[i][k]
+                num += 0.25 * pp * ((zt[i][j] - zt[i][k]) - (zs[i][j] - zs[i][k])) ** 2
+                den += pp
+        ps, pt = _softmax(zs[i], T), _softmax(zt[i], T)
+        sce -= sum(a * math.log(q) for a, q in zip(pt, ps)) / b
+    return beta * num / den + alpha * sce
+
+
+def test_gkl_method_with_prior_rows_and_with_per_sample_weights():
+    zs = [[1.0, 0.0, -1.0], [0.3, 0.2, 0.9]]
+    zt = [[0.5, 2.0, 0.0], [-1.0, 0.4, 1.5]]
+    y = torch.tensor([0, 2])
+    s, t = torch.tensor(zs, dtype=torch.float64), torch.tensor(zt, dtype=torch.float64)
+    ce = F.cross_entropy(s, y).item()
+    rows = [[0.2, 0.5, 0.3], [0.1, 0.1, 0.8]]
+    cfg = DistillConfig(method="gkl", alpha=1.0, beta=16.0, gamma=0.05, temperature=4.0, warmup=2)
+    out = distill_loss(cfg, s, t, y, epoch=1, class_weights=torch.tensor(rows, dtype=torch.float64))
+    want = ce + 0.5 * _gkl_by_hand(zs, zt, rows, 1.0, 16.0, 0.05, 4.0)
+    assert out["loss"].item() == pytest.approx(want, rel=1e-6)  # the loss runs in float32
+    # no GI: the weights are softmax(z_t / T2) ** gamma
+    cfg = DistillConfig(
+        method="gkl", alpha=2.0, beta=3.0, gamma=0.5, temperature=2.0, weight_temperature=4.0,
+        warmup=0,
+    )  # fmt: skip
+    out = distill_loss(cfg, s, t, y, epoch=1)
+    w = [_softmax(row, 4.0) for row in zt]
+    assert out["loss"].item() == pytest.approx(
+        ce + _gkl_by_hand(zs, zt, w, 2.0, 3.0, 0.5, 2.0), rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("method", ["ikl", "gkl"])
+def test_gi_prior_temperature_defaults_to_the_weight_temperature(method):
+    # the authors' KD code feeds the class prior with softmax(z_t / T2), not softmax(z_t / T)
+    from dkl.config import config_from_dict
+    from dkl.recipes.distill import DistillTask
+
+    def prior_t(**distill):
+        cfg = config_from_dict({"recipe": "distill", "distill": {"method": method, **distill}})
+        info = DataInfo("toy", 3, (3, 2, 2), (0.5,) * 3, (0.25,) * 3)
+        ctx = RunContext(cfg, torch.device("cpu"), 0, 1, info, None, None, eval_only=True)
+        return DistillTask(cfg, ctx).prior.temperature
+
+    assert prior_t(gi=True, temperature=4.0, weight_temperature=1.0) == 1.0
+    assert prior_t(gi=True, temperature=4.0, weight_temperature=1.0, prior_temperature=2.0) == 2.0
+    with pytest.raises(ValueError, match="gamma"):
+        config_from_dict({"recipe": "distill", "distill": {"method": "gkl", "gamma": -1.0}})

@@ -37,7 +37,7 @@ class TeacherConfig:
 
 @dataclass
 class DistillConfig:
-    method: Literal["ce", "kd", "dkd", "ikl"] = "ce"
+    method: Literal["ce", "kd", "dkd", "ikl", "gkl"] = "ce"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     temperature: float = 4.0
     ce_weight: float = 1.0
@@ -46,14 +46,17 @@ class DistillConfig:
     beta: float = 8.0  # dkd: NCKD weight; ikl: wMSE weight
     warmup: float = 20.0  # dkd, ikl: epochs of linear loss warm-up (0: none)
     weight_temperature: float = 100.0  # ikl: T2 of w = softmax(z_t / T2)
-    gi: bool = False  # ikl: class-wise prior weights instead of per-sample ones
+    gi: bool = False  # ikl, gkl: class-wise prior weights instead of per-sample ones
     prior_temperature: float = 0.0  # ikl + gi: 0 means weight_temperature (the authors' T2)
+    gamma: float = 1.0  # gkl: exponent of the weights (the prior rows or softmax(z_t / T2))
     prior_momentum: float = 1.0
     # share of the training images whose labels the CE term sees (a class-balanced subset picked
     # with the run's seed); the teacher's term sees every image (Hinton et al. 2015, section 2)
     label_fraction: float = 1.0
 
     def validate(self) -> None:
+        if not self.gamma >= 0:
+            raise ValueError(f"gamma: expected >= 0, got {self.gamma}")
         if not 0.0 < self.label_fraction <= 1.0:
             raise ValueError(f"label_fraction: expected (0, 1], got {self.label_fraction}")
         if self.temperature <= 0:
@@ -69,7 +72,8 @@ class DistillConfig:
 
 @dataclass
 class AttackConfig:
-    loss: Literal["", "ikl", "sce", "kl", "ce"] = ""  # empty: ikl_at: ikl, trades: kl, pgd_at: ce
+    loss: Literal["", "ikl", "gkl", "sce", "kl", "ce"] = ""  # empty: the method's own (ikl_at: ikl,
+    # gkl_at: gkl, trades: kl, pgd_at: ce)
     budget: Literal["low", "high", "pgd10"] = "high"  # steps of eps_e: low 2 x 1, high 5 x 1/2,
     # pgd10 10 x 1/4
     eps: float = 8 / 255  # eps at the last epoch (ramped 8/255 * e / E unless fixed_eps)
@@ -78,6 +82,7 @@ class AttackConfig:
     # for pgd_at, normal for the others
     alpha: float = 1.0  # ikl attack loss: sCE weight
     beta: float = 1.0  # ikl attack loss: wMSE weight
+    gamma: float = 1.0  # gkl attack loss: weight exponent
     step_size: float = 0.0  # absolute step size; 0: the budget's fraction of eps_e
 
 
@@ -102,9 +107,10 @@ class RobustEvalConfig:
 
 @dataclass
 class AdversarialConfig:
-    method: Literal["standard", "pgd_at", "trades", "ikl_at"] = "ikl_at"
-    alpha: float = 4.0  # ikl_at: sCE weight
-    beta: float = 20.0  # ikl_at: wMSE weight
+    method: Literal["standard", "pgd_at", "trades", "ikl_at", "gkl_at"] = "ikl_at"
+    alpha: float = 4.0  # ikl_at, gkl_at: sCE weight
+    beta: float = 20.0  # ikl_at, gkl_at: wMSE weight
+    gamma: float = 1.0  # gkl_at: exponent of the GI prior rows (the authors' DKLv2: 1 or 0.4)
     trades_beta: float = 6.0
     prior_temperature: float = 4.0
     attack: AttackConfig = field(default_factory=AttackConfig)
@@ -115,6 +121,8 @@ class AdversarialConfig:
     eval: RobustEvalConfig = field(default_factory=RobustEvalConfig)
 
     def validate(self) -> None:
+        if not self.gamma >= 0:
+            raise ValueError(f"gamma: expected >= 0, got {self.gamma}")
         if not 0.0 <= self.ema.tau < 1.0:
             raise ValueError(f"ema.tau: expected [0, 1), got {self.ema.tau}")
 

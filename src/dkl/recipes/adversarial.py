@@ -1,4 +1,4 @@
-r"""Adversarial training: ``standard``, ``pgd_at`` (Madry), ``trades`` and ``ikl_at`` (Cui et al., NeurIPS 2024).
+r"""Adversarial training: ``standard``, ``pgd_at`` (Madry), ``trades``, ``ikl_at`` (Cui et al., NeurIPS 2024), ``gkl_at``.
 
 With natural logits :math:`z_{nat} = f(x)`, adversarial logits :math:`z_{adv} = f(x_{adv})` (both
 from the training forward, both carrying gradient) and labels :math:`y`:
@@ -10,7 +10,10 @@ from the training forward, both carrying gradient) and labels :math:`y`:
 - ``ikl_at``:   :math:`\mathrm{CE}(z_{nat}, y) + \beta\,\mathrm{wMSE}(z_{nat}, z_{adv}; P[y])
   + \alpha\,\mathrm{sCE}(\sigma(z_{nat}), z_{adv})` (:func:`dkl.ikl_loss`, T = 1 in the sCE), with
   :math:`P` a :class:`dkl.ClassPrior` (T = 4) fed with :math:`z_{nat}` of the training forward and
-  stepped at each epoch end; attack on IKL (α = β = 1) or on sCE alone.
+  stepped at each epoch end; attack on IKL (α = β = 1) or on sCE alone;
+- ``gkl_at``:   as ``ikl_at`` with :func:`dkl.gkl_loss` (the authors' successor, DKLv2): the prior
+  rows raised to ``gamma`` and the wMSE normalised by the batch's total pair weight; attack on GKL
+  with α = β = γ = 1.
 
 All losses are batch means. The adversarial examples come from :class:`dkl.attacks.TrainAttack`
 (natural logits computed once per batch, in eval mode, without grad).
@@ -38,7 +41,7 @@ from dkl.awp import AWP
 from dkl.config import AdversarialConfig, ConfigError
 from dkl.data import with_second_view
 from dkl.ema import ModelEMA
-from dkl.losses import ikl_loss
+from dkl.losses import gkl_loss, ikl_loss
 from dkl.prior import ClassPrior
 from dkl.recipes import register_recipe
 from dkl.train import StepContext, Task
@@ -52,9 +55,9 @@ __all__ = [
     "adversarial_loss",
 ]
 
-METHODS = ("standard", "pgd_at", "trades", "ikl_at")
+METHODS = ("standard", "pgd_at", "trades", "ikl_at", "gkl_at")
 #: the attack loss each method uses unless the config says otherwise
-DEFAULT_ATTACK_LOSS = {"pgd_at": "ce", "trades": "kl", "ikl_at": "ikl"}
+DEFAULT_ATTACK_LOSS = {"pgd_at": "ce", "trades": "kl", "ikl_at": "ikl", "gkl_at": "gkl"}
 
 
 def _check_method(method: str) -> None:
@@ -75,6 +78,7 @@ def adversarial_loss(
     *,
     alpha: float = 4.0,
     beta: float = 20.0,
+    gamma: float = 1.0,
     trades_beta: float = 6.0,
     class_weights: Tensor | None = None,
     n_basic: int | None = None,
@@ -84,7 +88,7 @@ def adversarial_loss(
 
     ``n_basic``: with a second view stacked after the basic one (rows ``[:n_basic]`` basic,
     ``[n_basic:]`` view), the robust term is ``robust(basic) + aug_weight · robust(view)``.
-    ``class_weights``: ``(B, C)`` GI rows for ``ikl_at``.
+    ``class_weights``: ``(B, C)`` GI rows for ``ikl_at`` and ``gkl_at`` (``gamma``: their power).
     """
     _check_method(method)
     if method == "standard":
@@ -106,6 +110,10 @@ def adversarial_loss(
         if method == "ikl_at":
             w = None if class_weights is None else class_weights[rows]
             return ikl_loss(z_adv[rows], z_nat[rows], alpha=alpha, beta=beta, class_weights=w)
+        if method == "gkl_at":
+            w = None if class_weights is None else class_weights[rows]
+            return gkl_loss(z_adv[rows], z_nat[rows], alpha=alpha, beta=beta, gamma=gamma,
+                            class_weights=w)  # fmt: skip
         # pgd_at: the robust term is the whole loss (CE on the adversarial examples)
         return F.cross_entropy(z_adv[rows], labels[rows])
 
@@ -130,12 +138,13 @@ class AdversarialLoss(nn.Module):
         *,
         alpha: float = 4.0,
         beta: float = 20.0,
+        gamma: float = 1.0,
         trades_beta: float = 6.0,
         aug_weight: float = 1.0,
     ) -> None:
         super().__init__()
         _check_method(method)
-        self.method, self.alpha, self.beta = method, alpha, beta
+        self.method, self.alpha, self.beta, self.gamma = method, alpha, beta, gamma
         self.trades_beta, self.aug_weight = trades_beta, aug_weight
 
     def forward(
@@ -148,7 +157,7 @@ class AdversarialLoss(nn.Module):
         n_basic: int | None = None,
     ) -> dict[str, Tensor]:
         return adversarial_loss(
-            self.method, z_nat, z_adv, labels, alpha=self.alpha, beta=self.beta,
+            self.method, z_nat, z_adv, labels, alpha=self.alpha, beta=self.beta, gamma=self.gamma,
             trades_beta=self.trades_beta, class_weights=class_weights, n_basic=n_basic,
             aug_weight=self.aug_weight,
         )  # fmt: skip
@@ -164,7 +173,8 @@ def training_attack(cfg: AdversarialConfig) -> TrainAttack | None:
         raise ValueError(f"adversarial.attack.loss: pgd_at attacks CE, got {loss!r}")
     init = a.init or ("uniform" if cfg.method == "pgd_at" else "normal")
     return TrainAttack(loss=loss, budget=a.budget, max_eps=a.eps, fixed_eps=a.fixed_eps,
-                       init=init, alpha=a.alpha, beta=a.beta, step_size=a.step_size)  # fmt: skip
+                       init=init, alpha=a.alpha, beta=a.beta, gamma=a.gamma,
+                       step_size=a.step_size)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,7 +184,7 @@ def training_attack(cfg: AdversarialConfig) -> TrainAttack | None:
 
 @register_recipe("adversarial", config=AdversarialConfig)
 class AdversarialTask(Task):
-    """Adversarial training (``standard`` / ``pgd_at`` / ``trades`` / ``ikl_at``), see the module doc.
+    """Adversarial training (``standard``, ``pgd_at``, ``trades``, ``ikl_at``, ``gkl_at``), see above.
 
     The attack runs on the unwrapped model (eval mode: no DDP synchronisation is needed for it);
     the training forwards go through the (possibly DDP-wrapped) model. The model evaluated and
@@ -188,10 +198,10 @@ class AdversarialTask(Task):
         a: AdversarialConfig = cfg.adversarial
         self.acfg = a
         self.attack = training_attack(a)
-        self.criterion = AdversarialLoss(a.method, alpha=a.alpha, beta=a.beta,
+        self.criterion = AdversarialLoss(a.method, alpha=a.alpha, beta=a.beta, gamma=a.gamma,
                                          trades_beta=a.trades_beta, aug_weight=a.aug_weight)  # fmt: skip
         self.prior: ClassPrior | None = None
-        if a.method == "ikl_at":
+        if a.method in ("ikl_at", "gkl_at"):
             self.prior = ClassPrior(ctx.info.num_classes, temperature=a.prior_temperature)
             self.prior.to(ctx.device)
         if a.aug_view and not ctx.eval_only:

@@ -1,4 +1,4 @@
-r"""Knowledge distillation: ``ce``, ``kd`` (Hinton), ``dkd`` (Zhao et al. 2022) and ``ikl``.
+r"""Knowledge distillation: ``ce``, ``kd`` (Hinton), ``dkd`` (Zhao et al. 2022), ``ikl``, ``gkl``.
 
 With student logits :math:`z_s`, teacher logits :math:`z_t` (teacher in eval mode, no grad),
 labels :math:`y`, temperature :math:`T` and the warm-up factor
@@ -15,6 +15,9 @@ labels :math:`y`, temperature :math:`T` and the warm-up factor
   sample, or with ``gi: true`` the row :math:`P[y]` of a :class:`dkl.ClassPrior` fed with the
   teacher's logits of each training batch (at ``prior_temperature``, default :math:`T_2` as in
   the authors' code) and stepped at every epoch end.
+- ``gkl``: as ``ikl`` with :func:`dkl.gkl_loss` (the authors' successor, DKLv2): the weights
+  (``gi``: the prior rows; else :math:`\sigma(z_t / T_2)`) raised to ``gamma`` and the wMSE
+  normalised by the batch's total pair weight.
 
 A teacher comes from a checkpoint file: a dkl run's ``best.pt`` (trained with ``method: ce``),
 one of mdistiller's released CIFAR-100 teachers (``{"model": state_dict}``), or a torchvision
@@ -38,7 +41,7 @@ from torch.utils.data import Dataset
 
 from dkl.config import ConfigError, DistillConfig, ModelConfig, TeacherConfig, preset_for_run
 from dkl.data import raw_images, split_labeled
-from dkl.losses import IKLLoss, KLLoss, kl_loss
+from dkl.losses import GKLLoss, IKLLoss, KLLoss, kl_loss
 from dkl.prior import ClassPrior
 from dkl.recipes import register_recipe
 from dkl.train import StepContext, Task, load_checkpoint
@@ -55,7 +58,7 @@ __all__ = [
     "kd_loss",
 ]
 
-METHODS = ("ce", "kd", "dkd", "ikl")
+METHODS = ("ce", "kd", "dkd", "ikl", "gkl")
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,6 +141,13 @@ class DistillLoss(nn.Module):
             temperature=cfg.temperature,
             weight_temperature=cfg.weight_temperature,
         )
+        self.gkl = GKLLoss(
+            alpha=cfg.alpha,
+            beta=cfg.beta,
+            gamma=cfg.gamma,
+            temperature=cfg.temperature,
+            weight_temperature=cfg.weight_temperature,
+        )
 
     def forward(
         self,
@@ -169,8 +179,10 @@ class DistillLoss(nn.Module):
             term = ramp * dkd_loss(
                 student, teacher, labels, alpha=c.alpha, beta=c.beta, temperature=c.temperature
             )
-        else:
+        elif c.method == "ikl":
             term = ramp * self.ikl(student, teacher, class_weights)
+        else:
+            term = ramp * self.gkl(student, teacher, class_weights)
         return {"loss": c.ce_weight * ce + term, "ce": ce.detach(), "kd": term.detach()}
 
 
@@ -283,7 +295,7 @@ class DistillTask(Task):
                 f"label_fraction={d.label_fraction:g}: the CE term sees the labels of "
                 f"{self.train_set.num_labeled} of {n} training images; the teacher sees all {n}"
             )
-        if d.method == "ikl" and d.gi:
+        if d.method in ("ikl", "gkl") and d.gi:
             self.prior = ClassPrior(
                 ctx.info.num_classes,
                 temperature=d.prior_temperature or d.weight_temperature,
