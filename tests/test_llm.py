@@ -210,8 +210,8 @@ def test_bad_inputs_raise_clearly():
     p = _problem()
     with pytest.raises(ValueError, match="ce_weight = 0.5 > 0 needs labels"):
         _fused(p, labels=None, ce_weight=0.5)
-    with pytest.raises(ValueError, match="Unknown reduction 'none'"):
-        _fused(p, reduction="none")
+    with pytest.raises(ValueError, match="Unknown reduction 'avg'"):
+        _fused(p, reduction="avg")
     with pytest.raises(ValueError, match="chunk_size a positive int, got 0"):
         _fused(p, chunk_size=0)
     with pytest.raises(ValueError, match=r"labels of shape \(37,\), got \(36,\)"):
