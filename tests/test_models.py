@@ -489,7 +489,7 @@ def test_timm_prefix_dispatches_to_timm(monkeypatch):
     fake.create_model = fake_create
     monkeypatch.setitem(sys.modules, "timm", fake)
     assert create_model("timm:tiny_net", 4, drop_rate=0.1).out_features == 4
-    assert calls == [("tiny_net", False, 4, {"drop_rate": 0.1})]
+    assert calls == [("tiny_net", False, 4, {"drop_rate": 0.1, "in_chans": 3})]
     with pytest.raises(ValueError, match="Unknown timm model 'tiny_nett'.*'tiny_net'"):
         create_model("timm:tiny_nett", 4)
     with pytest.raises(ValueError, match="would download weights"):

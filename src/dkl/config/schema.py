@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,19 +24,120 @@ class ConfigError(ValueError):
     """A configuration problem; the message is one line that names the offending key."""
 
 
+#: the augmentation policies ``data.augment`` names (dkl.data.POLICIES holds the same tuple)
+AUGMENT_POLICIES = (
+    "default",
+    "none",
+    "crop_flip",
+    "random_resized_crop",
+    "randaugment",
+    "imagenet",
+)
+_STATS = ("default", "auto", "imagenet")
+
+
 @dataclass
 class DataConfig:
-    """Which data set and how it is batched. ``batch_size`` is the GLOBAL batch (all ranks)."""
+    """Which data set, how its images are prepared, how it is batched.
 
-    name: str = "digits"  # digits | cifar10 | cifar100 | imagefolder
+    ``batch_size`` is the GLOBAL batch (all ranks). Preprocessing (``dkl.data.build_datasets``):
+
+    - ``image_size``: the side images are resized to (0: as stored; they must then all be one size).
+    - ``channels``: 1 (grey) or 3 (RGB); 0 keeps what the data holds: grey stays grey (1 when 16
+      evenly spaced training images are all grey, else 3).
+    - ``augment``: the train augmentation policy: ``none``; ``crop_flip`` (random crop after
+      ``crop_padding`` pixels of zero padding, -1 = one eighth of the side, 4 at 32);
+      ``random_resized_crop`` (area share in ``crop_scale``); ``randaugment`` (``ra_ops``
+      operations of magnitude ``ra_magnitude``); ``imagenet`` (random resized crop for training,
+      resize to side / 0.875 + centre crop for evaluation); ``default``: the data set's standard
+      (``crop_flip`` for CIFAR, ``none`` otherwise). ``flip`` adds a horizontal flip (p = 1/2)
+      to every policy but ``none``. Evaluation sees the images as ``none`` would (resized only),
+      except under ``imagenet``. ``true`` / ``false`` mean ``default`` / ``none``.
+    - ``mean`` / ``std``: per-channel lists for the model's input normalisation, or ``auto``
+      (computed on the training split, cached in the run folder), ``imagenet``, or ``default``
+      (the data set's published values where it has them and they fit ``channels``, else auto).
+    - ``val_fraction``: the share held out (stratified, fixed) as the test split of a data set
+      that has none (npz, hf). ``options``: extra arguments of the data set's builder.
+    """
+
+    name: str = "digits"  # digits, cifar10, cifar100, imagefolder, npz, hf or a registered name
     root: str = "data"
     download: bool = False
     batch_size: int = 64
     eval_batch_size: int = 256
     num_workers: int = 0
-    augment: bool = True  # standard train augmentation (crop + flip) where the data set has one
-    image_size: int = 224  # imagefolder only
+    image_size: int = 0
+    channels: int = 0
+    augment: str | bool = "default"
+    flip: bool = True
+    crop_padding: int = -1
+    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
+    ra_ops: int = 2
+    ra_magnitude: int = 9
+    mean: list | str = "default"
+    std: list | str = "default"
+    val_fraction: float = 0.2
+    options: dict = field(default_factory=dict)
     drop_last: bool = False
+
+    def validate(self) -> None:
+        if isinstance(self.augment, bool):  # the v0.1 switch
+            self.augment = "default" if self.augment else "none"
+        if self.augment not in AUGMENT_POLICIES:
+            raise ConfigError(
+                f"data.augment: expected one of {', '.join(AUGMENT_POLICIES)}, got {self.augment!r}"
+            )
+        if self.channels not in (0, 1, 3):
+            raise ConfigError(f"data.channels: expected 0 (as stored), 1 or 3, got {self.channels}")
+        if self.image_size < 0:
+            raise ConfigError(
+                f"data.image_size: expected >= 0 (0: as stored), got {self.image_size}"
+            )
+        if self.crop_padding < -1:
+            raise ConfigError(
+                f"data.crop_padding: expected pixels >= 0 or -1 (side / 8), got {self.crop_padding}"
+            )
+        lo_hi = self.crop_scale
+        if len(lo_hi) != 2 or not 0.0 < float(lo_hi[0]) <= float(lo_hi[1]) <= 1.0:
+            raise ConfigError(
+                f"data.crop_scale: expected [lo, hi] with 0 < lo <= hi <= 1, got {lo_hi}"
+            )
+        self.crop_scale = [float(v) for v in lo_hi]
+        if self.ra_ops < 0 or not 0 <= self.ra_magnitude <= 30:
+            raise ConfigError(
+                f"data.ra_ops / data.ra_magnitude: expected ops >= 0 and magnitude in 0..30, got "
+                f"{self.ra_ops} / {self.ra_magnitude}"
+            )
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(
+                f"data.val_fraction: expected a share in (0, 1), got {self.val_fraction}"
+            )
+        for key in ("mean", "std"):
+            setattr(self, key, self._stats(key, getattr(self, key)))
+
+    def _stats(self, key: str, value: list | str) -> list | str:
+        if isinstance(value, str):
+            if value not in _STATS:
+                raise ConfigError(
+                    f"data.{key}: expected a list of per-channel values or one of "
+                    f"{', '.join(_STATS)}, got {value!r}"
+                )
+            return value
+        try:
+            values = [float(v) for v in value]
+        except (TypeError, ValueError):
+            raise ConfigError(f"data.{key}: expected numbers, got {value!r}") from None
+        if len(values) not in (1, 3) or (self.channels and len(values) != self.channels):
+            want = self.channels or "1 or 3"
+            raise ConfigError(f"data.{key}: expected {want} per-channel values, got {len(values)}")
+        if key == "std" and min(values) <= 0:
+            raise ConfigError(f"data.std: expected every value > 0, got {values}")
+        return values
+
+    def dataset_options(self) -> dict:
+        """The keyword arguments of ``dkl.data.build_datasets`` this section sets."""
+        skip = ("batch_size", "eval_batch_size", "num_workers", "drop_last")
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
 @dataclass

@@ -5,17 +5,20 @@ is not done here: it lives inside the model (``dkl.models.with_normalization(mod
 the engine adds it from :class:`DataInfo` when ``model.normalize`` is true), so that adversarial
 attacks and evaluation work in true pixel space and every recipe sees the same inputs.
 
+Built in (:func:`list_datasets`; more with :func:`register_dataset`):
+
 - ``digits``: scikit-learn's ``load_digits`` (1,797 8×8 images, 10 classes, embedded, no download),
   pixels divided by 16, shaped (1, 8, 8), a fixed stratified split (1,347 train / 450 test,
-  ``random_state=0``) that does not depend on the run's seed.
-- ``cifar10`` / ``cifar100``: torchvision's loaders on ``root`` (``download`` honoured); train
-  augmentation = random crop 32 with 4-pixel padding + horizontal flip.
-- ``imagefolder``: ``root/train/<class>/*`` and ``root/val/<class>/*``; train = random resized crop
-  + flip, val = resize to ``image_size / 0.875`` + centre crop.
+  ``random_state=0``) that does not depend on the run's seed. Standard augmentation: none.
+- ``cifar10`` / ``cifar100``: torchvision's loaders on ``root`` (``download`` honoured); standard
+  augmentation ``crop_flip`` (random crop 32 after 4-pixel zero padding + horizontal flip).
+- ``imagefolder``, ``npz``, ``hf``: your own images (:mod:`dkl.data.sources`).
 
-Augmentation randomness is seeded per sample from ``(seed, epoch, index)`` (see
-:class:`SeededDataset`), so the data a step sees depends only on the seed, the epoch and the step,
-never on worker count or on where a run was interrupted: that is what makes resume exact.
+Preprocessing (channels, size, augmentation policy, mean / std) is the same for all of them; see
+:mod:`dkl.data.preprocess`. Augmentation randomness is seeded per sample from
+``(seed, epoch, index)`` (see :class:`SeededDataset`), so the data a step sees depends only on the
+seed, the epoch and the step, never on worker count or on where a run was interrupted: that is
+what makes resume exact.
 
 >>> train, test, info = build_datasets("digits")
 >>> len(train), len(test), info.num_classes, tuple(train[0][0].shape)
@@ -24,15 +27,17 @@ never on worker count or on where a run was interrupted: that is what makes resu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
+from .preprocess import POLICIES, PreparedImages, cached_stats, image_transforms, probe
 from .seeding import mix_seed
-from .transforms import crop_flip
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -43,13 +48,20 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "DataInfo",
+    "DataRequest",
+    "ImageSplits",
     "SeededDataset",
     "TensorImageDataset",
+    "UnknownDatasetError",
     "build_datasets",
+    "list_datasets",
+    "prepare_images",
     "raw_images",
+    "register_dataset",
 ]
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+#: the data sets dkl ships (more come from :func:`register_dataset`)
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "npz", "hf")
 
 # per-channel mean and std of the training images, for in-model normalisation
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -70,6 +82,7 @@ class DataInfo:
     input_shape: tuple[int, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    classes: tuple[str, ...] = ()
 
 
 class TensorImageDataset(Dataset):
@@ -92,6 +105,10 @@ class TensorImageDataset(Dataset):
     def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         t = torch.as_tensor(idx, dtype=torch.long)
         return self.images[t], self.labels[t]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.labels
 
 
 class SeededDataset(Dataset):
@@ -133,23 +150,248 @@ def raw_images(train_set: Any) -> tuple[Any, Any]:
     >>> tuple(images.shape), len(labels)
     ((1347, 1, 8, 8), 1347)
     """
-    if hasattr(train_set, "images") and hasattr(train_set, "labels"):  # digits (tensors)
-        return train_set.images, train_set.labels
-    base = getattr(train_set, "base", train_set)  # SeededDataset around a torchvision set
-    if hasattr(base, "data") and hasattr(base, "targets"):
-        return base.data, base.targets
+    node = train_set
+    while node is not None:
+        if hasattr(node, "images") and hasattr(node, "labels"):  # digits (tensors)
+            return node.images, node.labels
+        if getattr(node, "data", None) is not None and getattr(node, "targets", None) is not None:
+            return node.data, node.targets  # torchvision's CIFAR
+        node = getattr(node, "base", None) or getattr(node, "source", None)
     raise ValueError(
-        f"data set {type(base).__name__} exposes neither (images, labels) nor "
-        f"(data, targets); supported: digits, cifar10, cifar100"
+        f"data set {type(getattr(train_set, 'base', train_set)).__name__} exposes neither "
+        f"(images, labels) nor (data, targets); supported: digits, cifar10, cifar100"
     )
 
 
 # --------------------------------------------------------------------------------------------
-# Builders
+# The registry
 # --------------------------------------------------------------------------------------------
 
 
-def _digits(root: str, download: bool, augment: bool, seed: int):
+@dataclass(frozen=True)
+class DataRequest:
+    """What a run asks of its data: the ``data`` section of the config (less the batching), the
+    run's ``seed`` and the folder where computed statistics are cached. A builder registered with
+    :func:`register_dataset` receives one; most only read ``root`` and ``options``."""
+
+    name: str = "digits"
+    root: str = "data"
+    download: bool = False
+    seed: int = 0
+    image_size: int = 0
+    channels: int = 0
+    augment: str = "default"
+    flip: bool = True
+    crop_padding: int = -1
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    ra_ops: int = 2
+    ra_magnitude: int = 9
+    mean: Any = "default"
+    std: Any = "default"
+    val_fraction: float = 0.2
+    options: dict = field(default_factory=dict)
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.augment, bool):  # the v0.1 switch
+            object.__setattr__(self, "augment", "default" if self.augment else "none")
+        if self.augment not in POLICIES:
+            raise ValueError(
+                f"data.augment: expected one of {', '.join(POLICIES)}, got {self.augment!r}"
+            )
+        if self.channels not in (0, 1, 3):
+            raise ValueError(f"data.channels: expected 0, 1 or 3, got {self.channels!r}")
+        object.__setattr__(self, "crop_scale", tuple(float(v) for v in self.crop_scale))
+
+
+@dataclass
+class ImageSplits:
+    """What a builder may return instead of finished data sets: raw ``(image, label)`` items,
+    which :func:`prepare_images` brings to the requested channels, size, augmentation and
+    statistics.
+
+    ``train`` / ``test``: map-style data sets of ``(image, label)``; an image is a PIL image, an
+    array or tensor ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` (uint8 0..255 or float in [0, 1]).
+    ``classes``: the class names, or their number. ``mean`` / ``std``: the data set's published
+    statistics (used for ``mean: default``; ``None``: computed). ``augment``: the policy
+    ``augment: default`` means.
+    """
+
+    train: Any
+    test: Any
+    classes: Sequence[str] | int
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    augment: str = "none"
+
+
+Builder = Callable[[DataRequest], "ImageSplits | tuple[Dataset, Dataset, DataInfo]"]
+_REGISTRY: dict[str, Builder] = {}
+
+
+class UnknownDatasetError(ValueError):
+    """``data.name`` is neither built in nor registered."""
+
+
+def register_dataset(name: str) -> Callable[[Builder], Builder]:
+    """Decorator registering ``fn(request: DataRequest)`` as data set ``name``.
+
+    The builder returns an :class:`ImageSplits` of raw items (dkl then applies the run's
+    channels, size, augmentation and statistics) or a finished ``(train, test, DataInfo)``.
+    Registering a taken name is an error.
+
+    >>> @register_dataset("doc_pairs")
+    ... def doc_pairs(request):
+    ...     items = [(torch.full((1, 2, 2), i / 3), i % 2) for i in range(4)]
+    ...     return ImageSplits(train=items, test=items, classes=["even", "odd"])
+    >>> train, test, info = build_datasets("doc_pairs", mean=[0.5], std=[0.25])
+    >>> info.num_classes, info.input_shape, info.classes
+    (2, (1, 2, 2), ('even', 'odd'))
+    >>> del _REGISTRY["doc_pairs"]  # keep the doctest out of the real registry
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"Expected a non-empty data set name, got {name!r}")
+
+    def decorator(fn: Builder) -> Builder:
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            raise ValueError(f"data set {name!r} is already registered by {_REGISTRY[name]!r}")
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorator
+
+
+def list_datasets() -> list[str]:
+    """The names :func:`build_datasets` knows: the built-in ones and those registered."""
+    return sorted(_REGISTRY)
+
+
+def _unknown(name: str) -> str:
+    extra = sorted(set(_REGISTRY) - set(DATASETS))
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+    return (
+        f"unknown data set {name!r}{f' (did you mean {close[0]!r}?)' if close else ''}; built in: "
+        f"{', '.join(DATASETS)}; registered: {', '.join(extra) or 'none'} "
+        f"(dkl.data.register_dataset adds one)"
+    )
+
+
+def build_datasets(name: str = "digits", **options: Any) -> tuple[Dataset, Dataset, DataInfo]:
+    """Return ``(train, test, info)`` for the data set ``name``.
+
+    ``options`` are the fields of :class:`DataRequest` (``root``, ``download``, ``seed``,
+    ``image_size``, ``channels``, ``augment``, ``mean``, ``std``, ``cache_dir``...);
+    ``augment=True`` / ``False`` mean ``"default"`` / ``"none"``.
+    """
+    if name not in _REGISTRY:
+        raise UnknownDatasetError(_unknown(name))
+    request = DataRequest(name=name, **options)
+    out = _REGISTRY[name](request)
+    if isinstance(out, ImageSplits):
+        return prepare_images(out, request)
+    if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[2], DataInfo)):
+        raise TypeError(
+            f"data set {name!r}: the builder must return ImageSplits or (train, test, DataInfo), "
+            f"got {type(out).__name__}"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# From raw items to data sets
+# --------------------------------------------------------------------------------------------
+
+
+def prepare_images(splits: ImageSplits, request: DataRequest) -> tuple[Dataset, Dataset, DataInfo]:
+    """Apply ``request``'s channels, size, augmentation policy and statistics to raw splits.
+
+    The train split is wrapped in :class:`SeededDataset` when its transform is random. A
+    :class:`TensorImageDataset` of float images that needs no change at all is returned as it
+    is (batched fetches).
+    """
+    r = request
+    channels, stored = probe(splits.train, r.channels)
+    policy = splits.augment if r.augment == "default" else r.augment
+    side = r.image_size or (224 if policy == "imagenet" else 0)
+    size = (side, side) if side else stored
+    resize = bool(side)
+    train_tf, eval_tf = image_transforms(
+        policy, size, resize=resize, flip=r.flip, crop_padding=r.crop_padding,
+        crop_scale=r.crop_scale, ra_ops=r.ra_ops, ra_magnitude=r.ra_magnitude,
+    )  # fmt: skip
+    check = None if resize else stored
+    classes = tuple(str(c) for c in splits.classes) if not isinstance(splits.classes, int) else ()
+    num_classes = len(classes) if classes else int(splits.classes)
+    as_is = (
+        policy == "none"
+        and not resize
+        and all(
+            isinstance(s, TensorImageDataset)
+            and s.images.is_floating_point()
+            and s.images.ndim == 4
+            and s.images.shape[1] == channels
+            for s in (splits.train, splits.test)
+        )
+    )
+    if as_is:
+        train, test = splits.train, splits.test
+        stats_set = splits.train
+    else:
+        prepared = PreparedImages(splits.train, train_tf, channels=channels, size=check)
+        train = prepared if policy == "none" else SeededDataset(prepared, r.seed)
+        test = PreparedImages(splits.test, eval_tf, channels=channels, size=check)
+        stats_set = PreparedImages(splits.train, eval_tf, channels=channels, size=check)
+    root = r.root if not r.root else str(Path(r.root).expanduser().resolve())
+    key = f"{r.name}|{root}|{len(stats_set)}|{eval_tf!r}"
+    mean, std = _statistics(r, splits, channels, stats_set, key)
+    info = DataInfo(r.name, num_classes, (channels, *size), mean, std, classes)
+    return train, test, info
+
+
+def _fixed(key: str, value: Any, channels: int) -> tuple[float, ...] | None:
+    """A mean or std the request fixes (a list or ``imagenet``); ``None`` for default / auto."""
+    if isinstance(value, str):
+        if value == "imagenet":
+            if channels != 3:
+                raise ValueError(
+                    f"data.{key}=imagenet: ImageNet's values are for 3 channels, the images have "
+                    f"{channels}; set data.channels=3 or data.{key}=auto"
+                )
+            return IMAGENET_MEAN if key == "mean" else IMAGENET_STD
+        if value not in ("default", "auto"):
+            raise ValueError(
+                f"data.{key}: expected a list, default, auto or imagenet, got {value!r}"
+            )
+        return None
+    values = tuple(float(v) for v in value)
+    if len(values) != channels:
+        raise ValueError(
+            f"data.{key}: {len(values)} value(s) for images with {channels} channel(s)"
+        )
+    return values
+
+
+def _statistics(r: DataRequest, splits: ImageSplits, channels: int, stats_set: Any, key: str):
+    out = {}
+    for name, value, known in (("mean", r.mean, splits.mean), ("std", r.std, splits.std)):
+        fixed = _fixed(name, value, channels)
+        if fixed is None and value == "default" and known is not None and len(known) == channels:
+            fixed = tuple(known)
+        out[name] = fixed
+    if out["mean"] is None or out["std"] is None:
+        mean, std = cached_stats(stats_set, key, r.cache_dir)
+        out["mean"] = out["mean"] or mean
+        out["std"] = out["std"] or std
+    return out["mean"], out["std"]
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in data sets: digits and CIFAR (imagefolder, npz and hf live in sources.py)
+# --------------------------------------------------------------------------------------------
+
+
+@register_dataset("digits")
+def _digits(request: DataRequest) -> ImageSplits:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -165,22 +407,20 @@ def _digits(root: str, download: bool, augment: bool, seed: int):
     test = TensorImageDataset(x[te].contiguous(), y[te].contiguous())
     mean = (float(train.images.mean()),)
     std = (float(train.images.std()),)
-    return train, test, DataInfo("digits", 10, (1, 8, 8), mean, std)
+    return ImageSplits(train, test, [str(c) for c in range(10)], mean, std)
 
 
-def _cifar(name: str, root: str, download: bool, augment: bool, seed: int):
+def _cifar(request: DataRequest) -> ImageSplits:
+    name, root = request.name, request.root
     try:
-        from torchvision import datasets, transforms
+        from torchvision import datasets
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ImportError(f"data '{name}' needs torchvision: pip install 'dkl[vision]'") from e
 
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-    train_tf = [transforms.ToTensor()]
-    if augment:
-        train_tf = [*crop_flip(32, padding=4), transforms.ToTensor()]
     try:
-        train = cls(root, train=True, download=download, transform=transforms.Compose(train_tf))
-        test = cls(root, train=False, download=download, transform=transforms.ToTensor())
+        train = cls(root, train=True, download=request.download)
+        test = cls(root, train=False, download=request.download)
     except RuntimeError as e:
         raise FileNotFoundError(
             f"data '{name}' not found under '{root}' ({e}); set data.download=true or point "
@@ -188,66 +428,8 @@ def _cifar(name: str, root: str, download: bool, augment: bool, seed: int):
             f"{'cifar-10-batches-py' if name == 'cifar10' else 'cifar-100-python'}"
         ) from None
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
-    n_cls = 10 if name == "cifar10" else 100
-    return SeededDataset(train, seed), test, DataInfo(name, n_cls, (3, 32, 32), mean, std)
+    return ImageSplits(train, test, list(train.classes), mean, std, augment="crop_flip")
 
 
-def _imagefolder(root: str, download: bool, augment: bool, seed: int, image_size: int = 224):
-    try:
-        from torchvision import datasets, transforms
-    except ImportError as e:  # pragma: no cover
-        raise ImportError("data 'imagefolder' needs torchvision: pip install 'dkl[vision]'") from e
-    for split in ("train", "val"):
-        if not (Path(root) / split).is_dir():
-            raise FileNotFoundError(
-                f"data 'imagefolder': expected class folders under '{Path(root) / split}'"
-            )
-    if augment:
-        train_tf = transforms.Compose(
-            [
-                transforms.RandomResizedCrop(image_size),
-                transforms.RandomHorizontalFlip(),
-                transforms.ToTensor(),
-            ]
-        )
-    else:
-        train_tf = transforms.Compose(
-            [transforms.Resize((image_size, image_size)), transforms.ToTensor()]
-        )
-    val_tf = transforms.Compose(
-        [
-            transforms.Resize(round(image_size / 0.875)),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-        ]
-    )
-    train = datasets.ImageFolder(str(Path(root) / "train"), transform=train_tf)
-    val = datasets.ImageFolder(str(Path(root) / "val"), transform=val_tf)
-    if train.classes != val.classes:
-        raise ValueError(
-            f"imagefolder: train and val class folders differ ({len(train.classes)} vs "
-            f"{len(val.classes)} classes)"
-        )
-    info = DataInfo(
-        "imagefolder", len(train.classes), (3, image_size, image_size), IMAGENET_MEAN, IMAGENET_STD
-    )
-    return SeededDataset(train, seed), val, info
-
-
-def build_datasets(
-    name: str = "digits",
-    *,
-    root: str = "data",
-    download: bool = False,
-    augment: bool = True,
-    seed: int = 0,
-    image_size: int = 224,
-) -> tuple[Dataset, Dataset, DataInfo]:
-    """Return ``(train, test, info)`` for a data set named in :data:`DATASETS`."""
-    if name == "digits":
-        return _digits(root, download, augment, seed)
-    if name in ("cifar10", "cifar100"):
-        return _cifar(name, root, download, augment, seed)
-    if name == "imagefolder":
-        return _imagefolder(root, download, augment, seed, image_size)
-    raise ValueError(f"unknown data set {name!r}; expected one of {', '.join(DATASETS)}")
+register_dataset("cifar10")(_cifar)
+register_dataset("cifar100")(_cifar)

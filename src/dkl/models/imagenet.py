@@ -1,10 +1,19 @@
-"""ImageNet models from torchvision (``tv:<name>``) and timm (``timm:<name>``), random init only.
+"""ImageNet models from torchvision (``tv:<name>``) and timm (``timm:<name>``).
 
-Pretrained weights are never downloaded: pass a local file (for example a torchvision
-``resnet34-b627a593.pth``, which is a raw state_dict) as ``create_model(..., checkpoint=path)``.
+Pretrained weights are never downloaded. Load a local file either way:
+
+- any model: ``create_model(..., checkpoint=path)`` (for example a torchvision
+  ``resnet34-b627a593.pth``, a raw state_dict), loaded strictly by :func:`dkl.models.load_weights`;
+- timm models: timm's own ``pretrained_cfg_overlay={"file": path}`` (``pretrained=True`` is
+  implied), which lets timm adapt the file to the model: a classifier of another size is left
+  out (and stays randomly initialised) and the first convolution follows ``in_chans``. The file
+  is read with ``torch.load(weights_only=True)`` or safetensors.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
 
 from torch import nn
 
@@ -39,17 +48,58 @@ def torchvision_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
 
 
-def timm_model(name: str, num_classes: int, **kwargs) -> nn.Module:
-    """``timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)``."""
+# keys of timm's pretrained_cfg that point at a download
+_TIMM_REMOTE_KEYS = ("url", "hf_hub_id", "hf_hub_filename", "source")
+
+
+def _local_overlay(name: str, kwargs: dict) -> dict | None:
+    """timm's ``pretrained_cfg_overlay`` when it names a local ``file`` (popped from ``kwargs``
+    with ``pretrained``); ``None`` when there is none; an error for anything that downloads."""
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    if overlay is None:
+        return None
+    if not isinstance(overlay, Mapping) or not overlay.get("file"):
+        raise ValueError(
+            f"timm:{name}: pretrained_cfg_overlay must name a local weight file, "
+            f"{{'file': 'path/to/weights.pth'}}, got {overlay!r}"
+        )
+    remote = [k for k in _TIMM_REMOTE_KEYS if overlay.get(k)]
+    if remote:
+        raise ValueError(
+            f"timm:{name}: pretrained_cfg_overlay keys {remote} would download weights; give "
+            f"only a local 'file'"
+        )
+    path = Path(str(overlay["file"])).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Weight file not found: {path} (timm:{name} pretrained_cfg_overlay)"
+        )
+    if kwargs.get("pretrained") not in (None, True):
+        raise ValueError(f"timm:{name}: pretrained={kwargs['pretrained']!r} with a weight file")
+    del kwargs["pretrained_cfg_overlay"]
+    kwargs.pop("pretrained", None)
+    # timm reads 'file' before any remote source once 'source' is not the hub
+    return {**overlay, "file": str(path.resolve()), "source": ""}
+
+
+def timm_model(name: str, num_classes: int, *, in_chans: int = 3, **kwargs) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+    **kwargs)``, or with ``pretrained_cfg_overlay={"file": path}`` the same model built by timm
+    from that local file (see the module docstring)."""
     try:
         import timm
     except ImportError as err:
         raise ImportError(f"timm:{name} needs timm: pip install 'dkl[timm]'") from err
+    overlay = _local_overlay(name, kwargs)
     _reject_downloads("timm", kwargs)
     known = timm.list_models()
     if name not in known:
         raise ValueError(_unknown_message(name, list(known), "timm model"))
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    if overlay is not None:
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
+    else:
+        kwargs["pretrained"] = False
+    return timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
 def _register_alias(name: str) -> None:

@@ -19,16 +19,20 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Callable
+import inspect
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .weights import load_weights
 
 __all__ = [
     "ModelEntry",
+    "adapt_input_channels",
     "create_model",
     "list_models",
     "model_entry",
@@ -134,6 +138,7 @@ def create_model(
     name: str,
     num_classes: int,
     *,
+    input_shape: Sequence[int] | None = None,
     checkpoint: str | Path | None = None,
     strict: bool = True,
     **kwargs,
@@ -143,6 +148,11 @@ def create_model(
     Args:
         name: a registered name, ``tv:<torchvision name>`` or ``timm:<timm name>``.
         num_classes: size of the classifier output.
+        input_shape: the ``(C, H, W)`` of one input, when the model must fit it: a constructor
+            that takes ``in_channels`` / ``in_chans`` gets ``C`` and one that takes
+            ``in_features`` gets ``C * H * W`` (unless given in ``kwargs``, which must then
+            agree); any other model whose first convolution expects another channel count has
+            it replaced by :func:`adapt_input_channels`.
         checkpoint: optional local weight file, loaded with :func:`dkl.models.load_weights`.
         strict: passed to ``load_weights``.
         **kwargs: constructor options (e.g. ``hidden=(64,)`` for ``mlp``, ``width=8`` for
@@ -152,6 +162,8 @@ def create_model(
     >>> m = create_model("resnet8", 100)
     >>> m(torch.zeros(2, 3, 32, 32)).shape
     torch.Size([2, 100])
+    >>> create_model("resnet8", 10, input_shape=(1, 28, 28))(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
     """
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"Expected num_classes to be a positive int, got {num_classes!r}")
@@ -159,15 +171,87 @@ def create_model(
         raise TypeError(f"Expected the model name as a str, got {type(name).__name__}")
     prefix, sep, rest = name.partition(":")
     if sep and prefix in _PREFIXES:
-        model = _PREFIXES[prefix](rest, num_classes, **kwargs)
+        fn = _PREFIXES[prefix]
+        fits = _fit_input(fn, kwargs, input_shape)
+        model = fn(rest, num_classes, **kwargs)
     else:
         entry = model_entry(name)
+        fits = _fit_input(entry.fn, kwargs, input_shape)
         try:
             model = entry.fn(num_classes, **kwargs)
         except TypeError as err:
             if "unexpected keyword" in str(err):
                 raise TypeError(f"Model {name!r} got an unknown option: {err}") from None
             raise
+    if input_shape is not None and not fits:
+        adapt_input_channels(model, int(input_shape[0]))
     if checkpoint is not None:
         load_weights(model, checkpoint, strict=strict)
+    return model
+
+
+_INPUT_OPTIONS = ("in_channels", "in_chans", "in_features")
+
+
+def _fit_input(fn: Callable, kwargs: dict, input_shape: Sequence[int] | None) -> bool:
+    """Set the input options ``fn`` declares from ``input_shape`` (in place in ``kwargs``);
+    ``True`` when it declares one."""
+    if input_shape is None:
+        return False
+    shape = tuple(int(v) for v in input_shape)
+    if len(shape) < 1 or min(shape) < 1:
+        raise ValueError(f"Expected input_shape (C, H, W) of positive sizes, got {input_shape!r}")
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+    wanted = {"in_channels": shape[0], "in_chans": shape[0], "in_features": math.prod(shape)}
+    declared = [k for k in _INPUT_OPTIONS if k in params]
+    for key in declared:
+        if key in kwargs and kwargs[key] != wanted[key]:
+            raise ValueError(
+                f"model option {key}={kwargs[key]!r} does not fit inputs of shape {shape} "
+                f"({key}={wanted[key]}); leave it out to have it set from the data"
+            )
+        kwargs[key] = wanted[key]
+    return bool(declared)
+
+
+def adapt_input_channels(model: nn.Module, channels: int) -> nn.Module:
+    """Make the model's first ``Conv2d`` take ``channels`` input channels (in place).
+
+    The new filters are the old ones summed over their input channels for one channel, so the
+    adapted model on a grey image equals the original on that image repeated over its channels;
+    for other counts they are the old ones repeated and scaled by ``old / channels`` (timm's
+    ``adapt_input_conv`` rule). A model without a convolution, or whose first one already takes
+    ``channels``, is left as it is.
+
+    >>> import torch
+    >>> net = adapt_input_channels(create_model("resnet8", 10), 1)
+    >>> net.conv1.in_channels
+    1
+    """
+    first = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None or first[1].in_channels == channels:
+        return model
+    path, conv = first
+    if conv.groups != 1:
+        raise ValueError(f"cannot adapt the grouped input convolution {path!r} to {channels}")
+    old = conv.weight.detach()
+    if channels == 1:
+        weight = old.sum(1, keepdim=True)
+    else:
+        reps = -(-channels // old.shape[1])
+        weight = old.repeat(1, reps, 1, 1)[:, :channels] * (old.shape[1] / channels)
+    new = nn.Conv2d(
+        channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, 1, conv.bias is not None, conv.padding_mode,
+        device=old.device, dtype=old.dtype,
+    )  # fmt: skip
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    parent_path, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, attr, new)
     return model

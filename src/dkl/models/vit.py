@@ -73,18 +73,18 @@ def _vit(
 
 @register_model("vit_small_patch2_32", family="cifar")
 def vit_small_patch2_32(
-    num_classes: int = 100, *, drop_path_rate: float = 0.2, **kwargs
+    num_classes: int = 100, *, drop_path_rate: float = 0.2, in_chans: int = 3, **kwargs
 ) -> nn.Module:
     """USB's ``vit_small_patch2_32``: ViT-S/2 at 32×32. ``pretrained=path`` loads USB weights."""
-    return _vit(num_classes, 384, 6, drop_path_rate, **kwargs)
+    return _vit(num_classes, 384, 6, drop_path_rate, in_chans=in_chans, **kwargs)
 
 
 @register_model("vit_tiny_patch2_32", family="cifar")
 def vit_tiny_patch2_32(
-    num_classes: int = 100, *, drop_path_rate: float = 0.1, **kwargs
+    num_classes: int = 100, *, drop_path_rate: float = 0.1, in_chans: int = 3, **kwargs
 ) -> nn.Module:
     """USB's ``vit_tiny_patch2_32``: ViT-Ti/2 at 32×32."""
-    return _vit(num_classes, 192, 3, drop_path_rate, **kwargs)
+    return _vit(num_classes, 192, 3, drop_path_rate, in_chans=in_chans, **kwargs)
 
 
 def resize_pos_embed(posemb: Tensor, num_tokens_new: int, num_prefix_tokens: int = 1) -> Tensor:

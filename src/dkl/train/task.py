@@ -119,7 +119,9 @@ class RunContext:
         from dkl import models
 
         try:
-            m = models.create_model(mcfg.name, self.info.num_classes, **mcfg.kwargs)
+            m = models.create_model(
+                mcfg.name, self.info.num_classes, input_shape=self.info.input_shape, **mcfg.kwargs
+            )
         except (KeyError, ValueError, TypeError) as e:
             raise ConfigError(f"model '{mcfg.name}': {e}") from None
         if mcfg.checkpoint:
