@@ -108,6 +108,22 @@ def test_errors():
         ClassPrior(3).load_state_dict(ClassPrior(4).state_dict())
 
 
+def test_neg_inf_logits_are_zero_probability_classes_and_empty_batches_are_no_ops():
+    prior = ClassPrior(3)
+    prior.update(torch.tensor([[float("-inf"), 1.0, 0.0], [2.0, 0.0, 0.0]]), torch.tensor([0, 0]))
+    prior.update(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    prior.step()
+    e = torch.e
+    row0 = torch.tensor([0.0, e / (e + 1), 1 / (e + 1)])  # class 0 ruled out
+    row1 = torch.tensor([e**2, 1.0, 1.0]) / (e**2 + 2)
+    torch.testing.assert_close(prior.prior[0], (row0 + row1) / 2)
+    torch.testing.assert_close(prior.prior[1], torch.full((3,), 1 / 3))
+    # a row the target rules out entirely is no distribution: step() refuses it
+    prior.update(torch.full((1, 3), float("-inf")), torch.tensor([2]))
+    with pytest.raises(FloatingPointError, match=r"non-finite values in the class means"):
+        prior.step()
+
+
 def test_running_state_round_trip():
     prior = ClassPrior(3)
     prior.update(torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]), torch.tensor([0, 2]))

@@ -78,7 +78,12 @@ class ClassPrior(nn.Module):
 
     @torch.no_grad()
     def update(self, target_logits: Tensor, labels: Tensor) -> None:
-        """Accumulate ``σ(target_logits / T)`` of a batch into the rows of its labels."""
+        """Accumulate ``σ(target_logits / T)`` of a batch into the rows of its labels.
+
+        A ``-inf`` logit gives its class probability 0. Values are not read here (no host sync
+        per step): a row with NaN, ``+inf`` or only ``-inf`` makes :meth:`step` raise, and the
+        loss computed from the same logits is NaN in that step already.
+        """
         if not isinstance(target_logits, Tensor) or target_logits.dim() != 2:
             got = (
                 tuple(target_logits.shape)
