@@ -1,0 +1,289 @@
+"""IKL / KL distillation inside Hugging Face's ``Trainer`` and TRL's ``SFTTrainer``.
+
+``pip install "dkl[llm]"`` (transformers, accelerate, trl).
+
+::
+
+    from transformers import TrainingArguments
+    from dkl.integrations.transformers import DistillationArguments, DistillationTrainer
+
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        distill=DistillationArguments(loss="ikl", alpha=1.0, beta=1.0, temperature=1.0,
+                                      weight_temperature=1.0, ce_weight=0.0),
+        args=TrainingArguments(output_dir="out", gradient_accumulation_steps=4),
+        train_dataset=train_set, data_collator=collator)
+    trainer.train()
+
+With TRL's data pipeline (chat templates, packing, completion-only labels), mix the same behaviour
+into its trainer: ``IKLSFTTrainer = with_distillation(trl.SFTTrainer)``.
+
+What the loss step does (:meth:`DistillationMixin.compute_loss`): one forward of the student and
+one of the teacher (no gradient) with ``output_hidden_states=True`` and ``logits_to_keep=1``, so no
+model forms its ``(N, V)`` logits; then :func:`dkl.llm.fused_linear_ikl` (or ``_kl``) on the last
+hidden states and the output heads (gathered first under FSDP / DeepSpeed ZeRO-3, see
+:func:`dkl.llm.gathered_output_head`). Position ``i`` predicts token ``i + 1``; tokens whose label
+is ``-100`` are left out. Logit soft-capping (Gemma-2's ``final_logit_softcapping``) and scaling
+(Cohere's ``logit_scale``, Granite's ``logits_scaling``) are read from each model's config and
+applied inside the chunks, so the loss is that of the logits the models actually produce.
+
+Gradient accumulation: the summed loss of a micro-batch is divided by ``num_items_in_batch``, the
+Trainer's count of valid tokens over all micro-batches of the optimiser step (and all devices,
+with ``average_tokens_across_devices``), so 4 micro-batches accumulate to exactly the loss and
+gradients of one batch 4 times larger, however the valid tokens are spread over them.
+
+A batch may carry the teacher as ``teacher_topk_indices`` / ``teacher_topk_values``
+``(B, L, k)`` (from :class:`dkl.llm.TopKCache` through :class:`dkl.llm.topk.TopKCollator`); the
+teacher model is then not run, and may be ``None``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dkl.llm import fused_linear_ikl, fused_linear_kl, gathered_output_head
+from dkl.llm.sharded import last_hidden_state, unwrap_model
+
+__all__ = [
+    "DistillationArguments",
+    "DistillationMixin",
+    "DistillationTrainer",  # noqa: F822  (built on first access: imports transformers.Trainer)
+    "causal_lm_distillation_loss",
+    "logit_transform",
+    "with_distillation",
+]
+
+LOSSES = ("ikl", "kl")
+_NOT_MODEL_INPUTS = frozenset(
+    {"labels", "shift_labels", "teacher_topk_indices", "teacher_topk_values"}
+)
+
+
+@dataclass
+class DistillationArguments:
+    """The distillation settings of :class:`DistillationTrainer`.
+
+    ``loss="ikl"`` needs ``alpha`` (soft-label CE weight), ``beta`` (wMSE weight),
+    ``temperature`` and ``weight_temperature`` (as in :func:`dkl.ikl_loss`); ``loss="kl"`` needs
+    ``temperature``. ``ce_weight`` adds the hard-label cross-entropy on the same tokens.
+    ``topk_tail`` is used when batches carry a top-k teacher.
+    """
+
+    loss: str = "ikl"
+    alpha: float | None = None
+    beta: float | None = None
+    temperature: float | None = None
+    weight_temperature: float | None = None
+    ce_weight: float = 0.0
+    chunk_size: int = 1024
+    topk_tail: str = "renormalize"
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"Unknown distillation loss {self.loss!r}: expected one of {LOSSES}")
+        needed = ("alpha", "beta", "temperature", "weight_temperature")
+        needed = needed if self.loss == "ikl" else ("temperature",)
+        missing = [n for n in needed if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"loss={self.loss!r} needs {', '.join(missing)} (no hidden defaults)")
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        kw = asdict(self)
+        kw.pop("loss")
+        if self.loss == "kl":
+            for name in ("alpha", "beta", "weight_temperature"):
+                kw.pop(name)
+        return kw
+
+
+def logit_transform(model: nn.Module) -> dict[str, float | None]:
+    """``{"logit_scale", "softcap"}`` of a Hugging Face model's final logits, from its config.
+
+    >>> from types import SimpleNamespace
+    >>> logit_transform(SimpleNamespace(config=SimpleNamespace(final_logit_softcapping=30.0)))
+    {'logit_scale': 1.0, 'softcap': 30.0}
+    """
+    cfg = getattr(unwrap_model(model), "config", None)
+    scale = 1.0
+    if getattr(cfg, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+        scale *= float(cfg.logit_scale)
+    if getattr(cfg, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
+        scale /= float(cfg.logits_scaling)
+    softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2 / 3
+    return {"logit_scale": scale, "softcap": float(softcap) if softcap else None}
+
+
+def causal_lm_distillation_loss(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    inputs: dict[str, Any],
+    distill: DistillationArguments,
+) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """The summed distillation loss of one batch: ``(loss_sum, parts_sum, valid_token_count)``.
+
+    ``inputs`` holds the model inputs (``input_ids``, ``attention_mask``, ...) and ``labels``
+    ``(B, L)`` (or ``shift_labels``, already shifted), optionally ``teacher_topk_indices`` /
+    ``teacher_topk_values`` ``(B, L, k)``. Divide by a token count to get a mean; the Trainer
+    divides by ``num_items_in_batch``.
+    """
+    labels = inputs.get("shift_labels")
+    shift = labels is None
+    if shift:
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ValueError(
+                "Expected the batch to carry labels (next-token targets, -100 where ignored) for "
+                "distillation, got keys " + ", ".join(sorted(inputs))
+            )
+        labels = labels[..., 1:]
+    model_inputs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
+
+    def cut(x: Tensor) -> Tensor:  # position i predicts token i + 1: drop the last position
+        return x[:, :-1] if shift else x
+
+    s_hidden = cut(last_hidden_state(student, model_inputs))
+    s_tf = logit_transform(student)
+    kw: dict[str, Any] = {
+        **distill.loss_kwargs(),
+        "labels": labels.to(s_hidden.device),
+        "reduction": "sum",
+        "return_parts": True,
+        "student_logit_scale": s_tf["logit_scale"],
+        "student_softcap": s_tf["softcap"],
+    }
+    fn = fused_linear_ikl if distill.loss == "ikl" else fused_linear_kl
+    if "teacher_topk_indices" in inputs:
+        kw["teacher_topk"] = (
+            cut(inputs["teacher_topk_indices"]).to(s_hidden.device),
+            cut(inputs["teacher_topk_values"]).to(s_hidden.device),
+        )
+        t_hidden, teacher_head = None, contextlib.nullcontext((None, None))
+    else:
+        if teacher is None:
+            raise ValueError(
+                "Expected a teacher_model, or batches carrying teacher_topk_indices / "
+                "teacher_topk_values"
+            )
+        with torch.no_grad():
+            t_hidden = cut(last_hidden_state(teacher, model_inputs)).to(s_hidden.device)
+        t_tf = logit_transform(teacher)
+        kw.update(teacher_logit_scale=t_tf["logit_scale"], teacher_softcap=t_tf["softcap"])
+        teacher_head = gathered_output_head(teacher, grad=False)
+    with gathered_output_head(student, grad=True) as (ws, bs), teacher_head as (wt, bt):
+        if wt is None:  # a top-k teacher from the batch
+            loss, parts = fn(s_hidden, ws, student_bias=bs, **kw)
+        else:
+            dev = s_hidden.device
+            bt = bt.to(dev) if bt is not None else None
+            loss, parts = fn(
+                s_hidden, ws, t_hidden, wt.to(dev), student_bias=bs, teacher_bias=bt, **kw
+            )
+    count = (labels != -100).sum()
+    return loss, parts, count
+
+
+class DistillationMixin:
+    """Turns a Hugging Face ``Trainer`` (or a subclass such as TRL's ``SFTTrainer``) into a
+    distillation trainer; see the module docstring. Extra keyword arguments:
+
+    Args:
+        teacher_model: the frozen teacher (put in eval mode, no gradients, moved to the
+            student's device; prepared by ``accelerate`` under DeepSpeed / FSDP). ``None`` when
+            batches carry a top-k teacher.
+        distill: :class:`DistillationArguments` (or a dict of them).
+
+    The loss parts (``wmse``, ``sce`` / ``kl``, ``ce``: per-token means, unweighted) are logged
+    next to ``loss`` as ``distill/<part>``.
+    """
+
+    # the loss returned by compute_loss is already divided by num_items_in_batch
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        *args: Any,
+        teacher_model: nn.Module | None = None,
+        distill: DistillationArguments | dict | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if distill is None:
+            raise TypeError("Expected distill=DistillationArguments(...), got none")
+        self.distill = (
+            distill
+            if isinstance(distill, DistillationArguments)
+            else (DistillationArguments(**distill))
+        )
+        super().__init__(*args, **kwargs)
+        # Makes every transformers >= 4.46 count num_items_in_batch over the accumulated
+        # micro-batches and leave the loss it returns unscaled (compute_loss divides by it).
+        self.model_accepts_loss_kwargs = True
+        self.teacher = self._prepare_teacher(teacher_model) if teacher_model is not None else None
+        self._parts: dict[str, Tensor] = {}
+        self._parts_batches = 0
+
+    def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        teacher.eval().requires_grad_(False)
+        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
+            return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        return teacher.to(self.args.device)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,
+    ):
+        total, parts, count = causal_lm_distillation_loss(model, self.teacher, inputs, self.distill)
+        if num_items_in_batch is None:
+            loss = total / count.clamp_min(1)
+        else:
+            loss = total / torch.as_tensor(num_items_in_batch, device=total.device).clamp_min(1)
+            if self.args.average_tokens_across_devices:
+                # num_items_in_batch counts every device's tokens; DDP / FSDP average the grads
+                loss = loss * self.accelerator.num_processes
+        if model.training:
+            n = count.clamp_min(1)
+            for k, v in parts.items():
+                self._parts[k] = self._parts.get(k, 0.0) + (v / n).detach()
+            self._parts_batches += 1
+        return (loss, {"loss": loss.detach()}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self._parts_batches and "loss" in logs:
+            for k, v in self._parts.items():
+                value = float(v) / self._parts_batches
+                logs[f"distill/{k}"] = round(value, 6) if math.isfinite(value) else value
+            self._parts, self._parts_batches = {}, 0
+        super().log(logs, *args, **kwargs)
+
+
+def with_distillation(trainer_cls: type) -> type:
+    """``trainer_cls`` with :class:`DistillationMixin` in front, e.g. TRL's ``SFTTrainer``.
+
+    >>> class Base:
+    ...     pass
+    >>> with_distillation(Base).__name__
+    'DistillationBase'
+    """
+    return type(f"Distillation{trainer_cls.__name__}", (DistillationMixin, trainer_cls), {})
+
+
+def __getattr__(name: str):
+    # DistillationTrainer imports transformers only when asked for
+    if name == "DistillationTrainer":
+        from transformers import Trainer
+
+        cls = with_distillation(Trainer)
+        cls.__name__ = cls.__qualname__ = "DistillationTrainer"
+        cls.__module__ = __name__
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

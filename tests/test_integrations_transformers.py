@@ -1,0 +1,272 @@
+"""dkl.integrations.transformers: the Trainer path against a hand-written materialised reference.
+
+The reference runs the models normally (full logits from ``model(...).logits``, so soft-capping
+is whatever the model's own forward does), shifts labels by hand and writes IKL out with the
+paper's pairwise wMSE in float64. Gradient accumulation is checked by training one step with 4
+micro-batches and one with a single batch 4 times larger.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from dkl.integrations.transformers import (
+    DistillationArguments,
+    causal_lm_distillation_loss,
+    with_distillation,
+)
+from dkl.llm import topk_logprobs
+
+V = 40
+IKL = DistillationArguments(
+    loss="ikl", alpha=1.0, beta=0.5, temperature=2.0, weight_temperature=1.0, ce_weight=0.3
+)
+
+
+def _llama(vocab=V, hidden=16, layers=1, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def _batch(n=4, length=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (n, length), generator=g)
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    for i in range(n):  # ragged lengths: right padding, labels -100 there
+        cut = length - (i * 2) % 5
+        mask[i, cut:] = 0
+        labels[i, cut:] = -100
+    labels[0, :3] = -100  # a masked "prompt"
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _ikl_rows(zs, zt, alpha, beta, temperature, weight_temperature):
+    """Per-token IKL, pairwise wMSE form, float64."""
+    w = torch.softmax(zt / weight_temperature, 1)
+    d = (zt[:, :, None] - zt[:, None, :]) - (zs[:, :, None] - zs[:, None, :])
+    wmse = 0.25 * (w[:, :, None] * w[:, None, :] * d**2).sum((1, 2))
+    p = torch.softmax(zt / temperature, 1)
+    sce = -(p * torch.log_softmax(zs / temperature, 1)).sum(1)
+    return beta * wmse + alpha * sce
+
+
+def _reference_loss(student, teacher, batch, d: DistillationArguments):
+    """Mean over valid next-token positions of IKL + ce_weight * CE, from full logits."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    zs = student(**inputs).logits[:, :-1].double()
+    with torch.no_grad():
+        zt = teacher(**inputs).logits[:, :-1, :V].double()  # teacher vocab cut to the student's
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    zs, zt, y = zs[keep], zt[keep], labels[keep]
+    rows = _ikl_rows(zs, zt, d.alpha, d.beta, d.temperature, d.weight_temperature)
+    rows = rows + d.ce_weight * F.cross_entropy(zs, y, reduction="none")
+    return rows.mean()
+
+
+def _trainer(student, teacher, tmp_path, distill=IKL, trainer_cls=None, **args):
+    from transformers import Trainer, TrainingArguments
+
+    targs = TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        **args,
+    )
+    cls = with_distillation(trainer_cls or Trainer)
+    return cls(model=student, teacher_model=teacher, distill=distill, args=targs)
+
+
+def test_trainer_loss_and_grads_match_materialised_reference(tmp_path):
+    student, teacher = _llama(seed=0), _llama(vocab=V + 8, hidden=24, layers=2, seed=1)
+    trainer = _trainer(student, teacher, tmp_path)
+    batch = _batch()
+    loss = trainer.compute_loss(student, dict(batch))
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+    ref = _reference_loss(student, teacher, batch, IKL)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    for n, p in student.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_gradient_accumulation_over_4_micro_batches_equals_one_batch(tmp_path):
+    data = [{k: v[i] for k, v in _batch(n=8, seed=3).items()} for i in range(8)]
+
+    def collate(features):
+        return {k: torch.stack([f[k] for f in features]) for k in features[0]}
+
+    results = []
+    for bs, accum in ((8, 1), (2, 4)):
+        student, teacher = _llama(seed=0), _llama(hidden=24, seed=1)
+        start = {n: p.detach().clone() for n, p in student.named_parameters()}
+        trainer = _trainer(
+            student,
+            teacher,
+            tmp_path / f"ga{accum}",
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=accum,
+            max_steps=1,
+            learning_rate=0.5,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            weight_decay=0.0,
+            max_grad_norm=0.0,
+            logging_steps=1,
+        )
+        trainer.train_dataset, trainer.data_collator = data, collate
+        trainer.train()
+        results.append({n: p.detach() - start[n] for n, p in student.named_parameters()})
+        logged = trainer.state.log_history[0]
+        assert {"distill/wmse", "distill/sce", "distill/ce"} <= set(logged)
+    one, four = results
+    assert any(d.abs().max() > 1e-4 for d in one.values())  # the step did something
+    for n in one:
+        torch.testing.assert_close(four[n], one[n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_topk_teacher_in_the_batch_replaces_the_teacher_model(tmp_path):
+    student, teacher = _llama(seed=0), _llama(hidden=24, seed=1)
+    batch = _batch(seed=5)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        idx, val = topk_logprobs(teacher(**inputs).logits, V)  # k = V: the full teacher
+    dense, _, _ = causal_lm_distillation_loss(student, teacher, dict(batch), IKL)
+    sparse_batch = {**batch, "teacher_topk_indices": idx, "teacher_topk_values": val}
+    sparse, _, count = causal_lm_distillation_loss(student, None, sparse_batch, IKL)
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+    assert int(count) == int((batch["labels"][:, 1:] != -100).sum())
+    with pytest.raises(ValueError, match="Expected a teacher_model, or batches carrying"):
+        causal_lm_distillation_loss(student, None, dict(batch), IKL)
+
+
+def test_gemma2_soft_capping_is_read_from_the_config():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    def gemma(seed):
+        torch.manual_seed(seed)
+        cfg = Gemma2Config(
+            vocab_size=V,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=32,
+            final_logit_softcapping=1.5,  # small, so that the cap matters
+            tie_word_embeddings=False,
+        )
+        model = Gemma2ForCausalLM(cfg)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(20)
+        return model
+
+    student, teacher = gemma(0), gemma(1)
+    batch = _batch(seed=6)
+    loss, _, count = causal_lm_distillation_loss(student, teacher, dict(batch), IKL)
+    (loss / count).backward()
+    got = student.lm_head.weight.grad.clone()
+    student.zero_grad()
+    ref = _reference_loss(student, teacher, batch, IKL)  # Gemma2's forward caps its logits
+    ref.backward()
+    torch.testing.assert_close((loss / count).double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, student.lm_head.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_arguments_are_checked():
+    with pytest.raises(ValueError, match="needs alpha, beta, weight_temperature"):
+        DistillationArguments(loss="ikl", temperature=1.0)
+    with pytest.raises(ValueError, match="Unknown distillation loss 'jsd'"):
+        DistillationArguments(loss="jsd", temperature=1.0)
+    kl = DistillationArguments(loss="kl", temperature=2.0)
+    assert "alpha" not in kl.loss_kwargs()
+    student = _llama()
+    batch = _batch()
+    batch.pop("labels")
+    with pytest.raises(ValueError, match="Expected the batch to carry labels"):
+        causal_lm_distillation_loss(student, student, batch, kl)
+
+
+def test_trl_sft_trainer_pipeline(tmp_path):
+    """TRL's SFTTrainer data pipeline (tokenising a text data set, collating, -100 padding)."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [
+        "the",
+        "cat",
+        "sat",
+        "on",
+        "a",
+        "mat",
+        "and",
+        "dog",
+        "ran",
+        "to",
+        "big",
+        "red",
+        "house",
+    ]
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    g = torch.Generator().manual_seed(0)
+    texts = [
+        " ".join(words[int(j)] for j in torch.randint(0, len(words), (int(n),), generator=g))
+        for n in torch.randint(3, 9, (16,), generator=g)
+    ]
+    student, teacher = _llama(seed=0), _llama(hidden=24, seed=1)
+    teacher_before = [p.detach().clone() for p in teacher.parameters()]
+    cfg = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        max_length=16,
+        dataset_text_field="text",
+        disable_tqdm=True,
+    )
+    trainer = with_distillation(trl.SFTTrainer)(
+        model=student,
+        teacher_model=teacher,
+        distill=IKL,
+        args=cfg,
+        train_dataset=datasets.Dataset.from_dict({"text": texts}),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all("distill/wmse" in h for h in logs)
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, teacher.parameters()))
