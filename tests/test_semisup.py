@@ -60,6 +60,28 @@ def test_split_can_include_labeled_in_unlabeled_like_usb():
     assert unl == list(range(len(y))) and set(lab) <= set(unl)
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_split_picks_the_images_usb_picks(seed):
+    # USB: np.random.seed(seed); per class c in order: idx = np.where(y == c)[0];
+    # np.random.shuffle(idx); the first n are labeled
+    import numpy as np
+
+    y = np.random.RandomState(11).randint(0, 10, size=500)
+    state = np.random.get_state()
+    np.random.seed(seed)
+    want = []
+    for c in range(10):
+        idx = np.where(y == c)[0]
+        np.random.shuffle(idx)
+        want.extend(idx[:2].tolist())
+    np.random.set_state(state)
+    before = np.random.get_state()[1].copy()
+    lab, unl = split_labeled(torch.as_tensor(y), 2, seed=seed)
+    assert lab == sorted(want)
+    assert np.array_equal(np.random.get_state()[1], before)  # the global generator is untouched
+    assert sorted(lab + unl) == list(range(500))
+
+
 def test_split_errors_name_the_problem():
     with pytest.raises(ValueError, match="class 1 has 5 samples"):
         split_labeled(_labels(), 5)
@@ -200,7 +222,7 @@ def test_ikl_consistency_by_hand():
 
 def test_ikl_consistency_moves_the_weak_view_unless_detached():
     zs, zt = Z_S.clone().requires_grad_(), Z_T.clone().requires_grad_()
-    ikl_consistency(zs, zt)[0].backward()
+    ikl_consistency(zs, zt, detach_weights=True)[0].backward()
     # d/dt0 of β·½ w0 w1 (Δt − Δs)² / B = β·w0 w1 (Δt − Δs) / B
     w0 = P0
     assert zt.grad[0, 0].item() == pytest.approx(0.1 * w0 * (1 - w0) * 2.0 / 2, rel=1e-5)
@@ -208,6 +230,45 @@ def test_ikl_consistency_moves_the_weak_view_unless_detached():
     zs, zt = Z_S.clone().requires_grad_(), Z_T.clone().requires_grad_()
     ikl_consistency(zs, zt, detach_target=True)[0].backward()
     assert zt.grad is None
+
+
+@pytest.mark.parametrize("t2", [1.0, 2.5])
+def test_ikl_consistency_weights_carry_gradient_as_in_the_authors_code(t2):
+    # FixMatch-IKL as the authors run it: w = softmax(z_w / T2) NOT detached, so the pairwise
+    # wMSE differentiates the weights too; oracle: the pairwise form in float64 under autograd
+    g = torch.Generator().manual_seed(0)
+    zs0 = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    zt0 = 3 * torch.randn(6, 5, generator=g, dtype=torch.float64)
+    alpha, beta = 1.0, 0.1
+    zs, zt = zs0.clone().requires_grad_(), zt0.clone().requires_grad_()
+    loss, mask = ikl_consistency(zs, zt, threshold=0.5, alpha=alpha, beta=beta,
+                                 weight_temperature=t2)  # fmt: skip
+    loss.backward()
+
+    rs, rt = zs0.clone().requires_grad_(), zt0.clone().requires_grad_()
+    w = (rt / t2).softmax(1)  # live weights
+    d = (rt[:, :, None] - rt[:, None, :]) - (rs[:, :, None] - rs[:, None, :])
+    wmse = 0.25 * (w[:, :, None] * w[:, None, :] * d**2).sum((1, 2))
+    sce = -(rt.detach().softmax(1) * rs.log_softmax(1)).sum(1)
+    ref = ((beta * wmse + alpha * sce) * mask).mean()
+    ref.backward()
+    assert 0 < mask.sum() < 6
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(zs.grad, rs.grad)
+    torch.testing.assert_close(zt.grad, rt.grad)
+    # detach_weights=True: the weights are constants (dkl.ikl_loss), a different target gradient
+    zt2 = zt0.clone().requires_grad_()
+    ikl_consistency(zs0, zt2, threshold=0.5, alpha=alpha, beta=beta, weight_temperature=t2,
+                    detach_weights=True)[0].backward()  # fmt: skip
+    assert not torch.allclose(zt2.grad, rt.grad)
+
+
+def test_fixmatch_ikl_weight_detaching_is_a_config_switch_defaulting_to_the_authors():
+    from dkl.config import load_config
+
+    assert load_config("semisup/cifar100_fixmatch_ikl").semisup.detach_weights is False
+    cfg = load_config("semisup/cifar100_fixmatch_ikl", ["semisup.detach_weights=true"])
+    assert cfg.semisup.detach_weights is True
 
 
 def test_meanteacher_mse_of_probabilities_by_hand():
@@ -634,8 +695,9 @@ def test_demo_table_reports_mean_and_sample_std(one_thread, tmp_path):
             "model.kwargs.width=4",
         ],
     )
-    assert (tmp_path / "ssl_table.md").read_text().strip() == table
-    rows = table.splitlines()[2:]
+    assert (tmp_path / "results.md").read_text().strip() == table
+    assert (tmp_path / "summary.json").is_file() and (tmp_path / "results.png").is_file()
+    rows = [r for r in table.splitlines() if r.startswith("| ")][1:]
     assert [r.split("|")[1].strip() for r in rows] == ["supervised", "fixmatch"]
     for row, method in zip(rows, ("supervised", "fixmatch")):
         top1 = [r["top1"] for r in runs[method]]

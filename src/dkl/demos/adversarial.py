@@ -4,11 +4,12 @@ and AutoAttack accuracy of each."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from pathlib import Path
 
 from dkl.api import evaluate_run, train
 from dkl.config import load_config
-from dkl.demos._stats import format_mean_std
+from dkl.demos._stats import format_mean_std, markdown_table, mean_std, plot_bars, write_results
 from dkl.recipes.adversarial import METHODS
 
 __all__ = ["add_arguments", "main", "run_demo"]
@@ -37,12 +38,17 @@ def run_demo(
     seeds: int = 1,
     n_examples: int | None = None,
     version: str = "standard",
+    overrides: Iterable[str] = (),
     log=print,
 ) -> str:
-    """Train the digits presets, evaluate clean / PGD-20 / AutoAttack, return a markdown table."""
-    rows = []
+    """Train the digits presets, evaluate clean / PGD-20 / AutoAttack; return a Markdown table.
+
+    Writes ``<out>/summary.json``, ``<out>/results.md`` and ``<out>/results.png`` (accuracy per
+    method under each evaluation); each run's folder sits under ``<out>/``.
+    """
+    metrics = ("clean", "pgd20", "autoattack")
+    per_method: dict[str, list[dict]] = {}
     for method in methods:
-        per_seed = []
         for seed in range(seeds):
             name = f"digits_{method}_s{seed}"
             cfg = load_config(
@@ -53,10 +59,11 @@ def run_demo(
                     f"train.out_dir={out}",
                     "train.overwrite=true",
                     "train.progress=false",
+                    *overrides,
                 ],
             )
             log(f"== training {name}")
-            train(cfg, log=lambda m: None)
+            summary = train(cfg, log=lambda m: None)
             res = evaluate_run(
                 Path(out) / name, n_examples=n_examples, version=version, progress=False, log=None
             )
@@ -64,20 +71,53 @@ def run_demo(
                 f"   clean {res['clean']:.2f}  PGD-20 {res['pgd20']:.2f}  "
                 f"{res['label'].split(' (')[0]} {res['autoattack']:.2f}"
             )
-            per_seed.append(res)
+            per_method.setdefault(method, []).append(
+                {
+                    **res,
+                    "attack_seed": res["seed"],
+                    "seed": seed,
+                    "train_time_s": summary["wall_time_s"],
+                }
+            )
 
-        cols = [format_mean_std([r[k] for r in per_seed]) for k in ("clean", "pgd20", "autoattack")]
-        rows.append((method, per_seed[0], *cols))
-    r0 = rows[0][1]
+    r0 = next(iter(per_method.values()))[0]
     aa = "AutoAttack" + ("" if r0["standard"] else " (fast, NON-STANDARD)")
+    spread = ", mean ± sample std" if seeds > 1 else ""
     head = (
         f"Digits, MLP, L∞ ε = {r0['eps']:g}, {r0['n_examples']} of {r0['n_total']} test points, "
-        f"{seeds} seed(s), evaluated model: EMA of the weights; {r0['label']}, "
-        f"backend {r0['backend']}\n\n| method | clean | PGD-20 | {aa} |\n|---|---|---|---|"
+        f"{seeds} seed(s){spread}, evaluated model: EMA of the weights; {r0['label']}, "
+        f"backend {r0['backend']}"
     )
-    table = "\n".join([head] + [f"| {m} | {c} | {p} | {a} |" for m, _, c, p, a in rows])
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "robust_table.md").write_text(table + "\n")
+    rows = [
+        [m, *(format_mean_std([r[k] for r in rs]) for k in metrics)] for m, rs in per_method.items()
+    ]
+    table = head + "\n\n" + markdown_table(["method", "clean", "PGD-20", aa], rows)
+    summary = {
+        "demo": "adversarial",
+        "eps": r0["eps"],
+        "n_examples": r0["n_examples"],
+        "autoattack": r0["label"],
+        "seeds": seeds,
+        "methods": {
+            m: {
+                **{f"{k}_mean": mean_std([r[k] for r in rs])[0] for k in metrics},
+                **{f"{k}_std": mean_std([r[k] for r in rs])[1] for k in metrics},
+                "runs": rs,
+                "config": f"adversarial/digits_{m}",
+            }
+            for m, rs in per_method.items()
+        },
+    }
+    names = {"clean": "clean", "pgd20": "PGD-20", "autoattack": aa}
+    bars = {names[k]: {m: [r[k] for r in rs] for m, rs in per_method.items()} for k in metrics}
+    write_results(
+        out,
+        summary,
+        table,
+        lambda p: plot_bars(
+            p, bars, ylabel="test accuracy (%)", title=f"digits, L∞ ε = {r0['eps']:g}"
+        ),
+    )
     log(table)
     return table
 

@@ -11,14 +11,18 @@ import torch
 
 from dkl.api import make_trainer
 from dkl.config import load_config
-from dkl.demos._stats import mean_std
+from dkl.demos._stats import (
+    format_mean_std,
+    markdown_table,
+    mean_std,
+    plot_bars,
+    write_results,
+)
 
 __all__ = ["add_arguments", "main", "run_demo"]
 
 DEMO_METHODS = ("supervised", "fixmatch", "fixmatch_ikl")
-_TABLE_HEAD = (
-    "| method | top-1 (%) mean ± std | per seed | mask ratio (last) | pseudo-label acc. (last, %) |"
-)
+_TABLE_HEAD = ("method", "top-1", "per seed", "mask ratio", "pseudo-label acc. (%)")
 
 
 def run_demo(
@@ -31,10 +35,13 @@ def run_demo(
 ) -> tuple[str, dict[str, list[dict]]]:
     """Train ``semisup/digits_<method>`` for each method and seed; return (markdown table, runs).
 
+    Writes ``<out>/summary.json``, ``<out>/results.md`` (the table) and ``<out>/results.png``.
+
     The seed picks the labeled subset as well as the initialisation, so the spread includes the
     luck of the labels. Top-1 is the final model's (no best-of-run picking).
     """
     runs: dict[str, list[dict]] = {}
+    labeled = None
     for method in methods:
         for seed in range(seeds):
             cfg = load_config(
@@ -51,6 +58,7 @@ def run_demo(
             trainer = make_trainer(cfg, log=lambda m: None)
             summary = trainer.fit()
             last = trainer.history[-1]
+            labeled = summary.get("num_labeled", labeled)
             runs.setdefault(method, []).append(
                 {
                     "seed": seed,
@@ -64,21 +72,52 @@ def run_demo(
                 f"  {method:13s} seed {seed}: top-1 {summary['last']['top1']:.2f}  "
                 f"({summary['wall_time_s']:.0f} s)"
             )
-    lines = [
-        _TABLE_HEAD,
-        "|---|---|---|---|---|",
+
+    def column(rs: list[dict], key: str, digits: int) -> str:
+        vals = [r[key] for r in rs if r[key] is not None]
+        return format_mean_std(vals, digits) if vals else "–"
+
+    spread = ", mean ± sample std" if seeds > 1 else ""
+    head = (
+        f"Digits, {labeled} labeled training images, {seeds} seed(s){spread} (the seed picks "
+        f"the labeled images too); final model's test top-1 (%), mask ratio and pseudo-label "
+        f"accuracy at the last evaluation"
+    )
+    rows = [
+        [
+            method,
+            column(rs, "top1", 2),
+            ", ".join(f"{r['top1']:.1f}" for r in rs),
+            column(rs, "mask_ratio", 2),
+            column(rs, "pl_acc", 1),
+        ]
+        for method, rs in runs.items()
     ]
-    for method, rs in runs.items():
-        m, s = mean_std([r["top1"] for r in rs])
-        per = ", ".join(f"{r['top1']:.1f}" for r in rs)
-        masks = [r["mask_ratio"] for r in rs if r["mask_ratio"] is not None]
-        pls = [r["pl_acc"] for r in rs if r["pl_acc"] is not None]
-        mask = "–" if not masks else "{:.2f} ± {:.2f}".format(*mean_std(masks))
-        pl = "–" if not pls else "{:.1f} ± {:.1f}".format(*mean_std(pls))
-        lines.append(f"| {method} | {m:.2f} ± {s:.2f} | {per} | {mask} | {pl} |")
-    table = "\n".join(lines)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "ssl_table.md").write_text(table + "\n")
+    table = head + "\n\n" + markdown_table(_TABLE_HEAD, rows)
+    summary = {
+        "demo": "semisup",
+        "num_labeled": labeled,
+        "seeds": seeds,
+        "overrides": list(overrides),
+        "methods": {
+            m: {
+                "top1_mean": mean_std([r["top1"] for r in rs])[0],
+                "top1_std": mean_std([r["top1"] for r in rs])[1],
+                "runs": rs,
+                "config": f"semisup/digits_{m}",
+            }
+            for m, rs in runs.items()
+        },
+    }
+    bars = {"test top-1": {m: [r["top1"] for r in rs] for m, rs in runs.items()}}
+    write_results(
+        out,
+        summary,
+        table,
+        lambda p: plot_bars(
+            p, bars, ylabel="test top-1 (%)", title=f"digits, {labeled} labeled images"
+        ),
+    )
     return table, runs
 
 
@@ -93,7 +132,7 @@ def main(args: Any) -> int:
     print(f"SSL demo on digits: {', '.join(DEMO_METHODS)}; {seeds} seed(s); runs in {out}")
     table, _ = run_demo(out, seeds=seeds, overrides=overrides)
     print(table)
-    print(f"(table saved to {out / 'ssl_table.md'})")
+    print(f"wrote {out}/summary.json, results.md, results.png")
     return 0
 
 

@@ -25,9 +25,11 @@ weight file; ``teacher.name`` may be left empty for a dkl checkpoint (its config
 
 With ``label_fraction`` < 1 the student sees the labels of a class-balanced share of the training
 images only (Hinton et al. 2015, section 2: a transfer set whose correct labels are known for
-some of it): the CE term is the mean over the labeled images of a batch (0 when it holds none),
-the teacher's term covers every image, and where a method needs a label for an unlabeled image
-(dkd's target class, the GI prior's row) the teacher's top class stands in.
+some of it). Each step then takes two batches of ``data.batch_size``: one from every training
+image for the teacher's term, one from the labeled share (an endless seeded stream, as in
+semi-supervised learning) for the CE term; ``ce`` takes the labeled batch only. The teacher's
+term reads no label: where a method needs one (dkd's target class, the GI prior's row) the
+teacher's top class stands in.
 """
 
 from __future__ import annotations
@@ -37,10 +39,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from dkl.config import ConfigError, DistillConfig, ModelConfig, TeacherConfig, preset_for_run
-from dkl.data import raw_images, split_labeled
+from dkl.data import InfiniteBatchSampler, mix_seed, raw_images, split_labeled
 from dkl.losses import GKLLoss, IKLLoss, KLLoss, kl_loss
 from dkl.prior import ClassPrior
 from dkl.recipes import register_recipe
@@ -51,10 +52,8 @@ __all__ = [
     "DistillConfig",
     "DistillLoss",
     "DistillTask",
-    "LabeledShare",
     "TeacherConfig",
     "dkd_loss",
-    "fill_labels",
     "kd_loss",
 ]
 
@@ -120,9 +119,9 @@ class DistillLoss(nn.Module):
     ``forward(student, teacher, labels, *, epoch, class_weights=None)`` returns ``{"loss", "ce"}``
     and, when a teacher is used, ``"kd"`` (the distillation term after warm-up); the parts are
     detached. ``epoch`` (from 1) drives the warm-up :math:`\\min(e / \\text{warmup}, 1)` of dkd
-    and ikl; ``class_weights`` are the GI prior's rows for ikl. ``labeled`` (bool, ``(B,)``)
-    limits the CE term to the flagged images; the others' labels are replaced by the teacher's
-    top class (:func:`fill_labels`), so no method reads them.
+    and ikl; ``class_weights`` are the GI prior's rows for ikl. ``labeled``, the ``(logits, labels)``
+    of a separate batch of labeled images, moves the CE term onto it; ``labels`` then only serve
+    the teacher's term (dkd's target class).
 
     >>> crit = DistillLoss(DistillConfig(method="kd"))
     >>> z = torch.zeros(2, 3)
@@ -157,21 +156,19 @@ class DistillLoss(nn.Module):
         *,
         epoch: int,
         class_weights: Tensor | None = None,
-        labeled: Tensor | None = None,
+        labeled: tuple[Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         c = self.cfg
         student = student.float()
         if labeled is None:
             ce = F.cross_entropy(student, labels)
-        else:  # the mean over the labeled images only; 0 (with a gradient) when there are none
-            per_image = F.cross_entropy(student, labels, reduction="none") * labeled
-            ce = per_image.sum() / labeled.sum().clamp(min=1)
+        else:
+            ce = F.cross_entropy(labeled[0].float(), labeled[1])
         if c.method == "ce":
             return {"loss": ce, "ce": ce.detach()}
         if teacher is None:
             raise ValueError(f"method {c.method!r} needs teacher logits")
         teacher = teacher.float()
-        labels = fill_labels(labels, labeled, teacher)
         ramp = 1.0 if c.warmup <= 0 else min(epoch / c.warmup, 1.0)
         if c.method == "kd":
             term = c.kd_weight * (self.kl(student, teacher) * c.temperature**2)
@@ -186,63 +183,20 @@ class DistillLoss(nn.Module):
         return {"loss": c.ce_weight * ce + term, "ce": ce.detach(), "kd": term.detach()}
 
 
-def fill_labels(labels: Tensor, labeled: Tensor | None, teacher: Tensor) -> Tensor:
-    """``labels`` where ``labeled`` is true, the teacher's top class elsewhere (all of
-    ``labels`` when ``labeled`` is ``None``).
-
-    >>> fill_labels(torch.tensor([2, 2]), torch.tensor([True, False]), torch.eye(3)[:2])
-    tensor([2, 1])
-    """
-    if labeled is None:
-        return labels
-    return torch.where(labeled, labels, teacher.argmax(1))
-
-
-class LabeledShare(Dataset):
-    """A training set whose samples carry a third item: whether the CE term may use the label.
-
-    ``LabeledShare.pick(base, fraction, num_classes, seed=...)`` flags
-    ``max(1, round(fraction * N / num_classes))`` images of every class, chosen by
-    :func:`dkl.data.split_labeled` with ``seed``. Batches come from ``base`` (its
-    ``__getitems__`` and ``set_epoch`` when it has them) with the flags appended.
-    """
-
-    def __init__(self, base: Dataset, labeled: list[int]) -> None:
-        self.base = base
-        self.labeled = torch.zeros(len(base), dtype=torch.bool)  # type: ignore[arg-type]
-        self.labeled[torch.as_tensor(labeled, dtype=torch.long)] = True
-        self.num_labeled = int(self.labeled.sum())
-
-    @classmethod
-    def pick(cls, base: Dataset, fraction: float, num_classes: int, *, seed: int) -> LabeledShare:
-        try:
-            labels = raw_images(base)[1]
-        except ValueError:
-            labels = getattr(base, "targets", None)
-            if labels is None:
-                raise ConfigError(
-                    f"distill.label_fraction: the training set ({type(base).__name__}) exposes "
-                    f"no labels to pick a share from (expected .labels or .targets)"
-                ) from None
-        per_class = max(1, round(fraction * len(labels) / num_classes))
-        return cls(base, split_labeled(labels, per_class, seed=seed)[0])
-
-    def __len__(self) -> int:
-        return len(self.labeled)
-
-    def __getitem__(self, i: int):
-        x, y = self.base[i]
-        return x, y, self.labeled[i]
-
-    def __getitems__(self, idx: list[int]):
-        if not hasattr(self.base, "__getitems__"):
-            return [self[i] for i in idx]
-        x, y = self.base.__getitems__(idx)
-        return x, y, self.labeled[torch.as_tensor(idx, dtype=torch.long)]
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.base, "set_epoch"):
-            self.base.set_epoch(epoch)
+def pick_labeled(train_set, fraction: float, num_classes: int, *, seed: int) -> list[int]:
+    """The sorted indices of ``max(1, round(fraction * N / num_classes))`` training images of
+    every class, chosen by :func:`dkl.data.split_labeled` with ``seed``."""
+    try:
+        labels = raw_images(train_set)[1]
+    except ValueError:
+        labels = getattr(train_set, "targets", None)
+        if labels is None:
+            raise ConfigError(
+                f"distill.label_fraction: the training set ({type(train_set).__name__}) exposes "
+                f"no labels to pick a share from (expected .labels or .targets)"
+            ) from None
+    per_class = max(1, round(fraction * len(labels) / num_classes))
+    return split_labeled(labels, per_class, seed=seed)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,14 +240,16 @@ class DistillTask(Task):
                 f"teacher {d.teacher.name or '(from checkpoint)'}: "
                 f"top1={self.teacher_metrics['top1']:.2f} top5={self.teacher_metrics['top5']:.2f}"
             )
+        self.labeled_idx: list[int] | None = None
         if d.label_fraction < 1 and not ctx.eval_only:
-            self.train_set = LabeledShare.pick(
+            self.labeled_idx = pick_labeled(
                 self.train_set, d.label_fraction, ctx.info.num_classes, seed=cfg.seed
             )
-            n = len(self.train_set)
+            n = len(self.train_set)  # type: ignore[arg-type]
             ctx.log(
                 f"label_fraction={d.label_fraction:g}: the CE term sees the labels of "
-                f"{self.train_set.num_labeled} of {n} training images; the teacher sees all {n}"
+                f"{len(self.labeled_idx)} of {n} training images"
+                + ("" if self.teacher is None else f"; the teacher sees all {n}")
             )
         if d.method in ("ikl", "gkl") and d.gi:
             self.prior = ClassPrior(
@@ -327,22 +283,54 @@ class DistillTask(Task):
             p.requires_grad_(False)
         return teacher
 
+    def train_batches(self, epoch: int, start: int):
+        if self.labeled_idx is None:
+            return super().train_batches(epoch, start)
+        # the labeled stream goes on across epochs: its position is the number of steps done
+        spe = self.steps_per_epoch()
+        if self.cfg.train.max_steps_per_epoch > 0:
+            spe = min(spe, self.cfg.train.max_steps_per_epoch)
+        idx = self.labeled_idx
+        keys = InfiniteBatchSampler(
+            len(idx),
+            self.ctx.batch_per_rank,
+            seed=mix_seed(self.cfg.seed, 1),
+            rank=self.ctx.rank,
+            world=self.ctx.world,
+            start=(epoch - 1) * spe + start,
+        )
+        labeled = self.ctx.make_loader(self.train_set, ([idx[p] for p, _ in b] for b in keys))
+        if self.teacher is None:  # ce: the labeled images are all it learns from
+            if hasattr(self.train_set, "set_epoch"):
+                self.train_set.set_epoch(epoch)
+            return labeled
+        return ((*full, *lab) for full, lab in zip(super().train_batches(epoch, start), labeled))
+
     def train_step(self, batch, ctx: StepContext) -> dict:
-        x, y, *flag = batch  # a third column: which images' labels the CE term may use
-        labeled = flag[0] if flag else None
-        logits = self.model(x)
+        x, y, *lab = batch  # with label_fraction < 1: (x, y, x_labeled, y_labeled)
+        if lab and self.teacher is not None:
+            logits, z_lab = self.model(torch.cat([x, lab[0]])).split([len(x), len(lab[0])])
+        else:
+            logits, z_lab = self.model(x), None
         z_t = weights = None
+        targets = y
         if self.teacher is not None:
             with torch.no_grad():
                 z_t = self.teacher(x)
+            if lab:  # the teacher's batch carries no label the student may use
+                targets = z_t.argmax(1)
             if self.prior is not None:
-                targets = fill_labels(y, labeled, z_t)
                 weights = self.prior.weights(targets)
                 self.prior.update(z_t.float(), targets)
         out = self.criterion(
-            logits, z_t, y, epoch=ctx.epoch, class_weights=weights, labeled=labeled
+            logits,
+            z_t,
+            targets,
+            epoch=ctx.epoch,
+            class_weights=weights,
+            labeled=None if z_lab is None else (z_lab, lab[1]),
         )
-        out.update(logits=logits, labels=y)
+        out.update(logits=logits, labels=y)  # training accuracy on the teacher's batch
         return out
 
     def end_epoch(self, ctx: StepContext) -> dict:
@@ -352,8 +340,8 @@ class DistillTask(Task):
 
     def summary(self, history: list[dict]) -> dict:
         s: dict = {"method": self.dcfg.method}
-        if isinstance(self.train_set, LabeledShare):
-            s["labeled_images"] = self.train_set.num_labeled
+        if self.labeled_idx is not None:
+            s["labeled_images"] = len(self.labeled_idx)
         if self.teacher is not None:
             s["teacher_top1"] = self.teacher_metrics["top1"]
             s["teacher_params"] = sum(p.numel() for p in self.teacher.parameters())

@@ -6,10 +6,19 @@ Only rank 0 writes (the loop decides); these helpers just write.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
+from typing import TextIO
 
-__all__ = ["RunWriter", "format_record", "format_time", "plot_history", "progress_bar"]
+__all__ = [
+    "RunWriter",
+    "curve_panels",
+    "format_record",
+    "format_time",
+    "plot_history",
+    "progress_bar",
+]
 
 
 def format_time(seconds: float) -> str:
@@ -24,15 +33,25 @@ def format_record(record: dict) -> str:
     )
 
 
-def progress_bar(enabled: bool, total: int, initial: int, desc: str):
-    """A tqdm bar on stderr, or ``None`` when disabled."""
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+def progress_bar(enabled: bool, total: int, initial: int, desc: str, *, file: TextIO | None = None):
+    r"""A tqdm bar on ``file`` (stderr), or ``None`` when disabled or ``file`` is not a terminal.
 
-    return tqdm(
-        total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr
-    )
+    Redrawing a bar takes ``\r`` frames that a log file or a CI console keeps as clutter; there,
+    the per-epoch lines the trainer logs anyway are the progress report.
+    """
+    file = sys.stderr if file is None else file
+    if not enabled or not _is_terminal(file):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=file)
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 class RunWriter:
@@ -76,30 +95,74 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tb"))
 
 
-def plot_history(history: list[dict], path: str | Path, title: str = "") -> None:
-    """Loss and accuracy curves of one run (matplotlib, Agg backend) as a PNG."""
+_NOT_PLOTTED = ("epoch", "step", "time")
+
+
+def _is_percent(key: str) -> bool:
+    return key in ("top1", "top5") or "acc" in key or re.fullmatch(r"pgd\d+", key) is not None
+
+
+def curve_panels(history: list[dict]) -> list[tuple[str, list[str]]]:
+    """The panels of ``curves.png``: ``(title, keys)``, one scale per panel.
+
+    Training loss and its components together, the test loss alone, every accuracy (%) together,
+    the learning rate alone, then each other number (a mask ratio, an attack's eps...) alone.
+    Keys appear in the order the history first shows them.
+
+    >>> curve_panels([{"epoch": 1, "lr": 0.1, "train_loss": 2.0, "train_acc": 40.0,
+    ...                "train_kd": 0.5, "top1": 50.0, "test_loss": 1.5, "eps": 0.01}])
+    ... # doctest: +NORMALIZE_WHITESPACE
+    [('train loss', ['train_loss', 'train_kd']), ('test loss', ['test_loss']),
+     ('accuracy (%)', ['train_acc', 'top1']), ('learning rate', ['lr']), ('eps', ['eps'])]
+    """
+    keys: list[str] = []
+    for h in history:
+        for k, v in h.items():
+            numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if numeric and k not in keys and k not in _NOT_PLOTTED:
+                keys.append(k)
+    groups = {
+        "train loss": [
+            k for k in keys if k.startswith("train_") and not _is_percent(k) and "ratio" not in k
+        ],
+        "test loss": [k for k in keys if k == "test_loss"],
+        "accuracy (%)": [k for k in keys if _is_percent(k)],
+        "learning rate": [k for k in keys if k == "lr"],
+    }
+    placed = {k for ks in groups.values() for k in ks}
+    panels = [(title, ks) for title, ks in groups.items() if ks]
+    return panels + [(k, [k]) for k in keys if k not in placed]
+
+
+def plot_history(
+    history: list[dict], path: str | Path, title: str = ""
+) -> list[tuple[str, list[str]]]:
+    """The curves of one run as a PNG (matplotlib, Agg backend), one panel per scale
+    (:func:`curve_panels`); returns the panels drawn."""
     if not history:
-        return
+        return []
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     xkey = "epoch" if len({h["epoch"] for h in history}) == len(history) else "step"
-    x = [h[xkey] for h in history]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    a1.plot(x, [h.get("train_loss") for h in history], label="train loss")
-    a1.plot(x, [h.get("test_loss") for h in history], label="test loss")
-    a1.set_xlabel(xkey)
-    a1.set_ylabel("loss")
-    a1.legend()
-    if any("train_acc" in h for h in history):
-        a2.plot(x, [h.get("train_acc") for h in history], label="train acc")
-    a2.plot(x, [h.get("top1") for h in history], label="test top-1")
-    a2.set_xlabel(xkey)
-    a2.set_ylabel("accuracy (%)")
-    a2.legend()
+    panels = curve_panels(history)
+    cols = 2 if len(panels) == 4 else min(len(panels), 3)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (name, keys) in zip(axes.flat, panels):
+        for k in keys:
+            pts = [(h[xkey], h[k]) for h in history if isinstance(h.get(k), (int, float))]
+            ax.plot(*zip(*pts), label=k, marker="." if len(pts) < 30 else None)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(xkey)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return panels
