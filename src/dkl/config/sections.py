@@ -160,13 +160,14 @@ class SemiSupConfig:
     teacher_train_mode: bool = True  # MeanTeacher: teacher forward in train mode (as USB)
     layer_decay: float = 1.0  # ViT layer-wise lr decay (USB's ViT presets: 0.5); needs a ViT
     crop_ratio: float = 0.875  # CIFAR views: reflect padding int(32 · (1 − ratio)) = 4
-    randaugment_ops: int = 3
-    randaugment_magnitude: int = 9
+    randaugment_ops: int = 3  # CIFAR strong view: USB's RandAugment (random magnitudes) + Cutout
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad field (the config loader calls this)."""
         if self.uratio < 1:
             raise ValueError(f"uratio: expected >= 1, got {self.uratio}")
+        if self.randaugment_ops < 0:
+            raise ValueError(f"randaugment_ops: expected >= 0, got {self.randaugment_ops}")
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ValueError(f"ema_momentum: expected [0, 1), got {self.ema_momentum}")
 

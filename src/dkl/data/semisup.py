@@ -3,9 +3,9 @@
 The pieces, each usable alone (the views themselves are in :mod:`dkl.data.transforms`, the
 endless sampler in :mod:`dkl.data.samplers`):
 
-- :func:`split_labeled` picks ``num_labels_per_class`` samples of every class with a seeded
-  generator (stratified, reproducible, sorted); the rest is the unlabeled pool. The labeled
-  indices are what a run folder records (``labeled_indices.json``).
+- :func:`split_labeled` picks ``num_labels_per_class`` samples of every class with USB's NumPy
+  calls under the run's seed (stratified, the same images as USB, sorted); the rest is the
+  unlabeled pool. The labeled indices are what a run folder records (``labeled_indices.json``).
 - :class:`ViewDataset` returns ``(view_1, ..., view_k, label, index)`` for a key ``(index, draw)``;
   the transforms run under a torch RNG seeded from ``(seed, stream, draw)``, so a sample's
   augmentation depends on nothing but the seed and its draw number: not on workers, not on resume.
@@ -50,33 +50,37 @@ def split_labeled(
     seed: int = 0,
     include_labeled_in_unlabeled: bool = False,
 ) -> tuple[list[int], list[int]]:
-    """Pick ``num_labels_per_class`` indices of every class; return ``(labeled, unlabeled)``.
+    """Pick ``num_labels_per_class`` indices of every class as USB does; return ``(labeled,
+    unlabeled)``.
 
-    The choice is a seeded permutation within each class (one generator seeded with
-    ``mix_seed(seed, 0, 17)``, classes in increasing order), so the same ``(labels, seed)`` always
-    gives the same split, and each class gets exactly the same count. The unlabeled pool is every
-    other index (disjoint), or every index with ``include_labeled_in_unlabeled=True`` (USB's
-    default, ``include_lb_to_ulb``; 200 of 50,000 images on CIFAR-100, a negligible difference).
-    Both lists are sorted.
+    USB's split, call for call: NumPy's legacy generator seeded with ``seed`` (USB seeds the
+    global one with the run's seed), then for each class ``c`` in increasing order
+    ``idx = np.where(labels == c)[0]``, ``shuffle(idx)``, and the first ``num_labels_per_class``
+    are labeled. The same ``(labels, seed)`` therefore gives USB's labeled images, not only as
+    many of them. The unlabeled pool is every other index (disjoint), or every index with
+    ``include_labeled_in_unlabeled=True`` (USB's default, ``include_lb_to_ulb``). Both lists are
+    sorted; NumPy's global generator is left as it was.
 
     Raises:
         ValueError: a class has fewer than ``num_labels_per_class`` + 1 samples (none would be
             left unlabeled) or the count is not positive.
     """
-    y = _as_label_tensor(labels)
+    import numpy as np
+
+    y = _as_label_tensor(labels).numpy()
     if num_labels_per_class < 1:
         raise ValueError(f"Expected num_labels_per_class >= 1, got {num_labels_per_class}")
-    g = torch.Generator().manual_seed(mix_seed(seed, 0, 17))
+    rng = np.random.RandomState(seed)  # = np.random.seed(seed) without touching the global one
     labeled: list[int] = []
-    for c in torch.unique(y).tolist():
-        idx = torch.nonzero(y == c).flatten()
-        if idx.numel() <= num_labels_per_class:
+    for c in np.unique(y).tolist():  # shuffles of absent classes would draw nothing
+        idx = np.where(y == c)[0]
+        if len(idx) <= num_labels_per_class:
             raise ValueError(
-                f"class {c} has {idx.numel()} samples; expected more than "
+                f"class {c} has {len(idx)} samples; expected more than "
                 f"num_labels_per_class={num_labels_per_class}"
             )
-        pick = idx[torch.randperm(idx.numel(), generator=g)[:num_labels_per_class]]
-        labeled.extend(pick.tolist())
+        rng.shuffle(idx)
+        labeled.extend(idx[:num_labels_per_class].tolist())
     labeled.sort()
     if include_labeled_in_unlabeled:
         unlabeled = list(range(len(y)))

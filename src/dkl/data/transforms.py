@@ -7,17 +7,17 @@ Every view is a float tensor in [0, 1]: normalisation lives in the model.
   ``(32, 4, "constant")``; USB's weak view uses reflect padding of ``int(size * (1 - crop_ratio))``
   (4 pixels at 32 with ratio 0.875).
 - Semi-supervised views. CIFAR-like images (``uint8`` arrays ``(N, H, W, 3)``), as in USB:
-  weak = the reflect-padded crop + flip; strong = the weak transforms + torchvision's
-  ``RandAugment`` (3 ops) + a Cutout-like random erase. USB uses its own RandAugment (3 ops of
-  random magnitude, then Cutout up to half the side); torchvision's has a fixed magnitude, so the
-  strong view is close to, not identical with, USB's. Digits (float tensors ``(1, 8, 8)`` in
+  weak = the reflect-padded crop + flip; strong = the weak transforms + USB's own RandAugment
+  (3 ops, each with a random magnitude over its full range) and Cutout
+  (:class:`~dkl.data.usb.UsbRandAugment`). Digits (float tensors ``(1, 8, 8)`` in
   [0, 1]): weak = a random shift of up to one pixel (zero fill; no flip, digits are not
   mirror-symmetric); strong = the weak shift + a random rotation (±20°) and scaling (0.85–1.15), a
   random 3×3 erase and Gaussian pixel noise (σ = 0.1), clamped to [0, 1]. :func:`build_views`
   picks the pair for a data set name.
 - Second view for adversarial training (CIFAR): :func:`with_second_view` returns a copy of a train
-  set whose samples are ``((basic, view), label)``, ``view`` = crop + flip + AutoAugment (CIFAR-10
-  policy) or crop + flip + Cutout (16×16).
+  set whose samples are ``((basic, view), label)``, ``view`` = crop + flip + AutoAugment (the
+  CIFAR-10 policy as the IKL-AT authors run it, :class:`~dkl.data.autoaugment.CIFAR10Policy`) or
+  crop + flip + Cutout (16×16).
 
 torchvision is imported only when a CIFAR transform is built (``pip install 'dkl[vision]'``).
 """
@@ -176,25 +176,14 @@ def cifar_weak(size: int = 32, crop_ratio: float = 0.875) -> Callable:
     return T.Compose([*_usb_crop_flip(size, crop_ratio), T.ToTensor()])
 
 
-def cifar_strong(
-    size: int = 32,
-    crop_ratio: float = 0.875,
-    num_ops: int = 3,
-    magnitude: int = 9,
-    cutout: float = 0.5,
-) -> Callable:
-    """Weak transforms + ``RandAugment(num_ops, magnitude)`` + a square erase of side up to
-    ``cutout`` × image side (USB's Cutout), to a [0, 1] tensor."""
+def cifar_strong(size: int = 32, crop_ratio: float = 0.875, num_ops: int = 3) -> Callable:
+    """USB's strong view: the weak transforms + USB's RandAugment(``num_ops``) and Cutout
+    (:class:`~dkl.data.usb.UsbRandAugment`), to a [0, 1] tensor."""
     from torchvision import transforms as T
 
-    tf = [
-        *_usb_crop_flip(size, crop_ratio),
-        T.RandAugment(num_ops=num_ops, magnitude=magnitude),
-        T.ToTensor(),
-    ]
-    if cutout > 0:
-        tf.append(T.RandomErasing(p=1.0, scale=(0.0, cutout**2), ratio=(1.0, 1.0), value=0.5))
-    return T.Compose(tf)
+    from .usb import UsbRandAugment
+
+    return T.Compose([*_usb_crop_flip(size, crop_ratio), UsbRandAugment(num_ops), T.ToTensor()])
 
 
 def build_views(
@@ -202,7 +191,6 @@ def build_views(
     *,
     crop_ratio: float = 0.875,
     randaugment_ops: int = 3,
-    randaugment_magnitude: int = 9,
 ) -> tuple[Callable, Callable]:
     """``(weak, strong)`` transforms for a data set name (digits: tensor views; CIFAR: USB's).
 
@@ -214,7 +202,7 @@ def build_views(
         return DigitsWeak(), DigitsStrong()
     if data_name in ("cifar10", "cifar100"):
         weak = cifar_weak(32, crop_ratio)
-        strong = cifar_strong(32, crop_ratio, randaugment_ops, randaugment_magnitude)
+        strong = cifar_strong(32, crop_ratio, randaugment_ops)
         return weak, strong
     raise ValueError(f"no views for data {data_name!r}; expected one of digits, cifar10, cifar100")
 
@@ -267,16 +255,18 @@ def _second_view(kind: str) -> Callable:
     from torchvision import transforms as T
 
     if kind == "autoaugment":
-        policy = T.AutoAugmentPolicy.CIFAR10
-        return T.Compose([*crop_flip(32, padding=4), T.AutoAugment(policy), T.ToTensor()])
+        from .autoaugment import CIFAR10Policy
+
+        return T.Compose([*crop_flip(32, padding=4), CIFAR10Policy(), T.ToTensor()])
     return T.Compose([*crop_flip(32, padding=4), T.ToTensor(), Cutout(16)])
 
 
 def with_second_view(train_set: Dataset, kind: str) -> Dataset:
     """A copy of ``train_set`` whose samples are ``((basic, view), label)``.
 
-    ``basic`` is the set's own transform; ``view`` is crop + flip + AutoAugment (CIFAR-10 policy)
-    for ``kind="autoaugment"``, crop + flip + a 16×16 :class:`Cutout` for ``kind="cutout"``.
+    ``basic`` is the set's own transform; ``view`` is crop + flip + AutoAugment (the authors'
+    :class:`~dkl.data.autoaugment.CIFAR10Policy`) for ``kind="autoaugment"``, crop + flip + a
+    16×16 :class:`Cutout` for ``kind="cutout"``.
     ``train_set`` is a torchvision image data set or a :class:`~dkl.data.SeededDataset` around
     one; the copies are shallow (the images are shared) and ``train_set`` itself is left as it
     was.

@@ -26,8 +26,10 @@ FixMatch runs labeled, weak and strong images through the model in **one** forwa
 the pseudo-label hook with ``softmax=False``, so the configured ``T: 0.5`` never takes effect and
 the soft target is ``σ(z_w)``; that is ``pl_temperature=1`` here (the CIFAR presets use it).
 In FixMatch-IKL the authors' code passes the weak logits **without** detaching them, so the wMSE
-part of IKL also moves the weak view (``detach_target=False``, the default); the IKL weights and
-the sCE target are always detached (see :func:`dkl.ikl_loss`).
+part of IKL also moves the weak view (``detach_target=False``, the default), and it does not
+detach the wMSE weights :math:`\sigma(z_w / T_2)` either, so they pass gradient into the weak
+logits too (``detach_weights=False``, the default; ``True`` gives :func:`dkl.ikl_loss`'s constant
+weights). The sCE target is always detached.
 MeanTeacher's student sees a second, independently drawn **weak** view (USB's data set returns a
 weak view as ``x_ulb_s`` for MeanTeacher); the teacher is an EMA of the student (momentum 0.999,
 no grad), run on the weak view in train mode as USB does (``teacher_train_mode``).
@@ -141,26 +143,42 @@ def ikl_consistency(
     temperature: float = 1.0,
     weight_temperature: float = 1.0,
     detach_target: bool = False,
+    detach_weights: bool = False,
 ) -> tuple[Tensor, Tensor]:
     r"""Masked IKL consistency: ``mean_B(mask · IKL(z_in, z_tg))`` with the mask from ``z_tg``.
 
-    IKL = β·wMSE(z_tg, z_in; w = σ(z_tg/T2)) + α·sCE_T (:func:`dkl.ikl_loss`, per sample). With
-    ``detach_target=False`` the wMSE moves the target too when it carries gradient (FixMatch-IKL's
-    weak view, as in the authors' code); an EMA teacher's logits carry none anyway.
+    IKL = β·wMSE(z_tg, z_in; w = σ(z_tg/T2)) + α·sCE_T, per sample. With ``detach_target=False``
+    the wMSE moves the target too when it carries gradient (FixMatch-IKL's weak view, as in the
+    authors' code); an EMA teacher's logits carry none anyway. With ``detach_weights=False`` (the
+    authors' code) the weights ``w`` pass gradient into the target as well; with ``True`` they
+    are constants, as in :func:`dkl.ikl_loss`.
     """
     check_logits(input, target)
     mask = confidence_mask(target, threshold)
     tg = target.detach() if detach_target else target
-    per = ikl_loss(
-        input,
-        tg,
-        alpha=alpha,
-        beta=beta,
-        temperature=temperature,
-        weight_temperature=weight_temperature,
-        reduction="none",
-    )
+    if detach_weights or not tg.requires_grad:
+        per = ikl_loss(input, tg, alpha=alpha, beta=beta, temperature=temperature,
+                       weight_temperature=weight_temperature, reduction="none")  # fmt: skip
+    else:
+        zs, zt = _compute_dtype(input), _compute_dtype(tg)
+        w = F.softmax(zt / weight_temperature, dim=1)  # not detached
+        p = F.softmax(zt.detach() / temperature, dim=1)
+        per = beta * _wmse_live_weights(zt, zs, w) + alpha * soft_cross_entropy(zs, p, temperature)
     return masked_batch_mean(per, mask), mask
+
+
+def _compute_dtype(x: Tensor) -> Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _wmse_live_weights(target: Tensor, input: Tensor, w: Tensor) -> Tensor:
+    """Per-row wMSE ½ W Σ_j w_j (e_j − ē)², e = target − input, through which autograd also
+    differentiates ``w``. The closed form equals the pairwise ¼ Σ_jk w_j w_k (e_j − e_k)² for every
+    ``w``, so its gradient in ``w`` is the pairwise one too."""
+    e = target - input
+    total = w.sum(dim=1)
+    mean = (w * e).sum(dim=1) / total
+    return 0.5 * total * (w * (e - mean.unsqueeze(1)).pow(2)).sum(dim=1)
 
 
 def meanteacher_loss(
@@ -306,7 +324,6 @@ class SemiSupTask(Task):
                 cfg.data.name,
                 crop_ratio=s.crop_ratio,
                 randaugment_ops=s.randaugment_ops,
-                randaugment_magnitude=s.randaugment_magnitude,
             )
         except ValueError as e:
             raise ConfigError(f"recipe semisup: {e}") from None
@@ -410,7 +427,7 @@ class SemiSupTask(Task):
         return ikl_consistency(
             input, target, threshold=c.threshold, alpha=c.alpha, beta=c.beta,
             temperature=c.temperature, weight_temperature=c.weight_temperature,
-            detach_target=c.detach_target,
+            detach_target=c.detach_target, detach_weights=c.detach_weights,
         )  # fmt: skip
 
     def _teacher_logits(self, x: Tensor) -> Tensor:
