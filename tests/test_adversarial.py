@@ -456,6 +456,22 @@ def test_ikl_at_presets_match_the_released_runs(name):
         assert (a.aug_view, a.aug_weight) == ("autoaugment", 0.3)
 
 
+def test_gkl_at_presets_are_the_dkl_v2_scripts():
+    from dkl.config import load_config
+
+    for name, gamma, t in (("cifar100_gkl_at", 1.0, 4.0), ("cifar100_gkl_at_gamma04", 0.4, 1.0)):
+        a = load_config(f"adversarial/{name}").adversarial
+        assert (a.method, a.alpha, a.beta, a.gamma, a.prior_temperature) == (
+            "gkl_at",
+            4.0,
+            20.0,
+            gamma,
+            t,
+        )
+        atk = training_attack(a)
+        assert (atk.loss, atk.alpha, atk.beta, atk.gamma) == ("gkl", 1.0, 1.0, 1.0)
+
+
 def test_trades_presets_follow_their_own_scripts():
     import math
 
