@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH_PACKAGES ?= torch torchvision
 EXTRAS ?= vision,timm,llm,test,lint
 
-.PHONY: install demo test bench bench-kernel lint clean
+.PHONY: install demo test bench bench-kernel lint docs docs-serve clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,17 @@ bench: install
 
 bench-kernel: install
 	$(PY) benchmarks/kernel_speed.py
+
+# the documentation site (mkdocs.yml, docs/), built with --strict into site/
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	$(VENV)/bin/mkdocs build --strict
+
+docs-serve: $(VENV)/.docs-installed
+	$(VENV)/bin/mkdocs serve
 
 # the import-layer contract is [tool.importlinter] in pyproject.toml
 lint: install
