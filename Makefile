@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH_PACKAGES ?= torch torchvision
 EXTRAS ?= vision,timm,llm,test,lint
 
-.PHONY: install demo test bench bench-kernel lint docs docs-serve clean
+.PHONY: install demo test bench bench-kernel gpu-check lint docs docs-serve clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench: install
 
 bench-kernel: install
 	$(PY) benchmarks/kernel_speed.py
+
+# one CUDA GPU, under 8 minutes: correctness, kernel speed and training steps in one report
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py
 
 # the documentation site (mkdocs.yml, docs/), built with --strict into site/
 $(VENV)/.docs-installed: $(VENV)/.installed

@@ -1,0 +1,100 @@
+"""benchmarks/gpu_check.py: the smoke run (tiny sizes, CPU) writes a report with every section.
+
+The numbers of a smoke run mean nothing; what is checked is that the one command meant for a GPU
+box runs each section to its end and reports it. The kernel runs in Triton's CPU interpreter (the
+root conftest.py turns it on without a GPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("gpu_check", None)
+
+
+def test_smoke_report_has_every_section(gpu_check, tmp_path, capsys):
+    code = gpu_check.main(["--smoke", "--results-dir", str(tmp_path)])
+    reports = list(tmp_path.glob("gpu_check_smoke_*.md"))
+    assert len(reports) == 1, reports
+    report = reports[0].read_text()
+    assert report in capsys.readouterr().out  # printed as well as written
+    for title, _, _ in gpu_check.SECTIONS.values():
+        assert f"## {title}" in report
+        # every section ran to its end (a failed check is still "ok": it is a row)
+        assert re.search(rf"^\| {re.escape(title)} \| ok \|", report, re.MULTILINE), title
+    for key in ("device", "torch", "triton", "date"):
+        assert f"- **{key}**:" in report
+    # the tables each section promises
+    for heading in ("| case | dtype | B × C |", "| B × C | dtype | method |", "| mode | method |",
+                    "| loop | mode |", "| run | final loss"):  # fmt: skip
+        assert heading in report
+    assert "IKL fused kernel" in report and "F.kl_div, compiled" in report
+    assert "KD fp32: IKL step overhead over KD" in report
+    assert "IKL-AT dkl fp32: ≥ 1.2× the authors' loop" in report
+    assert "| fp32 | fixmatch_ikl |" in report
+    # exit status: 1 exactly when a correctness check failed
+    failed = re.search(r"checks: \d+ passed, [1-9]\d* failed", report) is not None
+    assert code == (1 if failed else 0)
+
+
+def test_sections_option(gpu_check):
+    assert gpu_check.parse_args(["--sections", "kd,adv"]).sections == ["kd", "adv"]
+    assert gpu_check.parse_args([]).sections == list(gpu_check.SECTIONS)
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--sections", "kd,nope"])
+
+
+def test_pytest_outcomes_with_and_without_xdist(gpu_check):
+    out = """
+tests/test_ops_triton.py::test_a[1x2-float32-kl] PASSED                   [ 10%]
+[gw1] [ 20%] FAILED tests/test_llm.py::test_b
+[gw0] [ 30%] SKIPPED tests/test_ops_triton.py::test_c
+FAILED tests/test_llm.py::test_b - AssertionError: loss 1 vs 2
+==== 1 failed, 1 passed, 1 skipped in 3.2s ====
+"""
+    assert gpu_check.pytest_outcomes(out) == {
+        "tests/test_ops_triton.py::test_a[1x2-float32-kl]": "PASSED",
+        "tests/test_llm.py::test_b": "FAILED",
+        "tests/test_ops_triton.py::test_c": "SKIPPED",
+    }
+
+
+def test_oracle_gives_neg_inf_classes_no_weight(gpu_check):
+    """The float64 oracle with -inf targets equals the oracle on the finite classes alone (KL
+    and IKL: the student's softmax still runs over all classes)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 6, generator=g), torch.randn(2, 6, generator=g)
+    t_inf = t.clone()
+    t_inf[:, 4:] = float("-inf")
+    for kind in ("kl", "ikl"):
+        full = gpu_check.oracle(s, t_inf, kind=kind, beta=2.0, temperature=2.0)
+        assert torch.isfinite(full).all()
+    # IKL's wMSE part alone on the finite classes (alpha = 0: no sCE)
+    got = gpu_check.oracle(s, t_inf, kind="ikl", alpha=0.0, beta=1.0)
+    want = gpu_check.oracle(s[:, :4], t[:, :4], kind="ikl", alpha=0.0, beta=1.0)
+    torch.testing.assert_close(got, want)
+    # KL against F.kl_div on probabilities (0 for the -inf classes)
+    kl = gpu_check.oracle(s, t_inf, kind="kl", temperature=2.0)
+    ref = torch.nn.functional.kl_div(
+        torch.log_softmax(s.double() / 2, 1), torch.softmax(t_inf.double() / 2, 1), reduction="none"
+    ).sum(1)
+    torch.testing.assert_close(kl, ref)
