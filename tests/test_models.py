@@ -496,6 +496,89 @@ def test_timm_prefix_dispatches_to_timm(monkeypatch):
         create_model("timm:tiny_net", 4, pretrained=True)
 
 
+# ------------------------------------------------------------------- inputs of the data's shape
+
+ADAPTED = ["resnet8", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2",
+           "preact_resnet18", "tv:resnet18", "tv:mobilenet_v2"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ADAPTED)
+def test_grey_inputs_adapt_the_first_conv_exactly(name):
+    # summed filters: the 1-channel model on a grey image = the 3-channel one on it repeated
+    from dkl.models import adapt_input_channels
+
+    torch.manual_seed(0)
+    rgb = create_model(name, 5).eval()
+    grey = adapt_input_channels(__import__("copy").deepcopy(rgb), 1).eval()
+    first = next(m for m in grey.modules() if isinstance(m, nn.Conv2d))
+    assert first.in_channels == 1
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(grey(x), rgb(x.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-5)
+    torch.manual_seed(0)
+    built = create_model(name, 5, input_shape=(1, 32, 32)).eval()  # what the trainer calls
+    with torch.no_grad():
+        torch.testing.assert_close(built(x), grey(x), rtol=1e-4, atol=1e-5)
+
+
+def test_adapt_to_more_channels_repeats_and_scales():
+    from dkl.models import adapt_input_channels
+
+    conv = nn.Sequential(nn.Conv2d(2, 4, 3))
+    old = conv[0].weight.detach().clone()
+    adapt_input_channels(conv, 3)
+    w = conv[0].weight.detach()
+    assert w.shape == (4, 3, 3, 3)
+    torch.testing.assert_close(w, torch.cat([old, old[:, :1]], 1) * (2 / 3))
+    assert adapt_input_channels(nn.Linear(3, 2), 1).in_features == 3  # no conv: unchanged
+
+
+def test_input_shape_sets_declared_options():
+    assert create_model("mlp", 3, input_shape=(1, 12, 12), hidden=()).net[0].in_features == 144
+    cnn = create_model("digits_cnn", 3, width=4, input_shape=(3, 12, 12))
+    assert cnn.features[0].in_channels == 3 and cnn(torch.rand(2, 3, 12, 12)).shape == (2, 3)
+    assert create_model("mlp", 3, input_shape=(1, 8, 8), in_features=64).net[0].in_features == 64
+    with pytest.raises(ValueError, match=r"model option in_channels=1 does not fit inputs of "
+                                         r"shape \(3, 8, 8\) \(in_channels=3\)"):  # fmt: skip
+        create_model("digits_cnn", 3, in_channels=1, input_shape=(3, 8, 8))
+
+
+def test_timm_builds_with_the_data_channels():
+    pytest.importorskip("timm")
+    vit = create_model("vit_tiny_patch2_32", 4, input_shape=(1, 32, 32), depth=1)
+    assert vit.patch_embed.proj.in_channels == 1
+    assert vit(torch.rand(1, 1, 32, 32)).shape == (1, 4)
+    net = create_model("timm:test_resnet", 4, input_shape=(1, 32, 32))
+    assert net.conv1[0].in_channels == 1
+
+
+def test_timm_local_weight_file(tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    saved = timm.create_model("test_resnet", pretrained=False, num_classes=5).state_dict()
+    path = tmp_path / "w.pth"
+    torch.save(saved, path)
+    overlay = {"pretrained_cfg_overlay": {"file": str(path)}}
+    torch.manual_seed(1)  # another init: every weight below comes from the file
+    model = create_model("timm:test_resnet", 5, **overlay)
+    got = model.state_dict()
+    assert got.keys() == saved.keys()
+    assert all(torch.equal(got[k], saved[k]) for k in saved)
+    # another head: timm leaves the classifier out (the rest still comes from the file)
+    other = create_model("timm:test_resnet", 3, **overlay).state_dict()
+    assert other["fc.weight"].shape == (3, other["fc.weight"].shape[1])
+    assert torch.equal(other["conv1.0.weight"], saved["conv1.0.weight"])
+    # grey inputs: timm sums the first conv's filters
+    grey = create_model("timm:test_resnet", 5, input_shape=(1, 32, 32), **overlay).state_dict()
+    torch.testing.assert_close(grey["conv1.0.weight"], saved["conv1.0.weight"].sum(1, True))
+    with pytest.raises(FileNotFoundError, match="Weight file not found: .*nope.pth"):
+        create_model("timm:test_resnet", 5, pretrained_cfg_overlay={"file": "nope.pth"})
+    with pytest.raises(ValueError, match=r"keys \['url'\] would download weights"):
+        create_model("timm:test_resnet", 5, pretrained_cfg_overlay={"file": path, "url": "x"})
+    with pytest.raises(ValueError, match="would download weights"):
+        create_model("timm:test_resnet", 5, pretrained=True)
+
+
 def test_timm_missing_is_a_clear_import_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)
     with pytest.raises(ImportError, match=r"pip install 'dkl\[timm\]'"):

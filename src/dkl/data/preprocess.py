@@ -114,23 +114,28 @@ def image_transforms(
 
 
 def to_chw(x: Any, *, what: str = "image") -> Tensor:
-    """A ``(C, H, W)`` tensor from an array or tensor laid out ``(H, W)``, ``(H, W, C)`` or
-    ``(C, H, W)`` (C in 1, 3, 4; channels last wins when both ends could be channels). uint8
-    stays uint8, other integers (0..255) become uint8, floats become float32 and must lie in
-    [0, 1]; a 4th (alpha) channel is dropped.
+    """A ``(C, H, W)`` tensor from one image: a torch tensor ``(C, H, W)`` or ``(H, W)``, or an
+    array (NumPy, nested lists) ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` (C in 1, 3, 4; for
+    arrays channels last wins when both ends could be channels). uint8 stays uint8, other
+    integers (0..255) become uint8, floats become float32 and must lie in [0, 1]; a 4th (alpha)
+    channel is dropped.
 
     >>> to_chw(np.zeros((5, 6, 3), np.uint8)).shape
     torch.Size([3, 5, 6])
+    >>> to_chw(torch.zeros(1, 4, 4)).shape
+    torch.Size([1, 4, 4])
     """
-    t = torch.as_tensor(np.asarray(x)) if not isinstance(x, Tensor) else x
+    channels_last = not isinstance(x, Tensor)
+    t = x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
     if t.ndim == 2:
         t = t[None]
-    elif t.ndim == 3 and t.shape[-1] in (1, 3, 4):
+    elif channels_last and t.ndim == 3 and t.shape[-1] in (1, 3, 4):
         t = t.permute(2, 0, 1)
     elif not (t.ndim == 3 and t.shape[0] in (1, 3, 4)):
+        layouts = "(H, W), (H, W, C) or (C, H, W)" if channels_last else "(H, W) or (C, H, W)"
         raise ValueError(
-            f"{what}: expected an image laid out (H, W), (H, W, C) or (C, H, W) with C in "
-            f"1, 3, 4, got shape {tuple(t.shape)}"
+            f"{what}: expected an image laid out {layouts} with C in 1, 3, 4, got shape "
+            f"{tuple(t.shape)}"
         )
     if t.shape[0] == 4:
         t = t[:3]

@@ -13,7 +13,14 @@ from torch import nn
 
 from . import cifar_resnet, imagenet, mobilenet, preact_resnet, shufflenet, small, vgg, wrn
 from .normalize import Normalize, NormalizedModel, unwrap_normalization, with_normalization
-from .registry import ModelEntry, create_model, list_models, model_entry, register_model
+from .registry import (
+    ModelEntry,
+    adapt_input_channels,
+    create_model,
+    list_models,
+    model_entry,
+    register_model,
+)
 from .vit import load_usb_pretrained, resize_pos_embed
 from .weights import extract_state_dict, load_weights
 
@@ -33,6 +40,7 @@ __all__ = [
     "ModelEntry",
     "Normalize",
     "NormalizedModel",
+    "adapt_input_channels",
     "count_parameters",
     "create_model",
     "extract_state_dict",

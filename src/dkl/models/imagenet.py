@@ -5,15 +5,16 @@ Pretrained weights are never downloaded. Load a local file either way:
 - any model: ``create_model(..., checkpoint=path)`` (for example a torchvision
   ``resnet34-b627a593.pth``, a raw state_dict), loaded strictly by :func:`dkl.models.load_weights`;
 - timm models: timm's own ``pretrained_cfg_overlay={"file": path}`` (``pretrained=True`` is
-  implied), which lets timm adapt the file to the model: a classifier of another size is left
-  out (and stays randomly initialised) and the first convolution follows ``in_chans``. The file
-  is read with ``torch.load(weights_only=True)`` or safetensors.
+  implied), which lets timm adapt the file to the model: its classifier is loaded when its size
+  fits ``num_classes`` and left out (randomly initialised) otherwise, and the first convolution
+  follows ``in_chans``. The file is read with ``torch.load(weights_only=True)`` or safetensors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -78,8 +79,25 @@ def _local_overlay(name: str, kwargs: dict) -> dict | None:
         raise ValueError(f"timm:{name}: pretrained={kwargs['pretrained']!r} with a weight file")
     del kwargs["pretrained_cfg_overlay"]
     kwargs.pop("pretrained", None)
-    # timm reads 'file' before any remote source once 'source' is not the hub
     return {**overlay, "file": str(path.resolve()), "source": ""}
+
+
+def _read_local(timm: Any, name: str, overlay: dict) -> dict:
+    """The overlay with the file's state dict under ``state_dict`` (read once, by timm's reader:
+    ``weights_only=True`` or safetensors) and ``num_classes`` = the file's classifier size, so
+    that timm keeps a classifier that fits the model and leaves out one that does not (timm
+    compares the model's class count with ``num_classes`` of the pretrained config)."""
+    from timm.models import get_pretrained_cfg, load_state_dict
+
+    sd = load_state_dict(overlay["file"])
+    default = get_pretrained_cfg(name)
+    heads = overlay.get("classifier") or getattr(default, "classifier", None) or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    out = {**overlay, "state_dict": sd}
+    weight = sd.get(f"{heads[0]}.weight") if heads else None
+    if weight is not None and "num_classes" not in overlay:
+        out["num_classes"] = int(weight.shape[0])
+    return out
 
 
 def timm_model(name: str, num_classes: int, *, in_chans: int = 3, **kwargs) -> nn.Module:
@@ -96,7 +114,7 @@ def timm_model(name: str, num_classes: int, *, in_chans: int = 3, **kwargs) -> n
     if name not in known:
         raise ValueError(_unknown_message(name, list(known), "timm model"))
     if overlay is not None:
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=_read_local(timm, name, overlay))
     else:
         kwargs["pretrained"] = False
     return timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
