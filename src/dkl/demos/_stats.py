@@ -95,7 +95,7 @@ def plot_bars(
     groups = list(values)
     methods = list(dict.fromkeys(m for g in groups for m in values[g]))
     width = 0.8 / max(len(methods), 1)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(groups) * max(len(methods), 2) / 2, 4))
+    fig, ax = plt.subplots(figsize=(2.5 + 0.9 * len(groups) * max(len(methods), 2), 4))
     for j, method in enumerate(methods):
         xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(groups))]
         runs = [list(values[g].get(method, [])) for g in groups]
@@ -104,10 +104,11 @@ def plot_bars(
         for x, r in zip(xs, runs):
             ax.plot([x] * len(r), r, "k.", ms=4)
         ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
-    ax.set_xticks(range(len(groups)), groups)
+    ax.set_xticks(range(len(groups)), [g.replace(" (", "\n(") for g in groups], fontsize=9)
     ax.set_ylabel(ylabel)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.08)  # room for the value labels
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
