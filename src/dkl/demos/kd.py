@@ -65,7 +65,9 @@ def run_demo(args) -> int:
     )
     tcfg = load_config("kd/digits_teacher", common)
     teacher = train(tcfg, log=quiet)
-    teacher_ckpt = out / tcfg.name / "best.pt"
+    # the teacher's last weights, as the students' reported accuracy is their last epoch's (a
+    # best.pt would be picked on the test images)
+    teacher_ckpt = out / tcfg.name / "final.pt"
     print(
         f"  teacher  {tcfg.model.name} {dict(tcfg.model.kwargs)}  {teacher['params']:,} params, "
         f"all labels  top-1 {teacher['last']['top1']:.2f}  ({teacher['wall_time_s']:.1f}s)",
