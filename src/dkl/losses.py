@@ -131,13 +131,39 @@ def _valid_rows(mask: Tensor | None, *xs: Tensor | None) -> tuple[Tensor | None,
     if mask is None:
         return xs
     keep = mask.unsqueeze(1)
-    return tuple(None if x is None else torch.where(keep, x, x.new_zeros(())) for x in xs)
+    return tuple(None if x is None else _zero_where(~keep, x) for x in xs)
 
 
-def _student_rules_out(per_row: Tensor, input: Tensor, absent: Tensor) -> Tensor:
-    """``+inf`` for rows where the student logit is -inf on a class the target keeps."""
-    ruled_out = (torch.isneginf(input) & ~absent).any(dim=1)
-    return torch.where(ruled_out, per_row.new_full((), float("inf")), per_row)
+_INF = float("inf")
+
+
+def _zero_where(cond: Tensor, x: Tensor) -> Tensor:
+    """``x`` with 0 where ``cond`` (a 0-d tensor operand: faster than a Python scalar on CPU)."""
+    return torch.where(cond, x.new_zeros(()), x)
+
+
+def _plus_inf(rows: Tensor, per_row: Tensor) -> Tensor:
+    """``+inf`` added on ``rows`` (a NaN row stays NaN)."""
+    return per_row + torch.where(rows, per_row.new_full((), _INF), per_row.new_zeros(()))
+
+
+def _neginf_to_zero(x: Tensor) -> Tensor:
+    """``x`` with its -inf entries set to 0 and everything else (NaN, +inf) kept: one fused pass
+    on detached values (``torch.where`` costs several times more on CPU)."""
+    return torch.nan_to_num(x, nan=float("nan"), posinf=_INF, neginf=0.0)
+
+
+def _logit_gap(target: Tensor, input: Tensor) -> tuple[Tensor, Tensor]:
+    """Detached ``e = target - input`` for the wMSE, and the rows the student rules out.
+
+    ``e`` is 0 where the target logit is -inf (alone or with the input's): those classes carry
+    no weight. Where only the input is -inf, ``e`` is ``+inf``: those rows are returned, and
+    ``e`` is set to 0 there too (the caller makes the row ``+inf``). NaN is set to 0 as well;
+    every loss that calls this also computes the sCE of the same logits, which stays NaN.
+    """
+    e = torch.nan_to_num(target.detach() - input.detach(), nan=0.0, posinf=_INF, neginf=0.0)
+    ruled_out = e.amax(dim=1) == _INF
+    return e.nan_to_num_(posinf=0.0), ruled_out
 
 
 def _scaled(x: Tensor, temperature: float) -> Tensor:
@@ -153,14 +179,13 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
 class _WeightedMSE(torch.autograd.Function):
     """Centred closed form of wMSE with its exact gradient ``W w (e - ē)``.
 
-    Saves one (B, C) tensor, ``w (e - ē)``, and the row totals ``W``; backward is one scaled copy
-    per side that needs it (autograd through the expression would keep four tensors).
+    Takes ``e = target - input`` already computed (detached, 0 on ruled-out classes); saves one
+    (B, C) tensor, ``w (e - ē)``, and the row totals ``W``; backward is one scaled copy per side
+    that needs it (autograd through the expression would keep four tensors).
     """
 
     @staticmethod
-    def forward(ctx, target: Tensor, input: Tensor, weights: Tensor) -> Tensor:  # type: ignore[override]
-        # a class without weight adds nothing, even where a logit is infinite (no 0 · inf)
-        e = torch.where(weights > 0, target - input, 0.0)
+    def forward(ctx, target: Tensor, input: Tensor, weights: Tensor, e: Tensor) -> Tensor:  # type: ignore[override]
         total = weights.sum(dim=1)
         # W = 0 only when every weight is 0; the row's loss and gradient are then 0.
         mean = _rowdot(weights, e) / total.clamp_min(torch.finfo(e.dtype).tiny)
@@ -178,12 +203,66 @@ class _WeightedMSE(torch.autograd.Function):
             wc * scale if ctx.needs_input_grad[0] else None,
             wc * -scale if ctx.needs_input_grad[1] else None,
             None,
+            None,
         )
 
 
-def _present(weights: Tensor, absent: Tensor) -> Tensor:
-    """Detached weights in the logits' dtype, 0 on the classes the target rules out."""
-    return weights.detach().masked_fill(absent, 0.0)
+class _SoftCrossEntropy(torch.autograd.Function):
+    """``-Σ_j p_j log σ(u)_j`` with ``0 · log 0 = 0`` and its gradient ``σ(u) Σ_j p_j - p``.
+
+    Saves ``log σ(u)``; ``p`` is a constant. A class with ``p_j = 0`` adds 0 even where
+    ``u_j = -inf``; one with ``p_j > 0`` there adds 0 too, and the callers mark that row ``+inf``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, probs: Tensor) -> Tensor:  # type: ignore[override]
+        log_q = F.log_softmax(logits, dim=1)
+        ctx.save_for_backward(log_q, probs)
+        return -_rowdot(probs, _neginf_to_zero(log_q))
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        log_q, p = ctx.saved_tensors
+        # log_softmax's own backward of -g p: -g p + σ(u) Σ_j g p_j, in one fused pass
+        grad = torch._log_softmax_backward_data(
+            p * -grad_output.unsqueeze(1), log_q, 1, log_q.dtype
+        )
+        return grad, None
+
+
+class _KLDivergence(torch.autograd.Function):
+    """Row-wise ``Σ_j p_j (log p_j - log q_j)``, ``p = σ(u_t)``, ``q = σ(u_s)``, over the classes
+    the target keeps; ``+inf`` where ``q_j = 0`` on one of them. Gradients ``q - p`` (input) and
+    ``p (log p - log q - KL)`` (target)."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
+        log_q = F.log_softmax(input, dim=1)
+        log_p = F.log_softmax(target, dim=1)
+        p = log_p.exp()
+        diff = _neginf_to_zero(log_p) - _neginf_to_zero(log_q)
+        kl = _rowdot(p, diff)
+        ctx.save_for_backward(log_q, p, diff, kl)
+        # -inf in log q - log p only where q = 0 and p > 0 (both 0 gives NaN, dropped here)
+        gap = torch.nan_to_num(log_q - log_p, nan=0.0, posinf=0.0, neginf=-_INF)
+        ruled_out = gap.amin(dim=1) == -_INF
+        return _plus_inf(ruled_out, kl)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        log_q, p, diff, kl = ctx.saved_tensors
+        g = grad_output.unsqueeze(1)
+        grad_s = grad_t = None
+        if ctx.needs_input_grad[0]:  # g (q - p) = log_softmax's backward of -g p (Σ p = 1)
+            grad_s = torch._log_softmax_backward_data(p * -g, log_q, 1, log_q.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_t = p * (diff - kl.unsqueeze(1)) * g
+        return grad_s, grad_t
+
+
+def _present(weights: Tensor, target: Tensor) -> Tensor:
+    """Given weights set to 0 on the classes the target rules out (softmax weights already are)."""
+    return _zero_where(torch.isneginf(target), weights)
 
 
 def weighted_mse(target: Tensor, input: Tensor, weights: Tensor) -> Tensor:
@@ -207,24 +286,22 @@ def weighted_mse(target: Tensor, input: Tensor, weights: Tensor) -> Tensor:
         tensor([7.])
     """
     absent = torch.isneginf(target)
-    per_row = _WeightedMSE.apply(target, input, _present(weights.to(target.dtype), absent))
-    return _student_rules_out(per_row, input, absent)
+    e = _zero_where(absent, target.detach() - input.detach())  # NaN stays NaN
+    w = _zero_where(absent, weights.detach().to(target.dtype))
+    per_row = _WeightedMSE.apply(target, input, w, e)
+    ruled_out = (torch.isneginf(input) > absent).any(dim=1)
+    return torch.where(ruled_out, per_row.new_full((), _INF), per_row)
 
 
 def soft_cross_entropy(input: Tensor, target_probs: Tensor, temperature: float = 1.0) -> Tensor:
     r"""Per-row :math:`-\sum_j p_j \log\sigma(z_s / T)_j` with ``target_probs`` held constant.
 
-    Classes with :math:`p_j = 0` add 0, even where :math:`z_s = -\infty`.
+    Classes with :math:`p_j = 0` add 0, even where :math:`z_s = -\infty`; a ``-inf`` logit
+    where :math:`p_j > 0` makes the row ``+inf``.
     """
     p = target_probs.detach()
-    log_q = F.log_softmax(_scaled(input, temperature), dim=1)
-    return -_rowdot(p, log_q.masked_fill(p == 0, 0.0))
-
-
-def _kl_rows(log_q: Tensor, log_p: Tensor) -> Tensor:
-    r"""Per-row :math:`\sum_j p_j (\log p_j - \log q_j)` with :math:`0 \log 0 = 0`."""
-    p = log_p.exp()
-    return _rowdot(p, (log_p - log_q).masked_fill(p == 0, 0.0))
+    per_row = _SoftCrossEntropy.apply(_scaled(input, temperature), p)
+    return _plus_inf((torch.isneginf(input) & (p > 0)).any(dim=1), per_row)
 
 
 def _use_triton(impl: str, input: Tensor, target: Tensor) -> bool:
@@ -307,9 +384,7 @@ def kl_loss(
         )
     with torch.autocast(input.device.type, enabled=False):
         zs, zt = _valid_rows(mask, _compute_dtype(input), _compute_dtype(target))
-        log_q = F.log_softmax(_scaled(zs, temperature), dim=1)
-        log_p = F.log_softmax(_scaled(zt, temperature), dim=1)
-        per_row = _student_rules_out(_kl_rows(log_q, log_p), zs, torch.isneginf(zt))
+        per_row = _KLDivergence.apply(_scaled(zs, temperature), _scaled(zt, temperature))
         return _reduce(per_row, reduction, mask)
 
 
@@ -373,11 +448,11 @@ def dkl_loss(
     with torch.autocast(input.device.type, enabled=False):
         zs, zt = _valid_rows(mask, _compute_dtype(input), _compute_dtype(target))
         us, ut = _scaled(zs, temperature), _scaled(zt, temperature)
-        absent = torch.isneginf(zt)
-        w = F.softmax(ut.detach(), dim=1)
-        wmse = _WeightedMSE.apply(ut, us.detach(), _present(w, absent))
-        per_row = beta * wmse + alpha * soft_cross_entropy(us, w)
-        return _reduce(_student_rules_out(per_row, zs, absent), reduction, mask)
+        e, ruled_out = _logit_gap(ut, us)
+        w = F.softmax(ut.detach(), dim=1)  # 0 on ruled-out classes
+        wmse = _WeightedMSE.apply(ut, us.detach(), w, e)
+        per_row = beta * wmse + alpha * _SoftCrossEntropy.apply(us, w)
+        return _reduce(_plus_inf(ruled_out, per_row), reduction, mask)
 
 
 def ikl_loss(
@@ -455,18 +530,18 @@ def ikl_loss(
         zs, zt = _compute_dtype(input), _compute_dtype(target)
         cw = None if class_weights is None else class_weights.detach().to(zt.dtype)
         zs, zt, cw = _valid_rows(mask, zs, zt, cw)
-        absent = torch.isneginf(zt)
+        e, ruled_out = _logit_gap(zt, zs)
         zt_const = zt.detach()
         p = F.softmax(_scaled(zt_const, temperature), dim=1)
         if cw is not None:
-            w = cw
+            w = _present(cw, zt)
         elif weight_temperature == temperature:
-            w = p
+            w = p  # softmax weights are 0 on ruled-out classes already
         else:
             w = F.softmax(_scaled(zt_const, weight_temperature), dim=1)
-        wmse = _WeightedMSE.apply(zt, zs, _present(w, absent))
-        per_row = beta * wmse + alpha * soft_cross_entropy(zs, p, temperature)
-        return _reduce(_student_rules_out(per_row, zs, absent), reduction, mask)
+        sce = _SoftCrossEntropy.apply(_scaled(zs, temperature), p)
+        per_row = beta * _WeightedMSE.apply(zt, zs, w, e) + alpha * sce
+        return _reduce(_plus_inf(ruled_out, per_row), reduction, mask)
 
 
 def _power(weights: Tensor, gamma: float) -> Tensor:
@@ -547,18 +622,21 @@ def gkl_loss(
         zs, zt = _compute_dtype(input), _compute_dtype(target)
         cw = None if class_weights is None else class_weights.detach().to(zt.dtype)
         zs, zt, cw = _valid_rows(mask, zs, zt, cw)
-        absent = torch.isneginf(zt)
+        e, ruled_out = _logit_gap(zt, zs)
         zt_const = zt.detach()
         p = F.softmax(_scaled(zt_const, temperature), dim=1)
         if cw is not None:
             w = _power(cw, gamma)
         else:  # σ(z_t / T2)^γ as exp(γ log σ): no underflow to 0 before the power
             w = torch.exp(gamma * F.log_softmax(_scaled(zt_const, weight_temperature), dim=1))
-        w = _present(w, absent)
+        # 0 on ruled-out classes: also at γ = 0 (exp(0 · -inf) is NaN) and in a row without
+        # any kept class, which would otherwise spoil the batch normaliser
+        w = _present(w, zt)
         norm = _reduce(w.sum(dim=1).square(), "mean", mask)  # mean of P_i² over the valid rows
-        wmse = _WeightedMSE.apply(zt, zs, w) / norm.clamp_min(torch.finfo(w.dtype).tiny)
-        per_row = beta * wmse + alpha * soft_cross_entropy(zs, p, temperature)
-        return _reduce(_student_rules_out(per_row, zs, absent), reduction, mask)
+        wmse = _WeightedMSE.apply(zt, zs, w, e) / norm.clamp_min(torch.finfo(w.dtype).tiny)
+        sce = _SoftCrossEntropy.apply(_scaled(zs, temperature), p)
+        per_row = beta * wmse + alpha * sce
+        return _reduce(_plus_inf(ruled_out, per_row), reduction, mask)
 
 
 # --------------------------------------------------------------------------- modules
