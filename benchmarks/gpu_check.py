@@ -78,6 +78,7 @@ FULL = {
     "inf_shapes": [(6, 1001), (4, 262144)],
     "kl_div_shape": (5, 32000),
     "linear": {"N": 2048, "H": 512, "Ht": 768, "V": 32003, "Vt": 32064, "chunk": 512},
+    "linear_cases": [("fp32", 0.0), ("fp32", 0.5), ("bf16", 0.0), ("bf16", 0.5)],
     "kernel_shapes": [(4096, 32000), (8192, 128000)],
     "kernel_dtypes": ("fp32", "bf16"),
     "copy_mib": 1024,
@@ -94,12 +95,14 @@ FULL = {
     },
     "ssl": {"model": "vit_small_patch2_32", "kwargs": {}, "batch": 8, "warmup": 3, "reps": 10},
     "modes": None,  # every mode
-    # seconds a torch.compile'd variant is assumed to need before it is started
-    "compile_s": {"kernel": 20, "kd": 45, "adv": 120, "ssl": 60},
+    # seconds left below which a torch.compile'd variant is not started (a compile still running
+    # at the section's deadline is stopped there)
+    "compile_s": {"kernel": 10, "kd": 20, "adv": 40, "ssl": 25},
 }
-# The smoke run checks the script, not the numbers: the kernel runs in Triton's interpreter; the
-# training sections run float32 and (IKL-AT only) bfloat16 + channels_last, eager (torch.compile
-# is exercised by the kernel section), and time the first step (reps 0).
+# The smoke run checks the script, not the numbers, in a few seconds of CPU: the kernel runs in
+# Triton's interpreter; the training sections run float32 and (IKL-AT only) bfloat16 +
+# channels_last and time their first step (reps 0); nothing is compiled (importing the compiler
+# alone takes seconds).
 SMOKE = {
     "suite": None,
     "case_dtypes": ("fp32", "bf16"),
@@ -107,6 +110,7 @@ SMOKE = {
     "inf_shapes": [(3, 37)],
     "kl_div_shape": (4, 37),
     "linear": {"N": 12, "H": 8, "Ht": 12, "V": 50, "Vt": 64, "chunk": 5},
+    "linear_cases": [("fp32", 0.5), ("bf16", 0.0)],
     "kernel_shapes": [(8, 1000)],
     "kernel_dtypes": ("fp32",),
     "copy_mib": 4,
@@ -129,7 +133,7 @@ SMOKE = {
         "reps": 0,
     },
     "modes": ("fp32", "bf16 autocast + channels_last"),
-    "compile_s": {"kernel": 0, "kd": 0, "adv": 0, "ssl": 0},
+    "compile_s": None,
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NUM_CLASSES = 100  # CIFAR-100, the paper's KD / AT / SSL setting
@@ -141,6 +145,7 @@ LOSS_TOL, LOSS_ATOL = 2e-5, 5e-7
 GRAD_TOL = {"fp32": 2e-5, "bf16": 8e-3, "fp16": 1e-3}
 # First training step's loss against float32 eager, relative.
 STEP_TOL = {"fp32": 1e-3, "bf16": 5e-2}
+STEP_TOLS = ", ".join(f"{k} {v:g}" for k, v in STEP_TOL.items())
 
 # Issue targets
 FLOOR_RATIO = 2.5  # kernel fwd+bwd at most this many times the bandwidth floor
@@ -222,9 +227,11 @@ class Ctx:
 
     def compile_fits(self, section: str) -> str | None:
         """None when a compiled variant fits in what is left, else the reason to skip it."""
+        if self.size["compile_s"] is None:
+            return "skipped (smoke run)"
         need = self.size["compile_s"][section]
         if self.left() < need:
-            return f"skipped (time budget: {self.left():.0f} s left, a compile needs ~{need} s)"
+            return f"skipped (time budget: {self.left():.0f} s left, too little for a compile)"
         return None
 
 
@@ -239,18 +246,57 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def attempt(fn: Callable, device: torch.device):
-    """``(True, fn())``, or ``(False, one-line reason)`` when it raises (out of memory included)."""
+STOPPED = "stopped at the section's time budget"
+
+
+class BudgetSpent(BaseException):
+    """Raised at a section's deadline; a BaseException, so no ``except Exception`` on the way
+    (torch.compile's among them) swallows it."""
+
+
+@contextlib.contextmanager
+def deadline(ctx: Ctx):
+    """Interrupt the block (a compile, say) one second before the section's deadline. Main thread
+    and POSIX only; off in the smoke run (its budget is never reached)."""
+    if ctx.smoke or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise BudgetSpent
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, max(ctx.left() - 1.0, 0.05))
     try:
-        return True, fn()
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def attempt(fn: Callable, ctx: Ctx):
+    """``(True, fn())``, or ``(False, one-line reason)`` when it raises, runs out of memory or
+    reaches the section's deadline."""
+    try:
+        with deadline(ctx):
+            return True, fn()
+    except BudgetSpent:
+        reason = STOPPED
+        if "torch._dynamo" in sys.modules:  # a compile may have been cut short
+            with contextlib.suppress(Exception):
+                torch._dynamo.reset()
     except torch.OutOfMemoryError:
-        with contextlib.suppress(Exception):
-            _free(device)
-        return False, "out of memory"
+        reason = "out of memory"
     except Exception as exc:  # noqa: BLE001  (reported in the table; the section goes on)
-        with contextlib.suppress(Exception):
-            _free(device)
-        return False, f"error: {first_line(exc)}"
+        reason = f"error: {first_line(exc)}"
+    with contextlib.suppress(Exception):
+        _free(ctx.device)
+    return False, reason
+
+
+def failed(sink: Sink, reason: str) -> None:
+    """The check of a cell that did not finish: a failure, unless the time budget stopped it."""
+    sink.check(None if reason == STOPPED else False)
 
 
 def sync(device: torch.device) -> None:
@@ -480,26 +526,18 @@ def pytest_outcomes(output: str) -> dict[str, str]:
     return outcomes
 
 
-def run_in_session(cmd: list[str], timeout: float, **kw) -> tuple[str, str]:
-    """(stdout, 'exit N' or 'timed out ...'); on timeout the whole process group is killed."""
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            **kw,
-        )
-        try:
-            note = f"exit {proc.wait(timeout=timeout)}"
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            note = f"timed out after {timeout:.0f} s"
-        out.seek(0)
-        return out.read(), note
+def run_in_session(cmd: list[str], timeout: float, **popen_kw) -> str:
+    """Run ``cmd`` in a process group of its own: 'exit N', or 'timed out after T s' when it ran
+    past ``timeout``. Then the group is killed, with whatever it left (compile workers, say)."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True, **popen_kw)
+    try:
+        note = f"exit {proc.wait(timeout=timeout)}"
+    except subprocess.TimeoutExpired:
+        note = f"timed out after {timeout:.0f} s"
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return note
 
 
 def run_suite(sink: Sink, ctx: Ctx) -> None:
@@ -516,9 +554,11 @@ def run_suite(sink: Sink, ctx: Ctx) -> None:
     timeout = max(10.0, ctx.left() * 0.6)
     sink.text(f"`pytest {' '.join(args)}` (timeout {timeout:.0f} s):")
     t0 = time.time()
-    output, note = run_in_session(
-        [sys.executable, "-m", "pytest", *args], timeout, cwd=ROOT, env=env
-    )
+    with tempfile.TemporaryFile("w+") as out:
+        cmd = [sys.executable, "-m", "pytest", *args]
+        note = run_in_session(cmd, timeout, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        out.seek(0)
+        output = out.read()
     outcomes = pytest_outcomes(output)
     counts: dict[str, int] = {}
     for outcome in outcomes.values():
@@ -532,9 +572,11 @@ def run_suite(sink: Sink, ctx: Ctx) -> None:
         elif outcome in ("FAILED", "ERROR", "XPASS"):
             sink.check(False)
             sink.text(f"- {outcome.lower()}: `{test}`")
-    if not counts.get("PASSED") or note != "exit 0":
-        if note != "exit 0" and not any(o in ("FAILED", "ERROR") for o in outcomes.values()):
-            sink.check(False)  # a crash or a timeout, not a failing test
+    if note.startswith("timed out"):
+        sink.check(None)  # the rest did not run: not a failure of the code under test
+    elif note not in ("exit 0", "exit 1") or not outcomes:
+        sink.check(False)  # pytest itself failed (collection, crash, usage)
+    if note != "exit 0":
         tail = "\n".join(output.strip().splitlines()[-15:])
         sink.text(f"pytest output (tail):\n\n```\n{tail}\n```")
 
@@ -547,10 +589,10 @@ def run_cases(sink: Sink, ctx: Ctx, cases: list[tuple[list, Callable]], needs_ke
             sink.row(*head, result=f"skipped ({reason or 'time budget'})")
             sink.check(None)
             continue
-        done, res = attempt(case, ctx.device)
+        done, res = attempt(case, ctx)
         if not done:
             sink.row(*head, result=res)
-            sink.check(False)
+            failed(sink, res)
             continue
         cells, ok = res
         sink.row(*head, *cells, "pass" if ok else "FAIL")
@@ -611,7 +653,7 @@ def section_correctness(sink: Sink, ctx: Ctx) -> None:
     )
     cases = [
         ([d, w], functools.partial(linear_case, d, w, dev, lin, 200 + i))
-        for i, (d, w) in enumerate([("fp32", 0.0), ("fp32", 0.5), ("bf16", 0.0), ("bf16", 0.5)])
+        for i, (d, w) in enumerate(size["linear_cases"])
     ]
     run_cases(sink, ctx, cases, needs_kernel=False)
 
@@ -657,10 +699,11 @@ def kernel_methods(ctx: Ctx) -> dict[str, Callable | str]:
         methods["Liger-Kernel KL"] = "skipped (liger-kernel not installed)"
     except Exception as exc:  # noqa: BLE001  (a broken install is a row, not a crash)
         methods["Liger-Kernel KL"] = f"error: {first_line(exc)}"
+    names = ("IKL torch path, compiled", "F.kl_div, compiled")
+    if ctx.size["compile_s"] is None:
+        return methods | dict.fromkeys(names, "skipped (smoke run)")
     compile_ = functools.partial(torch.compile, backend=ctx.backend, dynamic=False)
-    methods["IKL torch path, compiled"] = compile_(ikl_torch)
-    methods["F.kl_div, compiled"] = compile_(ks.kl_div)
-    return methods
+    return methods | dict(zip(names, (compile_(ikl_torch), compile_(ks.kl_div))))
 
 
 def section_kernel(sink: Sink, ctx: Ctx) -> None:
@@ -684,7 +727,8 @@ def section_kernel(sink: Sink, ctx: Ctx) -> None:
     grad: dict[tuple, float] = {}
     combos = [(B, C, d) for B, C in size["kernel_shapes"] for d in size["kernel_dtypes"]]
     for compiled_pass in (False, True):  # everything eager first: compiles are what may not fit
-        for B, C, dname in combos:
+        # compiled: the largest shape first, the one the targets are about
+        for B, C, dname in sorted(combos, key=lambda c: -c[0] * c[1]) if compiled_pass else combos:
             key, head = (B, C, dname), [f"{B} × {C}", dname]
             dtype = DTYPES[dname]
             nbytes = B * C * torch.finfo(dtype).bits // 8
@@ -699,7 +743,7 @@ def section_kernel(sink: Sink, ctx: Ctx) -> None:
                 zt = (torch.randn(B, C, device=dev, generator=gen) * 3).to(dtype)
                 return zs.requires_grad_(True), zt
 
-            made, tensors = attempt(inputs, dev)
+            made, tensors = attempt(inputs, ctx)
             for name, fn in methods.items():
                 if name.endswith("compiled") != compiled_pass:
                     continue
@@ -719,7 +763,7 @@ def section_kernel(sink: Sink, ctx: Ctx) -> None:
                     fn(zs, zt).backward()
                     zs.grad = None
 
-                done, out = attempt(lambda step=step: timer(step), dev)
+                done, out = attempt(lambda step=step: timer(step), ctx)
                 if not done:
                     sink.row(*head, name, result=out)
                     continue
@@ -825,18 +869,22 @@ def repeat_steps(step: Callable, cfg: dict, ctx: Ctx) -> tuple[list[float], str]
     return times, peak_gib(ctx.device)
 
 
-def loss_check(sink: Sink, mode: Mode, loss: float, ref: float | None) -> str:
-    """'ok' / 'FAIL ...' for a first-step loss against the float32 eager one (also a check)."""
-    if not math.isfinite(loss):
-        sink.check(False)
-        return "FAIL: loss not finite"
-    if ref is None:
-        sink.check(True)
-        return "reference"
-    err = rel_err(loss, ref)
-    ok = err <= STEP_TOL[mode.precision]
+def loss_check(sink: Sink, mode: Mode, loss: float, ref: float | None, is_ref: bool) -> str:
+    """The check cell of a first-step loss: finite, and within ``STEP_TOL`` of the reference
+    (float32, eager) unless it is the reference or that one did not run."""
+    ok = math.isfinite(loss)
+    if not ok:
+        verdict = "FAIL: loss not finite"
+    elif is_ref:
+        verdict = "reference"
+    elif ref is None:
+        verdict = "finite (no reference ran)"
+    else:
+        err = rel_err(loss, ref)
+        ok = err <= STEP_TOL[mode.precision]
+        verdict = f"{'ok' if ok else 'FAIL'}: {err:.1e} (tol {STEP_TOL[mode.precision]:g})"
     sink.check(ok)
-    return f"{'ok' if ok else 'FAIL'}: {err:.1e} (tol {STEP_TOL[mode.precision]:g})"
+    return verdict
 
 
 def section_kd(sink: Sink, ctx: Ctx) -> None:
@@ -851,7 +899,7 @@ def section_kd(sink: Sink, ctx: Ctx) -> None:
         "weights and images. One step: teacher forward (no grad; none for ce), student forward, "
         "`DistillLoss`, backward, SGD. Methods interleaved round by round; median of "
         f"{cfg['reps']} rounds after {cfg['warmup']}; peak memory of one more step. First-step "
-        f"loss from the same weights, against float32 eager (relative tolerance {STEP_TOL})."
+        f"loss from the same weights, against float32 eager (relative tolerance {STEP_TOLS})."
     )
     torch.manual_seed(0)
     teacher = create_model(cfg["teacher"], NUM_CLASSES).to(dev).eval().requires_grad_(False)
@@ -884,12 +932,11 @@ def section_kd(sink: Sink, ctx: Ctx) -> None:
             return loss.detach().float().item()
 
         def run(step=step, opt=opt):
-            first, times = {}, {}
+            first, first_ms, times = {}, {}, {m: [] for m in methods}
             for m in methods:  # the same weights for each method's first step
                 student.load_state_dict(init)
                 opt.state.clear()
-                ms, first[m] = timed(lambda m=m: step(m), dev)
-                times[m] = [ms] if cfg["reps"] == 0 else []
+                first_ms[m], first[m] = timed(lambda m=m: step(m), dev)
             for r in range(cfg["warmup"] + cfg["reps"]):
                 for m in methods:
                     ms, _ = timed(lambda m=m: step(m), dev)
@@ -903,17 +950,18 @@ def section_kd(sink: Sink, ctx: Ctx) -> None:
                 if dev.type == "cuda":
                     step(m)
                 peaks[m] = peak_gib(dev)
-            return first, {m: statistics.median(t) for m, t in times.items()}, peaks
+            med = {m: statistics.median(times[m] or [first_ms[m]]) for m in methods}
+            return first, med, peaks
 
-        done, out = attempt(run, dev)
+        done, out = attempt(run, ctx)
         if not done:
             sink.row(mode, "all", result=out)
-            sink.check(False)
+            failed(sink, out)
             continue
         first, med, peaks = out
         for m in methods:
             vs = "–" if m == "ce" else f"{(med[m] / med['kd'] - 1) * 100:+.1f} %"
-            verdict = loss_check(sink, mode, first[m], ref.get(m))
+            verdict = loss_check(sink, mode, first[m], ref.get(m), mode == MODES[0])
             sink.row(mode, m, f"{med[m]:.2f}", vs, peaks[m], f"{first[m]:.5f}", verdict)
         if mode == MODES[0]:
             ref = dict(first)
@@ -936,6 +984,7 @@ def synthetic_images(n: int, gen: torch.Generator, protos: torch.Tensor, noise: 
 class AdversarialBench:
     """IKL-AT steps on one WRN: dkl's loop and the authors' (``benchmarks/adv_step.py``)."""
 
+    BASE = "authors' loop fp32"
     epochs = 200  # the last epoch: the full ε = 8/255
     alpha, beta = 4.0, 20.0  # the CIFAR-100 IKL-AT preset
 
@@ -960,6 +1009,9 @@ class AdversarialBench:
         self.y = torch.randint(0, NUM_CLASSES, (cfg["batch"],), device=dev)
         prior = torch.rand(NUM_CLASSES, NUM_CLASSES, device=dev) + 0.1
         self.prior = prior / prior.sum(1, keepdim=True)  # GI rows, picked by label
+        self.ms: dict[str, float] = {}  # median step time per variant
+        self.first_loss: dict[str, float] = {}  # the authors' first-step loss: the reference
+        self.first_grads: dict[str, list] = {}  # the first step's gradients (float32, eager)
 
     def dkl_loss(self, net, x, y):
         from dkl.attacks import eval_mode
@@ -994,6 +1046,46 @@ class AdversarialBench:
         opt.step()
         return loss.detach().float().item(), grads
 
+    def variant(self, sink: Sink, name: str, mode: Mode) -> None:
+        """One table row: ``name`` ("dkl" or "authors' loop") in ``mode``."""
+        ctx, cfg, dev = self.ctx, self.cfg, self.dev
+        label = f"{name} {mode}"
+        skip = mode_skip(ctx, mode, "adv", need_s=10.0)
+        if skip:
+            sink.row(name, mode, result=skip)
+            return
+        loss_fn = self.dkl_loss if name == "dkl" else self.authors_loss
+
+        def run():
+            net, opt, fmt = self.prepare(mode)
+            x = self.x.contiguous(memory_format=fmt)
+            torch.manual_seed(1)  # the same random start in every loop
+            keep = mode == Mode("fp32")
+            ms0, (first, grads) = timed(
+                lambda: self.step(loss_fn, net, opt, mode, x, self.y, keep_grads=keep), dev
+            )
+            if grads is not None:
+                self.first_grads[label] = grads
+            times, peak = repeat_steps(
+                lambda: self.step(loss_fn, net, opt, mode, x, self.y), cfg, ctx
+            )
+            return first, statistics.median(times or [ms0]), peak
+
+        done, out = attempt(run, ctx)
+        if not done:
+            sink.row(name, mode, result=out)
+            failed(sink, out)
+            return
+        first, med, peak = out
+        self.ms[label] = med
+        base = self.ms.get(self.BASE)
+        if label == self.BASE:  # it runs first
+            self.first_loss[label] = first
+        ref = self.first_loss.get(self.BASE)
+        verdict = loss_check(sink, mode, first, ref, label == self.BASE)
+        speed = f"{base / med:.2f}×" if base else "–"
+        sink.row(name, mode, f"{med:.1f}", speed, peak, f"{first:.5f}", verdict)
+
 
 ADV_VARIANTS = [("authors' loop", Mode("fp32"))] + [
     ("dkl", m)
@@ -1005,11 +1097,12 @@ ADV_VARIANTS = [("authors' loop", Mode("fp32"))] + [
         Mode("fp32", compiled=True),
     )
 ]
+ADV_COLUMNS = ("loop", "mode", "step (ms)", "vs authors", "peak (GiB)", "first-step loss", "check")
 
 
 def section_adv(sink: Sink, ctx: Ctx) -> None:
     bench = AdversarialBench(ctx)
-    cfg, dev = bench.cfg, bench.dev
+    cfg = bench.cfg
     sink.text(
         f"IKL-AT, WRN-{cfg['depth']}-{cfg['widen']}, batch {cfg['batch']}, CIFAR-100 shapes, "
         f"random images and GI class-weight rows; attack: {bench.steps} steps of "
@@ -1018,50 +1111,14 @@ def section_adv(sink: Sink, ctx: Ctx) -> None:
         "authors' loop (`benchmarks/adv_step.py`) recomputes the natural logits in every attack "
         "step and sums the wMSE over B×C×C pairs; dkl computes them once (eval mode, no grad) and "
         f"uses the O(B·C) closed form. Median of {cfg['reps']} steps after {cfg['warmup']}; "
-        "peak memory over those steps. First-step loss from the same weights and random start."
+        "peak memory over those steps. First-step loss from the same weights and random start, "
+        "against the authors' float32 one."
     )
-    sink.table("loop", "mode", "step (ms)", "vs authors", "peak (GiB)", "first-step loss", "check")
-    ms: dict[str, float] = {}
-    first_grads: dict[str, list] = {}
-    ref_loss = None
+    sink.table(*ADV_COLUMNS)
     for name, mode in ADV_VARIANTS:
-        label = f"{name} {mode}"
-        skip = mode_skip(ctx, mode, "adv", need_s=10.0)
-        if skip:
-            sink.row(name, mode, result=skip)
-            continue
-        loss_fn = bench.authors_loss if name != "dkl" else bench.dkl_loss
-
-        def run(loss_fn=loss_fn, mode=mode, label=label):
-            net, opt, fmt = bench.prepare(mode)
-            x = bench.x.contiguous(memory_format=fmt)
-            torch.manual_seed(1)  # the same random start in every loop
-            keep = mode == Mode("fp32")
-            ms0, (first, grads) = timed(
-                lambda: bench.step(loss_fn, net, opt, mode, x, bench.y, keep_grads=keep), dev
-            )
-            if grads is not None:
-                first_grads[label] = grads
-            times, peak = repeat_steps(
-                lambda: bench.step(loss_fn, net, opt, mode, x, bench.y), cfg, ctx
-            )
-            return first, statistics.median(times or [ms0]), peak
-
-        done, out = attempt(run, dev)
-        if not done:
-            sink.row(name, mode, result=out)
-            sink.check(False)
-            continue
-        first, med, peak = out
-        ms[label] = med
-        base = ms.get("authors' loop fp32")
-        if label == "dkl fp32":
-            ref_loss = first
-        verdict = loss_check(sink, mode, first, None if label == "dkl fp32" else ref_loss)
-        speed = f"{base / med:.2f}×" if base else "–"
-        sink.row(name, mode, f"{med:.1f}", speed, peak, f"{first:.5f}", verdict)
-
-    a, d = first_grads.get("authors' loop fp32"), first_grads.get("dkl fp32")
+        if not mode.compiled:
+            bench.variant(sink, name, mode)
+    a, d = bench.first_grads.get(bench.BASE), bench.first_grads.get("dkl fp32")
     if a is not None and d is not None:
         diff = max(((g1 - g2).norm() / g2.norm().clamp_min(1e-30)).item() for g1, g2 in zip(d, a))
         ok = diff <= STEP_TOL["fp32"]
@@ -1071,18 +1128,25 @@ def section_adv(sink: Sink, ctx: Ctx) -> None:
             f"differ by {diff:.1e} at most (relative norm per tensor; tolerance "
             f"{STEP_TOL['fp32']:g}: {'ok' if ok else 'FAIL'})."
         )
-    base = ms.get("authors' loop fp32")
+    base = bench.ms.get(bench.BASE)
     for label, goal in (
         ("dkl fp32", AT_SPEEDUP_FP32),
         ("dkl bf16 autocast + channels_last", AT_SPEEDUP_BF16),
     ):
         what = f"IKL-AT {label}: ≥ {goal}× the authors' loop"
-        if base and label in ms:
-            sp = base / ms[label]
-            sink.target(what, f"{ms[label]:.1f} vs {base:.1f} ms", sp, sp >= goal)
+        if base and label in bench.ms:
+            sp = base / bench.ms[label]
+            sink.target(what, f"{bench.ms[label]:.1f} vs {base:.1f} ms", sp, sp >= goal)
         else:
             sink.target(what, "not measured", None, None)
     short_run(sink, bench)
+    sink.text(
+        "`torch.compile`d model (after the short run, so that a long compile cannot crowd it out):"
+    )
+    sink.table(*ADV_COLUMNS)
+    for name, mode in ADV_VARIANTS:
+        if mode.compiled:
+            bench.variant(sink, name, mode)
 
 
 def short_run(sink: Sink, bench: AdversarialBench) -> None:
@@ -1130,7 +1194,7 @@ def short_run(sink: Sink, bench: AdversarialBench) -> None:
                 pred = bench.model(x_eval.contiguous(memory_format=fmt)).argmax(1)
             return statistics.mean(losses[-5:]), 100.0 * (pred == y_eval).float().mean().item()
 
-        done, out = attempt(run, dev)
+        done, out = attempt(run, ctx)
         if not done:
             sink.row(label, result=out)
             continue
@@ -1213,14 +1277,14 @@ def section_ssl(sink: Sink, ctx: Ctx) -> None:
                 out[method] = (first, statistics.median(times or [ms0]), peak)
             return out
 
-        done, out = attempt(run, dev)
+        done, out = attempt(run, ctx)
         if not done:
             sink.row(mode, "all", result=out)
-            sink.check(False)
+            failed(sink, out)
             continue
         for method, (first, med, peak) in out.items():
             vs = "–" if method == "fixmatch" else f"{(med / out['fixmatch'][1] - 1) * 100:+.1f} %"
-            verdict = loss_check(sink, mode, first, ref.get(method))
+            verdict = loss_check(sink, mode, first, ref.get(method), mode == MODES[0])
             sink.row(mode, method, f"{med:.2f}", vs, peak, f"{first:.5f}", verdict)
         if mode == MODES[0]:
             ref = {m: v[0] for m, v in out.items()}
@@ -1232,21 +1296,25 @@ def section_ssl(sink: Sink, ctx: Ctx) -> None:
 
 SECTIONS: dict[str, tuple[str, float, Callable]] = {
     # name: (title, share of the budget, function)
-    "correctness": ("1. Correctness on hardware", 100, section_correctness),
-    "kernel": ("2. Kernel speed and memory", 110, section_kernel),
+    "correctness": ("1. Correctness on hardware", 90, section_correctness),
+    "kernel": ("2. Kernel speed and memory", 120, section_kernel),
     "kd": ("3a. Training step: knowledge distillation", 60, section_kd),
-    "adv": ("3b. Training step: IKL adversarial training", 110, section_adv),
-    "ssl": ("3c. Training step: semi-supervised ViT", 60, section_ssl),
+    "adv": ("3b. Training step: IKL adversarial training", 100, section_adv),
+    "ssl": ("3c. Training step: semi-supervised ViT", 70, section_ssl),
 }
 
 
-def run_child_section(name: str, out_path: str, until: float, smoke: bool, backend: str) -> None:
+def run_child_section(name: str, out_path: str, until: float, smoke: bool, backend: str) -> int:
     """Entry of a child process: one section, its records streamed to ``out_path``."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ctx = Ctx(device, smoke, until, backend)
     with open(out_path, "a") as stream:
         sink = Sink(stream)
-        SECTIONS[name][2](sink, ctx)
+        try:
+            SECTIONS[name][2](sink, Ctx(device, smoke, until, backend))
+            return 0
+        except Exception:  # noqa: BLE001  (the parent reports it)
+            traceback.print_exc()
+            return 3  # "the section raised" to the parent
 
 
 @dataclass
@@ -1291,24 +1359,17 @@ def run_section(name: str, budget: float, args, device: torch.device) -> Section
         ]
         if args.smoke:
             cmd.append("--smoke")
-        grace = 10.0  # a child stops itself at its deadline; this is for a hung compile
+        grace = 10.0  # a child stops itself at its deadline; this is for one that hangs
         with open(err_path, "w") as err:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=None,
-                stderr=err,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                env=child_env(device),
-            )
-            try:
-                code = proc.wait(timeout=budget + grace)
-                status = "ok" if code == 0 else f"crashed (exit {code})"
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)  # the child and its compile workers
-                proc.wait()
-                status = f"killed at its time budget ({budget:.0f} s + {grace:.0f} s)"
+            note = run_in_session(cmd, budget + grace, stderr=err, env=child_env(device))
+        if note == "exit 0":
+            status = "ok"
+        elif note.startswith("timed out"):
+            status = f"killed at its time budget ({budget:.0f} s + {grace:.0f} s)"
+        elif note == "exit 3":
+            status = "error: the section raised (traceback below)"
+        else:
+            status = f"crashed ({note})"
         records = [json.loads(line) for line in out_path.read_text().splitlines() if line]
         if status != "ok":
             tail = err_path.read_text(errors="replace").strip().splitlines()[-12:]
@@ -1445,9 +1506,7 @@ def parse_args(argv):
         default=str(HERE / "results"),
         help="where gpu_check_<device>.md is written (default benchmarks/results)",
     )
-    p.add_argument(
-        "--backend", default=None, help="torch.compile backend (default inductor; eager in --smoke)"
-    )
+    p.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor)")
     iso = p.add_mutually_exclusive_group()
     iso.add_argument(
         "--isolate",
@@ -1467,8 +1526,6 @@ def parse_args(argv):
     if unknown or not names:
         p.error(f"--sections: expected names from {','.join(SECTIONS)}, got {args.sections!r}")
     args.sections = names
-    if args.backend is None:
-        args.backend = "eager" if args.smoke else "inductor"
     if not args.budget > 0:
         p.error(f"--budget: expected seconds > 0, got {args.budget}")
     return args
@@ -1477,8 +1534,10 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.child:
-        run_child_section(args.child, args.child_out, args.until, args.smoke, args.backend)
-        return 0
+        code = run_child_section(args.child, args.child_out, args.until, args.smoke, args.backend)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # no interpreter teardown: it can wait on compile workers
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.smoke:
         print(

@@ -98,3 +98,20 @@ def test_oracle_gives_neg_inf_classes_no_weight(gpu_check):
         torch.log_softmax(s.double() / 2, 1), torch.softmax(t_inf.double() / 2, 1), reduction="none"
     ).sum(1)
     torch.testing.assert_close(kl, ref)
+
+
+def test_attempt_reports_errors_and_stops_at_the_deadline(gpu_check):
+    """A failing or overrunning cell becomes a one-line reason; the section goes on."""
+    import time
+
+    import torch
+
+    far = gpu_check.Ctx(torch.device("cpu"), smoke=False, until=time.time() + 60, backend="eager")
+    assert gpu_check.attempt(lambda: 42, far) == (True, 42)
+    done, why = gpu_check.attempt(lambda: torch.zeros(2) @ torch.zeros(3), far)
+    assert not done and why.startswith("error: RuntimeError")
+    near = gpu_check.Ctx(torch.device("cpu"), smoke=False, until=time.time() + 1.2, backend="eager")
+    t0 = time.time()
+    done, why = gpu_check.attempt(lambda: time.sleep(30), near)
+    assert (done, why) == (False, "stopped at the section's time budget")
+    assert time.time() - t0 < 1.1  # a second before the deadline, not after 30 s
