@@ -159,13 +159,20 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--recipe", default="kd", choices=sorted(DEMOS), help="which demo (default kd)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
+    p.add_argument(
+        "--seeds", type=int, default=None, help="seeds per method (default: kd 5, others 3)"
+    )
     for name in sorted(DEMOS):
         demo_module(name).add_arguments(p)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from dkl.demos import demo_module
+
+    if args.seeds is None:
+        args.seeds = 5 if args.recipe == "kd" else 3
+    if args.seeds < 1:
+        return _fail(f"--seeds: expected a number >= 1, got {args.seeds}")
 
     return demo_module(args.recipe).main(args) or 0
 
