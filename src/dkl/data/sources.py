@@ -96,7 +96,8 @@ class FolderImages:
             with Image.open(path) as img:
                 img.load()
         except (OSError, UnidentifiedImageError, SyntaxError) as e:
-            raise ValueError(f"cannot read image '{path}': {e}") from None
+            why = str(e).replace(f"'{path}'", "").replace(str(path), "").strip(" :") or repr(e)
+            raise ValueError(f"cannot read image '{path}': {why}") from None
         return img, label
 
 
