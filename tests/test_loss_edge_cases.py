@@ -335,14 +335,14 @@ def _kernel_or_skip():
     return ops
 
 
-def _kernel_logits(C=37):
-    """float32 on the kernel's device; with 16-wide blocks row 1 has whole blocks ruled out."""
+def _kernel_logits(C=37, dtype=torch.float32):
+    """On the kernel's device; with 16-wide blocks row 1 has whole blocks ruled out."""
     zs, zt, cw = ruled_out_logits(torch.float32, C=C, seed=3)
     zt = zt.detach().clone()
     zt[1, :20] = -INF  # a first block entirely -inf, then a partly ruled-out one
     return (
-        zs.detach().to(DEVICE).requires_grad_(),
-        zt.to(DEVICE).requires_grad_(),
+        zs.detach().to(DEVICE, dtype).requires_grad_(),
+        zt.to(DEVICE, dtype).requires_grad_(),
         cw.to(DEVICE),
     )
 
@@ -354,20 +354,28 @@ def _close(actual, expected, rel, what):
     assert err <= rel * scale + 1e-6, f"{what}: max error {err:.3g} > {rel:g} x {scale:.3g}"
 
 
+# (config, dtype): every config in float32, two in bfloat16 (its gradients are rounded on output)
+KERNEL_CASES = [(c, torch.float32) for c in CONFIGS] + [
+    ("kl", torch.bfloat16),
+    ("ikl_gi", torch.bfloat16),
+]
+GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 8e-3}
+
+
 @quiet_interpreter
-@pytest.mark.parametrize("config", list(CONFIGS))
-def test_kernel_neg_inf_targets_match_oracle(config):
+@pytest.mark.parametrize("config,dtype", KERNEL_CASES, ids=lambda v: str(v).split(".")[-1])
+def test_kernel_neg_inf_targets_match_oracle(config, dtype):
     ops = _kernel_or_skip()
-    zs, zt, cw = _kernel_logits()
+    zs, zt, cw = _kernel_logits(dtype=dtype)
     kind, kw = _split(config, cw)
     out = ops.fused_divergence(zs, zt, kind=kind, _block=16, **kw)
     upstream = torch.tensor([0.5, -1.0, 2.0, 1.5], device=DEVICE)
     gs, gt = _grads(out, zs, zt, upstream=upstream)
     ref = finite_class_oracle(zs, zt, kind, **kw)
     rs, rt = _grads(ref, zs, zt, upstream=upstream.double())
-    _close(out, ref, 2e-5, "loss")
-    _close(gs, rs, 2e-5, "grad input")
-    _close(gt, rt, 2e-5, "grad target")
+    _close(out, ref, 2e-5, "loss")  # the oracle sees the same rounded logits
+    _close(gs, rs, GRAD_TOL[dtype], "grad input")
+    _close(gt, rt, GRAD_TOL[dtype], "grad target")
     assert torch.all(gt[torch.isneginf(zt)] == 0)
 
 
