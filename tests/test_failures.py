@@ -465,3 +465,48 @@ def test_train_help_points_at_show(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert "dkl show CONFIG" in out and "--out" in out and "--resume" in out
+
+
+# --------------------------------------------------------------------------------------------
+# Data a run cannot use
+# --------------------------------------------------------------------------------------------
+
+
+def _image_folder(root: Path, train=("a", "b"), val=("a", "b")) -> Path:
+    from PIL import Image
+
+    for split, classes in (("train", train), ("val", val)):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.new("L", (8, 8), color=40 * i).save(root / split / c / f"{i}.png")
+    return root
+
+
+def _folder_run(tmp_path: Path, root: Path) -> Path:
+    cfg = {**TINY, "data": {"name": "imagefolder", "root": str(root), "batch_size": 2}}
+    path = tmp_path / "folder.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_an_unknown_data_set_is_one_line(cfg_file, capsys):
+    code, err = _cli(capsys, "train", cfg_file, "data.name=mnist", "--out", cfg_file.parent, *QUIET)
+    line = _one_error_line(err)
+    assert code == 2 and "unknown data set 'mnist'" in line and "imagefolder" in line
+
+
+def test_train_and_val_class_folders_that_differ_are_one_line(tmp_path, capsys):
+    root = _image_folder(tmp_path / "d", train=("a", "b"), val=("a", "c"))
+    code, err = _cli(capsys, "train", _folder_run(tmp_path, root), "--out", tmp_path, *QUIET)
+    line = _one_error_line(err)
+    assert code == 2 and "class folders differ" in line and "'b'" in line and "'c'" in line
+
+
+def test_an_unreadable_image_is_one_line(tmp_path, capsys):
+    root = _image_folder(tmp_path / "d")
+    bad = root / "train" / "b" / "1.png"
+    bad.write_bytes(b"not a png")
+    code, err = _cli(capsys, "train", _folder_run(tmp_path, root), "--out", tmp_path, *QUIET)
+    line = _one_error_line(err)
+    assert code == 2 and f"cannot read image '{bad}'" in line
