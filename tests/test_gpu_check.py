@@ -76,9 +76,9 @@ FAILED tests/test_llm.py::test_b - AssertionError: loss 1 vs 2
     }
 
 
-def test_oracle_gives_neg_inf_classes_no_weight(gpu_check):
-    """The float64 oracle with -inf targets equals the oracle on the finite classes alone (KL
-    and IKL: the student's softmax still runs over all classes)."""
+def test_oracle_restricts_rows_to_finite_target_classes(gpu_check):
+    """The float64 oracle with -inf targets: finite, the wMSE that of the finite classes alone,
+    and KL equal to F.kl_div on the probabilities (0 for the -inf classes)."""
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -88,10 +88,14 @@ def test_oracle_gives_neg_inf_classes_no_weight(gpu_check):
     for kind in ("kl", "ikl"):
         full = gpu_check.oracle(s, t_inf, kind=kind, beta=2.0, temperature=2.0)
         assert torch.isfinite(full).all()
-    # IKL's wMSE part alone on the finite classes (alpha = 0: no sCE)
-    got = gpu_check.oracle(s, t_inf, kind="ikl", alpha=0.0, beta=1.0)
-    want = gpu_check.oracle(s[:, :4], t[:, :4], kind="ikl", alpha=0.0, beta=1.0)
-    torch.testing.assert_close(got, want)
+    # IKL's wMSE part alone (alpha = 0: no sCE) is the one on the finite classes, softmax or
+    # class weights alike
+    cw = torch.rand(2, 6, generator=g)
+    for weights in ({}, {"class_weights": cw}):
+        got = gpu_check.oracle(s, t_inf, kind="ikl", alpha=0.0, **weights)
+        cut = {k: v[:, :4] for k, v in weights.items()}
+        want = gpu_check.oracle(s[:, :4], t[:, :4], kind="ikl", alpha=0.0, **cut)
+        torch.testing.assert_close(got, want)
     # KL against F.kl_div on probabilities (0 for the -inf classes)
     kl = gpu_check.oracle(s, t_inf, kind="kl", temperature=2.0)
     ref = torch.nn.functional.kl_div(
