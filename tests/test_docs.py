@@ -3,14 +3,20 @@ cover every preset.
 
 Code blocks in ``docs/*.md`` run page by page, in order, in one namespace per page and in a temp
 folder: every ```` ```python ```` block, and the ``dkl ...`` lines of every ```` ```bash ````
-block (other lines, e.g. ``make`` or ``torchrun``, are left alone). A block preceded by
-``<!-- no-test: reason -->`` is skipped (GPU-only, CIFAR / ImageNet data, hours of training).
-``<!-- test-setup ... -->`` holds hidden Python that runs before the next block (tiny stand-ins
-for the models and loaders a snippet takes as given).
+block (other lines, e.g. ``make`` or ``torchrun``, are left alone). Markers before a block:
+
+- ``<!-- no-test: reason -->``: not run (GPU-only, CIFAR / ImageNet data, hours of training), but
+  its Python must compile and its ``dkl train`` lines must name a preset and keys that exist
+  (checked with ``dkl show``);
+- ``<!-- fails: reason -->``: its ``dkl`` commands must fail with a one-line ``dkl: error: ...``
+  (pages that show an error message);
+- ``<!-- test-setup ... -->`` (a comment, not before a block) holds hidden Python that runs
+  before the next block: tiny stand-ins for the models and loaders a snippet takes as given.
 
 Trainings run shortened: every config the snippets load (``dkl train``, ``load_config``) gets
-``train.epochs=1 train.max_steps_per_epoch=2`` (``train.iterations=4`` for iteration-based runs),
-so the pages read as a user would type them and the whole file stays under a minute.
+``train.epochs=1 train.max_steps_per_epoch=2`` (up to 3 epochs where the snippet sets them;
+``train.iterations=4`` for iteration-based runs), so the pages read as a user would type them and
+the whole file stays well under a minute.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 BLOCK = re.compile(
-    r"(?P<marker><!-- no-test: (?P<reason>[^>]*?) -->\s*\n)?"
+    r"(?:<!-- (?P<marker>no-test|fails): (?P<reason>[^>]*?) -->\s*\n)?"
     r"^```(?P<lang>[\w-]*)[^\n]*\n(?P<code>.*?)^```[ \t]*$"
     r"|<!-- test-setup\n(?P<setup>.*?)^-->",
     flags=re.DOTALL | re.MULTILINE,
@@ -47,14 +53,14 @@ def _hooks():
     return sys.modules[name]
 
 
-def blocks(page: Path) -> list[tuple[str, str, str | None]]:
-    """``(lang, code, skip reason)`` of each fenced block and hidden setup, in page order."""
+def blocks(page: Path) -> list[tuple[str, str, str | None, str | None]]:
+    """``(lang, code, marker, reason)`` of each fenced block and hidden setup, in page order."""
     out = []
     for m in BLOCK.finditer(page.read_text()):
         if m["setup"] is not None:
-            out.append(("python", m["setup"], None))
+            out.append(("python", m["setup"], None, None))
         else:
-            out.append((m["lang"], m["code"], m["reason"]))
+            out.append((m["lang"], m["code"], m["marker"], m["reason"]))
     return out
 
 
@@ -94,8 +100,10 @@ def _shortened(load_config):
         cfg = load_config(ref, overrides)
         if cfg.train.iterations:
             short = ["train.iterations=4", "train.eval_every=4"]
-        else:
-            short = ["train.epochs=1", "train.max_steps_per_epoch=2"]
+        else:  # epochs a snippet sets (e.g. to extend a run on resume) stay, up to 3
+            asked = any(o.split("=")[0] in ("train.epochs", "epochs") for o in overrides)
+            short = [f"train.epochs={min(cfg.train.epochs, 3) if asked else 1}"]
+            short.append("train.max_steps_per_epoch=2")
         return load_config(ref, [*overrides, *short, "train.progress=false", "train.plot=false"])
 
     return load
@@ -106,24 +114,38 @@ def test_code_blocks_run(page, isolated, capsys):
     from dkl.cli import main
 
     namespace = {"__name__": f"docs_{page.stem.replace('-', '_')}"}
-    for i, (lang, code, skip) in enumerate(blocks(page)):
-        if skip is not None or lang not in RUN_LANGS:
-            continue
+    for i, (lang, code, marker, _) in enumerate(blocks(page)):
         where = f"{page.name}, block {i + 1}"
+        skip = marker == "no-test"
+        if lang == "python" and skip:
+            compile(code, where, "exec")  # not run, but it must stay valid Python
+            continue
+        if lang == "bash" and skip:
+            for argv in commands(code):  # not run, but the preset and its keys must exist
+                if argv[0] == "train" and "$" not in "".join(argv):
+                    args = [a for a in argv[1:] if not a.startswith("--")]
+                    assert main(["show", *args]) == 0, f"{where}: dkl {shlex.join(argv)}"
+                    capsys.readouterr()
+            continue
+        if skip or lang not in RUN_LANGS:
+            continue
         if lang == "python":
             exec(compile(code, where, "exec"), namespace)  # noqa: S102
             continue
         for argv in commands(code):
             code_ = main(argv)
             out = capsys.readouterr()
-            assert code_ == 0, f"{where}: dkl {shlex.join(argv)} -> {code_}\n{out.err[-2000:]}"
+            if marker == "fails":  # a page showing an error: the error must happen
+                assert code_ != 0 and "dkl: error:" in out.err, f"{where}: dkl {shlex.join(argv)}"
+            else:
+                assert code_ == 0, f"{where}: dkl {shlex.join(argv)} -> {code_}\n{out.err[-2000:]}"
 
 
-def test_skipped_blocks_say_why():
+def test_markers_say_why():
     for page in GUIDES:
-        for lang, _, skip in blocks(page):
-            if skip is not None:
-                assert skip.strip(), f"{page.name}: a no-test marker without a reason"
+        for _, _, marker, reason in blocks(page):
+            if marker is not None:
+                assert reason.strip(), f"{page.name}: a {marker} marker without a reason"
 
 
 def test_docs_never_cite_the_internal_spec():

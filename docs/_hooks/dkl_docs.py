@@ -4,6 +4,7 @@
   in its ``__all__``: the API reference cannot miss a public name.
 - ``<!-- presets: kd -->`` becomes the tables of the bundled presets of one group, read from the
   preset YAMLs (resolved with ``_base_``), so the hyper-parameters shown are the ones that run.
+- ``<!-- results: benchmarks/results -->`` becomes the measured reports committed there.
 
 ``tests/test_docs.py`` imports this file too (it needs no MkDocs).
 """
@@ -22,6 +23,7 @@ SRC = ROOT / "src"
 
 API_MARKER = re.compile(r"^<!-- api: (?P<module>[\w.]+) -->$", flags=re.MULTILINE)
 PRESETS_MARKER = re.compile(r"^<!-- presets: (?P<group>\w+) -->$", flags=re.MULTILINE)
+RESULTS_MARKER = re.compile(r"^<!-- results: (?P<folder>[\w/.-]+) -->$", flags=re.MULTILINE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,13 +364,37 @@ def presets_markdown(group: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Measured results committed to the repository
+# --------------------------------------------------------------------------------------------
+
+
+def results_markdown(folder: str) -> str:
+    """Every Markdown report under ``folder`` (relative to the repository), headings demoted to
+    sit under the page's sections, each under its file name."""
+    files = sorted((ROOT / folder).glob("*.md")) if (ROOT / folder).is_dir() else []
+    if not files:
+        return f"*No report in `{folder}/` yet.*\n"
+    out = []
+    for path in files:
+        text = re.sub(
+            r"^(#{1,4}) ",
+            lambda m: "#" * (len(m[1]) + 3) + " ",
+            path.read_text(),
+            flags=re.MULTILINE,
+        )
+        out += [f"### `{folder}/{path.name}`", "", text.strip(), ""]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
 # MkDocs events
 # --------------------------------------------------------------------------------------------
 
 
 def expand(markdown: str) -> str:
     markdown = API_MARKER.sub(lambda m: api_markdown(m["module"]), markdown)
-    return PRESETS_MARKER.sub(lambda m: presets_markdown(m["group"]), markdown)
+    markdown = PRESETS_MARKER.sub(lambda m: presets_markdown(m["group"]), markdown)
+    return RESULTS_MARKER.sub(lambda m: results_markdown(m["folder"]), markdown)
 
 
 def on_page_markdown(markdown: str, **kwargs) -> str:

@@ -17,6 +17,7 @@ ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj):`(?P<tilde>~?)(?P
 MATH_ROLE = re.compile(r":math:`(?P<tex>[^`]+)`")
 MATH_BLOCK = re.compile(r"^(?P<indent>[ \t]*)\.\. math::[ \t]*\n")
 LITERAL = re.compile(r"(?<=\S)::$", flags=re.MULTILINE)
+BORDER = re.compile(r"^[ \t]*=+(?:[ \t]+=+)+[ \t]*$")
 SECTION = re.compile(r"^(?P<indent>[ \t]*)(?P<title>[A-Z][A-Za-z ]*):[ \t]*$")
 SHARED_ARG = re.compile(r"^(?P<indent>[ \t]+)(?P<names>\w+(?:, \w+)+):(?P<text>.*)$")
 
@@ -71,6 +72,43 @@ def _math_blocks(text: str) -> str:
     return "\n".join(out)
 
 
+def _cells(line: str, starts: list[int]) -> list[str]:
+    """The columns of a simple-table row, cut at the border's column starts."""
+    cols = [line[a:b].strip() for a, b in zip(starts, [*starts[1:], None])]
+    return [c.replace("|", "\\|") or " " for c in cols]
+
+
+def _simple_tables(text: str) -> str:
+    """reST simple tables (``=====  =====`` borders around a header and rows) -> Markdown tables."""
+    lines = text.split("\n")
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        if not (BORDER.match(lines[i]) and i + 2 < len(lines) and BORDER.match(lines[i + 2])):
+            out.append(lines[i])
+            i += 1
+            continue
+        border = lines[i]
+        starts = [m.start() for m in re.finditer(r"=+", border)]
+        indent = border[: starts[0]]
+
+        header = _cells(lines[i + 1], starts)
+        rows = []
+        i += 3
+        while i < len(lines) and not BORDER.match(lines[i]):
+            if lines[i].strip():
+                row = _cells(lines[i], starts)
+                if rows and row[0] == " ":  # a continuation line: empty first column
+                    rows[-1] = [f"{a} {b}".strip() or " " for a, b in zip(rows[-1], row)]
+                else:
+                    rows.append(row)
+            i += 1
+        i += 1  # the closing border
+        out += [f"{indent}| " + " | ".join(header) + " |", f"{indent}|" + "---|" * len(header)]
+        out += [f"{indent}| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
 def _shared_args(text: str) -> str:
     """``alpha, beta: ...`` in an ``Args:`` section -> one entry per name (Google style has one)."""
     out: list[str] = []
@@ -122,6 +160,7 @@ def _doctests(text: str) -> str:
 def rst_to_markdown(text: str, obj: griffe.Object | None = None) -> str:
     """One docstring's text, with the roles, maths and literal blocks rewritten."""
     text = _doctests(text)
+    text = _simple_tables(text)
     text = _shared_args(text)
     text = _math_blocks(text)
     text = MATH_ROLE.sub(lambda m: f"${m['tex']}$", text)
