@@ -15,6 +15,7 @@ DEMOS: dict[str, str] = {
     "kd": "knowledge distillation on digits: ce / kd / dkd / ikl",
     "adversarial": "digits adversarial training: standard vs IKL-AT, robustness",
     "semisup": "semi-supervised digits: supervised vs FixMatch vs FixMatch-IKL",
+    "llm": "causal-LM distillation on stdlib docstrings: ce / kd / ikl students",
 }
 
 

@@ -1,0 +1,45 @@
+"""The LLM demo's pieces: its data is real text from the standard library, the CLI offers it, and
+its top-k measurement is exact at k = V and shrinks with k."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from dkl.cli import build_parser
+from dkl.demos import DEMOS, demo_module
+from dkl.demos.llm import _llama, stdlib_docstrings, topk_errors
+
+
+def test_stdlib_docstrings_are_real_held_out_text():
+    train, val = stdlib_docstrings()
+    assert len(train) > 200_000 and len(val) > 20_000
+    assert "Return" in train and "Return" in val  # English prose of the standard library
+    # held out by module: the validation text is not a slice of the training text
+    assert val[:2000] not in train
+
+
+def test_cli_offers_the_llm_demo():
+    assert "llm" in DEMOS
+    args = build_parser().parse_args(
+        ["demo", "--recipe", "llm", "--llm-steps", "3", "--llm-teacher-steps", "4"]
+    )
+    assert (args.recipe, args.llm_steps, args.llm_teacher_steps) == ("llm", 3, 4)
+    assert demo_module("llm").main is not None
+
+
+def test_topk_errors_vanish_at_k_equal_v_and_shrink_with_k():
+    torch.manual_seed(0)
+    student, teacher = _llama(16, 1, 2, 64), _llama(24, 1, 2, 64)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(8)  # a peaked teacher, like a trained one
+    val = torch.randint(0, 64, (4, 9))
+    rows = topk_errors(student, teacher, val, ks=(4, 16, 64))
+    assert {r["loss"] for r in rows} == {"kl", "ikl"}
+    for kind in ("kl", "ikl"):
+        for tail in ("renormalize", "uniform"):
+            errs = [r["loss_rel_err"] for r in rows if (r["loss"], r["tail"]) == (kind, tail)]
+            assert errs[-1] < 1e-5  # k = V: the full loss
+            assert errs[0] > errs[-1]
