@@ -2,14 +2,17 @@
 cover every preset.
 
 Code blocks in ``docs/*.md`` run page by page, in order, in one namespace per page and in a temp
-folder: every ```` ```python ```` block, and the ``dkl ...`` lines of every ```` ```bash ````
-block (other lines, e.g. ``make`` or ``torchrun``, are left alone). Markers before a block:
+folder: every ```` ```python ```` block, the ``dkl ...`` lines of every ```` ```bash ```` block
+(other lines, e.g. ``make`` or ``torchrun``, are left alone) and the ``$ dkl ...`` lines of every
+```` ```console ```` block (the rest is output). A block with a file name as its title
+(```` ```yaml title="my_run.yaml" ````) is written to that file instead. Markers before a block:
 
 - ``<!-- no-test: reason -->``: not run (GPU-only, CIFAR / ImageNet data, hours of training), but
   its Python must compile and its ``dkl train`` lines must name a preset and keys that exist
   (checked with ``dkl show``);
 - ``<!-- fails: reason -->``: its ``dkl`` commands must fail with a one-line ``dkl: error: ...``
   (pages that show an error message);
+- ``<!-- needs: module -->``: runs only where ``module`` (an optional extra) is installed;
 - ``<!-- test-setup ... -->`` (a comment, not before a block) holds hidden Python that runs
   before the next block: tiny stand-ins for the models and loaders a snippet takes as given.
 
@@ -26,6 +29,8 @@ import importlib.util
 import re
 import shlex
 import sys
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -34,12 +39,22 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 BLOCK = re.compile(
-    r"(?:<!-- (?P<marker>no-test|fails): (?P<reason>[^>]*?) -->\s*\n)?"
-    r"^```(?P<lang>[\w-]*)[^\n]*\n(?P<code>.*?)^```[ \t]*$"
+    r"(?:<!-- (?P<marker>no-test|fails|needs): (?P<reason>[^>]*?) -->\s*\n)?"
+    r"^(?P<indent>[ ]*)```(?P<lang>[\w-]*)(?P<info>[^\n]*)\n(?P<code>.*?)^(?P=indent)```[ \t]*$"
     r"|<!-- test-setup\n(?P<setup>.*?)^-->",
     flags=re.DOTALL | re.MULTILINE,
 )
-RUN_LANGS = ("python", "bash")
+TITLE = re.compile(r'title="(?P<title>[^"]+)"')
+SHELLS = ("bash", "console")
+
+
+@dataclass
+class Block:
+    lang: str
+    code: str
+    marker: str | None = None  # no-test, fails, needs
+    reason: str | None = None
+    title: str | None = None  # a block titled with a file name is that file's content
 
 
 def _hooks():
@@ -53,22 +68,29 @@ def _hooks():
     return sys.modules[name]
 
 
-def blocks(page: Path) -> list[tuple[str, str, str | None, str | None]]:
-    """``(lang, code, marker, reason)`` of each fenced block and hidden setup, in page order."""
+def blocks(page: Path) -> list[Block]:
+    """The fenced blocks (also inside admonitions) and hidden setups of a page, in order."""
     out = []
     for m in BLOCK.finditer(page.read_text()):
         if m["setup"] is not None:
-            out.append(("python", m["setup"], None, None))
-        else:
-            out.append((m["lang"], m["code"], m["marker"], m["reason"]))
+            out.append(Block("python", m["setup"]))
+            continue
+        code = textwrap.dedent(m["code"]) if m["indent"] else m["code"]
+        title = TITLE.search(m["info"])
+        out.append(Block(m["lang"], code, m["marker"], m["reason"], title and title["title"]))
     return out
 
 
-def commands(code: str) -> list[list[str]]:
-    """The ``dkl`` (or ``python -m dkl``) command lines of a bash block, as argv."""
+def commands(code: str, console: bool = False) -> list[list[str]]:
+    """The ``dkl`` (or ``python -m dkl``) command lines of a bash block (of the ``$ `` lines of a
+    console block), as argv."""
     text = re.sub(r"\\\n\s*", " ", code)
     out = []
     for line in text.splitlines():
+        if console:
+            if not line.startswith("$ "):
+                continue
+            line = line[2:]
         argv = shlex.split(line, comments=True)
         if argv[:3] == ["python", "-m", "dkl"]:
             argv = argv[2:]
@@ -92,6 +114,7 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "_REGISTRY", dict(datasets._REGISTRY))
     monkeypatch.setattr(config, "load_config", _shortened(config.load_config))
     monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # modules a page writes (my_data.py) import
     return tmp_path
 
 
@@ -114,25 +137,28 @@ def test_code_blocks_run(page, isolated, capsys):
     from dkl.cli import main
 
     namespace = {"__name__": f"docs_{page.stem.replace('-', '_')}"}
-    for i, (lang, code, marker, _) in enumerate(blocks(page)):
+    for i, block in enumerate(blocks(page)):
         where = f"{page.name}, block {i + 1}"
-        skip = marker == "no-test"
-        if lang == "python" and skip:
-            compile(code, where, "exec")  # not run, but it must stay valid Python
+        lang, code, marker = block.lang, block.code, block.marker
+        if marker == "needs" and importlib.util.find_spec(block.reason) is None:
+            continue  # an optional extra that is not installed here
+        if block.title and lang not in ("bash", "console"):
+            Path(block.title).write_text(code)  # a file the page's commands use
             continue
-        if lang == "bash" and skip:
-            for argv in commands(code):  # not run, but the preset and its keys must exist
+        if marker == "no-test":
+            if lang == "python":
+                compile(code, where, "exec")  # not run, but it must stay valid Python
+            for argv in commands(code, console=lang == "console") if lang in SHELLS else []:
                 if argv[0] == "train" and "$" not in "".join(argv):
+                    # not run, but the preset and its keys must exist
                     args = [a for a in argv[1:] if not a.startswith("--")]
                     assert main(["show", *args]) == 0, f"{where}: dkl {shlex.join(argv)}"
                     capsys.readouterr()
             continue
-        if skip or lang not in RUN_LANGS:
-            continue
         if lang == "python":
             exec(compile(code, where, "exec"), namespace)  # noqa: S102
             continue
-        for argv in commands(code):
+        for argv in commands(code, console=lang == "console") if lang in SHELLS else []:
             code_ = main(argv)
             out = capsys.readouterr()
             if marker == "fails":  # a page showing an error: the error must happen
@@ -143,9 +169,11 @@ def test_code_blocks_run(page, isolated, capsys):
 
 def test_markers_say_why():
     for page in GUIDES:
-        for _, _, marker, reason in blocks(page):
-            if marker is not None:
-                assert reason.strip(), f"{page.name}: a {marker} marker without a reason"
+        for block in blocks(page):
+            if block.marker is not None:
+                assert block.reason.strip(), (
+                    f"{page.name}: a {block.marker} marker without a reason"
+                )
 
 
 def test_docs_never_cite_the_internal_spec():
