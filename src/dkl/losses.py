@@ -261,8 +261,10 @@ class _KLDivergence(torch.autograd.Function):
 
 
 def _present(weights: Tensor, target: Tensor) -> Tensor:
-    """Given weights set to 0 on the classes the target rules out (softmax weights already are)."""
-    return _zero_where(torch.isneginf(target), weights)
+    """Given (finite) weights set to 0 on the classes the target rules out (softmax weights
+    already are). ``0 · z_t`` is NaN exactly where ``z_t`` is not finite: three fused passes
+    instead of ``torch.where``'s slower one (a NaN / +inf target row is NaN through its sCE)."""
+    return torch.nan_to_num(weights + 0.0 * target.detach(), nan=0.0)
 
 
 def weighted_mse(target: Tensor, input: Tensor, weights: Tensor) -> Tensor:
