@@ -181,15 +181,21 @@ def dense_from_topk(
     teacher is its top-k renormalised; ``values`` may be logits or log-probabilities (a per-row
     shift changes neither the softmax nor the wMSE). ``tail="uniform"``: ``values`` are
     log-probabilities of the full distribution, and the missing mass
-    :math:`m = 1 - \sum_k e^{v_k}` is spread evenly over the other ``V - k`` classes, each getting
-    the log-probability :math:`\log(m / (V - k))` (``-inf`` when :math:`m = 0`).
+    :math:`m = 1 - \sum_k e^{v_k}` is spread evenly over the student's other classes, each getting
+    the log-probability :math:`\log(m / (V - k'))` (``-inf`` when :math:`m = 0`).
+
+    Entries with an index ``>= V`` (a teacher vocabulary larger than the student's) are dropped,
+    as the dense path cuts the teacher's logits to the student's ``V`` classes; ``k'`` counts the
+    entries kept. The softmax of the result renormalises over the ``V`` classes.
     """
-    n, k = indices.shape
+    n = indices.shape[0]
     values = values.to(dtype)
-    if tail == "uniform" and k < vocab:
+    indices = indices.long()
+    inside = indices < vocab
+    dense = values.new_full((n, vocab + 1), -math.inf)  # column V collects the dropped entries
+    if tail == "uniform":
         mass = (1.0 - values.exp().sum(1)).clamp_min(0.0)
-        fill = torch.log(mass / (vocab - k)).unsqueeze(1)
-        dense = fill.expand(n, vocab).clone()
-    else:
-        dense = values.new_full((n, vocab), -math.inf)
-    return dense.scatter_(1, indices.long(), values)
+        others = (vocab - inside.sum(1)).clamp_min(1)
+        dense[:, :vocab] = torch.log(mass / others).unsqueeze(1)
+    dense.scatter_(1, torch.where(inside, indices, vocab), values)
+    return dense[:, :vocab]
