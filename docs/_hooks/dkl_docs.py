@@ -4,6 +4,7 @@
   in its ``__all__``: the API reference cannot miss a public name.
 - ``<!-- presets: kd -->`` becomes the tables of the bundled presets of one group, read from the
   preset YAMLs (resolved with ``_base_``), so the hyper-parameters shown are the ones that run.
+- ``<!-- cli -->`` becomes the help of ``dkl`` and of each of its subcommands.
 - ``<!-- results: benchmarks/results -->`` becomes the measured reports committed there.
 
 ``tests/test_docs.py`` imports this file too (it needs no MkDocs).
@@ -23,6 +24,7 @@ SRC = ROOT / "src"
 
 API_MARKER = re.compile(r"^<!-- api: (?P<module>[\w.]+) -->$", flags=re.MULTILINE)
 PRESETS_MARKER = re.compile(r"^<!-- presets: (?P<group>\w+) -->$", flags=re.MULTILINE)
+CLI_MARKER = re.compile(r"^<!-- cli -->$", flags=re.MULTILINE)
 RESULTS_MARKER = re.compile(r"^<!-- results: (?P<folder>[\w/.-]+) -->$", flags=re.MULTILINE)
 
 
@@ -364,6 +366,27 @@ def presets_markdown(group: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------------
+
+
+def cli_markdown() -> str:
+    """``dkl --help`` and the help of every subcommand, as argparse prints them."""
+    import argparse
+    import os
+
+    os.environ["COLUMNS"] = "100"  # argparse wraps at the terminal width: fix it
+    from dkl.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    out = ["```text", parser.format_help().rstrip(), "```", ""]
+    for name, p in sub.choices.items():
+        out += [f"## `dkl {name}`", "", "```text", p.format_help().rstrip(), "```", ""]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
 # Measured results committed to the repository
 # --------------------------------------------------------------------------------------------
 
@@ -394,6 +417,7 @@ def results_markdown(folder: str) -> str:
 def expand(markdown: str) -> str:
     markdown = API_MARKER.sub(lambda m: api_markdown(m["module"]), markdown)
     markdown = PRESETS_MARKER.sub(lambda m: presets_markdown(m["group"]), markdown)
+    markdown = CLI_MARKER.sub(lambda m: cli_markdown(), markdown)
     return RESULTS_MARKER.sub(lambda m: results_markdown(m["folder"]), markdown)
 
 
