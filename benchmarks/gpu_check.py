@@ -431,8 +431,12 @@ def kernel_case(cfg, dtype_name, shape, device, *, neg_inf, seed):
     loss_err = (out.double() - ref).abs().max().item()
     bound = LOSS_TOL * max(ref.abs().max().item(), 1e-12) + LOSS_ATOL
     grad_errs = max_rel_err(gs, rs), max_rel_err(gt, rt)
+    # gradients come back in the input dtype: no better than the exact one stored in it (at C =
+    # 262,144, float16 gradients of ~1e-5 are subnormal)
+    stored = max(max_rel_err(r.to(dtype), r) for r in (rs, rt))
+    grad_tol = max(GRAD_TOL[dtype_name], 2 * stored)
     masked_zero = bool(torch.all(out[~mask] == 0) and torch.all(gs[~mask] == 0))
-    ok = loss_err <= bound and max(grad_errs) <= GRAD_TOL[dtype_name] and masked_zero
+    ok = loss_err <= bound and max(grad_errs) <= grad_tol and masked_zero
     cells = [f"{loss_err:.1e} ({bound:.0e})", *(f"{e:.1e}" for e in grad_errs)]
     return cells, ok
 
@@ -609,7 +613,8 @@ def section_correctness(sink: Sink, ctx: Ctx) -> None:
         "`dkl.ops.fused_divergence` with a row mask (one row masked at least) and a per-row "
         "upstream gradient that is not 1. Loss error: max absolute, bound "
         f"{LOSS_TOL:g} × max |loss| + {LOSS_ATOL:g}. Gradient errors relative to the largest "
-        f"reference entry, bound {tols}. `-inf` targets: about 30 % of the target logits (one "
+        f"reference entry, bound {tols}, or twice the error of the exact gradient stored in the "
+        "input dtype where that is larger. `-inf` targets: about 30 % of the target logits (one "
         "row with a single finite class); those classes must add nothing, as in `F.kl_div`."
     )
     sink.table("case", "dtype", "B × C", "loss err (bound)", "grad input", "grad target", "result")
