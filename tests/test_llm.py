@@ -7,8 +7,10 @@ states, head weight and bias, whatever the chunk size.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +20,11 @@ import torch.nn.functional as F
 
 import dkl
 from dkl.llm import FusedLinearIKLLoss, fused_linear_ikl, valid_token_mask
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # triton picks its mode at import: the interpreter
+    with contextlib.suppress(ImportError):
+        import triton.language  # noqa: F401
+
 
 HP = {"alpha": 1.5, "beta": 0.5, "temperature": 2.0, "weight_temperature": 1.0}
 ROOT = Path(__file__).resolve().parents[1]
