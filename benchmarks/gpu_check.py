@@ -1,9 +1,9 @@
 """One prepared run that proves dkl's GPU paths on a GPU and writes one Markdown report.
 
     python benchmarks/gpu_check.py                          # full run on one CUDA GPU (< 8 min)
-    python benchmarks/gpu_check.py --results-dir "$OUT"     # write the report elsewhere
+    python benchmarks/gpu_check.py --results-dir /tmp/r     # write the report elsewhere
     python benchmarks/gpu_check.py --sections kernel,adv    # a subset
-    python benchmarks/gpu_check.py --smoke                  # tiny sizes, CPU too (a test runs it)
+    python benchmarks/gpu_check.py --smoke                  # tiny sizes on CPU, report in /tmp
 
 Sections (each guarded: a failure is a row in the report and the next section still runs):
 
@@ -1541,8 +1541,8 @@ def parse_args(argv):
     )
     p.add_argument(
         "--results-dir",
-        default=str(HERE / "results"),
-        help="where gpu_check_<device>.md is written (default benchmarks/results)",
+        help="where gpu_check_<device>.md is written (default benchmarks/results; with --smoke "
+        "the system's temporary folder)",
     )
     p.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor)")
     iso = p.add_mutually_exclusive_group()
@@ -1592,7 +1592,10 @@ def main(argv: list[str] | None = None) -> int:
         args.isolate = device.type == "cuda"
 
     env = environment(device, args)
-    path = Path(args.results_dir) / f"gpu_check_{device_slug(device, args.smoke)}.md"
+    results_dir = args.results_dir or (
+        Path(tempfile.gettempdir()) if args.smoke else HERE / "results"
+    )
+    path = Path(results_dir) / f"gpu_check_{device_slug(device, args.smoke)}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     log(f"{env[0][1]}; report -> {path}")
     results: list[SectionResult] = []
