@@ -104,7 +104,10 @@ GUIDES = sorted(p for p in DOCS.glob("*.md"))
 
 @pytest.fixture
 def isolated(tmp_path, monkeypatch):
-    """A temp folder, and registries that forget what the snippets register."""
+    """A temp folder, registries that forget what the snippets register, and the global random
+    state and thread count as they were (the snippets train models)."""
+    import torch
+
     from dkl import config, recipes
     from dkl.config import loader
     from dkl.data import datasets
@@ -115,7 +118,10 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "load_config", _shortened(config.load_config))
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))  # modules a page writes (my_data.py) import
-    return tmp_path
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        yield tmp_path
+    torch.set_num_threads(threads)
 
 
 def _shortened(load_config):
