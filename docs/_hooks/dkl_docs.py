@@ -293,10 +293,10 @@ TABLES: dict[str, tuple[Table, ...]] = {
 
 def preset_comment(name: str) -> list[str]:
     """The lines of the preset's leading comment block."""
-    from dkl.config.loader import _resolve_preset
+    from dkl.config import PRESET_DIR
 
     lines: list[str] = []
-    for line in _resolve_preset(name).read_text().splitlines():
+    for line in (PRESET_DIR / f"{name}.yaml").read_text().splitlines():
         if not line.startswith("#"):
             break
         lines.append(line.lstrip("#").strip())
