@@ -262,4 +262,5 @@ def test_fragments_are_hidden_from_the_preset_list_but_still_load():
     everything = list_presets("kd", fragments=True)
     assert "kd/_digits_base" not in shown and "kd/_digits_base" in everything
     assert all(not n.split("/")[-1].startswith("_") for n in shown)
-    assert load_config("kd/digits_ikl").data.name == "digits"  # reaches _digits_student, _digits_base
+    # kd/digits_ikl reaches kd/_digits_student and kd/_digits_base through _base_
+    assert load_config("kd/digits_ikl").data.name == "digits"
