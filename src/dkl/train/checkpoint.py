@@ -19,7 +19,6 @@ import errno
 import os
 import pickle
 import random
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -115,19 +114,21 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
         raise CheckpointError(f"checkpoint '{path}' is empty (0 bytes): an interrupted copy?")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as e:
+        if e.errno:  # the file system's error (permissions, I/O): as it is
+            raise
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     except pickle.UnpicklingError as e:
         if "unsupported global" in str(e).lower():
-            why = "it holds objects other than tensors and plain containers (refused unread)"
-        else:
-            why = "it is not a torch checkpoint (unreadable pickle)"
-        raise CheckpointError(f"cannot load '{path}': {why}") from None
-    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as e:
-        if isinstance(e, OSError) and not isinstance(e, zipfile.BadZipFile) and e.errno:
-            raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"cannot load '{path}': truncated or not a torch checkpoint ({first[:120]})"
-        ) from None
+            raise CheckpointError(
+                f"cannot load '{path}': it holds objects other than tensors and plain "
+                f"containers (refused unread)"
+            ) from None
+        reason = "unreadable pickle"
+    except Exception as e:  # noqa: BLE001  (garbage bytes fail anywhere inside the reader)
+        text = str(e).strip()
+        reason = f"{type(e).__name__}: {text.splitlines()[0][:120]}" if text else type(e).__name__
+    raise CheckpointError(f"cannot load '{path}': truncated or not a torch checkpoint ({reason})")
 
 
 def find_checkpoint(target: str | Path) -> Path:
