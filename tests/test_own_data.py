@@ -232,8 +232,13 @@ def test_folder_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"data.root '{tmp_path / 'nope'}' is not a"):
         build_datasets("imagefolder", root=str(tmp_path / "nope"))
     root = write_folder(tmp_path / "d", {"train": 1})
-    with pytest.raises(FileNotFoundError, match=rf"expected class folders under '{root / 'val'}'"):
+    with pytest.raises(ValueError, match=r"too few images per class to hold out"):
         build_datasets("imagefolder", root=str(root))
+    leaf = root / "train" / "a"  # images, no class folders
+    with pytest.raises(
+        FileNotFoundError, match=rf"expected class folders under '{leaf / 'train'}'"
+    ):
+        build_datasets("imagefolder", root=str(leaf))
     write_folder(root, {"val": 1}, classes=("a", "b", "z"))
     with pytest.raises(ValueError, match=r"class folders differ .*only in train: \['c'\]; only "
                                          r"in val: \['z'\]"):  # fmt: skip
@@ -459,3 +464,21 @@ def test_acceptance_reported_accuracy_is_final_pt_on_the_training_preprocessing(
     top1 = 100.0 * float((pred == y_val).double().mean())
     assert summary["last"]["top1"] == pytest.approx(top1, abs=1e-9)
     assert top1 > 100 / 3  # it learned something: the check is not vacuous
+
+
+@pytest.mark.parametrize("layout", ["train_only", "classes_at_root"])
+def test_a_folder_without_a_test_split_holds_out_a_fixed_stratified_share(tmp_path, layout):
+    root = write_folder(tmp_path / "d", {"train": 10})
+    if layout == "classes_at_root":
+        for c in ("a", "b", "c"):
+            (root / "train" / c).rename(root / c)
+        (root / "train").rmdir()
+    a = build_datasets("imagefolder", root=str(root), val_fraction=0.2, seed=0)
+    b = build_datasets("imagefolder", root=str(root), val_fraction=0.2, seed=5)
+    train, test, info = a
+    assert (len(train), len(test), info.num_classes) == (24, 6, 3)  # 2 of each class's 10 held out
+    assert sorted(int(test[i][1]) for i in range(len(test))) == [0, 0, 1, 1, 2, 2]
+    held = [test.source.describe(i) for i in range(len(test))]
+    assert held == [b[1].source.describe(i) for i in range(len(b[1]))]  # whatever the seed
+    seen = {train.source.describe(i) for i in range(len(train))}
+    assert not seen & set(held)

@@ -105,23 +105,61 @@ def _class_folders(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+class _Part:
+    """Some of the items of a :class:`FolderImages` (a held-out split), by index."""
+
+    def __init__(self, source: FolderImages, indices: np.ndarray) -> None:
+        self.source, self.indices = source, [int(i) for i in indices]
+        self.targets = [source.targets[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def describe(self, i: int) -> str:
+        return self.source.describe(self.indices[i])
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        return self.source[self.indices[i]]
+
+
+def _held_out(folder: Path, classes: list[str], fraction: float) -> tuple[_Part, _Part]:
+    """A fixed stratified ``fraction`` of ``folder``'s images as the test split."""
+    images = FolderImages(folder, classes)
+    tr, te = stratified_split(images.targets, fraction)
+    if len(te) == 0:
+        raise ValueError(
+            f"data 'imagefolder': '{folder}' has no test folder and too few images per class to "
+            f"hold out data.val_fraction={fraction} of them; add {folder.parent}/val/<class>/ "
+            f"or more images"
+        )
+    return _Part(images, tr), _Part(images, te)
+
+
 @register_dataset("imagefolder")
 def _imagefolder(request: DataRequest) -> ImageSplits:
+    """``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test/``); with no test folder, or
+    with class folders directly under ``root``, a fixed stratified ``data.val_fraction`` of the
+    images is held out as the test split (the same images for every seed)."""
     root = Path(request.root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data 'imagefolder': data.root '{root}' is not a folder")
     train_dir = root / "train"
-    test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), root / "val")
-    for d in (train_dir, test_dir):
-        if not d.is_dir():
+    test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
+    if not train_dir.is_dir():
+        if test_dir is not None or not _class_folders(root):
             raise FileNotFoundError(
-                f"data 'imagefolder': expected class folders under '{d}' (layout: "
-                f"{root}/train/<class>/*.png and {root}/val/<class>/*.png)"
+                f"data 'imagefolder': expected class folders under '{train_dir}' (layout: "
+                f"{root}/train/<class>/*.png and {root}/val/<class>/*.png, or {root}/<class>/*.png "
+                f"with data.val_fraction held out)"
             )
+        train_dir = root  # root/<class>/*: one pool of images
     classes = _class_folders(train_dir)
-    test_classes = _class_folders(test_dir)
     if not classes:
         raise FileNotFoundError(f"data 'imagefolder': no class folders in '{train_dir}'")
+    if test_dir is None:
+        train, test = _held_out(train_dir, classes, request.val_fraction)
+        return ImageSplits(train, test, classes)
+    test_classes = _class_folders(test_dir)
     if classes != test_classes:
         only_train = sorted(set(classes) - set(test_classes))
         only_test = sorted(set(test_classes) - set(classes))
