@@ -174,6 +174,23 @@ def test_resume_refuses_another_model_even_with_new_epoch(cfg_file, capsys):
     assert code == 2 and "model.kwargs" in line and "[16]" in line and "[32]" in line
 
 
+def test_resume_of_a_checkpoint_from_an_older_version_ignores_keys_it_did_not_have(cfg_file):
+    train(_cfg(cfg_file, "train.epochs=1"), log=lambda m: None)
+    path = cfg_file.parent / "runs" / "tiny" / "last.pt"
+    state = load_checkpoint(path)
+    del state["config"]["train"]["divergence_factor"]  # a key this version added
+    del state["config"]["data"]["channels"]
+    ckpt.save_checkpoint(state, path)
+    trainer = make_trainer(_cfg(cfg_file, "train.epochs=2"), log=lambda m: None)
+    trainer.fit(resume=True)
+    assert [r["epoch"] for r in trainer.history] == [1, 2]
+    state = load_checkpoint(path)
+    del state["config"]["data"]["channels"]
+    ckpt.save_checkpoint(state, path)
+    with pytest.raises(ConfigError, match=r"data.channels changed \(None -> 1\)"):
+        train(_cfg(cfg_file, "train.epochs=3", "data.channels=1"), resume=True, log=lambda m: None)
+
+
 def test_new_epoch_needs_resume(cfg_file, capsys):
     code, err = _cli(capsys, "train", cfg_file, "--new-epoch")
     assert code == 2 and "--new-epoch goes with --resume" in _one_error_line(err)

@@ -206,13 +206,22 @@ def tree_cpu(a: Any) -> Any:
     return a.detach().cpu().clone() if torch.is_tensor(a) else a
 
 
-def config_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """``(dotted key, old value, new value)`` for every leaf where two config dicts differ."""
+def config_changes(
+    old: dict, new: dict, prefix: str = "", defaults: dict | None = None
+) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every leaf where two config dicts differ.
+
+    With ``defaults`` (a config dict of default values), a key the old config does not have at
+    all (written by an older version) counts as unchanged when its new value is the default.
+    """
     out: list[tuple[str, Any, Any]] = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
+        d = defaults.get(k) if isinstance(defaults, dict) else None
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_changes(a, b, f"{prefix}{k}.")
+            out += config_changes(a, b, f"{prefix}{k}.", d if isinstance(d, dict) else None)
+        elif k not in old and isinstance(defaults, dict) and k in defaults and b == d:
+            continue
         elif a != b:
             out.append((f"{prefix}{k}", a, b))
     return out

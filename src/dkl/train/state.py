@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dkl.config import ConfigError, config_to_dict
+from dkl.config import ConfigError, config_from_dict, config_to_dict
 from dkl.models import unwrap_normalization
 from dkl.train import checkpoint as ckpt
 from dkl.train import distributed as D
@@ -174,7 +174,10 @@ class TrainingState:
                 f"--resume: '{last}' is not a training state (a best.pt/final.pt copy holds "
                 f"only weights); use model.checkpoint= to start a new run from those weights"
             )
-        changes = ckpt.config_changes(state.get("config") or {}, config_to_dict(self.cfg))
+        defaults = config_to_dict(config_from_dict({"recipe": self.cfg.recipe}))
+        changes = ckpt.config_changes(
+            state.get("config") or {}, config_to_dict(self.cfg), defaults=defaults
+        )
         fixed = [c for c in changes if _matches(c[0], NEVER_CHANGE)]
         if fixed:
             k, a, b = fixed[0]
