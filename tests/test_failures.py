@@ -529,3 +529,22 @@ def test_an_unreadable_image_is_one_line(tmp_path, capsys):
     code, err = _cli(capsys, "train", _folder_run(tmp_path, root), "--out", tmp_path, *QUIET)
     line = _one_error_line(err)
     assert code == 2 and f"cannot read image '{bad}'" in line
+
+
+def test_eval_of_a_config_file_says_it_is_one(cfg_file, capsys):
+    code, err = _cli(capsys, "eval", cfg_file)
+    assert code == 2 and "is a config file, not a checkpoint" in _one_error_line(err)
+
+
+@pytest.mark.parametrize(
+    ("flag", "expect"),
+    [
+        (["--n-examples", "0"], "n_examples: expected a number of test points >= 1, got 0"),
+        (["--eps", "-1"], "eps: expected a finite L-inf radius >= 0, got -1.0"),
+        (["--batch-size", "0"], "batch_size: expected >= 1, got 0"),
+    ],
+)
+def test_robust_arguments_are_checked_before_anything_runs(cfg_file, capsys, flag, expect):
+    train(_cfg(cfg_file, "train.epochs=1"), log=lambda m: None)
+    code, err = _cli(capsys, "robust", cfg_file.parent / "runs" / "tiny", *flag)
+    assert code == 2 and expect in _one_error_line(err)

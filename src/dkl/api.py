@@ -87,6 +87,11 @@ def load_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Trainer, 
     """An evaluation-only trainer rebuilt from a checkpoint's own config, and the model the run
     reports (the task's ``eval_model()``, e.g. an EMA, for a full training state)."""
     p = find_checkpoint(path)
+    if p.suffix.lower() in (".yaml", ".yml", ".json"):
+        raise CheckpointError(
+            f"'{p}' is a config file, not a checkpoint: evaluate the run it makes (dkl train "
+            f"{p}, then dkl eval runs/<name>) or a checkpoint file"
+        )
     state = load_checkpoint(p)
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise CheckpointError(
@@ -136,6 +141,12 @@ def evaluate_run(
     the result goes to ``robust.json`` beside the checkpoint and under ``"robust"`` in its
     ``summary.json``.
     """
+    if n_examples is not None and n_examples < 1:
+        raise ValueError(f"n_examples: expected a number of test points >= 1, got {n_examples}")
+    if eps is not None and not 0 <= eps < float("inf"):
+        raise ValueError(f"eps: expected a finite L-inf radius >= 0, got {eps}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     path = find_checkpoint(target)
     torch.manual_seed(seed)
     trainer, model = load_run(path, overrides)
