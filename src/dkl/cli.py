@@ -303,8 +303,6 @@ def _user_error(e: BaseException) -> tuple[int, str] | None:
             else ""
         )
         return (1 if full else 2), f"{reason}{where}{hint}"
-    import torch  # noqa: F401  (the classes below live in torch-importing modules)
-
     from dkl.robust import GradientMaskingError
     from dkl.train import Interrupted, NonFiniteLossError
 

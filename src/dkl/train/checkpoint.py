@@ -29,7 +29,6 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
     "config_changes",
-    "diff_config",
     "find_checkpoint",
     "load_checkpoint",
     "remove_stale_temporaries",
@@ -225,8 +224,3 @@ def config_changes(
         elif a != b:
             out.append((f"{prefix}{k}", a, b))
     return out
-
-
-def diff_config(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """``key (old -> new)`` for every leaf where two nested config dicts differ."""
-    return [f"{k} ({a!r} -> {b!r})" for k, a, b in config_changes(old, new, prefix)]

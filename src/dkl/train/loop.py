@@ -58,6 +58,8 @@ class DivergenceError(NonFiniteLossError):
     """
 
 
+#: methods whose wMSE acts on raw logits (a too-large beta is the usual cause of trouble)
+_RAW_LOGIT_METHODS = ("ikl", "dkl", "gkl")
 #: steps of training loss the explosion check and the learning check look back on
 _LOSS_WINDOW = 50
 
@@ -285,7 +287,10 @@ class Trainer(TrainingState):
 
     def _nonfinite_state(self) -> str | None:
         """The first parameter or buffer of the trained (or evaluated) model that is NaN or inf."""
-        models = {"model": self.raw_model, "evaluated model": self.task.eval_model()}
+        models = {"model": self.raw_model}
+        evaluated = self.task.eval_model()
+        if evaluated is not self.raw_model:  # an EMA copy, say; else it was just checked
+            models["evaluated model"] = evaluated
         for label, model in models.items():
             for kind, named in (
                 ("parameter", model.named_parameters),
@@ -300,7 +305,7 @@ class Trainer(TrainingState):
         cfg = self.cfg
         hint = f"lower optim.lr (now {cfg.optim.lr:g})"
         beta = getattr(cfg.section, "beta", None)
-        if getattr(cfg.section, "method", "") in ("ikl", "dkl", "gkl") and beta:
+        if getattr(cfg.section, "method", "") in _RAW_LOGIT_METHODS and beta:
             hint += (
                 f" or the loss weights: IKL's wMSE acts on raw logits, so a smaller "
                 f"{cfg.recipe}.beta (now {beta:g}) often fixes it"
@@ -333,7 +338,7 @@ class Trainer(TrainingState):
             f"optim.lr (now {cfg.optim.lr:g}) too high or too low",
             "inputs on the wrong scale (data.mean / data.std, model.normalize)",
         ]
-        if getattr(cfg.section, "method", "") in ("ikl", "dkl", "gkl"):
+        if getattr(cfg.section, "method", "") in _RAW_LOGIT_METHODS:
             causes.append(f"a too-large {cfg.recipe}.beta (IKL's wMSE acts on raw logits)")
         accuracy = f", train top-1 {acc:.1f}% (chance {chance:.1f}%)" if acc is not None else ""
         self.log(

@@ -240,7 +240,8 @@ class TrainingState:
                     g[k] = f[k]
             g["initial_lr"] = f.get("initial_lr", f["lr"])
         if recount and self.cfg.train.iterations <= 0 and self.step_in_epoch == 0:
-            sched.last_epoch = self.global_step = self._position_of_epoch_start()
+            # optimiser steps before this epoch, in the new epoch length
+            sched.last_epoch = self.global_step = (self.epoch - 1) * self._steps_per_epoch
         if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
             sched.base_lrs = [g["initial_lr"] for g in groups]
             for g, base, fn in zip(groups, sched.base_lrs, sched.lr_lambdas, strict=True):
@@ -251,10 +252,6 @@ class TrainingState:
             for g, old in zip(groups, old_base, strict=True):
                 g["lr"] *= g["initial_lr"] / old if old else 1.0
         self.last_lr = groups[0]["lr"]
-
-    def _position_of_epoch_start(self) -> int:
-        """Optimiser steps before epoch ``self.epoch`` in this run's epoch length."""
-        return (self.epoch - 1) * self._steps_per_epoch
 
     def _export(self) -> dict:
         """What ``best.pt`` / ``final.pt`` hold: the evaluated model's bare weights."""
