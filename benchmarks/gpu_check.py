@@ -7,7 +7,7 @@
 
 Sections (each guarded: a failure is a row in the report and the next section still runs):
 
-1. ``correctness``: the kernel and LLM test files run natively on the GPU (pytest in a child
+1. ``correctness``: the kernel, loss edge-case and LLM test files run natively on the GPU (pytest in a child
    process), then the kernel at hardware sizes (C up to 256k; float32 / bfloat16 / float16; row
    masks; class weights; ``-inf`` target logits) against float64 oracles, and
    ``dkl.llm.fused_linear_ikl`` against the materialised logits in float64.
@@ -72,7 +72,12 @@ from dkl.llm import fused_linear_ikl
 # ---------------------------------------------------------------------------------------------
 
 FULL = {
-    "suite": ["tests/test_ops_triton.py", "tests/test_llm.py"],
+    "suite": [
+        "tests/test_ops_triton.py",
+        "tests/test_loss_edge_cases.py",
+        "tests/test_llm.py",
+        "tests/test_llm_features.py",
+    ],
     "case_dtypes": ("fp32", "bf16", "fp16"),
     "big_shapes": [(7, 131073), (4, 262144)],
     "inf_shapes": [(6, 1001), (4, 262144)],

@@ -11,7 +11,7 @@ One forward + backward with respect to the student's hidden states and head weig
 - ``logits + F.kl_div``: materialised logits, then ``F.kl_div`` (forward KL);
 - ``compiled logits + F.kl_div`` (``--gpu``): the same under ``torch.compile``;
 - ``Liger fused-linear JSD`` when ``liger-kernel`` is installed (CUDA only): Liger-Kernel's
-  ``LigerFusedLinearJSDLoss`` with ``beta=0`` (its forward-KL end).
+  ``LigerFusedLinearJSD`` with ``jsd_beta=0`` (its forward-KL end).
 
 Peak memory is the CUDA allocator's peak above the inputs on GPU; on CPU it is the largest running
 sum of the tensor bytes allocated during the call (the profiler's memory accounting). Both sides
@@ -60,12 +60,12 @@ def candidates(ht, wt, chunk_size, gpu):
     if gpu:
         out["compiled logits + F.kl_div"] = torch.compile(logits_kl_div)
         try:
-            from liger_kernel.transformers import LigerFusedLinearJSDLoss
+            from liger_kernel.transformers import LigerFusedLinearJSD
         except ImportError:
             pass
-        else:
-            jsd = LigerFusedLinearJSDLoss(jsd_beta=0.0, temperature=1.0)
-            out["Liger fused-linear JSD"] = lambda hs, ws: jsd(hs, ws, ht, wt)
+        else:  # jsd_beta = 0 is forward KL; no labels, so no token is ignored
+            jsd = LigerFusedLinearJSD(jsd_beta=0.0, temperature=1.0)
+            out["Liger fused-linear JSD"] = lambda hs, ws: jsd(hs, ws, ht, wt, None)
     return out
 
 
@@ -88,6 +88,9 @@ def run(tokens, hidden, vocab, dtype, device, repeats, chunk_size, gpu) -> None:
         except torch.OutOfMemoryError:
             cells.append("out of memory")
             torch.cuda.empty_cache()
+        except Exception as exc:  # noqa: BLE001  (one candidate's failure is its cell)
+            cells.append(f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+            ms.pop(label, None)
     base = "logits + ikl_loss"
     mem_ratio = f"{mem['fused_linear_ikl'] / mem[base]:.2f}" if base in mem else "–"
     ref = "compiled logits + F.kl_div" if gpu else "logits + F.kl_div"

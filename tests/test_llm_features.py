@@ -508,6 +508,8 @@ def test_kernel_path_with_softcap_ce_and_minus_inf(kind):
     pytest.importorskip("triton")
     p = _problem(N=6, V=9, seed=12)
     p["bt"][[2, 7]] = -math.inf  # masked teacher classes: the kernel follows the same rule
+    if torch.cuda.is_available():  # the compiled kernel runs on CUDA tensors only
+        p = {k: v.detach().cuda().requires_grad_(v.requires_grad) for k, v in p.items()}
     hp = HP if kind == "ikl" else {"temperature": 2.0}
     fn = fused_linear_ikl if kind == "ikl" else fused_linear_kl
     ref = _reference(p, kind=kind, hp=hp, ce_weight=0.5, s_tf=(1.0, 3.0))
