@@ -578,12 +578,12 @@ def run_suite(sink: Sink, ctx: Ctx) -> None:
     if not files:
         sink.text("Skipped in the smoke run (CI runs these files under Triton's interpreter).")
         return
-    args = ["-v", "-p", "no:cacheprovider", "-o", "addopts=", "--tb=line", "-rfE", *files]
+    args = ["-v", "-p", "no:cacheprovider", "-o", "addopts=", "--tb=short", "-rfE", *files]
     if ctx.device.type == "cuda" and importlib.util.find_spec("xdist") is not None:
         args += ["-n", "8"]  # each worker compiles its share of the kernel variants
     src = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
     env = {**child_env(ctx.device), "PYTHONPATH": src}
-    timeout = max(10.0, ctx.left() * 0.6)
+    timeout = max(10.0, ctx.left() * 0.7)
     sink.text(f"`pytest {' '.join(args)}` (timeout {timeout:.0f} s):")
     t0 = time.time()
     with tempfile.TemporaryFile("w+") as out:
@@ -609,7 +609,7 @@ def run_suite(sink: Sink, ctx: Ctx) -> None:
     elif note not in ("exit 0", "exit 1") or not outcomes:
         sink.check(False)  # pytest itself failed (collection, crash, usage)
     if note != "exit 0":
-        tail = "\n".join(output.strip().splitlines()[-15:])
+        tail = "\n".join(output.strip().splitlines()[-40:])
         sink.text(f"pytest output (tail):\n\n```\n{tail}\n```")
 
 

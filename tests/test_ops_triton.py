@@ -23,6 +23,7 @@ pytest.importorskip("triton")
 
 import dkl
 from dkl import ops
+from dkl.ops import divergence
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNEL_HERE = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
@@ -463,14 +464,14 @@ def test_kernel_compiles_for_hopper():
         "PASS2": True,
         "GRAD_S": True,
         "GRAD_T": True,
-        "BLOCK": 4096,
+        "BLOCK": divergence.MAX_BLOCK,  # the shipped launch configuration
     }
     for kind, wmode in ((2, 2), (0, 0), (2, 1)):
         try:
             compiled = triton_compile(
                 ASTSource(fn, sig, constexprs={**consts, "KIND": kind, "WMODE": wmode}),
                 target=GPUTarget("cuda", 90, 32),
-                options={"num_warps": 8},
+                options={"num_warps": divergence.NUM_WARPS},
             )
         except Exception as exc:
             if "ptxas" in str(exc) and "not found" in str(exc):  # pragma: no cover
