@@ -119,3 +119,36 @@ def test_attempt_reports_errors_and_stops_at_the_deadline(gpu_check):
     done, why = gpu_check.attempt(lambda: time.sleep(30), near)
     assert (done, why) == (False, "stopped at the section's time budget")
     assert time.time() - t0 < 1.1  # a second before the deadline, not after 30 s
+
+
+def test_ulp_rel_is_the_spacing_of_the_dtype(gpu_check):
+    torch = pytest.importorskip("torch")
+    ulp = gpu_check.ulp_rel
+    assert ulp(torch.tensor([1.0, -0.5]), torch.float16) == 2.0**-10  # spacing 2^-10 at 1
+    assert ulp(torch.tensor([0.75]), torch.bfloat16) == pytest.approx(2.0**-8 / 0.75)
+    assert ulp(torch.tensor([3.0]), torch.float32) == pytest.approx(2.0**-22 / 3.0)
+    # below float16's normal range (6.1e-5) the spacing is the subnormals' 2^-24
+    assert ulp(torch.tensor([3.7e-5]), torch.float16) == pytest.approx(2.0**-24 / 3.7e-5)
+    assert ulp(torch.zeros(3), torch.float16) == 0.0
+
+
+def test_kernel_configs_smoke():
+    """benchmarks/kernel_configs.py times every forced launch configuration (interpreter here)."""
+    import os
+    import subprocess
+
+    script = PATH.parent / "kernel_configs.py"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run(
+        [sys.executable, str(script), "--smoke"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=PATH.parent,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| 4 × 300 |")]
+    assert len(rows) == 4  # 2 dtypes × 2 blocks × 1 warp count
+    assert {row.split("|")[3].strip() for row in rows} == {"64", "128"}
