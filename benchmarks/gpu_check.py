@@ -7,8 +7,8 @@
 
 Sections (each guarded: a failure is a row in the report and the next section still runs):
 
-1. ``correctness``: the kernel, loss edge-case and LLM test files run natively on the GPU (pytest in a child
-   process), then the kernel at hardware sizes (C up to 256k; float32 / bfloat16 / float16; row
+1. ``correctness``: the kernel, loss edge-case and LLM test files run natively on the GPU (pytest
+   in a child process), then the kernel at hardware sizes (C up to 256k; float32 / bfloat16 / float16; row
    masks; class weights; ``-inf`` target logits) against float64 oracles, and
    ``dkl.llm.fused_linear_ikl`` against the materialised logits in float64.
 2. ``kernel``: forward + backward time and peak extra memory at 4096 × 32,000 and 8192 × 128,000,
@@ -141,7 +141,6 @@ SMOKE = {
     "compile_s": None,
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10, torch.float64: 52}
 NUM_CLASSES = 100  # CIFAR-100, the paper's KD / AT / SSL setting
 
 # Loss tolerances relative to the largest magnitude of the float64 reference. The oracle sees the
@@ -341,7 +340,7 @@ def ulp_rel(ref: torch.Tensor, dtype: torch.dtype) -> float:
         return 0.0
     info = torch.finfo(dtype)
     exponent = max(math.floor(math.log2(top)), math.log2(info.tiny))
-    return 2.0 ** (exponent - MANTISSA_BITS[dtype]) / top
+    return 2.0**exponent * info.eps / top
 
 
 @contextlib.contextmanager
@@ -643,8 +642,9 @@ def section_correctness(sink: Sink, ctx: Ctx) -> None:
         "upstream gradient that is not 1. Loss error: max absolute, bound "
         f"{LOSS_TOL:g} × max |loss| + {LOSS_ATOL:g}. Gradient errors relative to the largest "
         f"reference entry, bound {tols}, or one unit in the last place of the input dtype at the "
-        "largest entry where that is larger (the reference comes back rounded to that dtype). `-inf` targets: about 30 % of the target logits (one "
-        "row with a single finite class); those classes must add nothing, as in `F.kl_div`."
+        "largest entry where that is larger (the reference comes back rounded to that dtype). "
+        "`-inf` targets: about 30 % of the target logits (one row with a single finite class); "
+        "those classes must add nothing, as in `F.kl_div`."
     )
     sink.table("case", "dtype", "B × C", "loss err (bound)", "grad input", "grad target", "result")
     dtypes = size["case_dtypes"]
@@ -699,14 +699,6 @@ def section_correctness(sink: Sink, ctx: Ctx) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def copy_bandwidth(device: torch.device, mib: int) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting the bytes read and written."""
-    src = torch.empty(mib * 2**20 // 4, device=device)
-    dst = torch.empty_like(src)
-    ms, _ = sibling("kernel_speed").Timer(device, repeats=10, budget_s=1.0)(lambda: dst.copy_(src))
-    return 2 * src.numel() * 4 / (ms / 1e3)
-
-
 def liger_kl():
     """Liger-Kernel's KL on log-probabilities (as users call it for distillation)."""
     from liger_kernel.transformers import LigerKLDIVLoss
@@ -745,7 +737,7 @@ def kernel_methods(ctx: Ctx) -> dict[str, Callable | str]:
 def section_kernel(sink: Sink, ctx: Ctx) -> None:
     size, dev = ctx.size, ctx.device
     ks = sibling("kernel_speed")
-    bw = copy_bandwidth(dev, size["copy_mib"])
+    bw = ks.copy_bandwidth(dev, size["copy_mib"])
     timer = ks.Timer(dev, **size["kernel_timer"])
     sink.text(
         f"Forward + backward of one loss call, student logits requiring grad, teacher's not; "
@@ -1231,6 +1223,7 @@ def short_run(sink: Sink, bench: AdversarialBench) -> None:
     protos = F.interpolate(grid, size=32, mode="nearest")
     gen = torch.Generator().manual_seed(6)
     evals = [synthetic_images(n_eval, gen, protos, noise) for noise in EVAL_NOISE]
+    evals = [(x.to(dev), y) for x, y in evals]
     n_all = n_eval * len(EVAL_NOISE)
     levels = ", ".join(f"{n:g}" for n in EVAL_NOISE)
     sink.text(
@@ -1269,8 +1262,7 @@ def short_run(sink: Sink, bench: AdversarialBench) -> None:
             correct = []
             with torch.no_grad(), eval_mode(bench.model), autocast(dev, mode.amp):
                 for x_eval, y_eval in evals:
-                    x_eval = x_eval.to(dev).contiguous(memory_format=fmt)
-                    pred = bench.model(x_eval).argmax(1).cpu()
+                    pred = bench.model(x_eval.contiguous(memory_format=fmt)).argmax(1).cpu()
                     correct.append(int((pred == y_eval).sum()))
             return statistics.mean(losses[-5:]), correct
 

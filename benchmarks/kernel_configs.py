@@ -21,7 +21,7 @@ import torch
 if not torch.cuda.is_available():  # the kernel in Triton's interpreter (before triton loads)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernel_speed import IKL, Timer, device_name
+from kernel_speed import IKL, Timer, copy_bandwidth, device_name
 
 import dkl
 from dkl.ops import divergence
@@ -30,14 +30,6 @@ SHAPES = [(4096, 32000), (8192, 128000)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BLOCKS = (2048, 4096, 8192)
 WARPS = (4, 8, 16)
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes read + written per second by a 1 GiB device-to-device copy."""
-    src = torch.empty(2**28, device=device)
-    dst = torch.empty_like(src)
-    ms, _ = Timer(device, repeats=10, budget_s=1.0)(lambda: dst.copy_(src))
-    return 2 * src.numel() * 4 / (ms / 1e3)
 
 
 def main() -> None:

@@ -98,6 +98,14 @@ class Timer:
         return statistics.median(times), mem
 
 
+def copy_bandwidth(device: torch.device, mib: int = 1024) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting the bytes read and written."""
+    src = torch.empty(mib * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    ms, _ = Timer(device, repeats=10, budget_s=1.0)(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / (ms / 1e3)
+
+
 def loss_methods(compile_: bool, device: torch.device) -> dict:
     """name -> callable(zs, zt) returning a scalar loss, or a string saying why it is skipped."""
     methods = {

@@ -24,7 +24,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from loss_speed import peak_extra_bytes, time_fwd_bwd
+from loss_speed import device_label, peak_extra_bytes, time_fwd_bwd
 
 import dkl
 from dkl.llm import fused_linear_ikl
@@ -124,13 +124,8 @@ def main() -> None:
         device = torch.device("cpu")
         shapes = [(args.tokens, args.hidden, v) for v in args.vocab]
         dtypes, chunk = (torch.float32,), args.chunk_size
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU ({torch.get_num_threads()} threads)"
-    )
     print(
-        f"device: {name}, torch {torch.__version__}, median of up to {args.repeats} runs, "
+        f"device: {device_label(device)}, torch {torch.__version__}, median of up to {args.repeats} runs, "
         f"chunk_size {chunk}; cells: forward + backward time / peak extra memory\n"
     )
     header = None

@@ -51,6 +51,13 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def device_label(device: torch.device) -> str:
+    """The GPU's name, or the CPU with the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
 def time_fwd_bwd(fn, zs, zt, repeats, device):
     def once():
         loss = fn(zs, zt)
@@ -117,13 +124,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU ({torch.get_num_threads()} threads)"
-    )
     print(
-        f"device: {name}, torch {torch.__version__}, float32, median of up to {args.repeats} runs\n"
+        f"device: {device_label(device)}, torch {torch.__version__}, float32, median of up to {args.repeats} runs\n"
     )
     print("| B × C | " + " | ".join(CANDIDATES) + " | ikl / kl_div | pairwise / ikl |")
     print("|---|" + "---|" * (len(CANDIDATES) + 2))
