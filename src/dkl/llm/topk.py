@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dkl.llm._checks import _check_weight, _flatten_tokens
 from dkl.llm._chunk import TAILS, LogitTransform, chunk_loss, dense_from_topk
-from dkl.llm.fused import _check_weight, _flatten_tokens
 from dkl.llm.sharded import gathered_output_head, last_hidden_state
 
 __all__ = ["TopKCache", "TopKCollator", "topk_ikl_loss", "topk_kl_loss", "topk_logprobs"]

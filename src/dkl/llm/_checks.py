@@ -1,0 +1,69 @@
+"""Argument checks of the vocabulary-scale losses: one line naming the argument, what was expected
+and what came."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import Tensor
+
+from dkl import ops
+
+REDUCTIONS = ("mean", "sum", "none")
+IMPLS = ("auto", "torch", "triton")
+
+
+def valid_token_mask(labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Bool mask of the tokens that count: ``labels != ignore_index`` (the row mask of the losses).
+
+    >>> import torch
+    >>> valid_token_mask(torch.tensor([3, -100, 7]))
+    tensor([ True, False,  True])
+    """
+    if labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"Expected integer labels, got {labels.dtype}")
+    return labels != ignore_index
+
+
+def _flatten_tokens(x: Any, name: str) -> Tensor:
+    if not isinstance(x, Tensor) or x.dim() < 2 or not x.is_floating_point():
+        got = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(
+            f"Expected {name} a floating tensor of shape (N, H) or (..., H), got {got}"
+        )
+    return x.reshape(-1, x.shape[-1])
+
+
+def _check_linear(weight: Any, bias: Tensor | None, hidden: int, name: str) -> None:
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != hidden:
+        got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(
+            f"Expected {name}_head_weight of shape (V, H) with H = {hidden}, got {got}"
+        )
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(
+            f"Expected {name}_bias of shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}"
+        )
+
+
+def _check_weight(name: str, value: Any, *, positive: bool) -> float:
+    """A finite non-negative (or positive) float; one line naming the argument otherwise."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"Expected {name} a number, got {type(value).__name__}") from None
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise ValueError(f"Expected {name} {'> 0' if positive else '>= 0'} and finite, got {value}")
+    return v
+
+
+def _use_kernel(impl: str, logits: Tensor) -> bool:
+    if impl == "torch":
+        return False
+    if impl == "auto":
+        return logits.is_cuda and ops.triton_unavailable_reason(logits) is None
+    reason = ops.triton_unavailable_reason(logits)
+    if reason is not None:
+        raise RuntimeError(f"impl='triton' cannot run: {reason}. Use impl='torch' or 'auto'.")
+    return True

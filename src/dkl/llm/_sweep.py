@@ -1,0 +1,205 @@
+"""The walk over token chunks and the autograd function around it.
+
+Per chunk: both logits, the loss (and a hard-label CE when asked) and the gradient with respect to
+the student's chunk of logits, turned at once into the gradients of the student's hidden states,
+head weight and bias. ``reduction="mean"`` / ``"sum"`` keep those gradients from forward and only
+scale them in backward; ``"none"`` recomputes the chunks in backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dkl import ops
+from dkl.llm._checks import _use_kernel
+from dkl.llm._chunk import ChunkResult, LogitTransform, ce_rows, chunk_loss
+
+
+def _sweep(
+    hs: Tensor,
+    ws: Tensor,
+    bs: Tensor | None,
+    teacher,
+    labels: Tensor | None,
+    valid: Tensor | None,
+    cfg: dict,
+    *,
+    row_scale: Tensor | None,
+    need: tuple[bool, bool, bool],
+    keep_rows: bool,
+) -> dict:
+    """One pass over the token chunks.
+
+    ``row_scale`` ``(N,)`` multiplies each token's gradient (``None``: no gradients at all).
+    Returns the summed loss, optionally the ``(N,)`` per-token losses, the summed parts, the
+    gradients asked for in ``need`` (hidden, weight, bias) and the count of valid tokens whose
+    teacher logits are all ``-inf``.
+    """
+    N, V = hs.shape[0], ws.shape[0]
+    dev = hs.device
+    cdt = torch.float64 if hs.dtype == torch.float64 else torch.float32
+    need_h, need_w, need_b = need if row_scale is not None else (False, False, False)
+    any_grad = need_h or need_w or need_b
+    out = {
+        "total": torch.zeros((), device=dev, dtype=cdt),
+        "rows": torch.zeros(N, device=dev, dtype=cdt) if keep_rows else None,
+        "parts": {},
+        "grad_h": torch.zeros_like(hs) if need_h else None,
+        # accumulated in the weight's dtype, like one matmul over all tokens (rounded per chunk)
+        "grad_w": torch.zeros_like(ws) if need_w else None,
+        "grad_b": torch.zeros(V, device=dev, dtype=torch.float32) if need_b else None,
+        "empty_rows": torch.zeros((), device=dev, dtype=torch.long),
+    }
+    s_tf: LogitTransform = cfg["student_transform"]
+    loss_kw = {k: cfg[k] for k in ("alpha", "beta", "temperature", "weight_temperature")}
+    use_kernel = None
+    for start in range(0, N, cfg["chunk_size"]):
+        end = min(start + cfg["chunk_size"], N)
+        h = hs[start:end]
+        zs, deriv = s_tf(F.linear(h, ws, bs).to(cdt), need_grad=any_grad)
+        zt = teacher.logits(start, end, cdt)
+        mask = valid[start:end] if valid is not None else None
+        y = labels[start:end] if labels is not None else None
+        empty = zt.amax(1) == -math.inf
+        out["empty_rows"] += (empty & mask).sum() if mask is not None else empty.sum()
+        if use_kernel is None:
+            use_kernel = _use_kernel(cfg["impl"], zs) and cdt == torch.float32
+        if use_kernel:
+            res = _kernel_chunk(zs, zt, y, mask, cfg, loss_kw, any_grad)
+        else:
+            res = chunk_loss(
+                zs,
+                zt,
+                kind=cfg["kind"],
+                ce_weight=cfg["ce_weight"],
+                labels=y,
+                valid=mask,
+                need_grad=any_grad,
+                **loss_kw,
+            )
+        out["total"] += res.rows.sum()
+        if keep_rows:
+            out["rows"][start:end] = res.rows
+        for k, v in res.parts.items():
+            out["parts"][k] = out["parts"].get(k, 0.0) + v.sum()
+        del zs, zt
+        if not any_grad:
+            continue
+        g = res.grad.mul_(row_scale[start:end].to(cdt).unsqueeze(1))
+        if deriv is not None:
+            g.mul_(deriv)
+        g_lin = g.to(hs.dtype)
+        if need_h:
+            out["grad_h"][start:end] = g_lin @ ws
+        if need_w:
+            out["grad_w"].addmm_(g_lin.t().to(ws.dtype), h.to(ws.dtype))
+        if need_b:
+            out["grad_b"] += g.float().sum(0)
+        del g, g_lin, res
+    return out
+
+
+def _kernel_chunk(zs, zt, labels, mask, cfg, loss_kw, need_grad):
+    """The divergence from the fused Triton kernel, the hard CE in closed form."""
+
+    rows, g, _ = ops.divergence_loss_and_grad(zs, zt, kind=cfg["kind"], row_mask=mask, **loss_kw)
+    g = g.float()
+    parts = {cfg["kind"]: rows}
+    if cfg["ce_weight"] > 0:  # ce_weight > 0 comes with labels, hence a mask
+        ce, g_ce = ce_rows(zs, labels.clamp_min(0), need_grad)
+        ce = torch.where(mask, ce, 0.0)
+        rows = rows + cfg["ce_weight"] * ce
+        parts["ce"] = ce
+        if need_grad:
+            g.add_(g_ce.masked_fill_(~mask.unsqueeze(1), 0.0), alpha=cfg["ce_weight"])
+    return ChunkResult(rows, g if need_grad else None, parts)
+
+
+def _raise_empty(empty_rows: Tensor) -> None:
+    n = int(empty_rows)
+    if n:
+        raise ValueError(
+            f"Expected teacher logits with at least one finite entry per token, got {n} "
+            "token(s) whose teacher logits are all -inf (no class has probability > 0)"
+        )
+
+
+class _FusedLinear(torch.autograd.Function):
+    """``mean`` / ``sum``: gradients in forward, scaled in backward. ``none``: recomputed."""
+
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, s_bias, teacher, labels, valid, cfg):
+        N = s_hidden.shape[0]
+        per_token = cfg["reduction"] == "none"
+        if cfg["reduction"] == "mean":
+            count = valid.sum() if valid is not None else torch.tensor(N, device=s_hidden.device)
+            scale = 1.0 / count.clamp_min(1).to(torch.float32)  # all ignored: loss and grads 0
+        else:
+            scale = torch.ones((), device=s_hidden.device, dtype=torch.float32)
+        need = ctx.needs_input_grad[:3]
+        out = _sweep(
+            s_hidden,
+            s_weight,
+            s_bias,
+            teacher,
+            labels,
+            valid,
+            cfg,
+            row_scale=None if per_token else scale.expand(N),
+            need=need,
+            keep_rows=per_token,
+        )
+        _raise_empty(out["empty_rows"])
+        if cfg["parts_out"] is not None:
+            cfg["parts_out"].update({k: (v * scale).detach() for k, v in out["parts"].items()})
+        ctx.cfg, ctx.teacher = cfg, teacher
+        ctx.bias_dtype = s_bias.dtype if s_bias is not None else None
+        ctx.used = False
+        if per_token:
+            ctx.save_for_backward(s_hidden, s_weight, s_bias, labels, valid)
+            return out["rows"].to(
+                torch.float32 if s_hidden.dtype != torch.float64 else s_hidden.dtype
+            )
+        ctx.save_for_backward(out["grad_h"], out["grad_w"], out["grad_b"])
+        return (out["total"] * scale).to(
+            torch.float64 if s_hidden.dtype == torch.float64 else torch.float32
+        )
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        nones = (None,) * 4
+        if ctx.cfg["reduction"] == "none":
+            s_hidden, s_weight, s_bias, labels, valid = ctx.saved_tensors
+            out = _sweep(
+                s_hidden,
+                s_weight,
+                s_bias,
+                ctx.teacher,
+                labels,
+                valid,
+                ctx.cfg,
+                row_scale=grad_output.detach(),
+                need=ctx.needs_input_grad[:3],
+                keep_rows=False,
+            )
+            grad_b = out["grad_b"].to(ctx.bias_dtype) if out["grad_b"] is not None else None
+            return (out["grad_h"], out["grad_w"], grad_b, *nones)
+        if ctx.used:
+            raise RuntimeError(
+                "fused_linear_ikl computes its gradients in forward and scales them in place in "
+                "backward, so its backward can run only once (no retain_graph through it)"
+            )
+        ctx.used = True
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        g = grad_output.detach()
+        if grad_h is not None:
+            grad_h.mul_(g.to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w.mul_(g.to(grad_w.dtype))
+        if grad_b is not None:
+            grad_b = (grad_b * g).to(ctx.bias_dtype)
+        return (grad_h, grad_w, grad_b, *nones)

@@ -1,0 +1,99 @@
+"""Where the teacher's logits of a chunk come from: its hidden states and head, or its top-k."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dkl.llm._checks import _check_linear, _flatten_tokens
+from dkl.llm._chunk import TAILS, dense_from_topk
+
+
+class _DenseTeacher:
+    """Teacher logits per chunk from hidden states and a head (cut to the student's V rows)."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, vocab: int, tf):
+        self.hidden = hidden.detach()
+        self.weight = weight.detach()[:vocab]  # a view, no copy
+        self.bias = bias.detach()[:vocab] if bias is not None else None
+        self.transform = tf
+
+    def logits(self, start: int, end: int, dtype: torch.dtype) -> Tensor:
+        z = F.linear(self.hidden[start:end], self.weight, self.bias).to(dtype)
+        return self.transform(z)[0]
+
+
+class _TopKTeacher:
+    """Teacher logits per chunk from its top-k (indices, values)."""
+
+    def __init__(self, indices: Tensor, values: Tensor, vocab: int, tail: str):
+        self.indices, self.values = indices.detach(), values.detach()
+        self.vocab, self.tail = vocab, tail
+
+    def logits(self, start: int, end: int, dtype: torch.dtype) -> Tensor:
+        return dense_from_topk(
+            self.indices[start:end], self.values[start:end], self.vocab, self.tail, dtype
+        )
+
+
+def _dense_teacher(hidden, weight, bias, token_shape, V, device, tf) -> _DenseTeacher:
+    ht = _flatten_tokens(hidden, "teacher_hidden")
+    if hidden.shape[:-1] != token_shape:
+        raise ValueError(
+            f"Expected teacher_hidden with the student's token shape {tuple(token_shape)}, "
+            f"got {tuple(hidden.shape[:-1])}"
+        )
+    _check_linear(weight, bias, ht.shape[1], "teacher")
+    Vt = weight.shape[0]
+    if Vt < V:
+        raise ValueError(
+            f"Expected a teacher vocabulary at least as large as the student's ({V}), got {Vt}: "
+            "the teacher's logits are cut to the student's first V entries, never padded"
+        )
+    for name, x in (("teacher_hidden", ht), ("teacher_head_weight", weight)):
+        if x.device != device:
+            raise ValueError(f"Expected {name} on {device} (the student's device), got {x.device}")
+    return _DenseTeacher(ht, weight, bias, V, tf)
+
+
+def _topk_teacher(topk, tail, token_shape, V, device, tf) -> _TopKTeacher:
+    if not (isinstance(topk, tuple | list) and len(topk) == 2):
+        raise TypeError(f"Expected teacher_topk=(indices, values), got {type(topk).__name__}")
+    indices, values = topk
+    if tail not in TAILS:
+        raise ValueError(f"Unknown topk_tail {tail!r}: expected one of {TAILS}")
+    if not tf.identity:
+        raise ValueError(
+            "teacher_logit_scale / teacher_softcap apply to a teacher head; top-k teacher values "
+            "are taken as they are (transform them before caching)"
+        )
+    shape = (*token_shape, indices.shape[-1] if isinstance(indices, Tensor) else -1)
+    for name, x in (("indices", indices), ("values", values)):
+        if not isinstance(x, Tensor) or tuple(x.shape) != shape:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"Expected teacher_topk {name} of shape (..., k) = {shape}, got {got}")
+        if x.device != device:
+            raise ValueError(f"Expected teacher_topk {name} on {device}, got {x.device}")
+    if indices.is_floating_point() or not values.is_floating_point():
+        raise TypeError(
+            f"Expected integer top-k indices and floating values, got {indices.dtype} and "
+            f"{values.dtype}"
+        )
+    k = shape[-1]
+    if k < 1:
+        raise ValueError(f"Expected at least one top-k entry per token, got k = {k}")
+    if indices.numel() and bool((indices < 0).any()):
+        raise ValueError(f"Expected non-negative top-k indices, got {int(indices.min())}")
+    flat_values = values.reshape(-1, k)
+    if tail == "uniform" and flat_values.numel():
+        excess = float(torch.logsumexp(flat_values.float(), dim=1).max())
+        if excess > 1e-3:
+            raise ValueError(
+                "topk_tail='uniform' needs log-probabilities of the full distribution (each "
+                f"token's exp(values) summing to <= 1), got a sum of {math.exp(excess):.4g}; pass "
+                "log_softmax outputs, or use topk_tail='renormalize' for logits"
+            )
+    return _TopKTeacher(indices.reshape(-1, k), flat_values, V, tail)
