@@ -40,7 +40,6 @@ teacher model is then not run, and may be ``None``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -48,7 +47,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dkl.llm import fused_linear_ikl, fused_linear_kl, gathered_output_head
+from dkl.llm import (
+    call_output_head,
+    deepspeed_inference_engine,
+    fully_shard_teacher,
+    fused_linear_ikl,
+    fused_linear_kl,
+    gathered_output_head,
+)
 from dkl.llm.sharded import last_hidden_state, unwrap_model
 
 __all__ = [
@@ -93,6 +99,12 @@ class DistillationArguments:
         missing = [n for n in needed if getattr(self, n) is None]
         if missing:
             raise ValueError(f"loss={self.loss!r} needs {', '.join(missing)} (no hidden defaults)")
+
+    def part_weights(self) -> dict[str, float]:
+        """The weight of each logged part in the loss."""
+        if self.loss == "kl":
+            return {"kl": 1.0, "ce": self.ce_weight}
+        return {"wmse": float(self.beta), "sce": float(self.alpha), "ce": self.ce_weight}
 
     def loss_kwargs(self) -> dict[str, Any]:
         kw = asdict(self)
@@ -164,7 +176,7 @@ def causal_lm_distillation_loss(
             cut(inputs["teacher_topk_indices"]).to(s_hidden.device),
             cut(inputs["teacher_topk_values"]).to(s_hidden.device),
         )
-        t_hidden, teacher_head = None, contextlib.nullcontext((None, None))
+        t_hidden = None
     else:
         if teacher is None:
             raise ValueError(
@@ -175,16 +187,17 @@ def causal_lm_distillation_loss(
             t_hidden = cut(last_hidden_state(teacher, model_inputs)).to(s_hidden.device)
         t_tf = logit_transform(teacher)
         kw.update(teacher_logit_scale=t_tf["logit_scale"], teacher_softcap=t_tf["softcap"])
-        teacher_head = gathered_output_head(teacher, grad=False)
-    with gathered_output_head(student, grad=True) as (ws, bs), teacher_head as (wt, bt):
-        if wt is None:  # a top-k teacher from the batch
-            loss, parts = fn(s_hidden, ws, student_bias=bs, **kw)
-        else:
-            dev = s_hidden.device
+
+    def loss_from_heads(ws: Tensor, bs: Tensor | None, hidden: Tensor):
+        # runs as the student head's forward under ZeRO-3 (see dkl.llm.call_output_head)
+        if t_hidden is None:  # a top-k teacher from the batch
+            return fn(hidden, ws, student_bias=bs, **kw)
+        with gathered_output_head(teacher, grad=False) as (wt, bt):
+            dev = hidden.device
             bt = bt.to(dev) if bt is not None else None
-            loss, parts = fn(
-                s_hidden, ws, t_hidden, wt.to(dev), student_bias=bs, teacher_bias=bt, **kw
-            )
+            return fn(hidden, ws, t_hidden, wt.to(dev), student_bias=bs, teacher_bias=bt, **kw)
+
+    loss, parts = call_output_head(student, loss_from_heads, s_hidden)
     count = (labels != -100).sum()
     return loss, parts, count
 
@@ -199,8 +212,11 @@ class DistillationMixin:
             batches carry a top-k teacher.
         distill: :class:`DistillationArguments` (or a dict of them).
 
-    The loss parts (``wmse``, ``sce`` / ``kl``, ``ce``: per-token means, unweighted) are logged
-    next to ``loss`` as ``distill/<part>``.
+    The loss's terms are logged next to ``loss`` as ``distill/<part>``: ``wmse`` (times
+    ``beta``), ``sce`` (times ``alpha``) or ``kl``, and ``ce`` (times ``ce_weight``). They are
+    weighted, reduced and averaged exactly as the loss is (per token over the optimiser step's
+    micro-batches and ranks, then over the steps since the last log), so they add up to the
+    logged ``loss``.
     """
 
     # the loss returned by compute_loss is already divided by num_items_in_batch
@@ -226,12 +242,39 @@ class DistillationMixin:
         self.model_accepts_loss_kwargs = True
         self.teacher = self._prepare_teacher(teacher_model) if teacher_model is not None else None
         self._parts: dict[str, Tensor] = {}
-        self._parts_batches = 0
+        self._parts_since_step = 0
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        """The frozen teacher sharded or placed like the student.
+
+        - DeepSpeed ZeRO-3: a ZeRO-3 inference engine over the student's config (partitioned,
+          no optimizer); ZeRO-1/2: the whole teacher on the student's device.
+        - FSDP2: ``fully_shard`` on each decoder layer and the root, over the student's device
+          mesh, with the plugin's ``reshard_after_forward``.
+        - otherwise (one process, DDP): moved to the student's device.
+        """
         teacher.eval().requires_grad_(False)
-        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
-            return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        accelerator = getattr(self, "accelerator", None)
+        if getattr(self, "is_deepspeed_enabled", False):
+            config = accelerator.state.deepspeed_plugin.deepspeed_config
+            prepared = deepspeed_inference_engine(teacher, config)
+            return prepared if prepared is not teacher else teacher.to(self.args.device)
+        if getattr(self, "is_fsdp_enabled", False):
+            plugin = accelerator.state.fsdp_plugin
+            if int(getattr(plugin, "fsdp_version", 1) or 1) != 2:
+                raise ValueError(
+                    "Distillation under FSDP needs FSDP2 (fully_shard): the student head's "
+                    "gradient is formed outside its forward, which FSDP1 cannot take. Set "
+                    "fsdp_version: 2 in the accelerate / TrainingArguments fsdp_config"
+                )
+            mesh = getattr(accelerator, "torch_device_mesh", None)
+            layers = getattr(plugin, "transformer_cls_names_to_wrap", None)
+            return fully_shard_teacher(
+                teacher,
+                mesh=mesh,
+                layer_classes=layers,
+                reshard_after_forward=bool(getattr(plugin, "reshard_after_forward", True)),
+            )
         return teacher.to(self.args.device)
 
     def compute_loss(
@@ -243,25 +286,35 @@ class DistillationMixin:
     ):
         total, parts, count = causal_lm_distillation_loss(model, self.teacher, inputs, self.distill)
         if num_items_in_batch is None:
-            loss = total / count.clamp_min(1)
+            # the Trainer leaves a loss it calls scaled for accumulation as it is: scale it here
+            accum = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
+            scale = 1.0 / (count.clamp_min(1) * accum)
         else:
-            loss = total / torch.as_tensor(num_items_in_batch, device=total.device).clamp_min(1)
+            scale = 1.0 / torch.as_tensor(num_items_in_batch, device=total.device).clamp_min(1)
             if self.args.average_tokens_across_devices:
                 # num_items_in_batch counts every device's tokens; DDP / FSDP average the grads
-                loss = loss * self.accelerator.num_processes
+                scale = scale * self.accelerator.num_processes
+        loss = total * scale
         if model.training:
-            n = count.clamp_min(1)
+            weights = self.distill.part_weights()
             for k, v in parts.items():
-                self._parts[k] = self._parts.get(k, 0.0) + (v / n).detach()
-            self._parts_batches += 1
+                term = (v * weights.get(k, 1.0) * scale).detach().double()
+                self._parts[k] = self._parts.get(k, 0.0) + term
         return (loss, {"loss": loss.detach()}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if self._parts_batches and "loss" in logs:
-            for k, v in self._parts.items():
-                value = float(v) / self._parts_batches
-                logs[f"distill/{k}"] = round(value, 6) if math.isfinite(value) else value
-            self._parts, self._parts_batches = {}, 0
+        if self._parts and "loss" in logs:
+            steps = max(self.state.global_step - self._parts_since_step, 1)
+            names = sorted(self._parts)
+            values = torch.stack([torch.as_tensor(self._parts[k]).double() for k in names])
+            if self.accelerator.num_processes > 1:  # the mean over ranks, as the loss's
+                values = self.accelerator.gather(values.to(self.accelerator.device)[None])
+                values = values.reshape(-1, len(names)).mean(0)
+            for k, v in zip(names, values.tolist(), strict=True):
+                v /= steps
+                logs[f"distill/{k}"] = round(v, 6) if math.isfinite(v) else v
+            self._parts = {}
+            self._parts_since_step = self.state.global_step
         super().log(logs, *args, **kwargs)
 
 

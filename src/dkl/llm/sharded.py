@@ -11,19 +11,39 @@ parameter is an empty placeholder once the forward is over, and under FSDP it ma
   A root module keeps its parameters unsharded after forward, so usually nothing is gathered.
 - FSDP1 (``FullyShardedDataParallel``): ``summon_full_params`` for a teacher; a student head under
   FSDP1 cannot receive a gradient from outside its forward, which is an error (use FSDP2).
+
+A student head under ZeRO-3 needs more than a gather: its gradient arrives in backward, after the
+gather block has re-partitioned the weight. :func:`call_output_head` therefore runs the loss *as
+the head's forward* (the head module is called with its ``forward`` swapped for the loss), so
+DeepSpeed's own module hooks gather the weight for forward, gather it again before the loss's
+backward, and reduce-scatter its gradient into the partitioned parameter, as for any layer.
+
+Teachers: :func:`deepspeed_inference_engine` wraps a frozen teacher for ZeRO-3 inference
+(partitioned like the student, no optimizer), and :func:`fully_shard_teacher` shards one with FSDP2
+the way the student is sharded (each decoder layer, then the root).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["gathered_output_head", "last_hidden_state", "output_head", "unwrap_model"]
+__all__ = [
+    "call_output_head",
+    "deepspeed_inference_engine",
+    "fully_shard_teacher",
+    "gathered_output_head",
+    "is_zero3_parameter",
+    "last_hidden_state",
+    "output_head",
+    "unwrap_model",
+]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -44,6 +64,11 @@ def output_head(model: nn.Module) -> nn.Module:
             f"{type(inner).__name__}"
         )
     return head
+
+
+def is_zero3_parameter(p: Any) -> bool:
+    """Whether ``p`` is a parameter partitioned by DeepSpeed ZeRO-3 (it carries a ``ds_id``)."""
+    return hasattr(p, "ds_id")
 
 
 def _is_dtensor(x: Any) -> bool:
@@ -97,7 +122,12 @@ def gathered_output_head(
     head = output_head(model)
     weight, bias = head.weight, getattr(head, "bias", None)
     params = [p for p in (weight, bias) if p is not None]
-    if any(hasattr(p, "ds_id") for p in params):  # a DeepSpeed ZeRO-3 parameter
+    if any(is_zero3_parameter(p) for p in params):
+        if grad:
+            raise RuntimeError(
+                "A ZeRO-3 student head's gradient arrives after a gather block has re-partitioned "
+                "its weight; compute the loss with call_output_head(model, fn, ...) instead"
+            )
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
@@ -134,33 +164,193 @@ def gathered_output_head(
     yield weight, bias
 
 
-@functools.lru_cache(maxsize=64)
-def _forward_kwargs(cls: type) -> dict:
-    """Keyword arguments that make a Hugging Face causal LM skip the (N, V) logits and caches."""
+def call_output_head(model: nn.Module, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(weight, bias, *args)`` with the output head's full weight, gradients included.
+
+    Under DeepSpeed ZeRO-3 the head module itself is called, with ``fn`` as its forward for this
+    one call: the engine's hooks gather the weight for forward and again for backward, and turn
+    the gradient ``fn``'s backward gives the weight into the partitioned parameter's. Elsewhere
+    this is ``fn`` inside :func:`gathered_output_head` (``grad=True``).
+
+    Example:
+        >>> import torch
+        >>> head = nn.Linear(3, 5, bias=False)
+        >>> call_output_head(head, lambda w, b, x: (x @ w.T).sum(), torch.ones(2, 3)).shape
+        torch.Size([])
+    """
+    head = output_head(model)
+    if not any(is_zero3_parameter(p) for p in head.parameters(recurse=False)):
+        with gathered_output_head(model, grad=True) as (weight, bias):
+            return fn(weight, bias, *args)
+    own = head.__dict__.get("forward")  # a forward set on the instance (a wrapper's) is kept
+
+    def forward(*inputs: Any) -> Any:
+        return fn(head.weight, getattr(head, "bias", None), *inputs)
+
+    head.forward = forward
     try:
-        names = set(inspect.signature(cls.forward).parameters)
+        return head(*args)
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+
+
+def _resolve_auto(config: dict, hidden: int) -> dict:
+    """A DeepSpeed config for a frozen model: no optimizer or scheduler, and the ``"auto"`` values
+    that depend on the model filled in from its hidden size (the rest left to DeepSpeed)."""
+    config = copy.deepcopy(config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    filled = {
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_param_persistence_threshold": 10 * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+    }
+    for key, value in filled.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+
+    def drop_auto(d: dict) -> dict:
+        return {k: drop_auto(v) if isinstance(v, dict) else v for k, v in d.items() if v != "auto"}
+
+    return drop_auto(config)
+
+
+def deepspeed_inference_engine(teacher: nn.Module, config: Mapping[str, Any]) -> nn.Module:
+    """A frozen teacher ready for DeepSpeed: a ZeRO-3 inference engine (partitioned, no optimizer)
+    when ``config`` is stage 3, else the module itself (ZeRO-1/2 keep parameters whole).
+
+    A teacher loaded with ``from_pretrained`` once ``TrainingArguments(deepspeed=...)`` exists is
+    already partitioned by ``zero.Init`` and cannot run its forward until an engine owns it.
+    ``config`` is the student's DeepSpeed config; its optimizer and scheduler are dropped.
+    """
+    teacher.eval().requires_grad_(False)
+    if int(config.get("zero_optimization", {}).get("stage", 0)) != 3:
+        return teacher
+    import deepspeed
+
+    inner = unwrap_model(teacher)
+    cfg = getattr(inner, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    hidden = getattr(cfg, "hidden_size", None) or output_head(inner).weight.ds_shape[1]
+    engine, *_ = deepspeed.initialize(model=teacher, config=_resolve_auto(dict(config), hidden))
+    engine.eval()
+    return engine
+
+
+def fully_shard_teacher(
+    teacher: nn.Module,
+    *,
+    mesh: Any = None,
+    layer_classes: Iterable[str] | None = None,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """Shard a frozen teacher with FSDP2 (``fully_shard``): each decoder layer, then the root.
+
+    ``layer_classes`` are the class names sharded one by one (default: the model's
+    ``_no_split_modules``, the decoder layers of a Hugging Face model). Parameters move to the
+    mesh's device shard by shard, so a teacher larger than one device fits once sharded; its
+    forward gathers one layer at a time, and :func:`gathered_output_head` gives its full head.
+    """
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+    teacher.eval().requires_grad_(False)
+    names = set(layer_classes or getattr(teacher, "_no_split_modules", None) or ())
+    for module in teacher.modules():
+        if module is not teacher and type(module).__name__ in names:
+            fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(teacher, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return teacher
+
+
+def _wrapped_models(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` and the models it wraps: ``.module`` (DDP, DeepSpeed), ``get_base_model()``
+    (PEFT), ``base_model.model``; outermost first."""
+    seen: set[int] = set()
+    while isinstance(model, nn.Module) and id(model) not in seen:
+        seen.add(id(model))
+        yield model
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            get_base = getattr(model, "get_base_model", None)
+            inner = get_base() if callable(get_base) else None
+        model = inner
+
+
+@functools.lru_cache(maxsize=64)
+def _signature(cls: type) -> tuple[frozenset, bool]:
+    try:
+        params = inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover
+        return frozenset(), True
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return frozenset(params), var_kw
+
+
+def _forward_kwargs(model: nn.Module) -> dict:
+    """Keyword arguments that make a Hugging Face causal LM skip the (N, V) logits and caches:
+    read from the innermost causal LM's forward, passed only if every wrapper on the way forwards
+    them (names them or takes ``**kwargs``, as PEFT's ``PeftModelForCausalLM`` does)."""
+    chain = list(_wrapped_models(model))
+    for depth, m in enumerate(chain):
+        names, _ = _signature(type(m))
+        kw: dict[str, Any] = {}
+        if "logits_to_keep" in names:  # transformers >= 4.50
+            kw["logits_to_keep"] = 1
+        elif "num_logits_to_keep" in names:  # 4.45 - 4.49
+            kw["num_logits_to_keep"] = 1
+        if not kw:
+            continue
+        if "use_cache" in names:
+            kw["use_cache"] = False
+        outer = chain[:depth]
+        if all(_signature(type(w))[1] or set(kw) <= _signature(type(w))[0] for w in outer):
+            return kw
         return {}
-    kw: dict[str, Any] = {}
-    if "logits_to_keep" in names:  # transformers >= 4.50
-        kw["logits_to_keep"] = 1
-    elif "num_logits_to_keep" in names:  # 4.45 - 4.49
-        kw["num_logits_to_keep"] = 1
-    if "use_cache" in names:
-        kw["use_cache"] = False
-    return kw
+    return {}
+
+
+@contextlib.contextmanager
+def _last_position_logits(model: nn.Module) -> Iterator[None]:
+    """The output head applied to the last position only, whatever the wrappers pass on: the
+    (N, V) logits of a forward run for its hidden states are never formed."""
+    try:
+        head = output_head(model)
+    except TypeError:
+        yield
+        return
+    own = head.__dict__.get("forward")
+    original = own or head.forward
+
+    def forward(hidden: Tensor, *args: Any, **kwargs: Any) -> Any:
+        return original(hidden[..., -1:, :], *args, **kwargs)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 def last_hidden_state(model: nn.Module, inputs: Mapping[str, Any]) -> Tensor:
     """The hidden states the output head reads, ``(B, L, H)``, from one forward of ``model``.
 
     The model is called as a whole (so sharding wrappers gather what they must) with
-    ``output_hidden_states=True`` and, where the forward accepts it, ``logits_to_keep=1``, so only
-    the last position's logits are formed. The last entry of ``hidden_states`` is the final
-    normalised state in Hugging Face decoders.
+    ``output_hidden_states=True``. Only the last position's logits are formed: ``logits_to_keep=1``
+    where the forward (or the model a PEFT / DDP / DeepSpeed wrapper holds) accepts it, and the
+    head is applied to the last position in any case. The last entry of ``hidden_states`` is the
+    final normalised state in Hugging Face decoders.
     """
-    kw = _forward_kwargs(type(unwrap_model(model)))
-    out = model(**inputs, output_hidden_states=True, **kw)
+    with _last_position_logits(model):
+        out = model(**inputs, output_hidden_states=True, **_forward_kwargs(model))
     hidden = out.hidden_states if hasattr(out, "hidden_states") else out["hidden_states"]
     if not hidden:
         raise RuntimeError(f"{type(unwrap_model(model)).__name__} returned no hidden states")

@@ -1,0 +1,141 @@
+"""One optimiser step of the distillation Trainer on several ranks, run by ``torchrun``.
+
+Started by ``tests/test_llm_sharding.py`` (2 CPU ranks, gloo). It loads a student and a teacher
+saved by the test with ``from_pretrained`` *after* the ``TrainingArguments`` exist, as users do,
+so under DeepSpeed ZeRO-3 both are created partitioned (``zero.Init``). The step is plain SGD
+(lr 1, no clipping, constant schedule), so ``start - end`` of each trainable parameter is its
+gradient. Rank 0 writes the gathered parameters after the step, the loss of the step summed over
+the ranks, and the logged line to ``--out`` (``torch.save``); the test compares them with one
+process in float64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+
+def _ds_config(stage: int) -> dict:
+    return {
+        "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": False},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", required=True, help="folder with student/ and teacher/")
+    parser.add_argument("--data", required=True, help="a .pt list of examples")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--engine", choices=("ddp", "zero3", "zero2"), default="zero3")
+    parser.add_argument("--lora", default=None, help="a saved PEFT adapter to train")
+    parser.add_argument("--accum", type=int, default=1)
+    parser.add_argument(
+        "--distill",
+        default='{"loss": "ikl", "alpha": 1.0, "beta": 0.5, '
+        '"temperature": 2.0, "weight_temperature": 1.0, "ce_weight": 0.3}',
+    )
+    args = parser.parse_args()
+
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from dkl.integrations.transformers import DistillationArguments, with_distillation
+
+    examples = torch.load(args.data)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_device = len(examples) // (world * args.accum)
+    targs = TrainingArguments(
+        output_dir=str(Path(args.out).parent / "trainer"),
+        deepspeed=_ds_config(3 if args.engine == "zero3" else 2) if args.engine != "ddp" else None,
+        use_cpu=args.engine == "ddp",
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=args.accum,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_drop_last=True,
+    )
+    student = AutoModelForCausalLM.from_pretrained(f"{args.models}/student", dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(f"{args.models}/teacher", dtype=torch.float32)
+    if args.lora:
+        from peft import PeftModel
+
+        student = PeftModel.from_pretrained(student, args.lora, is_trainable=True)
+
+    losses: list[float] = []
+    seen: list[dict] = []
+
+    class Recording(with_distillation(Trainer)):
+        def compute_loss(self, model, inputs, *a, **kw):
+            loss = super().compute_loss(model, inputs, *a, **kw)
+            losses.append(float(loss.detach()))
+            seen.append({k: v.detach().cpu() for k, v in inputs.items()})
+            return loss
+
+    def collate(features):
+        return {k: torch.stack([f[k] for f in features]) for k in features[0]}
+
+    trainer = Recording(
+        model=student,
+        teacher_model=teacher,
+        distill=DistillationArguments(**json.loads(args.distill)),
+        args=targs,
+        train_dataset=examples,
+        data_collator=collate,
+    )
+    trainer.train()
+    # each rank's micro-batch losses add up to (world x) its share of the step's mean
+    step_loss = torch.tensor(sum(losses), dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(step_loss)
+    step_loss /= world
+    batches = [None] * world
+    if dist.is_initialized():
+        dist.all_gather_object(batches, seen)
+    else:
+        batches = [seen]
+    model = trainer.model_wrapped if args.engine != "ddp" else trainer.model
+    params = dict(model.named_parameters()) if args.engine == "ddp" else None
+    if args.engine == "zero3":
+        import deepspeed
+
+        named = list(trainer.model.named_parameters())
+        with deepspeed.zero.GatheredParameters([p for _, p in named]):
+            params = {n: p.detach().clone() for n, p in named}
+    elif params is None:
+        params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    params = {n.removeprefix("module."): p.detach().clone() for n, p in params.items()}
+    if int(os.environ.get("RANK", "0")) == 0:
+        teacher_engine = type(trainer.teacher).__name__
+        torch.save(
+            {
+                "params": params,
+                "loss": float(step_loss),
+                "log": trainer.state.log_history[0],
+                "teacher_type": teacher_engine,
+                "batches": batches,
+            },
+            args.out,
+        )
+
+
+if __name__ == "__main__":
+    main()
