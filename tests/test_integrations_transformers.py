@@ -270,3 +270,42 @@ def test_trl_sft_trainer_pipeline(tmp_path):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all("distill/wmse" in h for h in logs)
     assert all(torch.equal(a, b) for a, b in zip(teacher_before, teacher.parameters()))
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any operator returns (every allocation of forward and
+    backward goes through an operator)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
+                self.largest, self.op = t.numel(), str(func)
+        return out
+
+
+@pytest.mark.parametrize("wrapper", ["peft", "none"])
+def test_no_student_tensor_of_n_by_v(wrapper):
+    """A LoRA (PEFT) student never forms its (N, V) logits, in forward or backward."""
+    vocab = 512  # N x V = 96 x 512 stands out from every weight (at most 512 x 24)
+    student, teacher = _llama(vocab=vocab, seed=0), _llama(vocab=vocab, hidden=24, seed=1)
+    if wrapper == "peft":
+        peft = pytest.importorskip("peft")
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+        student = peft.get_peft_model(student, cfg)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (8, 12), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    distill = DistillationArguments(**{**IKL.__dict__, "chunk_size": 8})
+    n_by_v = ids.numel() * vocab
+    with _LargestTensor() as seen:
+        loss, _, count = causal_lm_distillation_loss(student, teacher, dict(batch), distill)
+        (loss / count).backward()
+    assert seen.largest < n_by_v / 2, f"{seen.op} returned {seen.largest} >= N*V/2 = {n_by_v / 2}"
+    with _LargestTensor() as plain:  # the check sees (N, V) logits where they are formed
+        student(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits.sum().backward()
+    assert plain.largest >= n_by_v
