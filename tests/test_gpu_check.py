@@ -36,6 +36,15 @@ def gpu_check():
             del sys.modules[name]
 
 
+def run_script(script: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python script args`` in a fresh process, the kernel in Triton's interpreter."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, str(script), *args]
+    return subprocess.run(
+        cmd, check=False, capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
+
+
 def test_smoke_report_has_every_section(gpu_check, tmp_path, capsys):
     code = gpu_check.cli.main(["--smoke", "--results-dir", str(tmp_path)])
     reports = list(tmp_path.glob("gpu_check_smoke_*.md"))
@@ -86,17 +95,8 @@ def test_every_section_module_is_registered(gpu_check):
 def test_command_line_runs_a_section_in_a_child_process(tmp_path):
     """``python benchmarks/gpu_check.py`` as a GPU box runs it: each section in a child process
     started from the same file (here one section, the smoke sizes)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, str(PATH), "--smoke", "--isolate", "--sections", "kernel"]
-    out = subprocess.run(
-        [*cmd, "--results-dir", str(tmp_path)],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    args = ["--smoke", "--isolate", "--sections", "kernel", "--results-dir", str(tmp_path)]
+    out = run_script(PATH, *args, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     report = (tmp_path / "gpu_check_smoke_cpu.md").read_text()
     assert re.search(r"^\| 2\. Kernel speed and memory \| ok \|", report, re.MULTILINE)
@@ -180,17 +180,7 @@ def test_ulp_rel_is_the_spacing_of_the_dtype(gpu_check):
 
 def test_kernel_configs_smoke():
     """benchmarks/kernel_configs.py times every forced launch configuration (interpreter here)."""
-    script = BENCHMARKS / "kernel_configs.py"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run(
-        [sys.executable, str(script), "--smoke"],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=BENCHMARKS,
-        timeout=300,
-    )
+    out = run_script(BENCHMARKS / "kernel_configs.py", "--smoke", cwd=BENCHMARKS)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| 4 × 300 |")]
     assert len(rows) == 4  # 2 dtypes × 2 blocks × 1 warp count

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from . import __doc__ as DESCRIPTION
 from . import START
+from . import __doc__ as DESCRIPTION
 from .core import BENCHMARKS, ENTRY, child_env, first_line, log, run_in_session
 from .report import SectionResult, Sink, device_slug, environment, render, render_summary
 from .sections import SECTIONS

@@ -4,7 +4,7 @@ repeated steps and the check of a first step's loss."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +56,17 @@ def mode_skip(ctx: Ctx, mode: Mode, need_s: float = 5.0) -> str | None:
     if ctx.left() < need_s:
         return "skipped (time budget)"
     return None
+
+
+def runnable_modes(sink: Sink, ctx: Ctx) -> Iterator[Mode]:
+    """The training modes, in order, that this run measures; a row of the current table for each
+    one skipped."""
+    for mode in MODES:
+        skip = mode_skip(ctx, mode)
+        if skip:
+            sink.row(mode, "all", result=skip)
+            continue
+        yield mode
 
 
 def repeat_steps(step: Callable, cfg: dict, ctx: Ctx) -> tuple[list[float], str]:

@@ -13,7 +13,7 @@ import torch
 from ..core import Ctx, Section, attempt, failed, sibling
 from ..measure import autocast, peak_gib, reset_peak, timed
 from ..report import Sink
-from ..steps import MODES, NUM_CLASSES, STEP_TOLS, loss_check, mode_skip
+from ..steps import MODES, NUM_CLASSES, STEP_TOLS, loss_check, runnable_modes
 
 FULL = {"teacher": "resnet32x4", "student": "resnet8x4", "batch": 64, "warmup": 3, "reps": 10}
 SMOKE = {"teacher": "resnet8", "student": "resnet8", "batch": 4, "warmup": 0, "reps": 0}
@@ -43,11 +43,7 @@ def section_kd(sink: Sink, ctx: Ctx) -> None:
     crits = {m: DistillLoss(c) for m, c in methods.items()}
     sink.table("mode", "method", "step (ms)", "vs kd", "peak (GiB)", "first-step loss", "check")
     ref: dict[str, float] = {}
-    for mode in MODES:
-        skip = mode_skip(ctx, mode)
-        if skip:
-            sink.row(mode, "all", result=skip)
-            continue
+    for mode in runnable_modes(sink, ctx):
         s_net = torch.compile(student, backend=ctx.backend) if mode.compiled else student
         t_net = torch.compile(teacher, backend=ctx.backend) if mode.compiled else teacher
         opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)

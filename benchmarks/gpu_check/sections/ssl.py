@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..core import Ctx, Section, attempt, failed
 from ..measure import autocast, timed
 from ..report import Sink
-from ..steps import MODES, NUM_CLASSES, loss_check, mode_skip, repeat_steps
+from ..steps import MODES, NUM_CLASSES, loss_check, repeat_steps, runnable_modes
 
 FULL = {"model": "vit_small_patch2_32", "kwargs": {}, "batch": 8, "warmup": 3, "reps": 10}
 SMOKE = {
@@ -54,11 +54,7 @@ def section_ssl(sink: Sink, ctx: Ctx) -> None:
         "mode", "method", "step (ms)", "vs fixmatch", "peak (GiB)", "first-step loss", "check"
     )
     ref: dict[str, float] = {}
-    for mode in MODES:
-        skip = mode_skip(ctx, mode)
-        if skip:
-            sink.row(mode, "all", result=skip)
-            continue
+    for mode in runnable_modes(sink, ctx):
         net = torch.compile(model, backend=ctx.backend) if mode.compiled else model
 
         def run(net=net, mode=mode):
