@@ -12,6 +12,7 @@ process in float64.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -35,7 +36,7 @@ def main() -> None:
     parser.add_argument("--models", required=True, help="folder with student/ and teacher/")
     parser.add_argument("--data", required=True, help="a .pt list of examples")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--engine", choices=("ddp", "zero3", "zero2"), default="zero3")
+    parser.add_argument("--engine", choices=("ddp", "zero3", "fsdp2"), default="zero3")
     parser.add_argument("--lora", default=None, help="a saved PEFT adapter to train")
     parser.add_argument("--accum", type=int, default=1)
     parser.add_argument(
@@ -52,12 +53,22 @@ def main() -> None:
     from dkl.integrations.transformers import DistillationArguments, with_distillation
 
     examples = torch.load(args.data)
+    cuda = torch.cuda.is_available()
+    engine_args: dict = {"use_cpu": not cuda}
+    if args.engine == "zero3":
+        engine_args["deepspeed"] = _ds_config(3)
+    elif args.engine == "fsdp2":  # on CPU accelerate trains with DDP instead: a GPU run only
+        engine_args["fsdp"] = "full_shard"
+        engine_args["fsdp_config"] = {
+            "fsdp_version": 2,
+            "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+            "reshard_after_forward": True,
+        }
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_device = len(examples) // (world * args.accum)
     targs = TrainingArguments(
         output_dir=str(Path(args.out).parent / "trainer"),
-        deepspeed=_ds_config(3 if args.engine == "zero3" else 2) if args.engine != "ddp" else None,
-        use_cpu=args.engine == "ddp",
+        **engine_args,
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=args.accum,
         max_steps=1,
@@ -83,7 +94,15 @@ def main() -> None:
     losses: list[float] = []
     seen: list[dict] = []
 
+    rank = int(os.environ.get("RANK", "0"))
+
     class Recording(with_distillation(Trainer)):
+        def get_train_dataloader(self):
+            # each rank its own examples, in order (the Trainer's loader, prepared by accelerate,
+            # gave both CPU ranks the same batch under DeepSpeed's CPU accelerator)
+            mine = examples[rank::world]
+            return torch.utils.data.DataLoader(mine, batch_size=per_device, collate_fn=collate)
+
         def compute_loss(self, model, inputs, *a, **kw):
             loss = super().compute_loss(model, inputs, *a, **kw)
             losses.append(float(loss.detach()))
@@ -102,35 +121,45 @@ def main() -> None:
         data_collator=collate,
     )
     trainer.train()
+    fsdp = bool(getattr(trainer, "is_fsdp_enabled", False))
     # each rank's micro-batch losses add up to (world x) its share of the step's mean
-    step_loss = torch.tensor(sum(losses), dtype=torch.float64)
+    step_loss = torch.tensor(sum(losses), dtype=torch.float64, device=trainer.args.device)
     if dist.is_initialized():
         dist.all_reduce(step_loss)
-    step_loss /= world
+    step_loss = float(step_loss) / world
     batches = [None] * world
     if dist.is_initialized():
         dist.all_gather_object(batches, seen)
     else:
         batches = [seen]
-    model = trainer.model_wrapped if args.engine != "ddp" else trainer.model
-    params = dict(model.named_parameters()) if args.engine == "ddp" else None
+    named = list(trainer.model.named_parameters())
+    gather = contextlib.nullcontext()
     if args.engine == "zero3":
         import deepspeed
 
-        named = list(trainer.model.named_parameters())
-        with deepspeed.zero.GatheredParameters([p for _, p in named]):
-            params = {n: p.detach().clone() for n, p in named}
-    elif params is None:
-        params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    params = {n.removeprefix("module."): p.detach().clone() for n, p in params.items()}
-    if int(os.environ.get("RANK", "0")) == 0:
+        gather = deepspeed.zero.GatheredParameters([p for _, p in named])
+    with gather:
+        params = {
+            n.removeprefix("module."): (p.full_tensor() if hasattr(p, "full_tensor") else p)
+            .detach()
+            .cpu()
+            .clone()
+            for n, p in named
+        }
+    teacher_params = list(trainer.teacher.parameters())
+    if rank == 0:
         teacher_engine = type(trainer.teacher).__name__
+        sharded = [hasattr(p, "placements") or hasattr(p, "ds_id") for p in teacher_params]
         torch.save(
             {
                 "params": params,
-                "loss": float(step_loss),
+                "loss": step_loss,
                 "log": trainer.state.log_history[0],
                 "teacher_type": teacher_engine,
+                "teacher_sharded": all(sharded),
+                "fsdp": fsdp,
+                "teacher_device": str(teacher_params[0].device),
+                "student_device": str(next(trainer.model.parameters()).device),
                 "batches": batches,
             },
             args.out,

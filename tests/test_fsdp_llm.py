@@ -5,7 +5,10 @@ global token count and multiplied by the world size (FSDP averages gradients ove
 is what the Trainer integration does with ``num_items_in_batch``). The sum of the ranks' losses and
 the gathered student gradients must equal one unsharded process on the whole batch. Both the usual
 case (the root keeps the head unsharded after forward) and an explicitly resharded head (gathered
-by :func:`dkl.llm.gathered_output_head`) are checked.
+by :func:`dkl.llm.gathered_output_head`) are checked. With transformers installed, a Hugging Face
+Llama teacher is sharded by :func:`dkl.llm.fully_shard_teacher`, the function the Trainer
+integration calls under FSDP2 (on CPU accelerate does not enable FSDP, so the Trainer itself is checked on
+a GPU by ``benchmarks/gpu_check``).
 """
 
 from __future__ import annotations
@@ -79,6 +82,8 @@ def _worker(rank: int, port: int) -> None:
     try:
         for reshard_head in (False, True):
             _check(rank, reshard_head)
+        if _has_transformers():
+            _check_hf_teacher(rank)
         dist.barrier()  # rank 1 waits for rank 0's reference before the group goes away
     finally:
         dist.destroy_process_group()
@@ -116,6 +121,67 @@ def _check(rank: int, reshard_head: bool) -> None:
             assert w.shape == (V, 24) and not hasattr(w, "placements")
     if rank == 0:
         ref_teacher = _models()[1]
+        ref_total, _, _ = causal_lm_distillation_loss(ref_student, ref_teacher, batch, distill)
+        (ref_total / n_global).backward()
+        torch.testing.assert_close(summed, ref_total.detach(), rtol=1e-5, atol=1e-6)
+        for n, p in ref_student.named_parameters():
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def _has_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _hf_llama(vocab: int, hidden: int, layers: int, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def _check_hf_teacher(rank: int) -> None:
+    """Hugging Face Llamas: the teacher sharded by ``fully_shard_teacher`` (what the Trainer
+    integration does under FSDP2), the student per decoder layer and root as accelerate does."""
+    from torch.distributed.fsdp import fully_shard
+
+    from dkl.integrations.transformers import causal_lm_distillation_loss
+    from dkl.llm import fully_shard_teacher
+
+    distill = _distill()
+    student, ref_student = _hf_llama(V, 16, 2, 0), _hf_llama(V, 16, 2, 0)
+    teacher = fully_shard_teacher(_hf_llama(V + 8, 24, 2, 1))
+    for layer in student.model.layers:
+        fully_shard(layer)
+    fully_shard(student)
+    shards = [p for p in teacher.parameters()]
+    assert all(hasattr(p, "placements") for p in shards)  # every teacher parameter is sharded
+    local = sum(p.to_local().numel() for p in shards)
+    assert local < 0.6 * sum(p.numel() for p in shards)  # each rank holds about half
+    assert not any(p.requires_grad for p in shards)
+    batch = _batch()
+    n_global = (batch["labels"][:, 1:] != -100).sum()
+    mine = {k: v[rank * 2 : rank * 2 + 2] for k, v in batch.items()}
+    total, _, _ = causal_lm_distillation_loss(student, teacher, mine, distill)
+    (total / n_global * WORLD).backward()
+    summed = total.detach().clone()
+    dist.all_reduce(summed)
+    grads = {n: p.grad.full_tensor() for n, p in student.named_parameters()}
+    if rank == 0:
+        ref_teacher = _hf_llama(V + 8, 24, 2, 1)
         ref_total, _, _ = causal_lm_distillation_loss(ref_student, ref_teacher, batch, distill)
         (ref_total / n_global).backward()
         torch.testing.assert_close(summed, ref_total.detach(), rtol=1e-5, atol=1e-6)

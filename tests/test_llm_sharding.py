@@ -6,7 +6,9 @@
   after the ``TrainingArguments``, so both are partitioned by ``zero.Init``; the student head's
   gradient must reach its partitioned parameter and the teacher must run as an inference engine.
 - the same with a LoRA (PEFT) student;
-- DDP with 2 micro-batches per step, for the logged parts under accumulation and across ranks.
+- DDP with 2 micro-batches per step, for the logged parts under accumulation and across ranks;
+- FSDP2 (``fully_shard``) through the Trainer, teacher sharded the same way: only on a GPU
+  (on CPU accelerate does not enable FSDP: it trains with DDP), where ``make gpu-check`` runs this file with one rank.
 
 Each compares the step's loss and each trainable parameter's change (= its gradient) with the
 materialised loss of one float64 process over the same examples (pairwise wMSE, as the paper
@@ -34,6 +36,9 @@ V = 40
 HP = {"loss": "ikl", "alpha": 1.0, "beta": 0.5, "temperature": 2.0, "weight_temperature": 1.0}
 HP["ce_weight"] = 0.3
 WORKER = Path(__file__).with_name("llm_sharded_worker.py")
+# ranks: 2 CPU processes here; benchmarks/gpu_check runs this file with 1 per GPU
+NPROC = int(os.environ.get("DKL_SHARDED_NPROC", "2"))
+CUDA = torch.cuda.is_available()
 
 
 def _llama(vocab, hidden, layers, seed):
@@ -88,7 +93,7 @@ def _torchrun(saved: Path, engine: str, *extra: str) -> dict:
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--nproc_per_node=2",
+        f"--nproc_per_node={NPROC}",
         f"--master_port={_free_port()}",
         str(WORKER),
         f"--models={saved / 'models'}",
@@ -98,8 +103,10 @@ def _torchrun(saved: Path, engine: str, *extra: str) -> dict:
         f"--distill={json.dumps(HP)}",
         *extra,
     ]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    if not CUDA:
+        env["DS_ACCELERATOR"] = "cpu"
     res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=400)
     if res.returncode != 0:
         errors = [ln for ln in res.stdout.splitlines() + res.stderr.splitlines() if "Error" in ln]
@@ -150,7 +157,9 @@ def _load(saved, lora_dir=None):
 
 def _check_step(result, student, teacher, trainable):
     batches = [b for rank in result["batches"] for b in rank]
-    assert sum(len(b["input_ids"]) for b in batches) == 8  # every example, once
+    seen = sorted(tuple(ids.tolist()) for b in batches for ids in b["input_ids"])
+    assert seen == sorted(tuple(e["input_ids"].tolist()) for e in _examples())  # each once
+    batches = [{k: v.cpu() for k, v in b.items()} for b in batches]
     start = {n: p.detach().double().clone() for n, p in student.named_parameters()}
     ref = _reference(student, teacher, batches)
     torch.testing.assert_close(
@@ -176,6 +185,7 @@ def test_deepspeed_zero3_two_ranks_equals_one_process(saved):
     pytest.importorskip("deepspeed")
     result = _torchrun(saved, "zero3")
     assert result["teacher_type"] == "DeepSpeedEngine"  # partitioned by zero.Init, then wrapped
+    assert result["teacher_sharded"]
     student, teacher = _load(saved)
     _check_step(result, student, teacher, [n for n, _ in student.named_parameters()])
 
@@ -207,5 +217,19 @@ def test_deepspeed_zero3_lora_student(saved):
 def test_ddp_two_ranks_two_micro_batches_logs_token_weighted_parts(saved):
     result = _torchrun(saved, "ddp", "--accum=2")
     assert len(result["batches"][0]) == 2  # two micro-batches on each rank
+    student, teacher = _load(saved)
+    _check_step(result, student, teacher, [n for n, _ in student.named_parameters()])
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(
+    not CUDA,
+    reason="accelerate does not enable FSDP on CPU (it trains with DDP); make gpu-check runs it",
+)
+def test_fsdp2_trainer_shards_the_teacher(saved):
+    result = _torchrun(saved, "fsdp2")
+    assert result["fsdp"]  # on CPU accelerate silently trains with DDP instead
+    assert result["teacher_sharded"]  # fully_shard on every teacher parameter
+    assert result["teacher_device"] == result["student_device"]
     student, teacher = _load(saved)
     _check_step(result, student, teacher, [n for n, _ in student.named_parameters()])
