@@ -17,11 +17,14 @@ from dkl.llm.sharded import (
     fully_shard_teacher,
     gathered_output_head,
 )
-from dkl.llm.topk import TopKCache, topk_ikl_loss, topk_kl_loss, topk_logprobs
+from dkl.llm.topk import topk_ikl_loss, topk_kl_loss, topk_logprobs
+from dkl.llm.topk_cache import TopKCache, TopKCacheError, TopKCollator
 
 __all__ = [
     "FusedLinearIKLLoss",
     "TopKCache",
+    "TopKCacheError",
+    "TopKCollator",
     "call_output_head",
     "deepspeed_inference_engine",
     "fully_shard_teacher",

@@ -13,26 +13,19 @@ top-k are treated in one of two documented ways (``tail``):
 With ``k = V`` both equal the full loss. How far they are from it for smaller ``k`` depends on how
 peaked the teacher is; ``benchmarks/llm_loss.py --topk`` measures it on a trained model.
 
-:class:`TopKCache` runs a teacher once over a tokenised data set and stores its top-k
-log-probabilities per token on disk (NumPy memory maps: nothing is loaded until read), so the
-teacher need not be in memory while the student trains.
+:class:`~dkl.llm.topk_cache.TopKCache` runs a teacher once over a tokenised data set and stores
+its top-k log-probabilities per token on disk (NumPy memory maps: nothing is loaded until read),
+so the teacher need not be in memory while the student trains.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
-from typing import Any
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dkl.llm._checks import _check_weight, _flatten_tokens
-from dkl.llm._chunk import TAILS, LogitTransform, chunk_loss, dense_from_topk
-from dkl.llm.sharded import gathered_output_head, last_hidden_state
+from dkl.llm._checks import _check_weight
+from dkl.llm._chunk import TAILS, chunk_loss, dense_from_topk
 
 __all__ = ["TopKCache", "TopKCollator", "topk_ikl_loss", "topk_kl_loss", "topk_logprobs"]
 
@@ -188,178 +181,5 @@ def topk_kl_loss(
     )
 
 
-# ------------------------------------------------------------------------------- the disk cache
-class TopKCache:
-    """A teacher's top-k next-token log-probabilities for every token of a data set, on disk.
-
-    Layout of the folder: ``meta.json`` (``k``, vocabulary size, dtypes, number of tokens),
-    ``offsets.npy`` (``S + 1`` token offsets, one sequence per example), ``indices.bin`` and
-    ``values.bin`` (raw ``(tokens, k)`` arrays, opened as NumPy memory maps). Sequence ``i``'s
-    row ``j`` holds the teacher's prediction *at* position ``j`` (for token ``j + 1``), aligned
-    with its ``input_ids``.
-
-    Example:
-        >>> import tempfile
-        >>> lm = lambda ids: torch.nn.functional.one_hot(ids, 7).float() * 3  # a toy "teacher"
-        >>> ids = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 1]])
-        >>> with tempfile.TemporaryDirectory() as d:
-        ...     cache = TopKCache.build(d, [ids], k=2, logits_fn=lm)
-        ...     idx, val = cache[1]
-        ...     print(len(cache), tuple(idx.shape), int(idx[0, 0]), round(float(val[0, 0]), 4))
-        2 (4, 2) 5 -0.2614
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        meta_file = self.path / "meta.json"
-        if not meta_file.is_file():
-            raise FileNotFoundError(f"No top-k cache at {self.path} (expected {meta_file})")
-        self.meta = json.loads(meta_file.read_text())
-        self.k, self.vocab_size = int(self.meta["k"]), int(self.meta["vocab_size"])
-        self.offsets = np.load(self.path / "offsets.npy")
-        n = int(self.offsets[-1])
-        shape = (n, self.k)
-
-        def open_map(name: str, dtype: str) -> np.ndarray:
-            if n == 0:
-                return np.zeros(shape, dtype=dtype)
-            return np.memmap(self.path / name, dtype=dtype, mode="r", shape=shape)
-
-        self.indices = open_map("indices.bin", self.meta["indices_dtype"])
-        self.values = open_map("values.bin", self.meta["values_dtype"])
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        """Sequence ``i``: ``(indices (L, k) int64, values (L, k) float32)``."""
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"Expected a sequence index in [0, {len(self)}), got {i}")
-        i %= len(self)
-        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return (
-            torch.from_numpy(np.array(self.indices[a:b], dtype=np.int64)),
-            torch.from_numpy(np.array(self.values[a:b], dtype=np.float32)),
-        )
-
-    def batch(self, rows: Sequence[int], length: int | None = None) -> tuple[Tensor, Tensor]:
-        """Sequences ``rows`` stacked to ``(B, length, k)`` (right-padded with index 0, value 0:
-        padded positions must carry label ``-100``)."""
-        items = [self[int(r)] for r in rows]
-        L = max((len(i) for i, _ in items), default=0) if length is None else length
-        idx = torch.zeros(len(items), L, self.k, dtype=torch.long)
-        val = torch.zeros(len(items), L, self.k, dtype=torch.float32)
-        for j, (i, v) in enumerate(items):
-            n = min(len(i), L)
-            idx[j, :n], val[j, :n] = i[:n], v[:n]
-        return idx, val
-
-    @classmethod
-    def build(
-        cls,
-        path: str | Path,
-        batches: Iterable[Tensor | Mapping[str, Tensor]],
-        *,
-        k: int,
-        model: Any = None,
-        logits_fn: Callable[[Tensor], Tensor] | None = None,
-        chunk_size: int = 1024,
-        logit_scale: float = 1.0,
-        softcap: float | None = None,
-        values_dtype: str = "float32",
-    ) -> TopKCache:
-        """Run a teacher over ``batches`` and write its top-k log-probabilities to ``path``.
-
-        Args:
-            path: folder to create (must not hold a cache already).
-            batches: ``(B, L)`` input ids, or dicts with ``input_ids`` and optionally
-                ``attention_mask`` (only positions with mask 1 are stored; one sequence per row).
-            k: entries kept per token.
-            model: a causal LM (Hugging Face style: called with ``output_hidden_states=True``,
-                ``get_output_embeddings()`` gives its head); its logits are formed
-                ``chunk_size`` tokens at a time, never all at once.
-            logits_fn: instead of ``model``, a function ``input_ids -> (B, L, V)`` logits.
-            logit_scale, softcap: the teacher's logit transform (as in
-                :func:`~dkl.llm.fused_linear_ikl`), applied before the softmax.
-            values_dtype: ``"float32"`` or ``"float16"`` on disk.
-        """
-        if (model is None) == (logits_fn is None):
-            raise ValueError("Expected exactly one of model= or logits_fn=")
-        if values_dtype not in ("float32", "float16"):
-            raise ValueError(f"Expected values_dtype 'float32' or 'float16', got {values_dtype!r}")
-        path = Path(path)
-        if (path / "meta.json").exists():
-            raise FileExistsError(f"A top-k cache already exists at {path}")
-        path.mkdir(parents=True, exist_ok=True)
-        tf = LogitTransform(float(logit_scale), softcap)
-        offsets, vocab = [0], None
-        with (
-            open(path / "indices.bin", "wb") as f_idx,
-            open(path / "values.bin", "wb") as f_val,
-            torch.no_grad(),
-        ):
-            for batch in batches:
-                inputs = dict(batch) if isinstance(batch, Mapping) else {"input_ids": batch}
-                ids = inputs["input_ids"]
-                keep = inputs.get("attention_mask")
-                keep = torch.ones_like(ids, dtype=torch.bool) if keep is None else keep.bool()
-                if logits_fn is not None:
-                    logits = logits_fn(ids)
-                    vocab = logits.shape[-1]
-                    idx, val = topk_logprobs(tf(logits.float())[0], k)
-                else:
-                    hidden = _flatten_tokens(last_hidden_state(model, inputs), "hidden")
-                    with gathered_output_head(model, grad=False) as (w, b):
-                        vocab = w.shape[0]
-                        parts = [
-                            topk_logprobs(
-                                tf(F.linear(hidden[s : s + chunk_size], w, b).float())[0], k
-                            )
-                            for s in range(0, hidden.shape[0], chunk_size)
-                        ]
-                    idx = torch.cat([p[0] for p in parts]).reshape(*ids.shape, k)
-                    val = torch.cat([p[1] for p in parts]).reshape(*ids.shape, k)
-                for row in range(ids.shape[0]):
-                    sel = keep[row].to(idx.device)
-                    f_idx.write(idx[row][sel].to(torch.int32).cpu().numpy().tobytes())
-                    f_val.write(val[row][sel].cpu().numpy().astype(values_dtype).tobytes())
-                    offsets.append(offsets[-1] + int(sel.sum()))
-        np.save(path / "offsets.npy", np.asarray(offsets, dtype=np.int64))
-        meta = {
-            "k": k,
-            "vocab_size": vocab if vocab is not None else 0,
-            "tokens": offsets[-1],
-            "sequences": len(offsets) - 1,
-            "indices_dtype": "int32",
-            "values_dtype": values_dtype,
-            "values": "log-probabilities",
-            "logit_scale": float(logit_scale),
-            "softcap": softcap,
-        }
-        (path / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        return cls(path)
-
-
-class TopKCollator:
-    """Wraps a collator: adds ``teacher_topk_indices`` / ``teacher_topk_values`` ``(B, L, k)``
-    from a :class:`TopKCache`, read for each example's ``index_key`` (which is removed before the
-    wrapped collator sees the examples). With Hugging Face's ``Trainer`` keep the column with
-    ``TrainingArguments(remove_unused_columns=False)``."""
-
-    def __init__(self, collator: Callable, cache: TopKCache, index_key: str = "cache_index"):
-        self.collator, self.cache, self.index_key = collator, cache, index_key
-
-    def __call__(self, features: list[dict]) -> dict:
-        try:
-            rows = [int(f[self.index_key]) for f in features]
-        except KeyError:
-            raise KeyError(
-                f"Expected each example to carry {self.index_key!r} (its row in the top-k "
-                "cache); keep the column with remove_unused_columns=False"
-            ) from None
-        batch = dict(
-            self.collator([{k: v for k, v in f.items() if k != self.index_key} for f in features])
-        )
-        length = batch["input_ids"].shape[1]
-        batch["teacher_topk_indices"], batch["teacher_topk_values"] = self.cache.batch(rows, length)
-        return batch
+# the disk cache lives in dkl.llm.topk_cache; its names stay importable from here
+from dkl.llm.topk_cache import TopKCache, TopKCollator
