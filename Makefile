@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # torch/torchvision are installed first so a local wheel cache or index pin can be chosen here.
 TORCH_PACKAGES ?= torch torchvision
-EXTRAS ?= vision,timm,llm,test,lint
+EXTRAS ?= vision,timm,llm,deepspeed,peft,test,lint
 
 .PHONY: install demo test bench bench-kernel gpu-check lint docs docs-serve clean
 

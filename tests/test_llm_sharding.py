@@ -233,3 +233,29 @@ def test_fsdp2_trainer_shards_the_teacher(saved):
     assert result["teacher_device"] == result["student_device"]
     student, teacher = _load(saved)
     _check_step(result, student, teacher, [n for n, _ in student.named_parameters()])
+
+
+@pytest.mark.timeout(600)
+def test_lora_zero3_example_on_two_ranks(tmp_path):
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("peft")
+    script = Path(__file__).parents[1] / "examples" / "distill_lora_zero3.py"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={NPROC}",
+        f"--master_port={_free_port()}",
+        str(script),
+        "--tiny",
+        "--max-steps=2",
+        f"--out={tmp_path / 'lora'}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    if not CUDA:
+        env["DS_ACCELERATOR"] = "cpu"
+    res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "trained 2 steps, loss" in res.stdout
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
