@@ -24,8 +24,16 @@ test. Its shape::
 from __future__ import annotations
 
 from ..core import Section
-from . import adv, correctness, kd, kernel, ssl
+from . import adv, correctness, kd, kernel, sharded, ssl
 
 SECTIONS: dict[str, Section] = {
-    s.name: s for s in (correctness.SECTION, kernel.SECTION, kd.SECTION, adv.SECTION, ssl.SECTION)
+    s.name: s
+    for s in (
+        correctness.SECTION,
+        kernel.SECTION,
+        kd.SECTION,
+        adv.SECTION,
+        ssl.SECTION,
+        sharded.SECTION,
+    )
 }

@@ -206,17 +206,24 @@ def pytest_outcomes(output: str) -> dict[str, str]:
     return outcomes
 
 
-def run_suite(sink: Sink, ctx: Ctx) -> None:
-    """The kernel and LLM test files in a child pytest, natively on this device."""
-    files = ctx.size["suite"]
+def run_suite(
+    sink: Sink,
+    ctx: Ctx,
+    files: list[str] | None,
+    *,
+    env: dict | None = None,
+    parallel: bool = True,
+    skipped: str = "Skipped in the smoke run (CI runs these files under Triton's interpreter).",
+) -> None:
+    """Test files in a child pytest, natively on this device (``parallel``: under xdist)."""
     if not files:
-        sink.text("Skipped in the smoke run (CI runs these files under Triton's interpreter).")
+        sink.text(skipped)
         return
     args = ["-v", "-p", "no:cacheprovider", "-o", "addopts=", "--tb=short", "-rfE", *files]
-    if ctx.device.type == "cuda" and importlib.util.find_spec("xdist") is not None:
+    if parallel and ctx.device.type == "cuda" and importlib.util.find_spec("xdist") is not None:
         args += ["-n", "8"]  # each worker compiles its share of the kernel variants
     src = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
-    env = {**child_env(ctx.device), "PYTHONPATH": src}
+    env = {**child_env(ctx.device), "PYTHONPATH": src, **(env or {})}
     timeout = max(10.0, ctx.left() * 0.7)
     sink.text(f"`pytest {' '.join(args)}` (timeout {timeout:.0f} s):")
     t0 = time.time()
@@ -250,7 +257,7 @@ def run_suite(sink: Sink, ctx: Ctx) -> None:
 def section_correctness(sink: Sink, ctx: Ctx) -> None:
     size, dev = ctx.size, ctx.device
     sink.text("### Test files on this device")
-    run_suite(sink, ctx)
+    run_suite(sink, ctx, ctx.size["suite"])
 
     tols = ", ".join(f"{k} {v:g}" for k, v in GRAD_TOL.items())
     sink.text(
