@@ -309,3 +309,87 @@ def test_no_student_tensor_of_n_by_v(wrapper):
     with _LargestTensor() as plain:  # the check sees (N, V) logits where they are formed
         student(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits.sum().backward()
     assert plain.largest >= n_by_v
+
+
+# ------------------------------------------------------------------------------- on-policy
+def _prompted_batch(n=4, length=9, prompt=3, seed=0):
+    batch = _batch(n=n, length=length, seed=seed)
+    batch["labels"][:, :prompt] = -100  # completion-only: the first tokens are the prompt
+    return batch
+
+
+def _records(trainer):
+    """The micro-batches compute_loss saw, and whether the student was in train mode while it
+    generated (a forward pre-hook during generate)."""
+    seen, modes = [], []
+    original = trainer.compute_loss
+
+    def compute_loss(model, inputs, *a, **kw):
+        seen.append({k: v.clone() for k, v in inputs.items()})
+        return original(model, inputs, *a, **kw)
+
+    trainer.compute_loss = compute_loss
+    trainer.model.register_forward_pre_hook(lambda m, a: modes.append(m.training))
+    return seen, modes
+
+
+def test_lmbda_zero_is_the_data_path_bit_for_bit(tmp_path):
+    data = [{k: v[i] for k, v in _prompted_batch(n=8, seed=3).items()} for i in range(8)]
+    results = []
+    for distill in (IKL, DistillationArguments(**{**IKL.__dict__, "lmbda": 0.0})):
+        student, teacher = _llama(seed=0), _llama(hidden=24, seed=1)
+        trainer = _trainer(
+            student,
+            teacher,
+            tmp_path / str(len(results)),
+            distill=distill,
+            per_device_train_batch_size=4,
+            max_steps=2,
+            learning_rate=0.1,
+            logging_steps=1,
+        )
+        trainer.train_dataset = data
+        trainer.data_collator = lambda f: {k: torch.stack([x[k] for x in f]) for k in f[0]}
+        trainer.train()
+        results.append({n: p.detach().clone() for n, p in student.named_parameters()})
+        assert "distill/on_policy_share" not in trainer.state.log_history[0]
+    for n in results[0]:
+        assert torch.equal(results[0][n], results[1][n]), n
+
+
+def test_on_policy_step_generates_masks_the_prompt_and_matches_a_reference(tmp_path):
+    student, teacher = _llama(seed=0), _llama(vocab=V + 8, hidden=24, layers=2, seed=1)
+    distill = DistillationArguments(**{**IKL.__dict__, "lmbda": 1.0, "max_new_tokens": 5})
+    trainer = _trainer(student, teacher, tmp_path, distill=distill, max_steps=1, logging_steps=1)
+    batch = _prompted_batch()
+    seen, modes = _records(trainer)
+    torch.manual_seed(0)
+    loss = trainer.training_step(student.train(), dict(batch))
+    (generated,) = seen
+    assert modes and not modes[0] and modes[-1]  # generated in eval mode, trained in train mode
+    assert student.training
+    for j in range(len(batch["input_ids"])):
+        prompt = batch["input_ids"][j, :3]
+        n = int(generated["attention_mask"][j].sum())
+        assert torch.equal(generated["input_ids"][j, :3], prompt)  # the prompt, then samples
+        assert bool((generated["labels"][j, :3] == -100).all())  # the prompt is masked
+        assert bool((generated["labels"][j, 3:n] == generated["input_ids"][j, 3:n]).all())
+        assert 3 < n <= 3 + 5 and bool((generated["labels"][j, n:] == -100).all())
+    student.zero_grad()
+    ref = _reference_loss(student, teacher, generated, distill)  # float64, materialised
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_sequence_level_kd_uses_the_teachers_completions(tmp_path):
+    student, teacher = _llama(seed=0), _llama(hidden=24, seed=1)
+    distill = DistillationArguments(**{**IKL.__dict__, "seq_kd": True, "max_new_tokens": 4})
+    trainer = _trainer(student, teacher, tmp_path, distill=distill, max_steps=1)
+    seen, modes = _records(trainer)
+    trainer.training_step(student.train(), dict(_prompted_batch()))
+    assert modes == [True]  # the student ran only its training forward (no sampling)
+    assert seen[0]["input_ids"].shape[1] <= 3 + 4
+    with pytest.raises(ValueError, match="Expected lmbda in \\[0, 1\\], got 1.5"):
+        DistillationArguments(**{**IKL.__dict__, "lmbda": 1.5})
+    with pytest.raises(ValueError, match="Row 1 has no prompt"):  # row 0 has a 3-token one
+        on = DistillationArguments(**{**IKL.__dict__, "lmbda": 1.0})
+        _trainer(student, teacher, tmp_path, distill=on)._complete(student, _batch(), "student")

@@ -41,7 +41,9 @@ teacher model is then not run, and may be ``None``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import random
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,6 +57,7 @@ from dkl.llm import (
     fused_linear_kl,
     gathered_output_head,
 )
+from dkl.llm.onpolicy import GenerateFn, generate_completions, prompts_from_labels
 from dkl.llm.sharded import last_hidden_state, unwrap_model
 
 __all__ = [
@@ -80,6 +83,15 @@ class DistillationArguments:
     ``temperature`` and ``weight_temperature`` (as in :func:`dkl.ikl_loss`); ``loss="kl"`` needs
     ``temperature``. ``ce_weight`` adds the hard-label cross-entropy on the same tokens.
     ``topk_tail`` is used when batches carry a top-k teacher.
+
+    Where the completions come from (Agarwal et al. 2024, "On-Policy Distillation of Language
+    Models", as TRL's ``GKDTrainer`` has it): with probability ``lmbda`` a micro-batch's prompts
+    are completed by the *student* (on-policy) and the loss is taken on those completions;
+    otherwise the data's completions are used, or, with ``seq_kd=True``, the teacher's
+    (sequence-level KD). Sampling: ``max_new_tokens``, ``generation_temperature`` (0 = greedy),
+    ``generation_top_p``. ``lmbda=0`` and ``seq_kd=False`` (the defaults) train on the data only,
+    exactly as before. Whenever completions may be generated, every micro-batch is weighted as
+    its own per-token mean (its token count is known only once it is generated).
     """
 
     loss: str = "ikl"
@@ -90,6 +102,11 @@ class DistillationArguments:
     ce_weight: float = 0.0
     chunk_size: int = 1024
     topk_tail: str = "renormalize"
+    lmbda: float = 0.0
+    seq_kd: bool = False
+    max_new_tokens: int = 128
+    generation_temperature: float = 1.0
+    generation_top_p: float = 1.0
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -99,6 +116,24 @@ class DistillationArguments:
         missing = [n for n in needed if getattr(self, n) is None]
         if missing:
             raise ValueError(f"loss={self.loss!r} needs {', '.join(missing)} (no hidden defaults)")
+        checks = (
+            ("lmbda", 0.0 <= self.lmbda <= 1.0, "in [0, 1]"),
+            (
+                "max_new_tokens",
+                isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0,
+                "a positive int",
+            ),
+            ("generation_temperature", self.generation_temperature >= 0, ">= 0"),
+            ("generation_top_p", 0 < self.generation_top_p <= 1, "in (0, 1]"),
+        )
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"Expected {name} {allowed}, got {getattr(self, name)!r}")
+
+    @property
+    def generates(self) -> bool:
+        """Whether any micro-batch may be completed by a model (on-policy or sequence-level)."""
+        return self.lmbda > 0 or self.seq_kd
 
     def part_weights(self) -> dict[str, float]:
         """The weight of each logged part in the loss."""
@@ -107,12 +142,11 @@ class DistillationArguments:
         return {"wmse": float(self.beta), "sce": float(self.alpha), "ce": self.ce_weight}
 
     def loss_kwargs(self) -> dict[str, Any]:
-        kw = asdict(self)
-        kw.pop("loss")
-        if self.loss == "kl":
-            for name in ("alpha", "beta", "weight_temperature"):
-                kw.pop(name)
-        return kw
+        """The keyword arguments of the loss function."""
+        names = ["temperature", "ce_weight", "chunk_size", "topk_tail"]
+        if self.loss == "ikl":
+            names += ["alpha", "beta", "weight_temperature"]
+        return {n: getattr(self, n) for n in names}
 
 
 def logit_transform(model: nn.Module) -> dict[str, float | None]:
@@ -227,6 +261,7 @@ class DistillationMixin:
         *args: Any,
         teacher_model: nn.Module | None = None,
         distill: DistillationArguments | dict | None = None,
+        generate_fn: GenerateFn | None = None,
         **kwargs: Any,
     ) -> None:
         if distill is None:
@@ -241,8 +276,13 @@ class DistillationMixin:
         # micro-batches and leave the loss it returns unscaled (compute_loss divides by it).
         self.model_accepts_loss_kwargs = True
         self.teacher = self._prepare_teacher(teacher_model) if teacher_model is not None else None
+        if self.distill.seq_kd and self.teacher is None:
+            raise ValueError("seq_kd=True needs a teacher_model to generate the completions")
+        self.generate_fn = generate_fn
         self._parts: dict[str, Tensor] = {}
         self._parts_since_step = 0
+        self._micro_batches = 0
+        self._timing = {"generation_s": 0.0, "step_s": 0.0, "on_policy": 0, "micro": 0}
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         """The frozen teacher sharded or placed like the student.
@@ -276,6 +316,72 @@ class DistillationMixin:
                 reshard_after_forward=bool(getattr(plugin, "reshard_after_forward", True)),
             )
         return teacher.to(self.args.device)
+
+    def _completion_source(self) -> str | None:
+        """``"student"``, ``"teacher"`` or ``None`` (the data) for the next micro-batch. The draw
+        depends only on the seed, the step and the micro-batch, so every rank draws the same."""
+        d = self.distill
+        if not d.generates:
+            return None
+        self._micro_batches += 1
+        key = f"{self.args.seed}:{self.state.global_step}:{self._micro_batches}"
+        if d.lmbda > 0 and random.Random(key).random() < d.lmbda:
+            return "student"
+        return "teacher" if d.seq_kd else None
+
+    def _complete(self, model: nn.Module, inputs: dict[str, Any], source: str) -> dict:
+        """The micro-batch's prompts completed by ``source``'s samples."""
+        if "prompts" in inputs:  # TRL's GKD collators carry the prompts on their own
+            pm = inputs.get("prompt_attention_mask")
+            rows = inputs["prompts"]
+            prompts = [r[pm[j].bool()] if pm is not None else r for j, r in enumerate(rows)]
+        else:
+            prompts = prompts_from_labels(
+                inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
+            )
+        generator = model if source == "student" else self.teacher
+        cfg = getattr(unwrap_model(generator), "generation_config", None)
+        tok = getattr(self, "processing_class", None)
+        eos = getattr(cfg, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(tok, "eos_token_id", None)
+        pad = getattr(tok, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(cfg, "pad_token_id", None)
+        if pad is None:
+            pad = eos[0] if isinstance(eos, list | tuple) else (eos if eos is not None else 0)
+        d = self.distill
+        batch, seconds = generate_completions(
+            generator,
+            prompts,
+            max_new_tokens=d.max_new_tokens,
+            temperature=d.generation_temperature,
+            top_p=d.generation_top_p,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            generate_fn=self.generate_fn if source == "student" else None,
+            device=inputs["input_ids"].device,
+        )
+        self._timing["generation_s"] += seconds
+        self._timing["on_policy"] += source == "student"
+        return batch
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
+        if not self.distill.generates:
+            return super().training_step(model, inputs, *args, **kwargs)
+        t0 = time.perf_counter()
+        source = self._completion_source()
+        if source is not None:
+            inputs = self._complete(model, inputs, source)
+        # every micro-batch its own per-token mean: a generated one's count is known only now
+        if args:
+            args = (None, *args[1:])
+        if "num_items_in_batch" in kwargs:
+            kwargs["num_items_in_batch"] = None
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        self._timing["step_s"] += time.perf_counter() - t0
+        self._timing["micro"] += 1
+        return loss
 
     def compute_loss(
         self,
@@ -315,6 +421,13 @@ class DistillationMixin:
                 logs[f"distill/{k}"] = round(v, 6) if math.isfinite(v) else v
             self._parts = {}
             self._parts_since_step = self.state.global_step
+        timing = self._timing
+        if timing["micro"] and "loss" in logs:
+            logs["distill/on_policy_share"] = round(timing["on_policy"] / timing["micro"], 4)
+            share = timing["generation_s"] / max(timing["step_s"], 1e-9)
+            logs["distill/generation_time_share"] = round(share, 4)
+            self._timing = dict.fromkeys(timing, 0)
+            self._timing.update(generation_s=0.0, step_s=0.0)
         super().log(logs, *args, **kwargs)
 
 
