@@ -78,6 +78,10 @@ def saved(tmp_path_factory):
     _llama(V, 16, 1, 0).save_pretrained(root / "models" / "student")
     _llama(V + 8, 24, 2, 1).save_pretrained(root / "models" / "teacher")
     torch.save(_examples(), root / "data.pt")
+    prompted = _examples()
+    for e in prompted:  # completion-only: the first 3 tokens are the prompt
+        e["labels"][:3] = -100
+    torch.save(prompted, root / "prompted.pt")
     return root
 
 
@@ -87,8 +91,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(saved: Path, engine: str, *extra: str) -> dict:
-    out = saved / f"{engine}{''.join(extra)}.pt"
+def _torchrun(saved: Path, engine: str, *extra: str, distill: dict = HP, data="data.pt") -> dict:
+    out = saved / f"{engine}{len(os.listdir(saved))}.pt"
     cmd = [
         sys.executable,
         "-m",
@@ -97,10 +101,10 @@ def _torchrun(saved: Path, engine: str, *extra: str) -> dict:
         f"--master_port={_free_port()}",
         str(WORKER),
         f"--models={saved / 'models'}",
-        f"--data={saved / 'data.pt'}",
+        f"--data={saved / data}",
         f"--out={out}",
         f"--engine={engine}",
-        f"--distill={json.dumps(HP)}",
+        f"--distill={json.dumps(distill)}",
         *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -124,8 +128,9 @@ def _ikl_rows(zs, zt):
     return HP["beta"] * wmse + HP["alpha"] * sce
 
 
-def _reference(student, teacher, batches):
-    """The mean over every valid next-token position the ranks saw, materialised, float64."""
+def _reference(student, teacher, batches, per_micro_batch=False):
+    """The mean over every valid next-token position the ranks saw, materialised, float64 (or,
+    ``per_micro_batch``: the mean over micro-batches of each one's token mean)."""
     student, teacher = student.double(), teacher.double()
     rows = []
     for batch in batches:
@@ -138,7 +143,10 @@ def _reference(student, teacher, batches):
         zs, zt, y = zs[keep], zt[keep], labels[keep]
         ce = F.cross_entropy(zs, y, reduction="none")
         rows.append(_ikl_rows(zs, zt) + HP["ce_weight"] * ce)
-    loss = torch.cat(rows).mean()
+    if per_micro_batch:
+        loss = torch.stack([r.mean() for r in rows]).mean()
+    else:
+        loss = torch.cat(rows).mean()
     loss.backward()
     return loss
 
@@ -259,3 +267,28 @@ def test_lora_zero3_example_on_two_ranks(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "trained 2 steps, loss" in res.stdout
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.timeout(600)
+def test_on_policy_ddp_two_ranks_two_micro_batches(saved):
+    """lmbda = 1: every micro-batch is completed by the student on its rank; each micro-batch
+    weighs as its own token mean, over the accumulation and the ranks."""
+    distill = {**HP, "lmbda": 1.0, "max_new_tokens": 4}
+    result = _torchrun(saved, "ddp", "--accum=2", distill=distill, data="prompted.pt")
+    batches = [{k: v.cpu() for k, v in b.items()} for rank in result["batches"] for b in rank]
+    assert len(batches) == 2 * NPROC
+    prompts = sorted(tuple(e["input_ids"][:3].tolist()) for e in _examples())
+    assert sorted(tuple(ids[:3].tolist()) for b in batches for ids in b["input_ids"]) == prompts
+    for b in batches:
+        assert bool((b["labels"][:, :3] == -100).all())  # the prompt never counts
+        assert b["input_ids"].shape[1] <= 3 + 4
+    student, teacher = _load(saved)
+    start = {n: p.detach().double().clone() for n, p in student.named_parameters()}
+    ref = _reference(student, teacher, batches, per_micro_batch=True)
+    torch.testing.assert_close(
+        torch.tensor(result["loss"]).double(), ref.detach(), rtol=1e-5, atol=0
+    )
+    for n, p in student.named_parameters():
+        step = start[n] - result["params"][n].double()
+        torch.testing.assert_close(step, p.grad, rtol=2e-4, atol=2e-7, msg=n)
+    assert result["log"]["distill/on_policy_share"] == 1.0
