@@ -46,11 +46,32 @@ LR = 3e-3
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("llm demo")
-    g.add_argument("--llm-steps", type=int, default=150, help="student steps per run (default 150)")
-    g.add_argument("--llm-teacher-steps", type=int, default=400, help="teacher steps (default 400)")
+    g.add_argument(
+        "--llm-steps",
+        type=int,
+        default=None,
+        help="student steps per run (default 150; 100 on-policy)",
+    )
+    g.add_argument(
+        "--llm-teacher-steps", type=int, default=None, help="teacher steps (default 400)"
+    )
+    g.add_argument(
+        "--llm-mode",
+        choices=("offline", "on-policy"),
+        default="offline",
+        help="offline: ce / kd / ikl students and top-k errors (default); on-policy: forward KL, "
+        "reverse KL, JSD(0.5) and IKL students, trained off-policy and on-policy",
+    )
+    g.add_argument(
+        "--quick", action="store_true", help="on-policy mode: 40 student steps, 150 teacher steps"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "llm_mode", "offline") == "on-policy":
+        from dkl.demos import llm_onpolicy
+
+        return llm_onpolicy.run_demo(args)
     return run_demo(args)
 
 
@@ -217,8 +238,8 @@ def run_demo(args) -> int:
     ``<out>/summary.json``, ``results.md`` and ``results.png``."""
     out = Path(args.out)
     seeds = args.seeds
-    steps = getattr(args, "llm_steps", 150)
-    teacher_steps = getattr(args, "llm_teacher_steps", 400)
+    steps = getattr(args, "llm_steps", None) or 150
+    teacher_steps = getattr(args, "llm_teacher_steps", None) or 400
     t0 = time.time()
     train_text, val_text = stdlib_docstrings()
     tok = _tokenizer(train_text)

@@ -11,6 +11,7 @@
 """
 
 from dkl.llm.fused import FusedLinearIKLLoss, fused_linear_ikl, fused_linear_kl, valid_token_mask
+from dkl.llm.onpolicy import generate_completions, prompts_from_labels
 from dkl.llm.sharded import (
     call_output_head,
     deepspeed_inference_engine,
@@ -31,6 +32,8 @@ __all__ = [
     "fused_linear_ikl",
     "fused_linear_kl",
     "gathered_output_head",
+    "generate_completions",
+    "prompts_from_labels",
     "topk_ikl_loss",
     "topk_kl_loss",
     "topk_logprobs",

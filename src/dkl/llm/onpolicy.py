@@ -14,6 +14,7 @@ completion only. Any sampler can stand in for the model's ``generate`` through `
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -44,7 +45,9 @@ def prompts_from_labels(
             f"Expected labels of the input ids' shape {tuple(input_ids.shape)}, got "
             f"{tuple(labels.shape)}"
         )
-    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask
+    mask = (
+        torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask
+    )
     prompts = []
     for row in range(input_ids.shape[0]):
         counted = (labels[row] != ignore_index).nonzero()
@@ -95,7 +98,9 @@ def generate_completions(
         raise ValueError("Expected at least one prompt")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"Expected max_new_tokens a positive int, got {max_new_tokens!r}")
-    if not (temperature >= 0 and temperature == temperature):
+    if not (
+        isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0
+    ):
         raise ValueError(f"Expected temperature >= 0, got {temperature}")
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     t0 = time.perf_counter()
