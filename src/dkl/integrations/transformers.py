@@ -20,13 +20,22 @@ With TRL's data pipeline (chat templates, packing, completion-only labels), mix 
 into its trainer: ``IKLSFTTrainer = with_distillation(trl.SFTTrainer)``.
 
 What the loss step does (:meth:`DistillationMixin.compute_loss`): one forward of the student and
-one of the teacher (no gradient) with ``output_hidden_states=True`` and ``logits_to_keep=1``, so no
-model forms its ``(N, V)`` logits; then :func:`dkl.llm.fused_linear_ikl` (or ``_kl``) on the last
-hidden states and the output heads (gathered first under FSDP / DeepSpeed ZeRO-3, see
-:func:`dkl.llm.gathered_output_head`). Position ``i`` predicts token ``i + 1``; tokens whose label
-is ``-100`` are left out. Logit soft-capping (Gemma-2's ``final_logit_softcapping``) and scaling
-(Cohere's ``logit_scale``, Granite's ``logits_scaling``) are read from each model's config and
-applied inside the chunks, so the loss is that of the logits the models actually produce.
+one of the teacher (no gradient) with ``output_hidden_states=True``, the head applied to the last
+position only, so no model forms its ``(N, V)`` logits (PEFT / LoRA students included); then
+the chosen divergence (:func:`dkl.llm.fused_linear_divergence`) on the last hidden states and the
+output heads, run as the student head's forward (:func:`dkl.llm.call_output_head`), so under
+DeepSpeed ZeRO-3 the engine gathers the head for forward and backward and its gradient reaches the
+partitioned parameter. The teacher is prepared like the student: a ZeRO-3 inference engine, or
+sharded with FSDP2 (``fully_shard``), else moved to the student's device. Position ``i`` predicts
+token ``i + 1``; tokens whose label is ``-100`` are left out. Logit soft-capping (Gemma-2's
+``final_logit_softcapping``) and scaling (Cohere's ``logit_scale``, Granite's ``logits_scaling``)
+are read from each model's config and applied inside the chunks, so the loss is that of the
+logits the models actually produce.
+
+On-policy distillation: ``DistillationArguments(lmbda=...)`` completes a micro-batch's prompts
+with the student's samples with probability ``lmbda``, ``seq_kd=True`` with the teacher's; see
+:class:`DistillationArguments`. ``generate_fn`` (a keyword of the trainer) hands the student's
+sampling to another engine, e.g. vLLM.
 
 Gradient accumulation: the summed loss of a micro-batch is divided by ``num_items_in_batch``, the
 Trainer's count of valid tokens over all micro-batches of the optimiser step (and all devices,
