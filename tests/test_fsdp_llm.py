@@ -137,20 +137,9 @@ def _has_transformers() -> bool:
 
 
 def _hf_llama(vocab: int, hidden: int, layers: int, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from llm_helpers import tiny_llama
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(vocab, hidden, layers, seed)
 
 
 def _check_hf_teacher(rank: int) -> None:

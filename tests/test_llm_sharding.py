@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from llm_helpers import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -42,20 +43,7 @@ CUDA = torch.cuda.is_available()
 
 
 def _llama(vocab, hidden, layers, seed):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(vocab, hidden, layers, seed)
 
 
 def _examples(n=8, length=9, seed=0):
@@ -91,27 +79,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(saved: Path, engine: str, *extra: str, distill: dict = HP, data="data.pt") -> dict:
-    out = saved / f"{engine}{len(os.listdir(saved))}.pt"
-    cmd = [
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    if not CUDA:
+        env["DS_ACCELERATOR"] = "cpu"
+    return subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=400)
+
+
+def _launch(script: Path, *args: str) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={NPROC}",
         f"--master_port={_free_port()}",
-        str(WORKER),
+        str(script),
+        *args,
+    ]
+
+
+def _torchrun(saved: Path, engine: str, *extra: str, distill: dict = HP, data="data.pt") -> dict:
+    out = saved / f"{engine}{len(os.listdir(saved))}.pt"
+    cmd = _launch(
+        WORKER,
         f"--models={saved / 'models'}",
         f"--data={saved / data}",
         f"--out={out}",
         f"--engine={engine}",
         f"--distill={json.dumps(distill)}",
         *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    if not CUDA:
-        env["DS_ACCELERATOR"] = "cpu"
-    res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=400)
+    )
+    res = _run(cmd)
     if res.returncode != 0:
         errors = [ln for ln in res.stdout.splitlines() + res.stderr.splitlines() if "Error" in ln]
         pytest.fail(f"{engine} run failed (exit {res.returncode}):\n" + "\n".join(errors[-15:]))
@@ -248,22 +247,7 @@ def test_lora_zero3_example_on_two_ranks(tmp_path):
     pytest.importorskip("deepspeed")
     pytest.importorskip("peft")
     script = Path(__file__).parents[1] / "examples" / "distill_lora_zero3.py"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={NPROC}",
-        f"--master_port={_free_port()}",
-        str(script),
-        "--tiny",
-        "--max-steps=2",
-        f"--out={tmp_path / 'lora'}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    if not CUDA:
-        env["DS_ACCELERATOR"] = "cpu"
-    res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=400)
+    res = _run(_launch(script, "--tiny", "--max-steps=2", f"--out={tmp_path / 'lora'}"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "trained 2 steps, loss" in res.stdout
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()

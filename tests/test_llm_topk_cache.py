@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from llm_helpers import tiny_llama
 
 from dkl.llm import TopKCache, TopKCacheError, TopKCollator
 
@@ -25,20 +26,7 @@ V = 24
 
 
 def _llama(hidden, seed):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=V,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(V, hidden, 1, seed).eval()
 
 
 def _examples():
