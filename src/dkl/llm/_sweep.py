@@ -59,7 +59,7 @@ def _sweep(
         "grad_h": torch.zeros_like(hs) if need_h else None,
         # accumulated in the weight's dtype, like one matmul over all tokens (rounded per chunk)
         "grad_w": torch.zeros_like(ws) if need_w else None,
-        "grad_b": torch.zeros(V, device=dev, dtype=torch.float32) if need_b else None,
+        "grad_b": torch.zeros(V, device=dev, dtype=cdt) if need_b else None,
         "empty_rows": torch.zeros((), device=dev, dtype=torch.long),
         "unbounded_rows": torch.zeros((), device=dev, dtype=torch.long),
     }
@@ -116,7 +116,7 @@ def _sweep(
         if need_w:
             out["grad_w"].addmm_(g_lin.t().to(ws.dtype), h.to(ws.dtype))
         if need_b:
-            out["grad_b"] += g.float().sum(0)
+            out["grad_b"] += g.sum(0)
         del g, g_lin, res
     return out
 
@@ -156,11 +156,12 @@ class _FusedLinear(torch.autograd.Function):
     def forward(ctx, s_hidden, s_weight, s_bias, teacher, labels, valid, cfg):
         N = s_hidden.shape[0]
         per_token = cfg["reduction"] == "none"
+        sdt = torch.float64 if s_hidden.dtype == torch.float64 else torch.float32
         if cfg["reduction"] == "mean":
             count = valid.sum() if valid is not None else torch.tensor(N, device=s_hidden.device)
-            scale = 1.0 / count.clamp_min(1).to(torch.float32)  # all ignored: loss and grads 0
+            scale = 1.0 / count.clamp_min(1).to(sdt)  # all ignored: loss and grads 0
         else:
-            scale = torch.ones((), device=s_hidden.device, dtype=torch.float32)
+            scale = torch.ones((), device=s_hidden.device, dtype=sdt)
         need = ctx.needs_input_grad[:3]
         out = _sweep(
             s_hidden,
