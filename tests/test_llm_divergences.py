@@ -366,6 +366,22 @@ def test_reverse_kl_where_both_mask_a_class_leaves_it_out():
         torch.testing.assert_close(got, torch.where(mask, _rows(kind, zs, zt, 1.0, beta), 0.0))
 
 
+def test_jsd_where_only_the_student_masks_a_class():
+    """q = 0 < p on a class: m = beta p there, KL(p || m) gets p log(1 / beta), finite. The
+    oracle takes the limit: a student logit of -1e4, whose probability is 0 in float64."""
+    p = _problem(seed=23)
+    with torch.no_grad():
+        p["bs"][5] = -1e4
+    ref = _reference(p, "jsd", T=1.0, beta=0.5)
+    with torch.no_grad():
+        p["bs"][5] = -INF
+    loss = _call("jsd", p, beta=0.5, temperature=1.0, chunk_size=4)
+    loss.backward()
+    assert torch.isfinite(loss)
+    _assert_close(p, loss, ref)
+    assert torch.all(p["ws"].grad[5] == 0)
+
+
 # ------------------------------------------------------------------------------- top-k teachers
 def _topk_problem(k, seed=16):
     p = _problem(seed=seed)
@@ -429,6 +445,18 @@ def test_reverse_kl_refuses_only_the_counted_tokens_without_full_support():
     with pytest.raises(ValueError, match=r"got 1 token\(s\) with a -inf teacher logit"):
         fused_linear_reverse_kl(p["hs"], p["ws"], temperature=1.0, labels=labels,
                                 teacher_topk=(idx, val))  # fmt: skip
+
+
+def test_reverse_kl_refuses_a_uniform_tail_without_missing_mass():
+    """Top-k log-probabilities that already sum to 1 leave the tail probability 0."""
+    p, idx, val = _topk_problem(4)
+    val = val.log_softmax(1)  # the teacher renormalised to its top-4: no mass left
+    with pytest.raises(ValueError, match=r"got \d+ token\(s\) with a -inf teacher logit"):
+        fused_linear_reverse_kl(p["hs"], p["ws"], temperature=1.0, teacher_topk=(idx, val),
+                                topk_tail="uniform")  # fmt: skip
+    loss = fused_linear_jsd(p["hs"], p["ws"], beta=0.5, temperature=1.0,
+                            teacher_topk=(idx, val), topk_tail="uniform")  # fmt: skip
+    assert torch.isfinite(loss)
 
 
 @pytest.mark.parametrize(
@@ -500,6 +528,9 @@ def test_registry_errors_name_the_kind_and_the_allowed_keys():
         fused_linear_divergence("jsd", *args, alpha=1.0, temperature=1.0)
     with pytest.raises(TypeError, match="temperature"):
         fused_linear_divergence("reverse_kl", *args)
+    for bad in (None, "JSD", "reverse-kl"):
+        with pytest.raises(ValueError, match="Unknown divergence"):
+            fused_linear_divergence(bad, *args, temperature=1.0)
 
 
 # ------------------------------------------------------------------------------- bad input

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 DIVERGENCES = ("ikl", "kl", "reverse_kl", "jsd")
+"""The divergences of the chunked losses by name: IKL, forward KL, reverse KL, generalised JSD."""
 KERNEL_KINDS = ("ikl", "kl")  # the ones the fused Triton kernel of dkl.ops computes
 TAILS = ("renormalize", "uniform")
 

@@ -57,14 +57,14 @@ __all__ = [
     "valid_token_mask",
 ]
 
-#: The hyper-parameters each divergence takes (the rest of the arguments are shared). ``beta`` is
-#: IKL's wMSE weight for ``"ikl"`` and the mixture weight for ``"jsd"``.
 DIVERGENCE_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
     "ikl": ("alpha", "beta", "temperature", "weight_temperature"),
     "kl": ("temperature",),
     "reverse_kl": ("temperature",),
     "jsd": ("beta", "temperature"),
 }
+"""The hyper-parameters each divergence takes (the other arguments are shared). ``beta`` is IKL's
+wMSE weight for ``"ikl"`` and the mixture weight for ``"jsd"``."""
 
 
 # ------------------------------------------------------------------------------- entry points
@@ -514,7 +514,7 @@ def fused_linear_divergence(
         >>> bool(torch.allclose(a, fused_linear_kl(hs, ws, ht, wt, temperature=2.0)))
         True
     """
-    if kind not in _BY_KIND:
+    if not isinstance(kind, str) or kind not in _BY_KIND:
         raise ValueError(f"Unknown divergence {kind!r}: expected one of {DIVERGENCES}")
     allowed = DIVERGENCE_HYPERPARAMETERS[kind]
     unknown = sorted(k for k in kwargs if k not in allowed and k not in _SHARED)
