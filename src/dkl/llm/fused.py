@@ -2,14 +2,15 @@ r"""Token-level distillation for language models without materialising the (N, V
 
 :func:`fused_linear_ikl`, :func:`fused_linear_kl`, :func:`fused_linear_reverse_kl` and
 :func:`fused_linear_jsd` (or :func:`fused_linear_divergence` with the kind's name, one of
-:data:`DIVERGENCES`) take the last hidden states and the output-head weights of a student, and a teacher given either the same way (hidden states + head)
-or as its top-k logits / log-probabilities (``teacher_topk=(indices, values)``). They walk over the
-tokens in chunks: per chunk they compute both logits, the loss (and, when asked, a hard-label
-cross-entropy) and the gradient with respect to the student's chunk of logits, then turn that
-gradient into the gradients of the student's hidden states, head weight and bias at once. Only
-one chunk of logits lives at a time; with ``reduction="mean"`` / ``"sum"`` the backward pass
-merely scales the stored gradients. ``reduction="none"`` returns per-token losses and recomputes
-the chunks in backward (the per-token upstream gradients are known only then).
+:data:`DIVERGENCES`) take the last hidden states and the output-head weights of a student, and a
+teacher given either the same way (hidden states + head) or as its top-k logits / log-probabilities
+(``teacher_topk=(indices, values)``). They walk over the tokens in chunks: per chunk they compute
+both logits, the loss (and, when asked, a hard-label cross-entropy) and the gradient with respect to
+the student's chunk of logits, then turn that gradient into the gradients of the student's hidden
+states, head weight and bias at once. Only one chunk of logits lives at a time; with
+``reduction="mean"`` / ``"sum"`` the backward pass merely scales the stored gradients.
+``reduction="none"`` returns per-token losses and recomputes the chunks in backward (the per-token
+upstream gradients are known only then).
 
 Per chunk the loss is computed in closed form in float32 (float64 for float64 inputs); on CUDA
 the fused Triton kernel of :mod:`dkl.ops` can serve the divergence part of IKL and KL (``impl``).
@@ -114,12 +115,12 @@ def _fused_linear(
             f"impl='triton' computes {' and '.join(KERNEL_KINDS)} only, got kind {kind!r}: use "
             "impl='torch' or 'auto' (which runs torch for it)"
         )
+    # beta: the JSD's mixture weight in [0, 1], IKL's wMSE weight (>= 0) otherwise
+    beta = _check_mixture(beta) if kind == "jsd" else _check_weight("beta", beta, positive=False)
     cfg = {
         "kind": kind,
         "alpha": _check_weight("alpha", alpha, positive=False),
-        "beta": _check_mixture(beta)
-        if kind == "jsd"
-        else _check_weight("beta", beta, positive=False),
+        "beta": beta,
         "temperature": _check_weight("temperature", temperature, positive=True),
         "weight_temperature": _check_weight(
             "weight_temperature", weight_temperature, positive=True
