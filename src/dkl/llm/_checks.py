@@ -58,6 +58,20 @@ def _check_weight(name: str, value: Any, *, positive: bool) -> float:
     return v
 
 
+def _check_mixture(value: Any) -> float:
+    """The JSD's mixture weight: a float in [0, 1]."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"Expected beta a number, got {type(value).__name__}") from None
+    if not 0.0 <= v <= 1.0:  # NaN fails too
+        raise ValueError(
+            f"Expected beta in [0, 1] (the JSD's mixture weight: 0 = forward KL, 1 = reverse KL), "
+            f"got {value}"
+        )
+    return v
+
+
 def _use_kernel(impl: str, logits: Tensor) -> bool:
     if impl == "torch":
         return False

@@ -9,7 +9,11 @@ a class outside a top-k teacher) has probability 0. It contributes 0 to the KL
 (:math:`0 \log 0 = 0`), 0 to the soft-label CE, and has weight 0 in IKL's wMSE, where its
 difference :math:`e_j = z_{t,j} - z_{s,j} = -\infty` is dropped instead of multiplied
 (:math:`0 \cdot \infty` would be NaN). A class whose weight underflows to 0 drops out the same way,
-which changes nothing: its term was 0.
+which changes nothing: its term was 0. In the JSD the mixture :math:`m = \beta p + (1-\beta) q`
+is > 0 wherever :math:`p` or :math:`q` is, so both of its KL terms stay finite. The reverse KL
+:math:`\sum_j q_j \log(q_j / p_j)` is :math:`+\infty` when :math:`p_j = 0 < q_j`:
+:func:`unbounded_rows` finds those tokens and the callers refuse them (a finite stand-in such as
+clamping :math:`\log p_j` would be a number that depends on the float type, not the divergence).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-KINDS = ("ikl", "kl")
+DIVERGENCES = ("ikl", "kl", "reverse_kl", "jsd")
+"""The divergences of the chunked losses by name: IKL, forward KL, reverse KL, generalised JSD."""
+KERNEL_KINDS = ("ikl", "kl")  # the ones the fused Triton kernel of dkl.ops computes
 TAILS = ("renormalize", "uniform")
 
 
@@ -69,6 +75,31 @@ class ChunkResult:
     parts: dict[str, Tensor]  # name -> (n,) unweighted parts, 0 for ignored tokens
 
 
+def effective_kind(kind: str, beta: float) -> str:
+    """The JSD at ``beta`` 0 / 1 is forward / reverse KL exactly (as TRL's ``GKDTrainer`` has it:
+    the mixture formula would give 0 there)."""
+    if kind == "jsd" and beta in (0.0, 1.0):
+        return "kl" if beta == 0.0 else "reverse_kl"
+    return kind
+
+
+def unbounded_rows(zs: Tensor, zt: Tensor, kind: str, beta: float) -> Tensor | None:
+    """``(n,)`` bool: tokens whose reverse KL is ``+inf`` (a class with a ``-inf`` teacher logit and
+    a finite student one); ``None`` for the divergences that are finite there."""
+    if effective_kind(kind, beta) != "reverse_kl":
+        return None
+    return ((zt == -math.inf) & (zs > -math.inf)).any(1)
+
+
+def unbounded_error(count: int) -> ValueError:
+    return ValueError(
+        "Expected a teacher that gives every class probability > 0 for the reverse KL (jsd with "
+        f"beta = 1), got {count} token(s) with a -inf teacher logit where the student's is "
+        "finite: the reverse KL is +inf there. A top-k teacher needs topk_tail='uniform' (with "
+        "missing mass > 0); or use jsd with beta < 1, or the forward KL"
+    )
+
+
 def divergence_rows(
     zs: Tensor,
     zt: Tensor,
@@ -80,21 +111,36 @@ def divergence_rows(
     weight_temperature: float,
     need_grad: bool,
 ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
-    r"""IKL or KL per row of ``(n, V)`` logits and the gradient w.r.t. ``zs``.
+    r"""A divergence per row of ``(n, V)`` logits and its gradient w.r.t. ``zs``.
 
-    IKL: :math:`\beta\,\tfrac12 W \sum_j w_j (e_j - \bar e)^2 - \alpha \sum_j p_j \log q_j` with
-    :math:`e = z_t - z_s`, :math:`w = \sigma(z_t/T_2)`, :math:`p = \sigma(z_t/T)`,
-    :math:`q = \sigma(z_s/T)`; gradient :math:`-\beta W w (e - \bar e) + \tfrac{\alpha}{T}(q - p)`.
-    KL: :math:`\sum_j p_j(\log p_j - \log q_j)`; gradient :math:`\tfrac1T (q - p)`.
+    With :math:`p = \sigma(z_t/T)`, :math:`q = \sigma(z_s/T)`:
+
+    - IKL: :math:`\beta\,\tfrac12 W \sum_j w_j (e_j - \bar e)^2 - \alpha \sum_j p_j \log q_j`
+      with :math:`e = z_t - z_s`, :math:`w = \sigma(z_t/T_2)`; gradient
+      :math:`-\beta W w (e - \bar e) + \tfrac{\alpha}{T}(q - p)`.
+    - KL: :math:`\sum_j p_j(\log p_j - \log q_j)`; gradient :math:`\tfrac1T (q - p)`.
+    - reverse KL: :math:`\sum_j q_j d_j` with :math:`d = \log q - \log p`; gradient
+      :math:`\tfrac1T\, q \odot (d - \langle q, d\rangle)`.
+    - JSD (``beta`` is its mixture weight, not IKL's): with :math:`m = \beta p + (1-\beta) q`,
+      :math:`\beta\,\mathrm{KL}(p\|m) + (1-\beta)\,\mathrm{KL}(q\|m)`; gradient
+      :math:`\tfrac{1-\beta}{T}\, q \odot (r - \langle q, r\rangle)` with
+      :math:`r = \log q - \log m`. ``beta`` 0 / 1 give the KL / reverse KL rows.
+
+    The parts are named ``wmse`` and ``sce`` (IKL) or after the kind (``kl``, ``rkl``, ``jsd``).
     """
     inv_t = 1.0 / temperature
-    log_q = F.log_softmax(zs * inv_t if temperature != 1.0 else zs, dim=1)
-    log_p = F.log_softmax(zt * inv_t if temperature != 1.0 else zt, dim=1)
+    name = {"kl": "kl", "reverse_kl": "rkl", "jsd": "jsd"}.get(kind)
+    kind = effective_kind(kind, beta)
+    if kind == "reverse_kl":
+        return _reverse_kl_rows(zs, zt, inv_t, name, need_grad)
+    if kind == "jsd":
+        return _jsd_rows(zs, zt, beta, inv_t, need_grad)
+    log_q, log_p = _log_softmax(zs, inv_t), _log_softmax(zt, inv_t)
     p = log_p.exp()
     if kind == "kl":
         d = (log_p - log_q).masked_fill_(p == 0, 0.0)  # 0 · log 0 = 0
         rows = _rowdot(p, d)
-        parts = {"kl": rows}
+        parts = {name: rows}
         if not need_grad:
             return rows, None, parts
         return rows, log_q.exp_().sub_(p).mul_(inv_t), parts
@@ -117,6 +163,47 @@ def divergence_rows(
     grad = log_q.exp_().sub_(p).mul_(alpha * inv_t)
     grad.sub_(wc.mul_((beta * total).unsqueeze(1)))
     return rows, grad, parts
+
+
+def _log_softmax(z: Tensor, inv_t: float) -> Tensor:
+    return F.log_softmax(z * inv_t if inv_t != 1.0 else z, dim=1)
+
+
+def _reverse_kl_rows(zs, zt, inv_t, name, need_grad):
+    r""":math:`\mathrm{KL}(q\|p)` per row; classes with :math:`q_j = 0` drop out (0 log 0 = 0).
+    Three ``(n, V)`` buffers at most. Rows with :math:`p_j = 0 < q_j` come out ``inf`` / NaN: the
+    callers refuse them (:func:`unbounded_rows`)."""
+    log_q, log_p = _log_softmax(zs, inv_t), _log_softmax(zt, inv_t)
+    q = log_q.exp()
+    d = log_q.sub_(log_p).masked_fill_(q == 0, 0.0)
+    del log_p
+    rows = _rowdot(q, d)
+    parts = {name: rows}
+    if not need_grad:
+        return rows, None, parts
+    return rows, d.sub_(rows.unsqueeze(1)).mul_(q).mul_(inv_t), parts
+
+
+def _jsd_rows(zs, zt, beta, inv_t, need_grad):
+    """The JSD for ``0 < beta < 1``, the mixture in log space (no underflow of :math:`m`); four
+    ``(n, V)`` buffers at most."""
+    log_q, log_p = _log_softmax(zs, inv_t), _log_softmax(zt, inv_t)
+    log_m = log_p + math.log(beta)
+    other = log_q + math.log1p(-beta)
+    torch.logaddexp(log_m, other, out=log_m)
+    del other
+    p = log_p.exp()
+    kl_pm = _rowdot(p, log_p.sub_(log_m).masked_fill_(p == 0, 0.0))
+    del p, log_p
+    q = log_q.exp()
+    r = log_q.sub_(log_m).masked_fill_(q == 0, 0.0)
+    del log_m
+    kl_qm = _rowdot(q, r)
+    rows = beta * kl_pm + (1.0 - beta) * kl_qm
+    parts = {"jsd": rows}
+    if not need_grad:
+        return rows, None, parts
+    return rows, r.sub_(kl_qm.unsqueeze(1)).mul_(q).mul_((1.0 - beta) * inv_t), parts
 
 
 def ce_rows(zs: Tensor, labels: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:

@@ -16,7 +16,15 @@ from torch import Tensor
 
 from dkl import ops
 from dkl.llm._checks import _use_kernel
-from dkl.llm._chunk import ChunkResult, LogitTransform, ce_rows, chunk_loss
+from dkl.llm._chunk import (
+    KERNEL_KINDS,
+    ChunkResult,
+    LogitTransform,
+    ce_rows,
+    chunk_loss,
+    unbounded_error,
+    unbounded_rows,
+)
 
 
 def _sweep(
@@ -36,8 +44,8 @@ def _sweep(
 
     ``row_scale`` ``(N,)`` multiplies each token's gradient (``None``: no gradients at all).
     Returns the summed loss, optionally the ``(N,)`` per-token losses, the summed parts, the
-    gradients asked for in ``need`` (hidden, weight, bias) and the count of valid tokens whose
-    teacher logits are all ``-inf``.
+    gradients asked for in ``need`` (hidden, weight, bias), the count of valid tokens whose
+    teacher logits are all ``-inf`` and that of valid tokens whose reverse KL is ``+inf``.
     """
     N, V = hs.shape[0], ws.shape[0]
     dev = hs.device
@@ -51,8 +59,9 @@ def _sweep(
         "grad_h": torch.zeros_like(hs) if need_h else None,
         # accumulated in the weight's dtype, like one matmul over all tokens (rounded per chunk)
         "grad_w": torch.zeros_like(ws) if need_w else None,
-        "grad_b": torch.zeros(V, device=dev, dtype=torch.float32) if need_b else None,
+        "grad_b": torch.zeros(V, device=dev, dtype=cdt) if need_b else None,
         "empty_rows": torch.zeros((), device=dev, dtype=torch.long),
+        "unbounded_rows": torch.zeros((), device=dev, dtype=torch.long),
     }
     s_tf: LogitTransform = cfg["student_transform"]
     loss_kw = {k: cfg[k] for k in ("alpha", "beta", "temperature", "weight_temperature")}
@@ -66,8 +75,17 @@ def _sweep(
         y = labels[start:end] if labels is not None else None
         empty = zt.amax(1) == -math.inf
         out["empty_rows"] += (empty & mask).sum() if mask is not None else empty.sum()
+        unbounded = unbounded_rows(zs, zt, cfg["kind"], cfg["beta"])
+        if unbounded is not None:
+            out["unbounded_rows"] += (
+                (unbounded & mask).sum() if mask is not None else unbounded.sum()
+            )
         if use_kernel is None:
-            use_kernel = _use_kernel(cfg["impl"], zs) and cdt == torch.float32
+            use_kernel = (
+                cfg["kind"] in KERNEL_KINDS
+                and _use_kernel(cfg["impl"], zs)
+                and cdt == torch.float32
+            )
         if use_kernel:
             res = _kernel_chunk(zs, zt, y, mask, cfg, loss_kw, any_grad)
         else:
@@ -98,7 +116,7 @@ def _sweep(
         if need_w:
             out["grad_w"].addmm_(g_lin.t().to(ws.dtype), h.to(ws.dtype))
         if need_b:
-            out["grad_b"] += g.float().sum(0)
+            out["grad_b"] += g.sum(0)
         del g, g_lin, res
     return out
 
@@ -119,13 +137,16 @@ def _kernel_chunk(zs, zt, labels, mask, cfg, loss_kw, need_grad):
     return ChunkResult(rows, g if need_grad else None, parts)
 
 
-def _raise_empty(empty_rows: Tensor) -> None:
-    n = int(empty_rows)
+def _raise_bad_rows(out: dict) -> None:
+    n = int(out["empty_rows"])
     if n:
         raise ValueError(
             f"Expected teacher logits with at least one finite entry per token, got {n} "
             "token(s) whose teacher logits are all -inf (no class has probability > 0)"
         )
+    n = int(out["unbounded_rows"])
+    if n:
+        raise unbounded_error(n)
 
 
 class _FusedLinear(torch.autograd.Function):
@@ -135,11 +156,12 @@ class _FusedLinear(torch.autograd.Function):
     def forward(ctx, s_hidden, s_weight, s_bias, teacher, labels, valid, cfg):
         N = s_hidden.shape[0]
         per_token = cfg["reduction"] == "none"
+        sdt = torch.float64 if s_hidden.dtype == torch.float64 else torch.float32
         if cfg["reduction"] == "mean":
             count = valid.sum() if valid is not None else torch.tensor(N, device=s_hidden.device)
-            scale = 1.0 / count.clamp_min(1).to(torch.float32)  # all ignored: loss and grads 0
+            scale = 1.0 / count.clamp_min(1).to(sdt)  # all ignored: loss and grads 0
         else:
-            scale = torch.ones((), device=s_hidden.device, dtype=torch.float32)
+            scale = torch.ones((), device=s_hidden.device, dtype=sdt)
         need = ctx.needs_input_grad[:3]
         out = _sweep(
             s_hidden,
@@ -153,7 +175,7 @@ class _FusedLinear(torch.autograd.Function):
             need=need,
             keep_rows=per_token,
         )
-        _raise_empty(out["empty_rows"])
+        _raise_bad_rows(out)
         if cfg["parts_out"] is not None:
             cfg["parts_out"].update({k: (v * scale).detach() for k, v in out["parts"].items()})
         ctx.cfg, ctx.teacher = cfg, teacher
@@ -190,8 +212,9 @@ class _FusedLinear(torch.autograd.Function):
             return (out["grad_h"], out["grad_w"], grad_b, *nones)
         if ctx.used:
             raise RuntimeError(
-                "fused_linear_ikl computes its gradients in forward and scales them in place in "
-                "backward, so its backward can run only once (no retain_graph through it)"
+                "the fused dkl.llm losses compute their gradients in forward and scale them in "
+                "place in backward, so their backward can run only once (no retain_graph through "
+                "them)"
             )
         ctx.used = True
         grad_h, grad_w, grad_b = ctx.saved_tensors

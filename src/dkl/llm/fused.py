@@ -1,17 +1,19 @@
-r"""Token-level IKL / KL distillation for language models without materialising the (N, V) logits.
+r"""Token-level distillation for language models without materialising the (N, V) logits.
 
-:func:`fused_linear_ikl` and :func:`fused_linear_kl` take the last hidden states and the
-output-head weights of a student, and a teacher given either the same way (hidden states + head)
-or as its top-k logits / log-probabilities (``teacher_topk=(indices, values)``). They walk over the
-tokens in chunks: per chunk they compute both logits, the loss (and, when asked, a hard-label
-cross-entropy) and the gradient with respect to the student's chunk of logits, then turn that
-gradient into the gradients of the student's hidden states, head weight and bias at once. Only
-one chunk of logits lives at a time; with ``reduction="mean"`` / ``"sum"`` the backward pass
-merely scales the stored gradients. ``reduction="none"`` returns per-token losses and recomputes
-the chunks in backward (the per-token upstream gradients are known only then).
+:func:`fused_linear_ikl`, :func:`fused_linear_kl`, :func:`fused_linear_reverse_kl` and
+:func:`fused_linear_jsd` (or :func:`fused_linear_divergence` with the kind's name, one of
+:data:`DIVERGENCES`) take the last hidden states and the output-head weights of a student, and a
+teacher given either the same way (hidden states + head) or as its top-k logits / log-probabilities
+(``teacher_topk=(indices, values)``). They walk over the tokens in chunks: per chunk they compute
+both logits, the loss (and, when asked, a hard-label cross-entropy) and the gradient with respect to
+the student's chunk of logits, then turn that gradient into the gradients of the student's hidden
+states, head weight and bias at once. Only one chunk of logits lives at a time; with
+``reduction="mean"`` / ``"sum"`` the backward pass merely scales the stored gradients.
+``reduction="none"`` returns per-token losses and recomputes the chunks in backward (the per-token
+upstream gradients are known only then).
 
 Per chunk the loss is computed in closed form in float32 (float64 for float64 inputs); on CUDA
-the fused Triton kernel of :mod:`dkl.ops` can serve the divergence part (``impl``).
+the fused Triton kernel of :mod:`dkl.ops` can serve the divergence part of IKL and KL (``impl``).
 
 Vocabulary rule: the teacher's vocabulary may be larger than the student's. The teacher's logits
 are then cut to the student's first ``V`` columns (its first ``V`` head rows), which is right when
@@ -21,7 +23,10 @@ than the student's is an error. Different hidden sizes are fine.
 
 Zero-probability classes: ``-inf`` teacher logits (a ``-inf`` teacher bias masking padded
 vocabulary entries, or the classes outside a top-k teacher) contribute 0 to the KL and have weight
-0 in the wMSE, never ``0 · inf = NaN``. A token whose teacher logits are all ``-inf`` is an error.
+0 in the wMSE, never ``0 · inf = NaN``; the JSD's mixture keeps both of its terms finite. The
+reverse KL is ``+inf`` where the teacher gives a class probability 0 that the student does not, so
+such tokens are an error for it (and for the JSD with ``beta = 1``), as is a token whose teacher
+logits are all ``-inf`` for every divergence.
 """
 
 from __future__ import annotations
@@ -32,20 +37,35 @@ from dkl.llm._checks import (
     IMPLS,
     REDUCTIONS,
     _check_linear,
+    _check_mixture,
     _check_weight,
     _flatten_tokens,
     valid_token_mask,
 )
-from dkl.llm._chunk import LogitTransform
+from dkl.llm._chunk import DIVERGENCES, KERNEL_KINDS, LogitTransform, effective_kind
 from dkl.llm._sweep import _FusedLinear
 from dkl.llm._teachers import _dense_teacher, _topk_teacher
 
 __all__ = [
+    "DIVERGENCES",
+    "DIVERGENCE_HYPERPARAMETERS",
     "FusedLinearIKLLoss",
+    "fused_linear_divergence",
     "fused_linear_ikl",
+    "fused_linear_jsd",
     "fused_linear_kl",
+    "fused_linear_reverse_kl",
     "valid_token_mask",
 ]
+
+DIVERGENCE_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
+    "ikl": ("alpha", "beta", "temperature", "weight_temperature"),
+    "kl": ("temperature",),
+    "reverse_kl": ("temperature",),
+    "jsd": ("beta", "temperature"),
+}
+"""The hyper-parameters each divergence takes (the other arguments are shared). ``beta`` is IKL's
+wMSE weight for ``"ikl"`` and the mixture weight for ``"jsd"``."""
 
 
 # ------------------------------------------------------------------------------- entry points
@@ -88,10 +108,19 @@ def _fused_linear(
             f"Expected student_head_weight on {hs.device} (the student's device), "
             f"got {student_head_weight.device}"
         )
+    if impl not in IMPLS:
+        raise ValueError(f"Unknown impl {impl!r}: expected one of {IMPLS}")
+    if impl == "triton" and kind not in KERNEL_KINDS:
+        raise ValueError(
+            f"impl='triton' computes {' and '.join(KERNEL_KINDS)} only, got kind {kind!r}: use "
+            "impl='torch' or 'auto' (which runs torch for it)"
+        )
+    # beta: the JSD's mixture weight in [0, 1], IKL's wMSE weight (>= 0) otherwise
+    beta = _check_mixture(beta) if kind == "jsd" else _check_weight("beta", beta, positive=False)
     cfg = {
         "kind": kind,
         "alpha": _check_weight("alpha", alpha, positive=False),
-        "beta": _check_weight("beta", beta, positive=False),
+        "beta": beta,
         "temperature": _check_weight("temperature", temperature, positive=True),
         "weight_temperature": _check_weight(
             "weight_temperature", weight_temperature, positive=True
@@ -110,6 +139,17 @@ def _fused_linear(
                 "Expected either teacher_hidden + teacher_head_weight or teacher_topk, got both"
             )
         teacher = _topk_teacher(teacher_topk, topk_tail, token_shape, V, hs.device, teacher_tf)
+        k = teacher.indices.shape[1]
+        if (
+            effective_kind(kind, cfg["beta"]) == "reverse_kl"
+            and topk_tail == "renormalize"
+            and k < V
+        ):
+            raise ValueError(
+                f"Expected topk_tail='uniform' for the reverse KL (jsd with beta = 1), got "
+                f"'renormalize' with k = {k} < V = {V}: the classes outside the top-k get "
+                "probability 0, where the reverse KL is +inf; or use jsd with beta < 1"
+            )
     else:
         if teacher_hidden is None or teacher_head_weight is None:
             raise ValueError(
@@ -138,8 +178,6 @@ def _fused_linear(
         raise ValueError(f"Unknown reduction {reduction!r}: expected one of {REDUCTIONS}")
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"Expected chunk_size a positive int, got {chunk_size!r}")
-    if impl not in IMPLS:
-        raise ValueError(f"Unknown impl {impl!r}: expected one of {IMPLS}")
     loss = _FusedLinear.apply(hs, student_head_weight, student_bias, teacher, labels, valid, cfg)
     if reduction == "none":
         loss = loss.reshape(token_shape)
@@ -167,9 +205,10 @@ _SHARED_ARGS_DOC = """
             ``1 / logits_scaling``. The loss is that of the transformed logits, and the gradients
             go through the transform.
         return_parts: also return a dict of the unweighted parts, reduced like the loss
-            (``wmse``, ``sce`` / ``kl``, and ``ce``), detached, for logging.
+            (``wmse`` and ``sce``, or ``kl`` / ``rkl`` / ``jsd``; and ``ce``), detached, for
+            logging.
         impl: divergence per chunk: ``"auto"`` (fused kernel on CUDA when available, else
-            torch), ``"torch"`` or ``"triton"``."""
+            torch), ``"torch"`` or ``"triton"`` (IKL and KL only)."""
 
 
 def fused_linear_ikl(
@@ -289,6 +328,207 @@ def fused_linear_kl(
     )
 
 
+def fused_linear_reverse_kl(
+    student_hidden: Tensor,
+    student_head_weight: Tensor,
+    teacher_hidden: Tensor | None = None,
+    teacher_head_weight: Tensor | None = None,
+    *,
+    temperature: float,
+    chunk_size: int = 1024,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    ce_weight: float = 0.0,
+    reduction: str = "mean",
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    teacher_topk: tuple[Tensor, Tensor] | None = None,
+    topk_tail: str = "renormalize",
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    return_parts: bool = False,
+    impl: str = "auto",
+):
+    r"""Reverse KL :math:`\mathrm{KL}(q \,\|\, p)` per token, chunked, with
+    :math:`q = \sigma(z_s/T)`, :math:`p = \sigma(z_t/T)` (MiniLLM's divergence; no :math:`T^2`).
+
+    .. math::
+
+        \mathrm{RKL}(z_s, z_t) = \sum_j q_j (\log q_j - \log p_j), \qquad
+        \frac{\partial\, \mathrm{RKL}}{\partial z_s} = \tfrac1T\, q \odot (d - \mathrm{RKL}),
+        \quad d = \log q - \log p.
+
+    The same walk over tokens as :func:`fused_linear_ikl` (same arguments, same rules). The
+    reverse KL is :math:`+\infty` where the teacher gives a class probability 0 and the student
+    does not, so a ``-inf`` teacher logit (with a finite student one) on a counted token raises,
+    and so does a top-k teacher with ``topk_tail="renormalize"`` and ``k < V``; use
+    ``topk_tail="uniform"`` (top-k log-probabilities, the missing mass spread over the other
+    classes), or :func:`fused_linear_jsd` with ``beta < 1``, which stays finite. Parts: ``rkl``
+    (and ``ce``). ``impl="triton"`` is refused (the kernel computes IKL and KL only).
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> hs = torch.randn(6, 4, requires_grad=True)
+        >>> ws, ht, wt = torch.randn(20, 4), torch.randn(6, 5), torch.randn(20, 5)
+        >>> loss = fused_linear_reverse_kl(hs, ws, ht, wt, temperature=1.0, chunk_size=4)
+        >>> log_q, log_p = (hs @ ws.T).log_softmax(1), (ht @ wt.T).log_softmax(1)
+        >>> ref = (log_q.exp() * (log_q - log_p)).sum(1).mean()
+        >>> bool(torch.allclose(loss, ref))
+        True
+    """
+    return _fused_linear(
+        "reverse_kl",
+        student_hidden,
+        student_head_weight,
+        teacher_hidden,
+        teacher_head_weight,
+        alpha=1.0,
+        beta=1.0,
+        weight_temperature=1.0,
+        **_kw(locals()),
+    )
+
+
+def fused_linear_jsd(
+    student_hidden: Tensor,
+    student_head_weight: Tensor,
+    teacher_hidden: Tensor | None = None,
+    teacher_head_weight: Tensor | None = None,
+    *,
+    beta: float = 0.5,
+    temperature: float,
+    chunk_size: int = 1024,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    ce_weight: float = 0.0,
+    reduction: str = "mean",
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    teacher_topk: tuple[Tensor, Tensor] | None = None,
+    topk_tail: str = "renormalize",
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    return_parts: bool = False,
+    impl: str = "auto",
+):
+    r"""Generalised Jensen-Shannon divergence per token, chunked, as TRL's ``GKDTrainer`` defines
+    it (Agarwal et al. 2024, "On-Policy Distillation of Language Models", eq. 1).
+
+    With :math:`p = \sigma(z_t/T)` (teacher), :math:`q = \sigma(z_s/T)` (student) and the mixture
+    :math:`m = \beta p + (1 - \beta) q`,
+
+    .. math::
+
+        \mathrm{JSD}_\beta = \beta\, \mathrm{KL}(p \,\|\, m) + (1 - \beta)\,
+        \mathrm{KL}(q \,\|\, m), \qquad
+        \frac{\partial\, \mathrm{JSD}_\beta}{\partial z_s} = \tfrac{1 - \beta}{T}\,
+        q \odot \big(r - \mathrm{KL}(q \,\|\, m)\big), \quad r = \log q - \log m,
+
+    for :math:`0 < \beta < 1` (no :math:`T^2` factor). The formula tends to 0 at both ends
+    (:math:`\mathrm{JSD}_\beta \approx \beta\,\mathrm{KL}(p\|q)` for small :math:`\beta`), so, as in
+    TRL, ``beta = 0`` is the forward KL :math:`\mathrm{KL}(p\|q)` and ``beta = 1`` the reverse
+    KL :math:`\mathrm{KL}(q\|p)` exactly (:func:`fused_linear_kl`,
+    :func:`fused_linear_reverse_kl`): the loss jumps there. ``beta`` must lie in ``[0, 1]``.
+
+    The same walk over tokens as :func:`fused_linear_ikl` (same arguments, same rules). For
+    ``beta < 1`` the mixture gives every class the student or the teacher gives mass to a
+    probability > 0, so ``-inf`` teacher logits and top-k teachers with either tail are fine;
+    ``beta = 1`` has the reverse KL's rules. Parts: ``jsd`` (and ``ce``). ``impl="triton"`` is
+    refused (the kernel computes IKL and KL only).
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> _ = torch.manual_seed(0)
+        >>> hs = torch.randn(6, 4, requires_grad=True)
+        >>> ws, ht, wt = torch.randn(20, 4), torch.randn(6, 5), torch.randn(20, 5)
+        >>> loss = fused_linear_jsd(hs, ws, ht, wt, beta=0.5, temperature=1.0, chunk_size=4)
+        >>> q, p = (hs @ ws.T).softmax(1), (ht @ wt.T).softmax(1)
+        >>> m = 0.5 * p + 0.5 * q
+        >>> ref = 0.5 * (p * (p / m).log()).sum(1) + 0.5 * (q * (q / m).log()).sum(1)
+        >>> bool(torch.allclose(loss, ref.mean()))
+        True
+        >>> loss.backward()
+    """
+    return _fused_linear(
+        "jsd",
+        student_hidden,
+        student_head_weight,
+        teacher_hidden,
+        teacher_head_weight,
+        alpha=1.0,
+        weight_temperature=1.0,
+        **_kw(locals()),
+    )
+
+
+_BY_KIND = {
+    "ikl": fused_linear_ikl,
+    "kl": fused_linear_kl,
+    "reverse_kl": fused_linear_reverse_kl,
+    "jsd": fused_linear_jsd,
+}
+_SHARED = (
+    "chunk_size",
+    "labels",
+    "ignore_index",
+    "ce_weight",
+    "reduction",
+    "student_bias",
+    "teacher_bias",
+    "teacher_topk",
+    "topk_tail",
+    "student_logit_scale",
+    "teacher_logit_scale",
+    "student_softcap",
+    "teacher_softcap",
+    "return_parts",
+    "impl",
+)
+
+
+def fused_linear_divergence(
+    kind: str,
+    student_hidden: Tensor,
+    student_head_weight: Tensor,
+    teacher_hidden: Tensor | None = None,
+    teacher_head_weight: Tensor | None = None,
+    **kwargs,
+):
+    """The chunked loss named ``kind``, one of :data:`DIVERGENCES`: ``"ikl"``, ``"kl"``,
+    ``"reverse_kl"``, ``"jsd"`` (:func:`fused_linear_ikl`, :func:`fused_linear_kl`,
+    :func:`fused_linear_reverse_kl`, :func:`fused_linear_jsd`).
+
+    ``kwargs`` are the kind's hyper-parameters (:data:`DIVERGENCE_HYPERPARAMETERS`) and the shared
+    arguments of :func:`fused_linear_ikl`; any other key raises. ``beta`` is IKL's wMSE weight
+    for ``"ikl"`` and the mixture weight for ``"jsd"``.
+
+    Example:
+        >>> import torch
+        >>> hs, ws = torch.randn(6, 4), torch.randn(20, 4)
+        >>> ht, wt = torch.randn(6, 5), torch.randn(20, 5)
+        >>> a = fused_linear_divergence("jsd", hs, ws, ht, wt, beta=0.0, temperature=2.0)
+        >>> bool(torch.allclose(a, fused_linear_kl(hs, ws, ht, wt, temperature=2.0)))
+        True
+    """
+    if not isinstance(kind, str) or kind not in _BY_KIND:
+        raise ValueError(f"Unknown divergence {kind!r}: expected one of {DIVERGENCES}")
+    allowed = DIVERGENCE_HYPERPARAMETERS[kind]
+    unknown = sorted(k for k in kwargs if k not in allowed and k not in _SHARED)
+    if unknown:
+        raise TypeError(
+            f"Unexpected argument(s) {unknown} for divergence {kind!r}: its hyper-parameters are "
+            f"{allowed}, the shared arguments {_SHARED}"
+        )
+    return _BY_KIND[kind](
+        student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, **kwargs
+    )
+
+
 def _kw(args: dict) -> dict:
     skip = {"student_hidden", "student_head_weight", "teacher_hidden", "teacher_head_weight"}
     return {k: v for k, v in args.items() if k not in skip}
@@ -317,7 +557,8 @@ fused_linear_ikl.__doc__ += (
         (torch.Size([10, 8]), torch.Size([50, 8]), True)
     """
 )
-fused_linear_kl.__doc__ += "\n    Args:" + _SHARED_ARGS_DOC + "\n"
+for _fn in (fused_linear_kl, fused_linear_reverse_kl, fused_linear_jsd):
+    _fn.__doc__ += "\n    Args:" + _SHARED_ARGS_DOC + "\n"
 
 
 class FusedLinearIKLLoss(nn.Module):

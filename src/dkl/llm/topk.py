@@ -6,9 +6,13 @@ top-k are treated in one of two documented ways (``tail``):
 
 - ``"renormalize"`` (default): they get probability 0, i.e. the teacher is its top-k renormalised.
   They then contribute nothing to the KL and have weight 0 in IKL's wMSE (exactly as ``-inf``
-  logits do). Works with logits or log-probabilities (a per-token shift changes neither loss).
+  logits do); the JSD (``beta < 1``) stays finite through its mixture. Works with logits or
+  log-probabilities (a per-token shift changes none of these losses). The reverse KL is ``+inf``
+  there (the student gives those classes mass the teacher does not), so it refuses this tail
+  for ``k < V``.
 - ``"uniform"``: ``values`` are log-probabilities of the full distribution; the missing mass
-  :math:`m = 1 - \sum_k e^{v_k}` is spread evenly over the other ``V - k`` classes.
+  :math:`m = 1 - \sum_k e^{v_k}` is spread evenly over the other ``V - k`` classes. Every
+  divergence takes it (the reverse KL as long as :math:`m > 0`).
 
 With ``k = V`` both equal the full loss. How far they are from it for smaller ``k`` depends on how
 peaked the teacher is; ``benchmarks/llm_loss.py --topk`` measures it on a trained model.
@@ -24,10 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dkl.llm._checks import _check_weight
-from dkl.llm._chunk import TAILS, chunk_loss, dense_from_topk
+from dkl.llm._checks import _check_mixture, _check_weight
+from dkl.llm._chunk import TAILS, chunk_loss, dense_from_topk, unbounded_error, unbounded_rows
 
-__all__ = ["TopKCache", "TopKCollator", "topk_ikl_loss", "topk_kl_loss", "topk_logprobs"]
+__all__ = [
+    "TopKCache",
+    "TopKCollator",
+    "topk_ikl_loss",
+    "topk_jsd_loss",
+    "topk_kl_loss",
+    "topk_logprobs",
+    "topk_reverse_kl_loss",
+]
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -96,7 +108,11 @@ def _topk_loss(kind, input, topk_indices, topk_values, *, tail, reduction, mask,
     cfg = {
         "kind": kind,
         "alpha": _check_weight("alpha", kw.get("alpha", 1.0), positive=False),
-        "beta": _check_weight("beta", kw.get("beta", 1.0), positive=False),
+        "beta": (
+            _check_mixture(kw["beta"])
+            if kind == "jsd"
+            else _check_weight("beta", kw.get("beta", 1.0), positive=False)
+        ),
         "temperature": _check_weight("temperature", kw["temperature"], positive=True),
         "weight_temperature": _check_weight(
             "weight_temperature", kw.get("weight_temperature", 1.0), positive=True
@@ -104,6 +120,11 @@ def _topk_loss(kind, input, topk_indices, topk_values, *, tail, reduction, mask,
         "dtype": torch.float64 if input.dtype == torch.float64 else torch.float32,
     }
     target = dense_from_topk(topk_indices, topk_values.detach(), V, tail, cfg["dtype"])
+    unbounded = unbounded_rows(input.detach(), target, kind, cfg["beta"])
+    if unbounded is not None:
+        n = int((unbounded & mask).sum() if mask is not None else unbounded.sum())
+        if n:
+            raise unbounded_error(n)
     rows = _RowLoss.apply(input, target, mask, cfg)
     if reduction == "none":
         return rows
@@ -177,6 +198,73 @@ def topk_kl_loss(
         tail=tail,
         reduction=reduction,
         mask=mask,
+        temperature=temperature,
+    )
+
+
+def topk_reverse_kl_loss(
+    input: Tensor,
+    topk_indices: Tensor,
+    topk_values: Tensor,
+    *,
+    temperature: float = 1.0,
+    tail: str = "uniform",
+    reduction: str = "mean",
+    mask: Tensor | None = None,
+) -> Tensor:
+    r"""Reverse KL :math:`\mathrm{KL}(\sigma(z_s/T) \,\|\, \sigma(z_t/T))` of student logits
+    ``(B, V)`` against a top-k teacher (the loss of :func:`dkl.llm.fused_linear_reverse_kl`).
+
+    ``tail="uniform"`` (the default here) needs top-k *log-probabilities* with missing mass > 0;
+    ``tail="renormalize"`` gives the classes outside the top-k probability 0, where the reverse KL
+    is ``+inf``, and so raises unless the top-k covers every class.
+
+    Example:
+        >>> z_s, z_t = torch.randn(4, 10, requires_grad=True), torch.randn(4, 10)
+        >>> idx, val = topk_logprobs(z_t, 3)
+        >>> topk_reverse_kl_loss(z_s, idx, val, temperature=2.0).backward()
+    """
+    return _topk_loss(
+        "reverse_kl",
+        input,
+        topk_indices,
+        topk_values,
+        tail=tail,
+        reduction=reduction,
+        mask=mask,
+        temperature=temperature,
+    )
+
+
+def topk_jsd_loss(
+    input: Tensor,
+    topk_indices: Tensor,
+    topk_values: Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    tail: str = "renormalize",
+    reduction: str = "mean",
+    mask: Tensor | None = None,
+) -> Tensor:
+    r"""Generalised JSD of student logits ``(B, V)`` against a top-k teacher (the loss of
+    :func:`dkl.llm.fused_linear_jsd`: ``beta`` 0 / 1 are the forward / reverse KL); both tails
+    work for ``beta < 1``, ``beta = 1`` has :func:`topk_reverse_kl_loss`'s rules.
+
+    Example:
+        >>> z_s, z_t = torch.randn(4, 10, requires_grad=True), torch.randn(4, 10)
+        >>> idx, val = topk_logprobs(z_t, 3)
+        >>> topk_jsd_loss(z_s, idx, val, beta=0.5).backward()
+    """
+    return _topk_loss(
+        "jsd",
+        input,
+        topk_indices,
+        topk_values,
+        tail=tail,
+        reduction=reduction,
+        mask=mask,
+        beta=beta,
         temperature=temperature,
     )
 
