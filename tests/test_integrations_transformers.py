@@ -188,8 +188,12 @@ def test_gemma2_soft_capping_is_read_from_the_config():
 def test_arguments_are_checked():
     with pytest.raises(ValueError, match="needs alpha, beta, weight_temperature"):
         DistillationArguments(loss="ikl", temperature=1.0)
-    with pytest.raises(ValueError, match="Unknown distillation loss 'jsd'"):
+    with pytest.raises(ValueError, match="Unknown distillation loss 'tvd'"):
+        DistillationArguments(loss="tvd", temperature=1.0)
+    with pytest.raises(ValueError, match="loss='jsd' needs beta"):
         DistillationArguments(loss="jsd", temperature=1.0)
+    with pytest.raises(ValueError, match=r"Expected beta in \[0, 1\] for loss='jsd', got 1.5"):
+        DistillationArguments(loss="jsd", beta=1.5, temperature=1.0)
     kl = DistillationArguments(loss="kl", temperature=2.0)
     assert "alpha" not in kl.loss_kwargs()
     student = _llama()
@@ -381,3 +385,31 @@ def test_sequence_level_kd_uses_the_teachers_completions(tmp_path):
     with pytest.raises(ValueError, match="Row 1 has no prompt"):  # row 0 has a 3-token one
         on = DistillationArguments(**{**IKL.__dict__, "lmbda": 1.0})
         _trainer(student, teacher, tmp_path, distill=on)._complete(student, _batch(), "student")
+
+
+@pytest.mark.parametrize("loss, beta", [("jsd", 0.5), ("jsd", 0.0), ("reverse_kl", None)])
+def test_trainer_divergences_match_materialised_references(tmp_path, loss, beta):
+    """TRL's generalised JSD and the reverse KL, written out in float64 from full logits."""
+    student, teacher = _llama(seed=0), _llama(vocab=V + 8, hidden=24, layers=2, seed=1)
+    distill = DistillationArguments(loss=loss, beta=beta, temperature=2.0, ce_weight=0.3)
+    batch = _batch(seed=2)
+    trainer = _trainer(student, teacher, tmp_path, distill=distill)
+    got = trainer.compute_loss(student, dict(batch))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    zs = student(**inputs).logits[:, :-1].double()
+    with torch.no_grad():
+        zt = teacher(**inputs).logits[:, :-1, :V].double()
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    log_q = torch.log_softmax(zs[keep] / 2.0, -1)
+    log_p = torch.log_softmax(zt[keep] / 2.0, -1)
+    p, q = log_p.exp(), log_q.exp()
+    if loss == "reverse_kl" or beta == 1.0:
+        rows = (q * (log_q - log_p)).sum(-1)
+    elif beta == 0.0:
+        rows = (p * (log_p - log_q)).sum(-1)
+    else:
+        log_m = torch.log(beta * p + (1 - beta) * q)
+        rows = beta * (p * (log_p - log_m)).sum(-1) + (1 - beta) * (q * (log_q - log_m)).sum(-1)
+    ref = (rows + 0.3 * F.cross_entropy(zs[keep], labels[keep], reduction="none")).mean()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)

@@ -49,6 +49,7 @@ teacher model is then not run, and may be ``None``.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -59,11 +60,12 @@ import torch
 from torch import Tensor, nn
 
 from dkl.llm import (
+    DIVERGENCE_HYPERPARAMETERS,
+    DIVERGENCES,
     call_output_head,
     deepspeed_inference_engine,
     fully_shard_teacher,
-    fused_linear_ikl,
-    fused_linear_kl,
+    fused_linear_divergence,
     gathered_output_head,
 )
 from dkl.llm.onpolicy import GenerateFn, generate_completions, prompts_from_labels
@@ -78,7 +80,7 @@ __all__ = [
     "with_distillation",
 ]
 
-LOSSES = ("ikl", "kl")
+LOSSES = DIVERGENCES
 _NOT_MODEL_INPUTS = frozenset(
     {"labels", "shift_labels", "teacher_topk_indices", "teacher_topk_values"}
 )
@@ -88,9 +90,12 @@ _NOT_MODEL_INPUTS = frozenset(
 class DistillationArguments:
     """The distillation settings of :class:`DistillationTrainer`.
 
-    ``loss="ikl"`` needs ``alpha`` (soft-label CE weight), ``beta`` (wMSE weight),
-    ``temperature`` and ``weight_temperature`` (as in :func:`dkl.ikl_loss`); ``loss="kl"`` needs
-    ``temperature``. ``ce_weight`` adds the hard-label cross-entropy on the same tokens.
+    ``loss`` is one of :data:`dkl.llm.DIVERGENCES`. ``"ikl"`` needs ``alpha`` (soft-label CE
+    weight), ``beta`` (wMSE weight), ``temperature`` and ``weight_temperature`` (as in
+    :func:`dkl.ikl_loss`); ``"kl"`` (forward) and ``"reverse_kl"`` need ``temperature``;
+    ``"jsd"`` needs ``beta``, the generalised JSD's mixture weight in ``[0, 1]`` (TRL's
+    ``GKDTrainer``: 0 = forward KL, 1 = reverse KL), and ``temperature``. ``ce_weight`` adds the
+    hard-label cross-entropy on the same tokens.
     ``topk_tail`` is used when batches carry a top-k teacher.
 
     Where the completions come from (Agarwal et al. 2024, "On-Policy Distillation of Language
@@ -120,13 +125,13 @@ class DistillationArguments:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"Unknown distillation loss {self.loss!r}: expected one of {LOSSES}")
-        needed = ("alpha", "beta", "temperature", "weight_temperature")
-        needed = needed if self.loss == "ikl" else ("temperature",)
+        needed = DIVERGENCE_HYPERPARAMETERS[self.loss]
         missing = [n for n in needed if getattr(self, n) is None]
         if missing:
             raise ValueError(f"loss={self.loss!r} needs {', '.join(missing)} (no hidden defaults)")
         checks = (
             ("lmbda", 0.0 <= self.lmbda <= 1.0, "in [0, 1]"),
+            ("beta", self.loss != "jsd" or 0.0 <= self.beta <= 1.0, "in [0, 1] for loss='jsd'"),
             (
                 "max_new_tokens",
                 isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0,
@@ -145,16 +150,14 @@ class DistillationArguments:
         return self.lmbda > 0 or self.seq_kd
 
     def part_weights(self) -> dict[str, float]:
-        """The weight of each logged part in the loss."""
-        if self.loss == "kl":
-            return {"kl": 1.0, "ce": self.ce_weight}
-        return {"wmse": float(self.beta), "sce": float(self.alpha), "ce": self.ce_weight}
+        """The weight of each logged part in the loss (1 for a divergence's own part)."""
+        if self.loss == "ikl":
+            return {"wmse": float(self.beta), "sce": float(self.alpha), "ce": self.ce_weight}
+        return {"ce": self.ce_weight}
 
     def loss_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of the loss function."""
-        names = ["temperature", "ce_weight", "chunk_size", "topk_tail"]
-        if self.loss == "ikl":
-            names += ["alpha", "beta", "weight_temperature"]
+        names = (*DIVERGENCE_HYPERPARAMETERS[self.loss], "ce_weight", "chunk_size", "topk_tail")
         return {n: getattr(self, n) for n in names}
 
 
@@ -213,7 +216,7 @@ def causal_lm_distillation_loss(
         "student_logit_scale": s_tf["logit_scale"],
         "student_softcap": s_tf["softcap"],
     }
-    fn = fused_linear_ikl if distill.loss == "ikl" else fused_linear_kl
+    fn = functools.partial(fused_linear_divergence, distill.loss)
     if "teacher_topk_indices" in inputs:
         kw["teacher_topk"] = (
             cut(inputs["teacher_topk_indices"]).to(s_hidden.device),
