@@ -260,13 +260,15 @@ def _plot(results: dict, teacher_loss: float, teacher_ll: float, path: Path) -> 
             r = [results[f"{mode} {n}"] for n in names]
             means = [v[f"{key}_mean"] for v in r]
             stds = [v[f"{key}_std"] for v in r]
-            ax.bar(x + (i - 0.5) * 0.38, means, 0.38, yerr=stds, capsize=3, label=mode)
+            ax.errorbar(x + (i - 0.5) * 0.25, means, yerr=stds, fmt="o", capsize=4, label=mode)
         ax.axhline(ref, color="k", ls="--", lw=1, label=f"teacher ({ref:.3f})")
         lo = min(v[f"{key}_mean"] - v[f"{key}_std"] for v in results.values())
         hi = max(v[f"{key}_mean"] + v[f"{key}_std"] for v in results.values())
         pad = 0.15 * (max(hi, ref) - min(lo, ref)) + 1e-3
         ax.set_ylim(min(lo, ref) - pad, max(hi, ref) + pad)
         ax.set_xticks(x, names)
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        ax.grid(axis="y", alpha=0.3)
         ax.set_ylabel(label, fontsize=9)
         ax.legend(fontsize=8)
     axes[0].set_title("held-out text", fontsize=10)
