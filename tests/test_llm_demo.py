@@ -43,3 +43,23 @@ def test_topk_errors_vanish_at_k_equal_v_and_shrink_with_k():
             errs = [r["loss_rel_err"] for r in rows if (r["loss"], r["tail"]) == (kind, tail)]
             assert errs[-1] < 1e-5  # k = V: the full loss
             assert errs[0] > errs[-1]
+
+
+def test_on_policy_mode_trains_every_divergence_in_both_modes(tmp_path):
+    import json
+
+    args = build_parser().parse_args(
+        ["demo", "--recipe", "llm", "--llm-mode", "on-policy", "--seeds", "1"]
+        + ["--llm-steps", "2", "--llm-teacher-steps", "2", "--out", str(tmp_path)]
+    )
+    assert demo_module("llm").main(args) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    methods = summary["methods"]
+    assert len(methods) == 8  # 4 divergences x off- / on-policy
+    assert {m["divergence"] for m in methods.values()} == {"kl", "reverse kl", "jsd(0.5)", "ikl"}
+    for m in methods.values():
+        assert m["teacher_loglik_mean"] < 0 and m["val_loss_mean"] > 0
+    on = [r for m in methods.values() if m["mode"] == "on-policy" for r in m["runs"]]
+    assert all(r["generation_share"] > 0 for r in on)
+    assert (tmp_path / "results.png").stat().st_size > 0
+    assert "| on-policy | jsd(0.5) |" in (tmp_path / "results.md").read_text()
