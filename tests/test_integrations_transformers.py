@@ -413,3 +413,24 @@ def test_trainer_divergences_match_materialised_references(tmp_path, loss, beta)
         rows = beta * (p * (log_p - log_m)).sum(-1) + (1 - beta) * (q * (log_q - log_m)).sum(-1)
     ref = (rows + 0.3 * F.cross_entropy(zs[keep], labels[keep], reduction="none")).mean()
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"loss": "kl", "temperature": "4"}, r"temperature in \(0, inf\), got '4'"),
+        ({"loss": "kl", "temperature": float("nan")}, r"temperature in \(0, inf\), got nan"),
+        ({"loss": "kl", "temperature": 1.0, "lmbda": "0.5"}, r"lmbda in \[0, 1\], got '0.5'"),
+        ({"loss": "kl", "temperature": 1.0, "lmbda": -0.1}, r"lmbda in \[0, 1\], got -0.1"),
+        ({"loss": "kl", "temperature": 1.0, "max_new_tokens": 0}, "max_new_tokens a positive"),
+        ({"loss": "kl", "temperature": 1.0, "chunk_size": 2.5}, "chunk_size a positive int"),
+        ({"loss": "kl", "temperature": 1.0, "generation_top_p": 0}, r"top_p in \(0, 1\]"),
+        (
+            {"loss": "ikl", "alpha": 1, "beta": -1, "temperature": 1, "weight_temperature": 1},
+            "beta",
+        ),
+    ],
+)
+def test_distillation_arguments_name_the_field_and_its_range(kw, message):
+    with pytest.raises(ValueError, match=f"Expected {message}"):
+        DistillationArguments(**kw)

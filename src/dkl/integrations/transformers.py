@@ -129,20 +129,36 @@ class DistillationArguments:
         missing = [n for n in needed if getattr(self, n) is None]
         if missing:
             raise ValueError(f"loss={self.loss!r} needs {', '.join(missing)} (no hidden defaults)")
-        checks = (
-            ("lmbda", 0.0 <= self.lmbda <= 1.0, "in [0, 1]"),
-            ("beta", self.loss != "jsd" or 0.0 <= self.beta <= 1.0, "in [0, 1] for loss='jsd'"),
-            (
-                "max_new_tokens",
-                isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0,
-                "a positive int",
-            ),
-            ("generation_temperature", self.generation_temperature >= 0, ">= 0"),
-            ("generation_top_p", 0 < self.generation_top_p <= 1, "in (0, 1]"),
-        )
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"Expected {name} {allowed}, got {getattr(self, name)!r}")
+        # (name, low, high, low allowed) per number; one line naming the field when off
+        ranges = {
+            "alpha": (0.0, math.inf, True),
+            "beta": (0.0, 1.0 if self.loss == "jsd" else math.inf, True),
+            "temperature": (0.0, math.inf, False),
+            "weight_temperature": (0.0, math.inf, False),
+            "ce_weight": (0.0, math.inf, True),
+            "lmbda": (0.0, 1.0, True),
+            "generation_temperature": (0.0, math.inf, True),
+            "generation_top_p": (0.0, 1.0, False),
+        }
+        for name, (low, high, closed) in ranges.items():
+            value = getattr(self, name)
+            if value is None and name not in needed:
+                continue
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            ok = number and math.isfinite(value) and (value >= low if closed else value > low)
+            if not (ok and value <= high):
+                bracket = "[" if closed else "("
+                span = (
+                    f"{bracket}{low:g}, {high:g}]" if high < math.inf else f"{bracket}{low:g}, inf)"
+                )
+                where = " for loss='jsd'" if name == "beta" and self.loss == "jsd" else ""
+                raise ValueError(f"Expected {name} in {span}{where}, got {value!r}")
+        for name in ("chunk_size", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Expected {name} a positive int, got {value!r}")
+        if not isinstance(self.seq_kd, bool):
+            raise TypeError(f"Expected seq_kd True or False, got {self.seq_kd!r}")
 
     @property
     def generates(self) -> bool:
