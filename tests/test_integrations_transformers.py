@@ -424,7 +424,10 @@ def test_trainer_divergences_match_materialised_references(tmp_path, loss, beta)
         ({"loss": "kl", "temperature": 1.0, "lmbda": -0.1}, r"lmbda in \[0, 1\], got -0.1"),
         ({"loss": "kl", "temperature": 1.0, "max_new_tokens": 0}, "max_new_tokens a positive"),
         ({"loss": "kl", "temperature": 1.0, "chunk_size": 2.5}, "chunk_size a positive int"),
-        ({"loss": "kl", "temperature": 1.0, "generation_top_p": 0}, r"top_p in \(0, 1\]"),
+        (
+            {"loss": "kl", "temperature": 1.0, "generation_top_p": 0},
+            r"generation_top_p in \(0, 1\]",
+        ),
         (
             {"loss": "ikl", "alpha": 1, "beta": -1, "temperature": 1, "weight_temperature": 1},
             "beta",
