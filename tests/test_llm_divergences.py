@@ -432,10 +432,11 @@ def test_topk_renormalized_tail_is_refused_by_the_reverse_kl_unless_k_is_V(kind,
 
 
 def test_reverse_kl_refuses_only_the_counted_tokens_without_full_support():
-    """k = V but a repeated index leaves a class out: an error on a counted token only."""
+    """k = V but an index past the student's vocabulary (a larger teacher's, dropped) leaves a
+    class out: an error on a counted token only."""
     p, idx, val = _topk_problem(11)
     idx = idx.clone()
-    idx[0, -1] = idx[0, 0]  # token 0 misses a class
+    idx[0, -1] = 11  # token 0 misses a class
     labels = p["labels"].clone()
     labels[0] = -100
     loss = fused_linear_reverse_kl(p["hs"], p["ws"], temperature=1.0, labels=labels,

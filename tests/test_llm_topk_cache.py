@@ -223,3 +223,26 @@ def test_build_from_examples_equals_build_from_batches(tmp_path):
         torch.testing.assert_close(a[i][1], b[i][1], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="Expected example 0 a dict with input_ids"):
         TopKCache.build(tmp_path / "x", [[1, 2]], k=2, model=teacher, batch_size=2)
+
+
+def test_topk_batches_padded_with_zeros_and_duplicates():
+    """Zero-padded rows (a collator's padding) never reach the tail check; duplicate indices on a
+    counted token are refused."""
+    from dkl.llm import fused_linear_kl
+
+    torch.manual_seed(0)
+    hs, ws = torch.randn(2, 5, 8), torch.randn(V, 8)
+    idx = torch.stack([torch.randperm(V)[:4] for _ in range(10)]).reshape(2, 5, 4)
+    val = torch.log_softmax(torch.randn(2, 5, V), -1)[..., :4]
+    labels = torch.ones(2, 5, dtype=torch.long)
+    idx[1, 3:], val[1, 3:], labels[1, 3:] = 0, 0.0, -100  # padding: index 0, value 0 (sum 4 > 1)
+    kw = {"temperature": 1.0, "labels": labels, "topk_tail": "uniform"}
+    loss = fused_linear_kl(hs, ws, teacher_topk=(idx, val), **kw)
+    keep = labels != -100
+    ref = fused_linear_kl(
+        hs[keep], ws, teacher_topk=(idx[keep], val[keep]), **{**kw, "labels": None}
+    )
+    torch.testing.assert_close(loss, ref)
+    idx[0, 2, 1] = idx[0, 2, 0]
+    with pytest.raises(ValueError, match="distinct top-k indices .* twice in counted token 2"):
+        fused_linear_kl(hs, ws, teacher_topk=(idx, val), **kw)

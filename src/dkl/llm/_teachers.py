@@ -59,7 +59,9 @@ def _dense_teacher(hidden, weight, bias, token_shape, V, device, tf) -> _DenseTe
     return _DenseTeacher(ht, weight, bias, V, tf)
 
 
-def _topk_teacher(topk, tail, token_shape, V, device, tf) -> _TopKTeacher:
+def _topk_teacher(topk, tail, token_shape, V, device, tf, valid=None) -> _TopKTeacher:
+    """The checked top-k teacher; ``valid`` (N,) marks the tokens that count: only those are
+    held to the tail's and the indices' rules (padding may hold anything non-negative)."""
     if not (isinstance(topk, tuple | list) and len(topk) == 2):
         raise TypeError(f"Expected teacher_topk=(indices, values), got {type(topk).__name__}")
     indices, values = topk
@@ -87,13 +89,24 @@ def _topk_teacher(topk, tail, token_shape, V, device, tf) -> _TopKTeacher:
         raise ValueError(f"Expected at least one top-k entry per token, got k = {k}")
     if indices.numel() and bool((indices < 0).any()):
         raise ValueError(f"Expected non-negative top-k indices, got {int(indices.min())}")
-    flat_values = values.reshape(-1, k)
-    if tail == "uniform" and flat_values.numel():
-        excess = float(torch.logsumexp(flat_values.float(), dim=1).max())
+    flat_values, flat_indices = values.reshape(-1, k), indices.reshape(-1, k)
+    counted_values = flat_values if valid is None else flat_values[valid]
+    counted_indices = flat_indices if valid is None else flat_indices[valid]
+    if k > 1 and counted_indices.numel():
+        ordered = counted_indices.sort(dim=1).values
+        dup = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] < V)
+        if bool(dup.any()):
+            row = int(dup.any(1).nonzero()[0])
+            raise ValueError(
+                f"Expected distinct top-k indices per token, got index "
+                f"{int(ordered[row, 1:][dup[row]][0])} twice in counted token {row}"
+            )
+    if tail == "uniform" and counted_values.numel():
+        excess = float(torch.logsumexp(counted_values.float(), dim=1).max())
         if excess > 1e-3:
             raise ValueError(
                 "topk_tail='uniform' needs log-probabilities of the full distribution (each "
                 f"token's exp(values) summing to <= 1), got a sum of {math.exp(excess):.4g}; pass "
                 "log_softmax outputs, or use topk_tail='renormalize' for logits"
             )
-    return _TopKTeacher(indices.reshape(-1, k), flat_values, V, tail)
+    return _TopKTeacher(flat_indices, flat_values, V, tail)

@@ -132,13 +132,22 @@ def _fused_linear(
         "impl": impl,
         "parts_out": {} if return_parts else None,
     }
+    valid = None
+    if labels is not None:
+        if not isinstance(labels, Tensor) or labels.shape != token_shape:
+            got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(f"Expected labels of shape {tuple(token_shape)}, got {got}")
+        labels = labels.reshape(-1).to(hs.device)
+        valid = valid_token_mask(labels, ignore_index)
     teacher_tf = LogitTransform(float(teacher_logit_scale), teacher_softcap)
     if teacher_topk is not None:
         if teacher_hidden is not None or teacher_head_weight is not None:
             raise ValueError(
                 "Expected either teacher_hidden + teacher_head_weight or teacher_topk, got both"
             )
-        teacher = _topk_teacher(teacher_topk, topk_tail, token_shape, V, hs.device, teacher_tf)
+        teacher = _topk_teacher(
+            teacher_topk, topk_tail, token_shape, V, hs.device, teacher_tf, valid
+        )
         k = teacher.indices.shape[1]
         if (
             effective_kind(kind, cfg["beta"]) == "reverse_kl"
@@ -159,13 +168,6 @@ def _fused_linear(
         teacher = _dense_teacher(
             teacher_hidden, teacher_head_weight, teacher_bias, token_shape, V, hs.device, teacher_tf
         )
-    valid = None
-    if labels is not None:
-        if not isinstance(labels, Tensor) or labels.shape != token_shape:
-            got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-            raise ValueError(f"Expected labels of shape {tuple(token_shape)}, got {got}")
-        labels = labels.reshape(-1).to(hs.device)
-        valid = valid_token_mask(labels, ignore_index)
     if cfg["ce_weight"] > 0:
         if labels is None:
             raise ValueError(f"ce_weight = {ce_weight} > 0 needs labels for the hard-label CE")
