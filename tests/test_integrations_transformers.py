@@ -203,42 +203,31 @@ def test_arguments_are_checked():
         causal_lm_distillation_loss(student, student, batch, kl)
 
 
-def test_trl_sft_trainer_pipeline(tmp_path):
-    """TRL's SFTTrainer data pipeline (tokenising a text data set, collating, -100 padding)."""
-    trl = pytest.importorskip("trl")
-    datasets = pytest.importorskip("datasets")
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "big", "red", "house"]
+
+
+def _word_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = [
-        "the",
-        "cat",
-        "sat",
-        "on",
-        "a",
-        "mat",
-        "and",
-        "dog",
-        "ran",
-        "to",
-        "big",
-        "red",
-        "house",
-    ]
-    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *words])}
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
     )
-    g = torch.Generator().manual_seed(0)
-    texts = [
-        " ".join(words[int(j)] for j in torch.randint(0, len(words), (int(n),), generator=g))
-        for n in torch.randint(3, 9, (16,), generator=g)
+
+
+def _sentences(n, low, high, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        " ".join(WORDS[int(j)] for j in torch.randint(0, len(WORDS), (int(k),), generator=g))
+        for k in torch.randint(low, high, (n,), generator=g)
     ]
-    student, teacher = _llama(seed=0), _llama(hidden=24, seed=1)
-    teacher_before = [p.detach().clone() for p in teacher.parameters()]
-    cfg = trl.SFTConfig(
+
+
+def _sft_config(trl, tmp_path, **kw):
+    return trl.SFTConfig(
         output_dir=str(tmp_path),
         max_steps=2,
         per_device_train_batch_size=4,
@@ -247,21 +236,63 @@ def test_trl_sft_trainer_pipeline(tmp_path):
         save_strategy="no",
         logging_steps=1,
         max_length=16,
-        dataset_text_field="text",
         disable_tqdm=True,
+        **kw,
     )
+
+
+def test_trl_sft_trainer_pipeline(tmp_path):
+    """TRL's SFTTrainer data pipeline (tokenising a text data set, collating, -100 padding)."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    student, teacher = _llama(seed=0), _llama(hidden=24, seed=1)
+    teacher_before = [p.detach().clone() for p in teacher.parameters()]
     trainer = with_distillation(trl.SFTTrainer)(
         model=student,
         teacher_model=teacher,
         distill=IKL,
-        args=cfg,
-        train_dataset=datasets.Dataset.from_dict({"text": texts}),
-        processing_class=tokenizer,
+        args=_sft_config(trl, tmp_path, dataset_text_field="text"),
+        train_dataset=datasets.Dataset.from_dict({"text": _sentences(16, 3, 9, 0)}),
+        processing_class=_word_tokenizer(),
     )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all("distill/wmse" in h for h in logs)
     assert all(torch.equal(a, b) for a, b in zip(teacher_before, teacher.parameters()))
+
+
+def test_trl_prompt_completion_data_on_policy(tmp_path):
+    """TRL's prompt/completion data (the prompt masked by its collator) trained on-policy: the
+    student completes each prompt, and the loss is taken on its completion only."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    student, teacher = _llama(seed=0), _llama(hidden=24, seed=1)
+    data = datasets.Dataset.from_dict(
+        {"prompt": _sentences(8, 2, 5, 1), "completion": [" " + c for c in _sentences(8, 2, 6, 2)]}
+    )
+    distill = DistillationArguments(**{**IKL.__dict__, "lmbda": 1.0, "max_new_tokens": 4})
+    tokenizer = _word_tokenizer()
+    trainer = with_distillation(trl.SFTTrainer)(
+        model=student,
+        teacher_model=teacher,
+        distill=distill,
+        args=_sft_config(trl, tmp_path),
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
+    seen, modes = _records(trainer)
+    trainer.train()
+    assert len(seen) == 2 and False in modes  # two micro-batches, each sampled in eval mode
+    prompts = {tuple(tokenizer(p)["input_ids"]) for p in data["prompt"]}
+    for batch in seen:
+        for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+            first = int((labels != -100).nonzero()[0])
+            assert tuple(ids[:first].tolist()) in prompts  # a prompt of the data, masked
+            n = int(mask.sum())
+            assert 0 < n - first <= 4  # then at most max_new_tokens sampled tokens
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all(h["distill/on_policy_share"] == 1.0 for h in logs)
+    assert all(0 < h["distill/generation_time_share"] < 1 for h in logs)
 
 
 class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
