@@ -26,7 +26,6 @@ dkl.config.schema.ConfigError: unknown key 'train.epochz' (known: amp, determini
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from pathlib import Path
@@ -34,6 +33,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from dkl._files import atomic_write, sniff
+from dkl.config.ranges import check_values
 from dkl.config.schema import (
     BUILTIN_SECTIONS,
     COMMON_SECTIONS,
@@ -230,34 +231,8 @@ def config_from_dict(data: dict) -> Config:
         )
     if t.iterations > 0 and t.eval_every <= 0:
         cfg.train.eval_every = t.iterations
-    _check_numbers(cfg)
+    check_values(cfg, config_to_dict(cfg))
     return cfg
-
-
-def _check_numbers(cfg: Config) -> None:
-    """Values no run can use: caught here, with the key, not as a NaN or a crash mid-run."""
-    o, d, t = cfg.optim, cfg.data, cfg.train
-    checks = [
-        ("data.batch_size", d.batch_size, d.batch_size > 0, "> 0"),
-        ("data.eval_batch_size", d.eval_batch_size, d.eval_batch_size > 0, "> 0"),
-        ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
-        ("optim.lr", o.lr, math.isfinite(o.lr) and o.lr > 0, "a finite number > 0"),
-        (
-            "optim.weight_decay",
-            o.weight_decay,
-            math.isfinite(o.weight_decay) and o.weight_decay >= 0,
-            "a finite number >= 0",
-        ),
-        ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
-        ("train.grad_clip", t.grad_clip, t.grad_clip >= 0, ">= 0 (0 = off)"),
-        ("train.save_every", t.save_every, t.save_every >= 0, ">= 0 (0 = only at the end)"),
-        ("train.eval_every", t.eval_every, t.eval_every >= 0, ">= 0"),
-        ("train.max_steps_per_epoch", t.max_steps_per_epoch, t.max_steps_per_epoch >= 0, ">= 0"),
-        ("train.divergence_factor", t.divergence_factor, t.divergence_factor >= 0, ">= 0"),
-    ]
-    for key, value, ok, expected in checks:
-        if not ok:
-            raise ConfigError(f"{key}: must be {expected}, got {value!r}")
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -271,7 +246,8 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode()
+    atomic_write(path, lambda f: f.write(text), "config")
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,17 +318,52 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _duplicate_keys(node: yaml.Node, where: str, prefix: str = "") -> None:
+    """A key written twice in one mapping (YAML keeps the last one silently): an error."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
+            if isinstance(key, yaml.ScalarNode) and name != "<<":
+                line = key.start_mark.line + 1
+                if name in seen:
+                    raise ConfigError(
+                        f"{where}: key '{prefix}{name}' is written twice (lines {seen[name]} and "
+                        f"{line}); YAML would silently keep only the second: keep one"
+                    )
+                seen[name] = line
+            _duplicate_keys(value, where, f"{prefix}{name}.")
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _duplicate_keys(item, where, f"{prefix.rstrip('.')}[{i}].")
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)``, refusing duplicate keys; errors name ``where``."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _duplicate_keys(node, where)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"{where}: invalid YAML ({msg})") from None
+
+
 def _load_yaml(path: Path, stack: tuple[Path, ...] = ()) -> dict:
     if path in stack:
         chain = " -> ".join(str(p) for p in (*stack, path))
         raise ConfigError(f"_base_: include cycle {chain}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        msg = str(e).replace("\n", " ")
-        raise ConfigError(f"config '{path}': invalid YAML ({msg})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config '{path}': expected a YAML file, got {sniff(path)}") from None
+    data = _parse_yaml(text, f"config '{path}'") or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config '{path}': expected a mapping at top level")
+        raise ConfigError(
+            f"config '{path}': expected a mapping (key: value lines) at top level, got "
+            f"{type(data).__name__}"
+        )
     bases = data.pop("_base_", None)
     if bases is None:
         return data
@@ -372,8 +383,10 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override '{item}': empty key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
+        value = _parse_yaml(raw, f"override '{key}'") if raw != "" else ""
+    except ConfigError as e:
+        if "written twice" in str(e):
+            raise
         value = raw
     return key, value
 

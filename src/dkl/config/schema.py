@@ -71,7 +71,7 @@ class DataConfig:
     augment: str | bool = "default"
     flip: bool = True
     crop_padding: int = -1
-    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     ra_ops: int = 2
     ra_magnitude: int = 9
     mean: list | str = "default"
@@ -157,7 +157,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
 
 
 @dataclass
@@ -177,7 +177,7 @@ class SchedConfig:
     """
 
     name: Literal["constant", "multistep", "cosine", "usb_cosine"] = "multistep"
-    milestones: list = field(default_factory=list)
+    milestones: list[int | float] = field(default_factory=list)
     gamma: float = 0.1
     warmup: float = 0.0
     warmup_start: float = 0.0
