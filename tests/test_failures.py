@@ -332,7 +332,8 @@ def test_the_learning_check_is_quiet_when_the_model_learns(cfg_file):
     [
         ("train.epochs=0", "train.epochs: must be >= 1 (or set train.iterations > 0), got 0"),
         ("optim.lr=-0.1", "optim.lr: must be a finite number > 0, got -0.1"),
-        ("optim.lr=nan", "optim.lr: must be a finite number > 0, got nan"),
+        ("optim.lr=.nan", "optim.lr: must be a finite number > 0, got nan"),
+        ("optim.lr=nan", "optim.lr: expected float, got 'nan' (a string, not a number"),
         ("optim.weight_decay=-1", "optim.weight_decay: must be a finite number >= 0"),
         ("optim.momentum=1.5", "optim.momentum: must be in [0, 1)"),
         ("data.batch_size=0", "data.batch_size: must be > 0, got 0"),

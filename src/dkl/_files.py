@@ -252,9 +252,9 @@ def load_torch_file(
     if size == 0:
         raise CheckpointError(f"{what} '{path}' is empty (0 bytes): an interrupted copy?")
     kind = sniff(path)
-    torch_like = kind.startswith("a zip archive written by torch") or kind.startswith("a pickle")
+    torch_like = kind.startswith(("a zip archive written by torch", "a pickle"))
     if not torch_like:
-        if kind.startswith("a damaged") or kind.startswith("a zip archive"):
+        if kind.startswith(("a damaged", "a zip archive")):
             raise CheckpointError(
                 f"cannot load {what} '{path}': truncated or damaged ({kind}, {size} bytes)"
             )

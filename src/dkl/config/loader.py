@@ -26,6 +26,7 @@ dkl.config.schema.ConfigError: unknown key 'train.epochz' (known: amp, determini
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -132,12 +133,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "5e-4" as a string
+        hint = ""
+        if isinstance(value, str):
             try:
-                return float(value)
+                float(value)
+                hint = " (a string, not a number: drop the quotes; YAML writes NaN and infinity .nan, .inf)"
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected float, got {value!r}")
+        raise ConfigError(f"{key}: expected float, got {value!r}{hint}")
     if tp is str:
         if isinstance(value, str):
             return value
@@ -338,13 +341,25 @@ def _duplicate_keys(node: yaml.Node, where: str, prefix: str = "") -> None:
             _duplicate_keys(item, where, f"{prefix.rstrip('.')}[{i}].")
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``5e-4`` as a number as YAML 1.2 does (1.1 wants ``5.0e-4``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def _parse_yaml(text: str, where: str) -> Any:
-    """``yaml.safe_load(text)``, refusing duplicate keys; errors name ``where``."""
+    """``yaml.safe_load(text)`` (``5e-4`` a number), refusing duplicate keys; errors name
+    ``where``."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_Loader)
         if node is not None:
             _duplicate_keys(node, where)
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader)
     except yaml.YAMLError as e:
         msg = " ".join(str(e).split())
         raise ConfigError(f"{where}: invalid YAML ({msg})") from None

@@ -143,18 +143,32 @@ def to_chw(x: Any, *, what: str = "image") -> Tensor:
 
 
 def as_pixels(t: Tensor, what: str = "image") -> Tensor:
-    """``t`` as uint8 (uint8 and integers 0..255) or float32 (floats in [0, 1]); anything else,
-    or a value out of range, is a ``ValueError`` naming ``what``."""
+    """``t`` as uint8 (uint8 and integers 0..255) or float32 (finite floats in [0, 1]); anything
+    else, a NaN or inf pixel or a value out of range, is a ``ValueError`` naming ``what`` (and
+    the index of the first bad pixel)."""
     if t.dtype == torch.uint8:
         return t.contiguous()
     if t.dtype == torch.bool or t.is_complex():
         raise ValueError(f"{what}: expected uint8, integer or float pixels, got {t.dtype}")
     if not t.is_floating_point():  # integers: the 0..255 scale of 8-bit images
+        if t.numel() == 0:
+            return t.to(torch.uint8).contiguous()
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi > 255:
             raise ValueError(f"{what}: integer pixels must lie in 0..255, got {lo}..{hi}")
         return t.to(torch.uint8).contiguous()
     t = t.float()
+    if t.numel() == 0:
+        return t.contiguous()
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        where = tuple(int(i) for i in (~finite).nonzero()[0])
+        n_bad = int((~finite).sum())
+        image = f" (image {where[0]})" if t.ndim == 4 else ""
+        raise ValueError(
+            f"{what}: {n_bad} pixel(s) are NaN or inf, the first at index {where}{image}; "
+            f"clean or drop those images"
+        )
     lo, hi = float(t.min()), float(t.max())
     if lo < 0.0 or hi > 1.0:
         raise ValueError(

@@ -75,7 +75,7 @@ class RunLock:
     def acquire(self) -> RunLock:
         self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
-        f = open(self.folder / LOCK_NAME, "a+")
+        f = open(self.folder / LOCK_NAME, "a+")  # noqa: SIM115  (held open: it is the lock)
         if not _lock(f):
             f.seek(0)
             owner = f.read().strip() or "unknown"
@@ -106,10 +106,10 @@ class RunLock:
                 except OSError:
                     pass
 
-    def __enter__(self) -> RunLock:
+    def __enter__(self) -> RunLock:  # noqa: PYI034
         return self.acquire()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
 
