@@ -118,9 +118,7 @@ def _show_args(p: argparse.ArgumentParser) -> None:
 def _run_show(args: argparse.Namespace) -> int:
     import yaml
 
-    from dkl.config import config_to_dict
-
-    from dkl.config import config_warnings
+    from dkl.config import config_to_dict, config_warnings
 
     cfg = _load(args)
     for warning in config_warnings(cfg):

@@ -359,7 +359,7 @@ def _parse_yaml(text: str, where: str) -> Any:
         node = yaml.compose(text, Loader=_Loader)
         if node is not None:
             _duplicate_keys(node, where)
-        return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader)
+        return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         msg = " ".join(str(e).split())
         raise ConfigError(f"{where}: invalid YAML ({msg})") from None

@@ -219,7 +219,9 @@ def _npz(request: DataRequest) -> ImageSplits:
     kind = sniff(path)
     if "numpy.savez" not in kind and kind != "a zip archive":
         if kind == "an empty zip archive":
-            raise ValueError(f"data 'npz': '{path}' is an empty .npz (no arrays); expected {expected}")
+            raise ValueError(
+                f"data 'npz': '{path}' is an empty .npz (no arrays); expected {expected}"
+            )
         raise ValueError(f"data 'npz': data.root '{path}' is {kind}; expected {expected}")
     try:
         f = np.load(path, allow_pickle=False)

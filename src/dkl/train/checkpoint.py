@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from dkl._files import HASH_KEY, CheckpointError, atomic_write, content_sha256, load_torch_file
+from dkl._files import (
+    HASH_KEY,
+    HASHED_MARK,
+    CheckpointError,
+    atomic_write,
+    content_sha256,
+    load_torch_file,
+)
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -56,7 +63,8 @@ def save_checkpoint(obj: dict, path: str | Path) -> None:
     that fails (a full disk, a quota) removes its temporary file and raises one ``OSError`` line
     saying so; the previous ``path`` is untouched. :func:`load_checkpoint` verifies the hash.
     """
-    obj = {**obj, HASH_KEY: content_sha256(obj)}
+    obj = {**obj, HASHED_MARK: "sha256 of the content, under 'sha256'"}
+    obj[HASH_KEY] = content_sha256(obj)
     atomic_write(path, lambda f: torch.save(obj, f), "checkpoint")
 
 
