@@ -550,6 +550,30 @@ def test_a_resume_on_other_data_names_the_data_not_the_model(tmp_path, capsys):
     assert "num classes 3 -> 4" in line and "model.name" not in line
 
 
+def test_eval_on_other_data_names_the_data(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "three.npz", x=rng.random((60, 8, 8)), y=np.arange(60) % 3)
+    np.savez(tmp_path / "four.npz", x=rng.random((60, 8, 8)), y=np.arange(60) % 4)
+    base = {**TINY, "data": {"name": "npz", "root": str(tmp_path / "three.npz"), "batch_size": 16}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(base))
+    run = _run(tmp_path)
+    code, err = _cli(capsys, "eval", run, f"data.root={tmp_path / 'four.npz'}")
+    line = _line(err)
+    assert code == 2 and "was trained on other data" in line and "num classes 3 -> 4" in line
+
+
+def test_running_out_of_memory_is_one_line(cfg_file, capsys, monkeypatch):
+    from dkl import models
+
+    def huge(*a, **kw):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8e12")
+
+    monkeypatch.setattr(models, "create_model", huge)
+    code, err = _cli(capsys, "train", cfg_file, "--out", cfg_file.parent / "r", *QUIET)
+    line = _line(err)
+    assert code == 1 and line.startswith("dkl: error: out of memory (") and "batch_size" in line
+
+
 # --------------------------------------------------------------------------------------------
 # A write that fails (disk full, quota) mid-way: one line, the previous files intact
 # --------------------------------------------------------------------------------------------

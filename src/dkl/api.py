@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dkl._files import atomic_write
 from dkl.config import Config, ConfigError, apply_overrides, config_from_dict
 from dkl.models import unwrap_normalization
 from dkl.recipes import get_recipe
@@ -100,6 +101,17 @@ def load_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Trainer, 
         )
     cfg = config_from_dict(apply_overrides(state["config"], ["train.progress=false", *overrides]))
     trainer = make_trainer(cfg, log=lambda m: None, eval_only=True)
+    saved = state.get("data")
+    if isinstance(saved, dict):  # written with a record of its data: is this the same?
+        now = trainer._data_fingerprint()
+        diffs = [f"{k.replace('_', ' ')} {saved[k]} -> {now[k]}"
+                 for k in ("num_classes", "input_shape") if k in saved and saved[k] != now[k]]  # fmt: skip
+        if diffs:
+            d = cfg.data
+            raise CheckpointError(
+                f"'{p}' was trained on other data than data.name={d.name!r}, data.root="
+                f"{d.root!r} gives ({'; '.join(diffs)}); evaluate it on its own data (data.root=...)"
+            )
     if state.get("format") is not None:  # a training state (last.pt)
         trainer.scheduler = trainer.task.build_scheduler(trainer.optimizer, 1)
         trainer.load_state_dict(state)
@@ -179,11 +191,13 @@ def evaluate_run(
     res["n_total"] = n_total
     res["checkpoint"] = str(path)
     res["run"] = cfg.name
-    if write:
-        (path.parent / "robust.json").write_text(json.dumps(res, indent=2) + "\n")
+    if write:  # each file replaced whole or not at all (a full disk keeps the old one)
+        text = (json.dumps(res, indent=2) + "\n").encode()
+        atomic_write(path.parent / "robust.json", lambda f: f.write(text), "robust.json")
         summary = path.parent / "summary.json"
         if summary.is_file():
             data = json.loads(summary.read_text())
             data["robust"] = res
-            summary.write_text(json.dumps(data, indent=2) + "\n")
+            text = (json.dumps(data, indent=2) + "\n").encode()
+            atomic_write(summary, lambda f: f.write(text), "summary")
     return res

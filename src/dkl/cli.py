@@ -318,6 +318,11 @@ def _user_error(e: BaseException) -> tuple[int, str] | None:
             else ""
         )
         return (1 if full else 2), f"{reason}{where}{hint}"
+    if _out_of_memory(e):
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return 1, (
+            f"out of memory ({first}); lower data.batch_size, data.image_size or the model's size"
+        )
     from dkl.robust import GradientMaskingError
     from dkl.train import Interrupted, NonFiniteLossError
 
@@ -330,6 +335,20 @@ def _user_error(e: BaseException) -> tuple[int, str] | None:
     if isinstance(e, ValueError):  # our checks of data, checkpoints and arguments
         return 2, str(e)
     return None
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """A host or GPU allocation that failed (torch raises RuntimeError or OutOfMemoryError)."""
+    if isinstance(e, MemoryError):
+        return True
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
