@@ -550,6 +550,42 @@ def test_a_resume_on_other_data_names_the_data_not_the_model(tmp_path, capsys):
     assert "num classes 3 -> 4" in line and "model.name" not in line
 
 
+def test_a_teacher_with_nan_weights_is_refused_naming_the_file(cfg_file, capsys):
+    teacher = _run(cfg_file.parent, "name=teacher") / "final.pt"
+    state = load_checkpoint(teacher)
+    first = next(iter(state["model"]))
+    state["model"][first][0].fill_(float("nan"))
+    ckpt.save_checkpoint({k: v for k, v in state.items() if k not in ("sha256", "hashed")}, teacher)
+    code, err = _cli(capsys, "train", cfg_file, "name=student", "distill.method=kd",
+                     f"distill.teacher.checkpoint={teacher}", "--out", teacher.parents[1], *QUIET)  # fmt: skip
+    line = _line(err)
+    assert code == 2 and f"'{teacher}' holds NaN or inf weights ('{first}')" in line
+
+
+def test_a_registered_data_set_with_nan_pixels_is_refused_up_front():
+    from dkl.data import ImageSplits, TensorImageDataset, register_dataset
+    from dkl.data.datasets import _REGISTRY
+
+    x = torch.rand(8, 1, 2, 2)
+    x[5, 0, 1, 0] = float("nan")
+    sets = TensorImageDataset(x, torch.arange(8) % 2)
+
+    register_dataset("hostile_nan")(lambda request: ImageSplits(sets, sets, 2))
+    try:
+        with pytest.raises(ValueError, match=r"training images: 1 value\(s\) are NaN or inf, the "
+                           r"first at index \(5, 0, 1, 0\) \(image 5\)"):  # fmt: skip
+            build_datasets("hostile_nan", mean=[0.5], std=[0.5])
+    finally:
+        del _REGISTRY["hostile_nan"]
+
+
+@pytest.mark.parametrize("base", ["5", "[a.yaml, null]", "{x: 1}"])
+def test_a_base_that_is_not_a_name_is_one_line(tmp_path, base):
+    (tmp_path / "c.yaml").write_text(f"_base_: {base}\nseed: 1\n")
+    with pytest.raises(ConfigError, match=r"_base_: expected a preset name or path"):
+        load_config(tmp_path / "c.yaml")
+
+
 def test_eval_on_other_data_names_the_data(tmp_path, capsys):
     rng = np.random.default_rng(1)
     np.savez(tmp_path / "three.npz", x=rng.random((60, 8, 8)), y=np.arange(60) % 3)
@@ -693,7 +729,8 @@ def test_a_non_finite_pixel_names_the_image_and_index(tmp_path, bad):
     with pytest.raises(ValueError) as e:
         _build(path)
     msg = str(e.value)
-    assert str(path) in msg and "'x'" in msg and "index (7, 0, 2, 3) (image 7)" in msg
+    assert str(path) in msg and "'x'" in msg and "1 value(s) are NaN or inf" in msg
+    assert "index (7, 0, 2, 3) (image 7)" in msg
 
 
 @pytest.mark.parametrize(

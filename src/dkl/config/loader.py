@@ -384,6 +384,11 @@ def _load_yaml(path: Path, stack: tuple[Path, ...] = ()) -> dict:
         return data
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(
+            f"config '{path}': _base_: expected a preset name or path, or a list of them, got "
+            f"{bases!r}"
+        )
     merged: dict = {}
     for b in bases:
         merged = _deep_merge(merged, _load_yaml(_resolve_preset(b, path.parent), (*stack, path)))

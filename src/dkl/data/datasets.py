@@ -37,7 +37,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .preprocess import POLICIES, PreparedImages, cached_stats, image_transforms, probe
+from .preprocess import (
+    POLICIES,
+    PreparedImages,
+    cached_stats,
+    check_finite,
+    image_transforms,
+    probe,
+)
 from .seeding import mix_seed
 
 __all__ = [
@@ -387,6 +394,9 @@ def prepare_images(splits: ImageSplits, request: DataRequest) -> tuple[Dataset, 
     is (batched fetches).
     """
     r = request
+    for label, split in (("training", splits.train), ("test", splits.test)):
+        if isinstance(split, TensorImageDataset):  # a tensor-backed split may skip as_pixels
+            check_finite(split.images, f"data '{r.name}': {label} images")
     channels, stored = probe(splits.train, r.channels)
     policy = splits.augment if r.augment == "default" else r.augment
     side = r.image_size or (224 if policy == "imagenet" else 0)

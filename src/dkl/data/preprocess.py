@@ -142,6 +142,28 @@ def to_chw(x: Any, *, what: str = "image") -> Tensor:
     return as_pixels(t, what)
 
 
+def check_finite(t: Tensor, what: str = "images") -> None:
+    """A ``ValueError`` naming ``what``, how many values and the index of the first when a
+    floating-point ``t`` holds NaN or inf (with ``(image i)`` for a batch ``(N, C, H, W)``).
+
+    >>> check_finite(torch.tensor([[0.5, float("nan")]]), "x")
+    Traceback (most recent call last):
+    ...
+    ValueError: x: 1 value(s) are NaN or inf, the first at index (0, 1); clean or drop those images
+    """
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    finite = torch.isfinite(t)
+    if bool(finite.all()):
+        return
+    where = tuple(int(i) for i in (~finite).nonzero()[0])
+    image = f" (image {where[0]})" if t.ndim == 4 else ""
+    raise ValueError(
+        f"{what}: {int((~finite).sum())} value(s) are NaN or inf, the first at index "
+        f"{where}{image}; clean or drop those images"
+    )
+
+
 def as_pixels(t: Tensor, what: str = "image") -> Tensor:
     """``t`` as uint8 (uint8 and integers 0..255) or float32 (finite floats in [0, 1]); anything
     else, a NaN or inf pixel or a value out of range, is a ``ValueError`` naming ``what`` (and
@@ -160,15 +182,7 @@ def as_pixels(t: Tensor, what: str = "image") -> Tensor:
     t = t.float()
     if t.numel() == 0:
         return t.contiguous()
-    finite = torch.isfinite(t)
-    if not bool(finite.all()):
-        where = tuple(int(i) for i in (~finite).nonzero()[0])
-        n_bad = int((~finite).sum())
-        image = f" (image {where[0]})" if t.ndim == 4 else ""
-        raise ValueError(
-            f"{what}: {n_bad} pixel(s) are NaN or inf, the first at index {where}{image}; "
-            f"clean or drop those images"
-        )
+    check_finite(t, what)
     lo, hi = float(t.min()), float(t.max())
     if lo < 0.0 or hi > 1.0:
         raise ValueError(
@@ -182,10 +196,10 @@ def _is_pil(item: Any) -> bool:
     return type(item).__module__.startswith("PIL.") and hasattr(item, "getbands")
 
 
-def _stored_channels(item: Any) -> int:
+def _stored_channels(item: Any, what: str = "image") -> int:
     if _is_pil(item):
         return 1 if item.mode in _GREY_MODES else 3
-    return int(to_chw(item).shape[0])
+    return int(to_chw(item, what=what).shape[0])
 
 
 def _convert(item: Any, channels: int, what: str) -> Any:
@@ -284,7 +298,12 @@ def probe(source: Any, channels: int, *, looks: int = 16) -> tuple[int, tuple[in
     c = channels
     if not c:
         picks = sorted({0, *np.linspace(0, n - 1, min(looks, n)).round().astype(int).tolist()})
-        c = max(_stored_channels(first if i == 0 else source[i][0]) for i in picks)
+        c = max(
+            _stored_channels(
+                first if i == 0 else source[i][0], describe(i) if describe else f"item {i}"
+            )
+            for i in picks
+        )
     return c, _size_of(_convert(first, c, describe(0) if describe else "item 0"))
 
 
