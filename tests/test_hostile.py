@@ -171,6 +171,50 @@ def test_numbers_in_yaml_1_2_form_are_numbers(tmp_path):
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.seed) == (0.0005, 1e-05, 1000)
 
 
+def _numeric_keys(cls, prefix: str):
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _numeric_keys(tp, f"{prefix}{f.name}.")
+        elif tp in (int, float) or str(tp).startswith("list[int") or str(tp) == "list[float]":
+            yield f"{prefix}{f.name}" + ("[]" if str(tp).startswith("list") else "")
+
+
+def test_every_numeric_key_of_every_section_has_a_range():
+    from dkl.config import RANGES
+    from dkl.config.schema import BUILTIN_SECTIONS, COMMON_SECTIONS
+
+    keys = [
+        k
+        for n, c in {**COMMON_SECTIONS, **BUILTIN_SECTIONS}.items()
+        for k in _numeric_keys(c, f"{n}.")
+    ]
+    assert len(keys) > 70
+    # data.channels is one of 0, 1, 3 (DataConfig.validate), not a range
+    assert [k for k in keys if k not in RANGES] == ["data.channels"]
+
+
+@pytest.mark.parametrize(
+    ("override", "expect"),
+    [
+        ("data.image_size=-2", "data.image_size: must be >= 0, got -2"),
+        ("data.crop_padding=-3", "data.crop_padding: must be >= -1, got -3"),
+        ("data.crop_scale=[0, 1]", "data.crop_scale[0]: must be in (0, 1], got 0.0"),
+        ("data.crop_scale=[0.9, 0.1]", "data.crop_scale: expected [lo, hi] with lo <= hi"),
+        ("data.ra_magnitude=31", "data.ra_magnitude: must be in [0, 30], got 31"),
+        ("data.val_fraction=1", "data.val_fraction: must be in (0, 1), got 1.0"),
+    ],
+)
+def test_data_keys_follow_the_same_rule(override, expect):
+    with pytest.raises(ConfigError) as e:
+        load_config("kd/digits_ikl", [override])
+    assert str(e.value).startswith(expect)
+
+
 def test_a_custom_recipe_section_gets_the_finite_rule():
     from dataclasses import dataclass
 

@@ -62,6 +62,8 @@ class Range:
                 f"in {'(' if self.lo_open else '['}{_num(self.lo)}, "
                 f"{_num(self.hi)}{')' if self.hi_open else ']'}"
             )
+        elif self.lo is None and self.hi is None:
+            body = "a finite number (float32)" if is_float else "a whole number"
         else:
             bound = self.lo if self.lo is not None else self.hi
             op = (
@@ -90,6 +92,12 @@ RANGES: dict[str, Range] = {
     "data.eval_batch_size": POSITIVE,
     "data.num_workers": NON_NEGATIVE,
     "data.std[]": POSITIVE,
+    "data.image_size": NON_NEGATIVE,  # 0: as stored
+    "data.crop_padding": Range(-1),  # -1: a side / 8
+    "data.crop_scale[]": SHARE_OPEN_BOTTOM,
+    "data.ra_ops": NON_NEGATIVE,
+    "data.ra_magnitude": Range(0, 30),  # RandAugment's magnitude bins
+    "data.val_fraction": Range(0, 1, lo_open=True, hi_open=True),
     "optim.lr": POSITIVE,
     "optim.momentum": SHARE_OPEN_TOP,
     "optim.weight_decay": NON_NEGATIVE,
@@ -102,6 +110,8 @@ RANGES: dict[str, Range] = {
     "sched.min_lr_ratio": SHARE,
     # usb_cosine: max(0, cos(pi * cycles * x)), x in [0, 1]: above 1/2 the lr is 0 at the end
     "sched.cycles": Range(0, 0.5, lo_open=True),
+    "sched.offset": Range(),  # any finite shift
+    "train.epochs": NON_NEGATIVE,  # >= 1 unless train.iterations > 0 (the loader checks)
     "train.iterations": NON_NEGATIVE,
     "train.eval_every": NON_NEGATIVE,
     "train.threads": NON_NEGATIVE,
