@@ -108,7 +108,7 @@ def _feed(h: Any, x: Any) -> None:
         t = x.detach().to("cpu").contiguous().reshape(-1)
         h.update(f"T{t.dtype}{tuple(x.shape)}:".encode())
         if t.numel():
-            h.update(t.view(torch.uint8).numpy().tobytes())
+            h.update(t.view(torch.uint8).numpy())  # the buffer itself, no copy
     elif isinstance(x, dict):
         h.update(f"D{len(x)}:".encode())
         for k, v in x.items():

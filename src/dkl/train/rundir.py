@@ -60,6 +60,13 @@ def _lock(f: IO[str]) -> bool:
     return True
 
 
+def _same_file(f: IO[str], path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+    except OSError:
+        return False
+
+
 class RunLock:
     """Hold ``folder/.lock`` for the life of a run (a context manager, or acquire / release).
 
@@ -75,15 +82,23 @@ class RunLock:
     def acquire(self) -> RunLock:
         self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
-        f = open(self.folder / LOCK_NAME, "a+")  # noqa: SIM115  (held open: it is the lock)
-        if not _lock(f):
-            f.seek(0)
-            owner = f.read().strip() or "unknown"
-            f.close()
-            raise RunFolderBusy(
-                f"run folder '{self.folder}' is in use by a live process (pid {owner}): another "
-                f"run of the same name? Wait for it to end, or choose another name=... or --out"
-            )
+        path = self.folder / LOCK_NAME
+        for _ in range(10):
+            f = open(path, "a+")  # noqa: SIM115  (held open: it is the lock)
+            if not _lock(f):
+                f.seek(0)
+                owner = f.read().strip() or "unknown"
+                f.close()
+                raise RunFolderBusy(
+                    f"run folder '{self.folder}' is in use by a live process (pid {owner}): "
+                    f"another run of the same name? Wait for it to end, or choose another "
+                    f"name=... or --out"
+                )
+            if _same_file(f, path):
+                break
+            f.close()  # a run that was leaving removed the file we locked: lock the new one
+        else:
+            raise RunFolderBusy(f"run folder '{self.folder}': could not lock '{path}'")
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")
