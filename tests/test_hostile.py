@@ -630,6 +630,27 @@ def test_a_base_that_is_not_a_name_is_one_line(tmp_path, base):
         load_config(tmp_path / "c.yaml")
 
 
+def test_an_old_checkpoint_on_other_data_blames_the_data(tmp_path, capsys):
+    """Without the data record (an older checkpoint), a head of another class count still
+    points at the data, not at the model."""
+    rng = np.random.default_rng(2)
+    data = tmp_path / "mine.npz"
+    np.savez(data, x=rng.random((60, 8, 8)), y=np.arange(60) % 3)
+    base = {**TINY, "data": {"name": "npz", "root": str(data), "batch_size": 16}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(base))
+    run = _run(tmp_path)
+    state = torch.load(run / "last.pt", weights_only=True)
+    for key in ("sha256", "hashed", "data"):
+        state.pop(key)
+    torch.save(state, run / "last.pt")
+    np.savez(data, x=rng.random((60, 8, 8)), y=np.arange(60) % 5)
+    code, err = _cli(capsys, "train", tmp_path / "tiny.yaml", "train.epochs=2", "--resume",
+                     "--out", tmp_path / "runs", *QUIET)  # fmt: skip
+    line = _line(err)
+    assert code == 2 and "the data has 5 classes, the checkpoint's model 3" in line
+    assert "data.root" in line and "model.kwargs" not in line
+
+
 def test_eval_on_other_data_names_the_data(tmp_path, capsys):
     rng = np.random.default_rng(1)
     np.savez(tmp_path / "three.npz", x=rng.random((60, 8, 8)), y=np.arange(60) % 3)

@@ -116,7 +116,10 @@ def load_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Trainer, 
         trainer.scheduler = trainer.task.build_scheduler(trainer.optimizer, 1)
         trainer.load_state_dict(state)
         return trainer, trainer.task.eval_model()
-    load_model_state(unwrap_normalization(trainer.raw_model), state["model"], f"'{p}'")
+    load_model_state(
+        unwrap_normalization(trainer.raw_model), state["model"], f"'{p}'",
+        num_classes=trainer.ctx.info.num_classes,
+    )  # fmt: skip
     return trainer, trainer.raw_model
 
 

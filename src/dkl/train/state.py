@@ -43,17 +43,47 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
     return any(key == p.rstrip(".") or key.startswith(p.rstrip(".") + ".") for p in patterns)
 
 
-def load_model_state(model: torch.nn.Module, saved: dict, source: str = "the checkpoint") -> None:
+def load_model_state(
+    model: torch.nn.Module,
+    saved: dict,
+    source: str = "the checkpoint",
+    num_classes: int | None = None,
+) -> None:
     """``model.load_state_dict(saved)``, with a one-line :class:`CheckpointError` when ``saved``
-    belongs to another architecture or width (what is missing, unexpected or reshaped)."""
+    belongs to another architecture or width (what is missing, unexpected or reshaped). With
+    ``num_classes`` (the data's), a mismatch only in the class dimension blames the data."""
     try:
         model.load_state_dict(saved)
     except RuntimeError:
+        own = model.state_dict()
+        cause = "was model.name or model.kwargs changed?"
+        old = _class_count(own, saved, num_classes)
+        if old is not None:
+            cause = (
+                f"the data has {num_classes} classes, the checkpoint's model {old}: was the data "
+                f"(data.name, data.root) changed?"
+            )
         raise ckpt.CheckpointError(
             f"{source} holds the weights of another model than this {type(model).__name__} "
-            f"({_model_mismatch(model.state_dict(), saved)}); was model.name or model.kwargs "
-            f"changed?"
+            f"({_model_mismatch(own, saved)}); {cause}"
         ) from None
+
+
+def _class_count(own: dict, saved: dict, num_classes: int | None) -> int | None:
+    """The checkpoint's class count when the models differ only in their class dimension."""
+    if num_classes is None or set(own) - set(saved) - {k for k in own if "num_batches" in k}:
+        return None
+    if set(saved) - set(own):
+        return None
+    counts = set()
+    for k, t in own.items():
+        s = saved.get(k)
+        if not hasattr(s, "shape") or s.shape == t.shape:
+            continue
+        if t.dim() == 0 or t.shape[0] != num_classes or s.shape[1:] != t.shape[1:]:
+            return None
+        counts.add(int(s.shape[0]))
+    return counts.pop() if len(counts) == 1 else None
 
 
 def _model_mismatch(own: dict, saved: dict) -> str:
@@ -119,7 +149,10 @@ class TrainingState:
                 f"not a dkl training checkpoint of this version (format {state.get('format')!r}, "
                 f"expected {ckpt.CHECKPOINT_FORMAT!r}); use model.checkpoint= for plain weights"
             )
-        load_model_state(unwrap_normalization(self.raw_model), state["model"])
+        load_model_state(
+            unwrap_normalization(self.raw_model), state["model"],
+            num_classes=self.ctx.info.num_classes,
+        )  # fmt: skip
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
