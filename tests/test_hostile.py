@@ -253,6 +253,18 @@ def test_a_combination_that_cannot_reach_its_target_warns_naming_the_keys(
     assert len(warnings) == 1 and all(k in warnings[0] for k in keys), warnings
 
 
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "keys"),
+    [
+        ("distill", ["distill.method=kd", "distill.gi=true"], ["distill.gi", "method=kd"]),
+        ("semisup", ["semisup.threshold=1"], ["semisup.threshold=1", "fixmatch_ikl"]),
+    ],
+)
+def test_a_setting_that_would_be_ignored_warns(recipe, overrides, keys):
+    warnings = config_warnings(load_config({"recipe": recipe, "name": "x"}, overrides))
+    assert len(warnings) == 1 and all(k in warnings[0] for k in keys), warnings
+
+
 def test_the_ramp_warning_gives_the_share_reached_and_the_run_logs_it(cfg_file):
     logs: list[str] = []
     cfg = _cfg(cfg_file, "train.epochs=1")

@@ -264,13 +264,23 @@ def config_warnings(cfg: Config, steps_per_epoch: int | None = None) -> list[str
             out.append(
                 f"sched.milestones {late} lie at or after the end of the run ({run}): never applied"
             )
+    d = cfg.distill
+    if d is not None and d.gi and d.method not in ("ikl", "gkl"):
+        out.append(
+            f"distill.gi=true only acts with ikl or gkl; distill.method={d.method} ignores it"
+        )
+    u = cfg.semisup
+    if u is not None and u.method.startswith("fixmatch") and u.threshold >= 1:
+        out.append(
+            f"semisup.threshold={_num(u.threshold)}: a pseudo-label needs a confidence of exactly "
+            f"1, so (almost) no unlabeled image counts (semisup.method={u.method})"
+        )
     epochs = t.epochs
     if iterations:
         epochs = -(-t.iterations // steps_per_epoch) if steps_per_epoch else 0
     if not epochs:
         return out
     run_epochs = run if not iterations else f"{run}, {epochs} data epochs"
-    d = cfg.distill
     if d is not None and d.method in ("dkd", "ikl", "gkl") and d.warmup > epochs:
         out.append(
             f"distill.warmup={_num(d.warmup)} epochs is longer than the run ({run_epochs}): the "
