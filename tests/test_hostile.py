@@ -798,6 +798,26 @@ def test_a_label_beyond_the_declared_classes_is_named():
         del _REGISTRY["hostile_extra"]
 
 
+@pytest.mark.parametrize("edit", ['"std": [0.0]', '"mean": [NaN]', '"std": "x"', '"mean": []'])
+def test_an_edited_statistics_cache_is_recomputed_not_used(tmp_path, edit):
+    x = np.random.default_rng(3).random((40, 4, 4)).astype(np.float32)
+    x_test = np.random.default_rng(4).random((8, 4, 4)).astype(np.float32)
+    path = _npz(
+        tmp_path / "d.npz", x=x, y=np.arange(40) % 2, x_test=x_test, y_test=np.arange(8) % 2
+    )
+    kw = {"mean": "auto", "std": "auto", "cache_dir": str(tmp_path)}
+    _build(path, **kw)
+    cache = tmp_path / "data_stats.json"
+    text = cache.read_text()
+    key = edit.split(":")[0]
+    start = text.index(key)
+    end = text.index("]", start) + 1
+    cache.write_text(text[:start] + edit + text[end:])
+    info = _build(path, **kw)[2]
+    assert info.mean[0] == pytest.approx(float(x.astype(np.float64).mean()), rel=1e-6)
+    assert info.std[0] == pytest.approx(float(x.astype(np.float64).std()), rel=1e-5)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_a_non_finite_pixel_names_the_image_and_index(tmp_path, bad):
     x = np.random.default_rng(0).random((12, 4, 4))

@@ -32,6 +32,7 @@ evaluation are the same tensor.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,6 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from dkl._files import atomic_write
 
 __all__ = [
     "POLICIES",
@@ -361,17 +364,22 @@ def cached_stats(
     if path is not None and path.is_file():
         try:
             saved = json.loads(path.read_text())
-            if saved.get("key") == key:
-                return tuple(saved["mean"]), tuple(saved["std"])
-        except (ValueError, KeyError, TypeError):
-            pass  # unreadable: computed again and rewritten
+            mean, std = tuple(map(float, saved["mean"])), tuple(map(float, saved["std"]))
+            usable = (
+                len(mean) == len(std) > 0
+                and all(math.isfinite(v) for v in (*mean, *std))
+                and min(std) > 0
+            )
+            if saved.get("key") == key and usable:
+                return mean, std
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass  # unreadable or edited into nonsense: computed again and rewritten
     mean, std = channel_stats(dataset)
     std = tuple(s if s > 0 else 1.0 for s in std)  # a constant channel: (x - mean) / 1 = 0
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "mean": mean, "std": std}, indent=1) + "\n")
-        os.replace(tmp, path)
+        text = (json.dumps({"key": key, "mean": mean, "std": std}, indent=1) + "\n").encode()
+        atomic_write(path, lambda f: f.write(text), "data statistics")
     return mean, std
 
 

@@ -99,10 +99,15 @@ class RunLock:
             f.close()  # a run that was leaving removed the file we locked: lock the new one
         else:
             raise RunFolderBusy(f"run folder '{self.folder}': could not lock '{path}'")
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+        except OSError as e:
+            f.close()
+            reason = os.strerror(e.errno) if e.errno else str(e)
+            raise OSError(e.errno, f"could not write the run's lock file '{path}': {reason}") from e
         self._file = f
         return self
 
