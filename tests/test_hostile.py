@@ -333,7 +333,9 @@ def test_a_binary_file_given_as_config_says_what_it_is(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["", " ", "/", "..", ".", "a/b", "../escape", "a\\b", "x\ny"])
+@pytest.mark.parametrize(
+    "name", ["", " ", "/", "..", ".", "a/b", "../escape", "a\\b", "x\ny", "n" * 300]
+)
 def test_a_run_name_that_is_a_path_is_refused(cfg_file, capsys, name):
     out = cfg_file.parent / "out"
     code, err = _cli(capsys, "train", cfg_file, f"name={name!r}", "--out", out, *QUIET)
@@ -751,6 +753,14 @@ def _npz(path: Path, **arrays) -> Path:
 
 def _build(root: Path, **kw):
     return build_datasets("npz", root=str(root), **kw)
+
+
+@pytest.mark.parametrize("name", ["npz", "imagefolder"])
+def test_options_a_source_does_not_take_are_refused_not_ignored(tmp_path, name):
+    with pytest.raises(
+        ValueError, match=rf"data '{name}' takes no data.options, got \['image_key'\]"
+    ):
+        build_datasets(name, root=str(tmp_path), options={"image_key": "x"})
 
 
 def test_one_class_is_refused(tmp_path):

@@ -217,11 +217,12 @@ def _check_name(name: str) -> None:
         or any(c in name for c in "/\\")
         or any(ord(c) < 32 or ord(c) == 127 for c in name)
         or name != name.strip()
+        or len(name.encode("utf-8", "surrogatepass")) > 255  # a folder name's limit
     )
     if bad:
         raise ConfigError(
             f"name: must be a run name (one folder under train.out_dir: not empty, not '.' or "
-            f"'..', no '/' or '\\', no control characters or edge spaces), got {name!r}"
+            f"'..', no '/' or '\\', no control characters or edge spaces, at most 255 bytes), got {name!r}"
         )
 
 

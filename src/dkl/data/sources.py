@@ -54,6 +54,14 @@ _TEST_SPLITS = ("test", "validation", "valid", "val")
 # --------------------------------------------------------------------------------------------
 
 
+def _no_options(name: str, request: DataRequest) -> None:
+    """A source that takes no ``data.options`` refuses them rather than ignore them."""
+    if request.options:
+        raise ValueError(
+            f"data '{name}' takes no data.options, got {sorted(request.options)}; remove them"
+        )
+
+
 def _image_extensions() -> tuple[str, ...]:
     try:
         from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -142,6 +150,7 @@ def _imagefolder(request: DataRequest) -> ImageSplits:
     """``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test/``); with no test folder, or
     with class folders directly under ``root``, a fixed stratified ``data.val_fraction`` of the
     images is held out as the test split (the same images for every seed)."""
+    _no_options("imagefolder", request)
     root = Path(request.root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data 'imagefolder': data.root '{root}' is not a folder")
@@ -212,6 +221,7 @@ def _labels_from_array(y: np.ndarray, n: int, path: Path, key: str) -> torch.Ten
 
 @register_dataset("npz")
 def _npz(request: DataRequest) -> ImageSplits:
+    _no_options("npz", request)
     path = Path(request.root).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"data 'npz': data.root '{path}' is not a file (a numpy .npz)")
