@@ -11,8 +11,10 @@ A run is described by one :class:`~dkl.config.Config`, built from
    a distillation run. A short key that more than one of them has is an error naming the full
    keys (``warmup`` is ``sched.warmup`` or ``distill.warmup``).
 
-Everything is validated against dataclasses: an unknown key, a value of the wrong type or a missing
-preset raises :class:`~dkl.config.ConfigError` with one line naming the key.
+Everything is validated against dataclasses: an unknown key, a value of the wrong type or out of
+its range (:data:`dkl.config.RANGES`), a key written twice in one YAML file, a run name that is a
+path or a missing preset raises :class:`~dkl.config.ConfigError` with one line naming the key.
+YAML is read as 1.2 reads numbers (``5e-4`` is a number; a quoted ``"4"`` is a string).
 
 >>> cfg = load_config("kd/digits_ikl", ["distill.beta=0.5", "seed=3"])
 >>> cfg.distill.method, cfg.distill.beta, cfg.seed, cfg.adversarial
