@@ -199,11 +199,11 @@ class Trainer(TrainingState):
             self._resume(cfg.run_dir / "last.pt", new_epoch=new_epoch)
         else:
             found = rundir.previous_run(cfg.run_dir)
-            if found and not t.overwrite:
+            if D.any_rank(bool(found) and not t.overwrite):  # every rank stops together
                 state = "a finished run" if "final.pt" in found else "a run"
                 raise FileExistsError(
-                    f"'{cfg.run_dir}' already holds {state} ({', '.join(found)}); pass --resume "
-                    f"to continue it, choose another name=... or --out, or set "
+                    f"'{cfg.run_dir}' already holds {state} ({', '.join(found) or 'on rank 0'}); "
+                    f"pass --resume to continue it, choose another name=... or --out, or set "
                     f"train.overwrite=true to replace it"
                 )
             if found and self.rank == 0:
