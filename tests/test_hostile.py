@@ -343,6 +343,17 @@ def test_a_run_name_that_is_a_path_is_refused(cfg_file, capsys, name):
     assert sorted(p.name for p in cfg_file.parent.iterdir()) == ["tiny.yaml"]
 
 
+def test_a_config_edited_in_python_meets_the_same_rule(cfg_file):
+    cfg = _cfg(cfg_file)
+    cfg.name = "../outside"
+    with pytest.raises(ConfigError, match=r"^name: must be a run name"):
+        train(cfg, log=lambda m: None)
+    cfg.name, cfg.sched.gamma = "tiny", -1.0
+    with pytest.raises(ConfigError, match=r"^sched\.gamma: must be in \(0, 1\], got -1\.0"):
+        train(cfg, log=lambda m: None)
+    assert not (cfg_file.parent / "outside").exists() and not (cfg_file.parent / "runs").exists()
+
+
 def test_a_folder_locked_by_a_live_process_is_refused_and_a_killed_one_leaves_no_lock(
     cfg_file, capsys
 ):

@@ -26,7 +26,8 @@ import torch.distributed as dist
 from torch import nn
 
 from dkl._files import atomic_write
-from dkl.config import Config, ConfigError, apply_overrides, config_from_dict
+from dkl.config import Config, ConfigError, apply_overrides, config_from_dict, config_to_dict
+from dkl.config.ranges import check_values
 from dkl.models import unwrap_normalization
 from dkl.recipes import get_recipe
 from dkl.robust import evaluate_robustness
@@ -37,7 +38,12 @@ __all__ = ["evaluate_checkpoint", "evaluate_run", "load_run", "make_trainer", "t
 
 
 def make_trainer(cfg: Config, *, log: Callable[[str], None] | None = None, **kw: Any) -> Trainer:
-    """A :class:`~dkl.train.Trainer` for ``cfg`` with its recipe's task."""
+    """A :class:`~dkl.train.Trainer` for ``cfg`` with its recipe's task.
+
+    ``cfg`` is checked as a loaded config is (:data:`dkl.config.RANGES`, the run's name), so a
+    :class:`~dkl.config.Config` built or edited in Python meets the same rule.
+    """
+    check_values(cfg, config_to_dict(cfg))
     try:
         task_cls = get_recipe(cfg.recipe)
     except KeyError as e:
