@@ -319,6 +319,26 @@ def test_a_key_written_twice_in_a_base_file_is_found_there(tmp_path):
         load_config(tmp_path / "run.yaml")
 
 
+def test_an_alias_bomb_and_deep_nesting_are_one_line_and_quick(tmp_path):
+    rows = ["model:", "  name: mlp", "  kwargs:", "    a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    rows += [f"    a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(rows) + "\n")  # 10^9 values once expanded
+    start = time.time()
+    with pytest.raises(ConfigError, match=r"bomb\.yaml': expands to more than 100,000 values"):
+        load_config(bomb)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("seed: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=r"deep\.yaml': nested too deeply"):
+        load_config(deep)
+    assert time.time() - start < 30
+
+
+def test_a_whole_number_beyond_64_bits_is_refused():
+    with pytest.raises(ConfigError, match=r"^data\.batch_size: must be > 0 and fit in 64 bits"):
+        load_config("kd/digits_ikl", [f"data.batch_size={10**23}"])
+
+
 def test_a_binary_file_given_as_config_says_what_it_is(tmp_path, capsys):
     path = tmp_path / "model.pt"
     torch.save({"w": torch.ones(3)}, path)

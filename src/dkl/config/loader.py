@@ -323,24 +323,50 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _duplicate_keys(node: yaml.Node, where: str, prefix: str = "") -> None:
-    """A key written twice in one mapping (YAML keeps the last one silently): an error."""
+def _duplicate_keys(
+    node: yaml.Node, where: str, prefix: str = "", visited: set[int] | None = None
+) -> None:
+    """A key written twice in one mapping (YAML keeps the last one silently): an error. A node
+    reached again through an alias is checked once (no exponential walk of aliased aliases)."""
+    visited = set() if visited is None else visited
+    if id(node) in visited:
+        return
+    visited.add(id(node))
     if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
+        lines: dict[str, int] = {}
         for key, value in node.value:
             name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
             if isinstance(key, yaml.ScalarNode) and name != "<<":
                 line = key.start_mark.line + 1
-                if name in seen:
+                if name in lines:
                     raise ConfigError(
-                        f"{where}: key '{prefix}{name}' is written twice (lines {seen[name]} and "
+                        f"{where}: key '{prefix}{name}' is written twice (lines {lines[name]} and "
                         f"{line}); YAML would silently keep only the second: keep one"
                     )
-                seen[name] = line
-            _duplicate_keys(value, where, f"{prefix}{name}.")
+                lines[name] = line
+            _duplicate_keys(value, where, f"{prefix}{name}.", visited)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _duplicate_keys(item, where, f"{prefix.rstrip('.')}[{i}].")
+            _duplicate_keys(item, where, f"{prefix.rstrip('.')}[{i}].", visited)
+
+
+#: a config holds a few hundred values; more once YAML's aliases are expanded is an alias bomb
+_MAX_VALUES = 100_000
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many nodes ``node`` stands for with every alias expanded (linear in the graph)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a node that contains itself counts once
+    if isinstance(node, yaml.MappingNode):
+        n = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        n = 1 + sum(_expanded_size(v, memo) for v in node.value)
+    else:
+        n = 1
+    memo[id(node)] = n
+    return n
 
 
 class _Loader(yaml.SafeLoader):
@@ -361,10 +387,17 @@ def _parse_yaml(text: str, where: str) -> Any:
         node = yaml.compose(text, Loader=_Loader)
         if node is not None:
             _duplicate_keys(node, where)
+            if _expanded_size(node, {}) > _MAX_VALUES:
+                raise ConfigError(
+                    f"{where}: expands to more than {_MAX_VALUES:,} values (YAML aliases of "
+                    f"aliases?); a config is a few hundred"
+                )
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         msg = " ".join(str(e).split())
         raise ConfigError(f"{where}: invalid YAML ({msg})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to be a config") from None
 
 
 def _load_yaml(path: Path, stack: tuple[Path, ...] = ()) -> dict:

@@ -169,14 +169,25 @@ RANGES: dict[str, Range] = {
 _DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
 
 
-def _leaves(node: Any, key: str):
-    """``(dotted key, pattern key, value)`` for every number in a config dict."""
+_MAX_DEPTH = 32  # a config is a few levels deep; model.kwargs may nest a little more
+
+
+def _leaves(node: Any, key: str, seen: set[int] | None = None, depth: int = 0):
+    """``(dotted key, pattern key, value)`` for every number in a config dict. A container met
+    again (YAML aliases share them) is walked once."""
+    seen = set() if seen is None else seen
+    if isinstance(node, (dict, list, tuple)):
+        if id(node) in seen:
+            return
+        if depth > _MAX_DEPTH:
+            raise ConfigError(f"{key}: nested more than {_MAX_DEPTH} levels deep")
+        seen.add(id(node))
     if isinstance(node, dict):
         for k, v in node.items():
-            yield from _leaves(v, f"{key}.{k}" if key else str(k))
+            yield from _leaves(v, f"{key}.{k}" if key else str(k), seen, depth + 1)
     elif isinstance(node, (list, tuple)):
         for i, v in enumerate(node):
-            for full, pattern, x in _leaves(v, f"{key}[{i}]"):
+            for full, pattern, x in _leaves(v, f"{key}[{i}]", seen, depth + 1):
                 yield full, pattern.replace(f"{key}[{i}]", f"{key}[]", 1), x
     elif isinstance(node, (int, float)) and not isinstance(node, bool):
         yield key, key, node
@@ -197,6 +208,9 @@ def check_values(cfg: Config, data: dict) -> None:
             and (rng is None or not (rng.zero and x == 0))
         ):
             raise _fail(key, x, rng.text(True) if rng else "a finite number (float32)")
+        if not is_float and not -(2**63) <= x < 2**63:
+            raise _fail(key, x, f"{rng.text(False)} and fit in 64 bits" if rng else
+                        "a whole number that fits in 64 bits")  # fmt: skip
         if rng is not None and x not in rng:
             raise _fail(key, x, rng.text(is_float))
     betas = cfg.optim.betas
