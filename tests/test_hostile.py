@@ -823,6 +823,14 @@ def test_labels_with_gaps_name_the_missing_classes(tmp_path, labels):
     assert "np.unique(y, return_inverse=True)" in msg
 
 
+def test_a_huge_label_is_refused_without_allocating_its_classes(tmp_path):
+    path = _npz(tmp_path / "huge.npz", x=np.zeros((8, 4, 4)), y=np.array([0, 1] * 3 + [2**40] * 2))
+    with pytest.raises(ValueError) as e:
+        _build(path)
+    msg = str(e.value)
+    assert f"labels must be 0..{2**40}" in msg and f"(+{2**40 - 2 - 10} more)" in msg
+
+
 def test_a_label_beyond_the_declared_classes_is_named():
     from dkl.data import ImageSplits, register_dataset
     from dkl.data.datasets import _REGISTRY

@@ -90,7 +90,7 @@ RANGES: dict[str, Range] = {
     "seed": Range(0, 2**63 - 1),
     "data.batch_size": POSITIVE,
     "data.eval_batch_size": POSITIVE,
-    "data.num_workers": NON_NEGATIVE,
+    "data.num_workers": Range(0, 256),  # loader processes: more only thrash (and can exhaust pids)
     "data.std[]": POSITIVE,
     "data.image_size": NON_NEGATIVE,  # 0: as stored
     "data.crop_padding": Range(-1),  # -1: a side / 8
@@ -114,7 +114,7 @@ RANGES: dict[str, Range] = {
     "train.epochs": NON_NEGATIVE,  # >= 1 unless train.iterations > 0 (the loader checks)
     "train.iterations": NON_NEGATIVE,
     "train.eval_every": NON_NEGATIVE,
-    "train.threads": NON_NEGATIVE,
+    "train.threads": Range(0, 1024),  # 0: torch's default
     "train.save_every": NON_NEGATIVE,
     "train.grad_clip": NON_NEGATIVE,
     "train.log_every": NON_NEGATIVE,

@@ -374,15 +374,22 @@ def check_labels(
             )
     if y_train is None or not complete:
         return
-    present = np.unique(y_train)
-    missing = sorted(set(range(num_classes)) - {int(v) for v in present})
-    if missing:
-        which = "class" if len(missing) == 1 else "classes"
+    present = [int(v) for v in np.unique(y_train)]  # sorted, all in 0..C-1 by now
+    n_missing = num_classes - len(present)
+    if n_missing:
+        first, have, i = [], set(present), 0
+        while len(first) < 10 and i < num_classes:  # the first few, without a set of all C
+            if i not in have:
+                first.append(i)
+            i += 1
+        listed = _listing(first, classes) + (
+            f", ... (+{n_missing - len(first)} more)" if n_missing > len(first) else ""
+        )
+        which, verb = ("class", "has") if n_missing == 1 else ("classes", "have")
         raise ValueError(
             f"data '{name}': labels must be 0..{num_classes - 1}, each with training images; "
-            f"{which} {_listing(missing, classes)} {'has' if len(missing) == 1 else 'have'} none "
-            f"(labels present: {_listing([int(v) for v in present])}); {remap} or name only the "
-            f"classes you have"
+            f"{which} {listed} {verb} none (labels present: {_listing(present)}); {remap} or "
+            f"name only the classes you have"
         )
 
 
