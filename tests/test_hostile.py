@@ -578,6 +578,14 @@ def test_a_bad_checkpoint_is_one_line_naming_the_file_wherever_it_is_used(
     assert "weights_only=False" not in line
 
 
+def test_a_legacy_torch_file_loads_and_a_folder_is_named(tmp_path):
+    torch.save({"w": torch.arange(3.0)}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    assert torch.equal(load_checkpoint(tmp_path / "old.pt")["w"], torch.tensor([0.0, 1.0, 2.0]))
+    (tmp_path / "dir.pt").mkdir()
+    with pytest.raises(CheckpointError, match=r"dir\.pt' is a folder, not a checkpoint file"):
+        load_checkpoint(tmp_path / "dir.pt")
+
+
 def test_only_a_refused_pickled_object_mentions_weights_only_false(tmp_path):
     class Payload:
         def __reduce__(self):

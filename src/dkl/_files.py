@@ -250,6 +250,9 @@ def load_torch_file(
     import torch
 
     path = Path(path)
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file"
+        raise CheckpointError(f"{what} '{path}' is {kind}, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} '{path}' does not exist")
     size = path.stat().st_size
