@@ -10,6 +10,11 @@ A run folder holds up to three files:
 - ``final.pt``: the evaluated model at the end of training (an EMA where the recipe keeps one),
   same layout.
 
+Each also holds ``"sha256"``, the SHA-256 of the rest of its content (checked by
+:func:`load_checkpoint`: a damaged byte is refused, not loaded), ``"made_from"``, the SHA-256 of
+each file the run was made from (a student's teacher, the initial weights), and ``"data"``, the
+classes, input shape and split sizes it was trained on (a resumed or evaluated run compares them).
+
 :func:`find_checkpoint` is the one rule for which file a run folder stands for.
 """
 
