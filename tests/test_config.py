@@ -38,7 +38,10 @@ def test_preset_by_path_with_relative_base(tmp_path):
         (["train.deterministic=maybe"], r"^train\.deterministic: expected bool"),
         (["train.amp=fp8"], r"^train\.amp: expected one of 'none', 'bf16', 'fp16', got 'fp8'"),
         (["distill.method=magic"], r"^distill\.method: expected one of 'ce', 'kd'"),
-        (["distill.temperature=-1"], r"^distill: temperature must be > 0"),
+        (
+            ["distill.temperature=-1"],
+            r"^distill\.temperature: must be in \[0\.001, 10000\], got -1\.0",
+        ),
         (["distill.teacher.nme=x"], r"^unknown key 'distill\.teacher\.nme'"),
         (["data.batch_size=0"], r"^data\.batch_size: must be > 0"),
         (["noequals"], r"^override 'noequals': expected key=value"),

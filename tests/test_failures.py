@@ -205,7 +205,7 @@ def test_new_epoch_needs_resume(cfg_file, capsys):
     ("damage", "expect"),
     [
         (lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
-        (lambda p: p.write_bytes(p.read_bytes()[:500]), "truncated or not a torch checkpoint"),
+        (lambda p: p.write_bytes(p.read_bytes()[:500]), "truncated or damaged"),
         (lambda p: p.write_bytes(random.Random(0).randbytes(4096)), "not a torch checkpoint"),
         (lambda p: p.write_bytes((p.parent / "best.pt").read_bytes()), "not a training state"),
     ],
@@ -332,11 +332,12 @@ def test_the_learning_check_is_quiet_when_the_model_learns(cfg_file):
     [
         ("train.epochs=0", "train.epochs: must be >= 1 (or set train.iterations > 0), got 0"),
         ("optim.lr=-0.1", "optim.lr: must be a finite number > 0, got -0.1"),
-        ("optim.lr=nan", "optim.lr: must be a finite number > 0, got nan"),
+        ("optim.lr=.nan", "optim.lr: must be a finite number > 0, got nan"),
+        ("optim.lr=nan", "optim.lr: expected float, got 'nan' (a string, not a number"),
         ("optim.weight_decay=-1", "optim.weight_decay: must be a finite number >= 0"),
         ("optim.momentum=1.5", "optim.momentum: must be in [0, 1)"),
         ("data.batch_size=0", "data.batch_size: must be > 0, got 0"),
-        ("train.divergence_factor=-1", "train.divergence_factor: must be >= 0"),
+        ("train.divergence_factor=-1", "train.divergence_factor: must be a finite number >= 0"),
         ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
         ("model.name=no_such_net", "no_such_net"),
         ("recipe=no_such_recipe", "no_such_recipe"),

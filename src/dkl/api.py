@@ -25,7 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dkl.config import Config, ConfigError, apply_overrides, config_from_dict
+from dkl._files import atomic_write
+from dkl.config import Config, ConfigError, apply_overrides, config_from_dict, config_to_dict
+from dkl.config.ranges import check_values
 from dkl.models import unwrap_normalization
 from dkl.recipes import get_recipe
 from dkl.robust import evaluate_robustness
@@ -36,7 +38,12 @@ __all__ = ["evaluate_checkpoint", "evaluate_run", "load_run", "make_trainer", "t
 
 
 def make_trainer(cfg: Config, *, log: Callable[[str], None] | None = None, **kw: Any) -> Trainer:
-    """A :class:`~dkl.train.Trainer` for ``cfg`` with its recipe's task."""
+    """A :class:`~dkl.train.Trainer` for ``cfg`` with its recipe's task.
+
+    ``cfg`` is checked as a loaded config is (:data:`dkl.config.RANGES`, the run's name), so a
+    :class:`~dkl.config.Config` built or edited in Python meets the same rule.
+    """
+    check_values(cfg, config_to_dict(cfg))
     try:
         task_cls = get_recipe(cfg.recipe)
     except KeyError as e:
@@ -100,11 +107,25 @@ def load_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Trainer, 
         )
     cfg = config_from_dict(apply_overrides(state["config"], ["train.progress=false", *overrides]))
     trainer = make_trainer(cfg, log=lambda m: None, eval_only=True)
+    saved = state.get("data")
+    if isinstance(saved, dict):  # written with a record of its data: is this the same?
+        now = trainer._data_fingerprint()
+        diffs = [f"{k.replace('_', ' ')} {saved[k]} -> {now[k]}"
+                 for k in ("num_classes", "input_shape") if k in saved and saved[k] != now[k]]  # fmt: skip
+        if diffs:
+            d = cfg.data
+            raise CheckpointError(
+                f"'{p}' was trained on other data than data.name={d.name!r}, data.root="
+                f"{d.root!r} gives ({'; '.join(diffs)}); evaluate it on its own data (data.root=...)"
+            )
     if state.get("format") is not None:  # a training state (last.pt)
         trainer.scheduler = trainer.task.build_scheduler(trainer.optimizer, 1)
         trainer.load_state_dict(state)
         return trainer, trainer.task.eval_model()
-    load_model_state(unwrap_normalization(trainer.raw_model), state["model"], f"'{p}'")
+    load_model_state(
+        unwrap_normalization(trainer.raw_model), state["model"], f"'{p}'",
+        num_classes=trainer.ctx.info.num_classes,
+    )  # fmt: skip
     return trainer, trainer.raw_model
 
 
@@ -179,11 +200,13 @@ def evaluate_run(
     res["n_total"] = n_total
     res["checkpoint"] = str(path)
     res["run"] = cfg.name
-    if write:
-        (path.parent / "robust.json").write_text(json.dumps(res, indent=2) + "\n")
+    if write:  # each file replaced whole or not at all (a full disk keeps the old one)
+        text = (json.dumps(res, indent=2) + "\n").encode()
+        atomic_write(path.parent / "robust.json", lambda f: f.write(text), "robust.json")
         summary = path.parent / "summary.json"
         if summary.is_file():
             data = json.loads(summary.read_text())
             data["robust"] = res
-            summary.write_text(json.dumps(data, indent=2) + "\n")
+            text = (json.dumps(data, indent=2) + "\n").encode()
+            atomic_write(summary, lambda f: f.write(text), "summary")
     return res

@@ -36,6 +36,18 @@ _KEYS_EPILOG = (
 )
 
 
+def _version() -> str:
+    """The installed distribution's version, else the package's own (a source checkout)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("dkl")
+    except metadata.PackageNotFoundError:
+        import dkl
+
+        return dkl.__version__
+
+
 def _fail(msg: str, code: int = 2) -> int:
     print(f"dkl: error: {msg}", file=sys.stderr)
     return code
@@ -106,9 +118,11 @@ def _show_args(p: argparse.ArgumentParser) -> None:
 def _run_show(args: argparse.Namespace) -> int:
     import yaml
 
-    from dkl.config import config_to_dict
+    from dkl.config import config_to_dict, config_warnings
 
     cfg = _load(args)
+    for warning in config_warnings(cfg):
+        print(f"dkl: warning: {warning}", file=sys.stderr)
     print(f"# {args.config} {' '.join(args.overrides)}".rstrip())
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
     return 0
@@ -265,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Decoupled / Improved KL losses: training recipes.",
         epilog=_KEYS_EPILOG,
     )
+    parser.add_argument("--version", action="version", version=f"dkl {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _COMMANDS:
         _subparser(name, sub)
@@ -303,6 +318,11 @@ def _user_error(e: BaseException) -> tuple[int, str] | None:
             else ""
         )
         return (1 if full else 2), f"{reason}{where}{hint}"
+    if _out_of_memory(e):
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return 1, (
+            f"out of memory ({first}); lower data.batch_size, data.image_size or the model's size"
+        )
     from dkl.robust import GradientMaskingError
     from dkl.train import Interrupted, NonFiniteLossError
 
@@ -317,12 +337,29 @@ def _user_error(e: BaseException) -> tuple[int, str] | None:
     return None
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """A host or GPU allocation that failed (torch raises RuntimeError or OutOfMemoryError)."""
+    if isinstance(e, MemoryError):
+        return True
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
     debug = args.debug or os.environ.get("DKL_DEBUG", "") not in ("", "0")
     try:
         return int(args._run(args) or 0)
+    except BrokenPipeError:  # `dkl list | head`: the reader has gone; nothing more to say
+        _silence_stdout()
+        return 128 + 13  # as a process ended by SIGPIPE
     except (Exception, KeyboardInterrupt) as e:
         if debug:
             raise
@@ -334,6 +371,16 @@ def main(argv: list[str] | None = None) -> int:
         prefix = "dkl: " if code >= 128 else "dkl: error: "
         print(f"{prefix}{msg}", file=sys.stderr)
         return code
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured output)
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,6 +18,7 @@ from dkl.config.loader import (
     register_recipe_config,
     save_config,
 )
+from dkl.config.ranges import RANGES, config_warnings
 from dkl.config.schema import (
     Config,
     ConfigError,
@@ -40,6 +41,7 @@ from dkl.config.sections import (
 
 __all__ = [
     "PRESET_DIR",
+    "RANGES",
     "AWPConfig",
     "AdversarialConfig",
     "AttackConfig",
@@ -58,6 +60,7 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "config_warnings",
     "known_recipes",
     "list_presets",
     "load_config",

@@ -11,8 +11,10 @@ A run is described by one :class:`~dkl.config.Config`, built from
    a distillation run. A short key that more than one of them has is an error naming the full
    keys (``warmup`` is ``sched.warmup`` or ``distill.warmup``).
 
-Everything is validated against dataclasses: an unknown key, a value of the wrong type or a missing
-preset raises :class:`~dkl.config.ConfigError` with one line naming the key.
+Everything is validated against dataclasses: an unknown key, a value of the wrong type or out of
+its range (:data:`dkl.config.RANGES`), a key written twice in one YAML file, a run name that is a
+path or a missing preset raises :class:`~dkl.config.ConfigError` with one line naming the key.
+YAML is read as 1.2 reads numbers (``5e-4`` is a number; a quoted ``"4"`` is a string).
 
 >>> cfg = load_config("kd/digits_ikl", ["distill.beta=0.5", "seed=3"])
 >>> cfg.distill.method, cfg.distill.beta, cfg.seed, cfg.adversarial
@@ -26,7 +28,7 @@ dkl.config.schema.ConfigError: unknown key 'train.epochz' (known: amp, determini
 from __future__ import annotations
 
 import dataclasses
-import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -34,6 +36,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from dkl._files import atomic_write, sniff
+from dkl.config.ranges import check_values
 from dkl.config.schema import (
     BUILTIN_SECTIONS,
     COMMON_SECTIONS,
@@ -131,12 +135,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "5e-4" as a string
+        hint = ""
+        if isinstance(value, str):
             try:
-                return float(value)
+                float(value)
+                hint = " (a string, not a number: drop the quotes; YAML writes NaN and infinity .nan, .inf)"
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected float, got {value!r}")
+        raise ConfigError(f"{key}: expected float, got {value!r}{hint}")
     if tp is str:
         if isinstance(value, str):
             return value
@@ -230,34 +236,8 @@ def config_from_dict(data: dict) -> Config:
         )
     if t.iterations > 0 and t.eval_every <= 0:
         cfg.train.eval_every = t.iterations
-    _check_numbers(cfg)
+    check_values(cfg, config_to_dict(cfg))
     return cfg
-
-
-def _check_numbers(cfg: Config) -> None:
-    """Values no run can use: caught here, with the key, not as a NaN or a crash mid-run."""
-    o, d, t = cfg.optim, cfg.data, cfg.train
-    checks = [
-        ("data.batch_size", d.batch_size, d.batch_size > 0, "> 0"),
-        ("data.eval_batch_size", d.eval_batch_size, d.eval_batch_size > 0, "> 0"),
-        ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
-        ("optim.lr", o.lr, math.isfinite(o.lr) and o.lr > 0, "a finite number > 0"),
-        (
-            "optim.weight_decay",
-            o.weight_decay,
-            math.isfinite(o.weight_decay) and o.weight_decay >= 0,
-            "a finite number >= 0",
-        ),
-        ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
-        ("train.grad_clip", t.grad_clip, t.grad_clip >= 0, ">= 0 (0 = off)"),
-        ("train.save_every", t.save_every, t.save_every >= 0, ">= 0 (0 = only at the end)"),
-        ("train.eval_every", t.eval_every, t.eval_every >= 0, ">= 0"),
-        ("train.max_steps_per_epoch", t.max_steps_per_epoch, t.max_steps_per_epoch >= 0, ">= 0"),
-        ("train.divergence_factor", t.divergence_factor, t.divergence_factor >= 0, ">= 0"),
-    ]
-    for key, value, ok, expected in checks:
-        if not ok:
-            raise ConfigError(f"{key}: must be {expected}, got {value!r}")
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -271,7 +251,8 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode()
+    atomic_write(path, lambda f: f.write(text), "config")
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,22 +323,107 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _duplicate_keys(
+    node: yaml.Node, where: str, prefix: str = "", visited: set[int] | None = None
+) -> None:
+    """A key written twice in one mapping (YAML keeps the last one silently): an error. A node
+    reached again through an alias is checked once (no exponential walk of aliased aliases)."""
+    visited = set() if visited is None else visited
+    if id(node) in visited:
+        return
+    visited.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key, value in node.value:
+            name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
+            if isinstance(key, yaml.ScalarNode) and name != "<<":
+                line = key.start_mark.line + 1
+                if name in lines:
+                    raise ConfigError(
+                        f"{where}: key '{prefix}{name}' is written twice (lines {lines[name]} and "
+                        f"{line}); YAML would silently keep only the second: keep one"
+                    )
+                lines[name] = line
+            _duplicate_keys(value, where, f"{prefix}{name}.", visited)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _duplicate_keys(item, where, f"{prefix.rstrip('.')}[{i}].", visited)
+
+
+#: a config holds a few hundred values; more once YAML's aliases are expanded is an alias bomb
+_MAX_VALUES = 100_000
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many nodes ``node`` stands for with every alias expanded (linear in the graph)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a node that contains itself counts once
+    if isinstance(node, yaml.MappingNode):
+        n = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        n = 1 + sum(_expanded_size(v, memo) for v in node.value)
+    else:
+        n = 1
+    memo[id(node)] = n
+    return n
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``5e-4`` as a number as YAML 1.2 does (1.1 wants ``5.0e-4``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)`` (``5e-4`` a number), refusing duplicate keys; errors name
+    ``where``."""
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+        if node is not None:
+            _duplicate_keys(node, where)
+            if _expanded_size(node, {}) > _MAX_VALUES:
+                raise ConfigError(
+                    f"{where}: expands to more than {_MAX_VALUES:,} values (YAML aliases of "
+                    f"aliases?); a config is a few hundred"
+                )
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"{where}: invalid YAML ({msg})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to be a config") from None
+
+
 def _load_yaml(path: Path, stack: tuple[Path, ...] = ()) -> dict:
     if path in stack:
         chain = " -> ".join(str(p) for p in (*stack, path))
         raise ConfigError(f"_base_: include cycle {chain}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        msg = str(e).replace("\n", " ")
-        raise ConfigError(f"config '{path}': invalid YAML ({msg})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config '{path}': expected a YAML file, got {sniff(path)}") from None
+    data = _parse_yaml(text, f"config '{path}'") or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config '{path}': expected a mapping at top level")
+        raise ConfigError(
+            f"config '{path}': expected a mapping (key: value lines) at top level, got "
+            f"{type(data).__name__}"
+        )
     bases = data.pop("_base_", None)
     if bases is None:
         return data
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(
+            f"config '{path}': _base_: expected a preset name or path, or a list of them, got "
+            f"{bases!r}"
+        )
     merged: dict = {}
     for b in bases:
         merged = _deep_merge(merged, _load_yaml(_resolve_preset(b, path.parent), (*stack, path)))
@@ -372,8 +438,10 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override '{item}': empty key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
+        value = _parse_yaml(raw, f"override '{key}'") if raw != "" else ""
+    except ConfigError as e:
+        if "written twice" in str(e):
+            raise
         value = raw
     return key, value
 

@@ -71,7 +71,7 @@ class DataConfig:
     augment: str | bool = "default"
     flip: bool = True
     crop_padding: int = -1
-    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     ra_ops: int = 2
     ra_magnitude: int = 9
     mean: list | str = "default"
@@ -89,29 +89,9 @@ class DataConfig:
             )
         if self.channels not in (0, 1, 3):
             raise ConfigError(f"data.channels: expected 0 (as stored), 1 or 3, got {self.channels}")
-        if self.image_size < 0:
-            raise ConfigError(
-                f"data.image_size: expected >= 0 (0: as stored), got {self.image_size}"
-            )
-        if self.crop_padding < -1:
-            raise ConfigError(
-                f"data.crop_padding: expected pixels >= 0 or -1 (side / 8), got {self.crop_padding}"
-            )
-        lo_hi = self.crop_scale
-        if len(lo_hi) != 2 or not 0.0 < float(lo_hi[0]) <= float(lo_hi[1]) <= 1.0:
-            raise ConfigError(
-                f"data.crop_scale: expected [lo, hi] with 0 < lo <= hi <= 1, got {lo_hi}"
-            )
-        self.crop_scale = [float(v) for v in lo_hi]
-        if self.ra_ops < 0 or not 0 <= self.ra_magnitude <= 30:
-            raise ConfigError(
-                f"data.ra_ops / data.ra_magnitude: expected ops >= 0 and magnitude in 0..30, got "
-                f"{self.ra_ops} / {self.ra_magnitude}"
-            )
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(
-                f"data.val_fraction: expected a share in (0, 1), got {self.val_fraction}"
-            )
+        lo_hi = self.crop_scale  # each in (0, 1]: dkl.config.RANGES
+        if len(lo_hi) != 2 or not lo_hi[0] <= lo_hi[1]:
+            raise ConfigError(f"data.crop_scale: expected [lo, hi] with lo <= hi, got {lo_hi}")
         for key in ("mean", "std"):
             setattr(self, key, self._stats(key, getattr(self, key)))
 
@@ -157,7 +137,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
 
 
 @dataclass
@@ -177,7 +157,7 @@ class SchedConfig:
     """
 
     name: Literal["constant", "multistep", "cosine", "usb_cosine"] = "multistep"
-    milestones: list = field(default_factory=list)
+    milestones: list[int | float] = field(default_factory=list)
     gamma: float = 0.1
     warmup: float = 0.0
     warmup_start: float = 0.0

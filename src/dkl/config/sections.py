@@ -2,6 +2,7 @@
 
 They live beside the shared sections (and not in the recipe modules) so that reading or validating
 a config never imports torch or a recipe; each recipe module re-exports its own section.
+The range of every number here is in :data:`dkl.config.RANGES`, checked when a config loads.
 A run's config holds only the section of its own recipe.
 """
 
@@ -53,16 +54,6 @@ class DistillConfig:
     # share of the training images whose labels the CE term sees (a class-balanced subset picked
     # with the run's seed); the teacher's term sees every image (Hinton et al. 2015, section 2)
     label_fraction: float = 1.0
-
-    def validate(self) -> None:
-        if not self.gamma >= 0:
-            raise ValueError(f"gamma: expected >= 0, got {self.gamma}")
-        if not 0.0 < self.label_fraction <= 1.0:
-            raise ValueError(f"label_fraction: expected (0, 1], got {self.label_fraction}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.weight_temperature <= 0:
-            raise ValueError(f"weight_temperature must be > 0, got {self.weight_temperature}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,12 +111,6 @@ class AdversarialConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     eval: RobustEvalConfig = field(default_factory=RobustEvalConfig)
 
-    def validate(self) -> None:
-        if not self.gamma >= 0:
-            raise ValueError(f"gamma: expected >= 0, got {self.gamma}")
-        if not 0.0 <= self.ema.tau < 1.0:
-            raise ValueError(f"ema.tau: expected [0, 1), got {self.ema.tau}")
-
 
 # --------------------------------------------------------------------------------------------
 # Semi-supervised learning: `recipe: semisup`
@@ -161,15 +146,6 @@ class SemiSupConfig:
     layer_decay: float = 1.0  # ViT layer-wise lr decay (USB's ViT presets: 0.5); needs a ViT
     crop_ratio: float = 0.875  # CIFAR views: reflect padding int(32 · (1 − ratio)) = 4
     randaugment_ops: int = 3  # CIFAR strong view: USB's RandAugment (random magnitudes) + Cutout
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the bad field (the config loader calls this)."""
-        if self.uratio < 1:
-            raise ValueError(f"uratio: expected >= 1, got {self.uratio}")
-        if self.randaugment_ops < 0:
-            raise ValueError(f"randaugment_ops: expected >= 0, got {self.randaugment_ops}")
-        if not 0.0 <= self.ema_momentum < 1.0:
-            raise ValueError(f"ema_momentum: expected [0, 1), got {self.ema_momentum}")
 
     @property
     def uses_unlabeled(self) -> bool:

@@ -33,10 +33,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .preprocess import POLICIES, PreparedImages, cached_stats, image_transforms, probe
+from .preprocess import (
+    POLICIES,
+    PreparedImages,
+    cached_stats,
+    check_finite,
+    image_transforms,
+    probe,
+)
 from .seeding import mix_seed
 
 __all__ = [
@@ -54,6 +62,7 @@ __all__ = [
     "TensorImageDataset",
     "UnknownDatasetError",
     "build_datasets",
+    "check_labels",
     "list_datasets",
     "prepare_images",
     "raw_images",
@@ -302,6 +311,88 @@ def build_datasets(name: str = "digits", **options: Any) -> tuple[Dataset, Datas
 # --------------------------------------------------------------------------------------------
 
 
+def _labels_of(split: Any) -> np.ndarray | None:
+    """The labels of a raw split (its ``targets``, or the second entry of each item of a list);
+    ``None`` when they cannot be had without reading every image."""
+    labels = getattr(split, "targets", None)
+    if labels is None and isinstance(split, (list, tuple)):
+        labels = [item[1] for item in split]
+    if labels is None:
+        return None
+    if torch.is_tensor(labels):
+        labels = labels.detach().cpu().numpy()
+    try:
+        out = np.asarray(labels).reshape(-1)
+    except (TypeError, ValueError):
+        return None
+    return out if out.dtype.kind in "iu" else None
+
+
+def _listing(values: Sequence[Any], names: Sequence[str] = (), show: int = 10) -> str:
+    items = [f"{v} ({names[v]!r})" if names and 0 <= v < len(names) else str(v) for v in values]
+    more = f", ... (+{len(items) - show} more)" if len(items) > show else ""
+    return ", ".join(items[:show]) + more
+
+
+def check_labels(
+    name: str,
+    train: Any,
+    test: Any,
+    num_classes: int,
+    classes: Sequence[str] = (),
+    *,
+    complete: bool = True,
+) -> None:
+    """The labels of a classification data set are 0..C-1 with C >= 2 and, with ``complete``,
+    every class in the training split; a label outside 0..C-1 in either split is an error too.
+    Each error is one line saying which labels are missing or extra and how to renumber them.
+    (The published data sets, CIFAR and digits, are complete by construction: they skip that
+    check, so a few of their images make a valid test fixture.)
+
+    >>> check_labels("mine", [(0, 0), (0, 2)], [], 3)
+    Traceback (most recent call last):
+    ...
+    ValueError: data 'mine': labels must be 0..2, each with training images; class 1 has none (labels present: 0, 2); renumber the labels 0..K-1 (numpy: y = np.unique(y, return_inverse=True)[1]) or name only the classes you have
+    """
+    remap = "renumber the labels 0..K-1 (numpy: y = np.unique(y, return_inverse=True)[1])"
+    if num_classes < 2:
+        listed = f" ({', '.join(map(repr, classes))})" if classes else ""
+        raise ValueError(
+            f"data '{name}': {num_classes} class{'' if num_classes == 1 else 'es'}{listed}; a classifier needs at least 2 (with "
+            f"one, every prediction is right and accuracy means nothing)"
+        )
+    y_train = _labels_of(train)
+    for split, y in (("training", y_train), ("test", _labels_of(test))):
+        if y is None or not len(y):
+            continue
+        present = np.unique(y)
+        extra = [int(v) for v in present if not 0 <= v < num_classes]
+        if extra:
+            raise ValueError(
+                f"data '{name}': {split} labels {_listing(extra)} lie outside 0..{num_classes - 1}"
+                f" ({num_classes} classes); {remap}"
+            )
+    if y_train is None or not complete:
+        return
+    present = [int(v) for v in np.unique(y_train)]  # sorted, all in 0..C-1 by now
+    n_missing = num_classes - len(present)
+    if n_missing:
+        first, have, i = [], set(present), 0
+        while len(first) < 10 and i < num_classes:  # the first few, without a set of all C
+            if i not in have:
+                first.append(i)
+            i += 1
+        listed = _listing(first, classes) + (
+            f", ... (+{n_missing - len(first)} more)" if n_missing > len(first) else ""
+        )
+        which, verb = ("class", "has") if n_missing == 1 else ("classes", "have")
+        raise ValueError(
+            f"data '{name}': labels must be 0..{num_classes - 1}, each with training images; "
+            f"{which} {listed} {verb} none (labels present: {_listing(present)}); {remap} or "
+            f"name only the classes you have"
+        )
+
+
 def prepare_images(splits: ImageSplits, request: DataRequest) -> tuple[Dataset, Dataset, DataInfo]:
     """Apply ``request``'s channels, size, augmentation policy and statistics to raw splits.
 
@@ -310,6 +401,9 @@ def prepare_images(splits: ImageSplits, request: DataRequest) -> tuple[Dataset, 
     is (batched fetches).
     """
     r = request
+    for label, split in (("training", splits.train), ("test", splits.test)):
+        if isinstance(split, TensorImageDataset):  # a tensor-backed split may skip as_pixels
+            check_finite(split.images, f"data '{r.name}': {label} images")
     channels, stored = probe(splits.train, r.channels)
     policy = splits.augment if r.augment == "default" else r.augment
     side = r.image_size or (224 if policy == "imagenet" else 0)
@@ -321,7 +415,9 @@ def prepare_images(splits: ImageSplits, request: DataRequest) -> tuple[Dataset, 
     )  # fmt: skip
     check = None if resize else stored
     classes = tuple(str(c) for c in splits.classes) if not isinstance(splits.classes, int) else ()
-    num_classes = len(classes) if classes else int(splits.classes)
+    num_classes = len(classes) if not isinstance(splits.classes, int) else int(splits.classes)
+    published = r.name in ("digits", "cifar10", "cifar100")
+    check_labels(r.name, splits.train, splits.test, num_classes, classes, complete=not published)
     as_is = (
         policy == "none"
         and not resize

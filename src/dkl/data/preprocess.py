@@ -32,6 +32,7 @@ evaluation are the same tensor.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,6 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from dkl._files import atomic_write
 
 __all__ = [
     "POLICIES",
@@ -142,19 +145,47 @@ def to_chw(x: Any, *, what: str = "image") -> Tensor:
     return as_pixels(t, what)
 
 
+def check_finite(t: Tensor, what: str = "images") -> None:
+    """A ``ValueError`` naming ``what``, how many values and the index of the first when a
+    floating-point ``t`` holds NaN or inf (with ``(image i)`` for a batch ``(N, C, H, W)``).
+
+    >>> check_finite(torch.tensor([[0.5, float("nan")]]), "x")
+    Traceback (most recent call last):
+    ...
+    ValueError: x: 1 value(s) are NaN or inf, the first at index (0, 1); clean or drop those images
+    """
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    finite = torch.isfinite(t)
+    if bool(finite.all()):
+        return
+    where = tuple(int(i) for i in (~finite).nonzero()[0])
+    image = f" (image {where[0]})" if t.ndim == 4 else ""
+    raise ValueError(
+        f"{what}: {int((~finite).sum())} value(s) are NaN or inf, the first at index "
+        f"{where}{image}; clean or drop those images"
+    )
+
+
 def as_pixels(t: Tensor, what: str = "image") -> Tensor:
-    """``t`` as uint8 (uint8 and integers 0..255) or float32 (floats in [0, 1]); anything else,
-    or a value out of range, is a ``ValueError`` naming ``what``."""
+    """``t`` as uint8 (uint8 and integers 0..255) or float32 (finite floats in [0, 1]); anything
+    else, a NaN or inf pixel or a value out of range, is a ``ValueError`` naming ``what`` (and
+    the index of the first bad pixel)."""
     if t.dtype == torch.uint8:
         return t.contiguous()
     if t.dtype == torch.bool or t.is_complex():
         raise ValueError(f"{what}: expected uint8, integer or float pixels, got {t.dtype}")
     if not t.is_floating_point():  # integers: the 0..255 scale of 8-bit images
+        if t.numel() == 0:
+            return t.to(torch.uint8).contiguous()
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi > 255:
             raise ValueError(f"{what}: integer pixels must lie in 0..255, got {lo}..{hi}")
         return t.to(torch.uint8).contiguous()
     t = t.float()
+    if t.numel() == 0:
+        return t.contiguous()
+    check_finite(t, what)
     lo, hi = float(t.min()), float(t.max())
     if lo < 0.0 or hi > 1.0:
         raise ValueError(
@@ -168,10 +199,10 @@ def _is_pil(item: Any) -> bool:
     return type(item).__module__.startswith("PIL.") and hasattr(item, "getbands")
 
 
-def _stored_channels(item: Any) -> int:
+def _stored_channels(item: Any, what: str = "image") -> int:
     if _is_pil(item):
         return 1 if item.mode in _GREY_MODES else 3
-    return int(to_chw(item).shape[0])
+    return int(to_chw(item, what=what).shape[0])
 
 
 def _convert(item: Any, channels: int, what: str) -> Any:
@@ -270,7 +301,12 @@ def probe(source: Any, channels: int, *, looks: int = 16) -> tuple[int, tuple[in
     c = channels
     if not c:
         picks = sorted({0, *np.linspace(0, n - 1, min(looks, n)).round().astype(int).tolist()})
-        c = max(_stored_channels(first if i == 0 else source[i][0]) for i in picks)
+        c = max(
+            _stored_channels(
+                first if i == 0 else source[i][0], describe(i) if describe else f"item {i}"
+            )
+            for i in picks
+        )
     return c, _size_of(_convert(first, c, describe(0) if describe else "item 0"))
 
 
@@ -328,17 +364,22 @@ def cached_stats(
     if path is not None and path.is_file():
         try:
             saved = json.loads(path.read_text())
-            if saved.get("key") == key:
-                return tuple(saved["mean"]), tuple(saved["std"])
-        except (ValueError, KeyError, TypeError):
-            pass  # unreadable: computed again and rewritten
+            mean, std = tuple(map(float, saved["mean"])), tuple(map(float, saved["std"]))
+            usable = (
+                len(mean) == len(std) > 0
+                and all(math.isfinite(v) for v in (*mean, *std))
+                and min(std) > 0
+            )
+            if saved.get("key") == key and usable:
+                return mean, std
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass  # unreadable or edited into nonsense: computed again and rewritten
     mean, std = channel_stats(dataset)
     std = tuple(s if s > 0 else 1.0 for s in std)  # a constant channel: (x - mean) / 1 = 0
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "mean": mean, "std": std}, indent=1) + "\n")
-        os.replace(tmp, path)
+        text = (json.dumps({"key": key, "mean": mean, "std": std}, indent=1) + "\n").encode()
+        atomic_write(path, lambda f: f.write(text), "data statistics")
     return mean, std
 
 

@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dkl._files import sniff
+
 from .datasets import DataRequest, ImageSplits, TensorImageDataset, register_dataset
 from .preprocess import as_pixels, stratified_split, to_chw
 
@@ -50,6 +52,14 @@ _TEST_SPLITS = ("test", "validation", "valid", "val")
 # --------------------------------------------------------------------------------------------
 # imagefolder
 # --------------------------------------------------------------------------------------------
+
+
+def _no_options(name: str, request: DataRequest) -> None:
+    """A source that takes no ``data.options`` refuses them rather than ignore them."""
+    if request.options:
+        raise ValueError(
+            f"data '{name}' takes no data.options, got {sorted(request.options)}; remove them"
+        )
 
 
 def _image_extensions() -> tuple[str, ...]:
@@ -140,6 +150,7 @@ def _imagefolder(request: DataRequest) -> ImageSplits:
     """``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test/``); with no test folder, or
     with class folders directly under ``root``, a fixed stratified ``data.val_fraction`` of the
     images is held out as the test split (the same images for every seed)."""
+    _no_options("imagefolder", request)
     root = Path(request.root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data 'imagefolder': data.root '{root}' is not a folder")
@@ -176,6 +187,15 @@ def _imagefolder(request: DataRequest) -> ImageSplits:
 # --------------------------------------------------------------------------------------------
 
 
+def _array(f: Any, key: str, path: Path) -> np.ndarray:
+    """Array ``key`` of an open .npz, with a one-line error when it cannot be read."""
+    try:
+        return f[key]
+    except (OSError, ValueError, EOFError, KeyError) as e:  # damaged, or a pickled object array
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ValueError(f"data 'npz': '{path}': cannot read array '{key}' ({why})") from None
+
+
 def _images_from_array(x: np.ndarray, path: Path, key: str) -> torch.Tensor:
     if x.ndim == 3:
         x = x[:, None]
@@ -201,24 +221,36 @@ def _labels_from_array(y: np.ndarray, n: int, path: Path, key: str) -> torch.Ten
 
 @register_dataset("npz")
 def _npz(request: DataRequest) -> ImageSplits:
+    _no_options("npz", request)
     path = Path(request.root).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"data 'npz': data.root '{path}' is not a file (a numpy .npz)")
+    expected = "a NumPy .npz archive: numpy.savez(path, x=images, y=labels)"
+    kind = sniff(path)
+    if "numpy.savez" not in kind and kind != "a zip archive":
+        if kind == "an empty zip archive":
+            raise ValueError(
+                f"data 'npz': '{path}' is an empty .npz (no arrays); expected {expected}"
+            )
+        raise ValueError(f"data 'npz': data.root '{path}' is {kind}; expected {expected}")
     try:
         f = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"data 'npz': cannot read '{path}': {e}") from None
+    except (OSError, ValueError, EOFError) as e:
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ValueError(f"data 'npz': cannot read '{path}' ({why}); expected {expected}") from None
     with f:
         keys = set(f.files)
         if not {"x", "y"} <= keys:
             raise ValueError(f"data 'npz': '{path}' must hold arrays x and y, found {sorted(keys)}")
         if ("x_test" in keys) != ("y_test" in keys):
             raise ValueError(f"data 'npz': '{path}' holds one of x_test / y_test, not both")
-        x = _images_from_array(f["x"], path, "x")
-        y = _labels_from_array(f["y"], len(x), path, "y")
+        x = _images_from_array(_array(f, "x", path), path, "x")
+        if len(x) == 0:
+            raise ValueError(f"data 'npz': '{path}': 'x' holds no images (shape {tuple(x.shape)})")
+        y = _labels_from_array(_array(f, "y", path), len(x), path, "y")
         if "x_test" in keys:
-            x_test = _images_from_array(f["x_test"], path, "x_test")
-            y_test = _labels_from_array(f["y_test"], len(x_test), path, "y_test")
+            x_test = _images_from_array(_array(f, "x_test", path), path, "x_test")
+            y_test = _labels_from_array(_array(f, "y_test", path), len(x_test), path, "y_test")
             if x_test.shape[1:] != x.shape[1:]:
                 raise ValueError(
                     f"data 'npz': '{path}': x_test images are {tuple(x_test.shape[1:])}, x "

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from dkl._files import load_torch_file
 
 from .normalize import NormalizedModel
 
@@ -68,13 +69,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Weight file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path} holds more than tensors and plain containers; refusing to unpickle it "
-            f"(weights_only=True). Re-save its state_dict. Details: {err}"
-        ) from None
+    # one-line errors for an empty, truncated, damaged (content hash) or foreign file
+    obj = load_torch_file(path, what="weight file")
     sd = extract_state_dict(obj, source=str(path))
 
     target = model

@@ -3,7 +3,10 @@
 - :mod:`dkl.train.task`: :class:`Task` (a recipe), :class:`RunContext` (what it may use of the
   run), :class:`StepContext`, :class:`Counters`;
 - :mod:`dkl.train.loop`: :class:`Trainer` (fit, epoch, step, evaluate);
-- :mod:`dkl.train.checkpoint`: atomic checkpoints, RNG states, which file a run folder means;
+- :mod:`dkl.train.checkpoint`: atomic, hashed checkpoints, RNG states, which file a run folder
+  means;
+- :mod:`dkl.train.rundir`: one live run per folder (a lock), no finished run replaced by
+  accident, the files a run is made from;
 - :mod:`dkl.train.distributed`: process group, sums over ranks, rank seeds;
 - :mod:`dkl.train.optim`: the optimiser and the lr schedule;
 - :mod:`dkl.train.metrics`, :mod:`dkl.train.outputs`: running metrics, evaluation, run files.

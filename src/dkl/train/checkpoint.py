@@ -10,14 +10,16 @@ A run folder holds up to three files:
 - ``final.pt``: the evaluated model at the end of training (an EMA where the recipe keeps one),
   same layout.
 
+Each also holds ``"sha256"``, the SHA-256 of the rest of its content (checked by
+:func:`load_checkpoint`: a damaged byte is refused, not loaded), ``"made_from"``, the SHA-256 of
+each file the run was made from (a student's teacher, the initial weights), and ``"data"``, the
+classes, input shape and split sizes it was trained on (a resumed or evaluated run compares them).
+
 :func:`find_checkpoint` is the one rule for which file a run folder stands for.
 """
 
 from __future__ import annotations
 
-import errno
-import os
-import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from dkl._files import (
+    HASH_KEY,
+    HASHED_MARK,
+    CheckpointError,
+    atomic_write,
+    content_sha256,
+    load_torch_file,
+)
+
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "HASH_KEY",
     "CheckpointError",
     "config_changes",
     "find_checkpoint",
@@ -48,52 +60,28 @@ CHECKPOINT_FORMAT = "dkl-checkpoint-2"
 RUN_FILES = ("final.pt", "last.pt", "best.pt")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used: unreadable, truncated, of another kind or model."""
-
-
-def _tmp_name(path: Path, pid: int | str) -> Path:
-    return path.with_name(f".{path.name}.tmp{pid}")
-
-
 def save_checkpoint(obj: dict, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``.
+    """``torch.save`` ``obj`` plus its content hash (:func:`dkl._files.content_sha256`, under
+    ``"sha256"``) to a temporary file in the same folder, fsync, then ``os.replace``.
 
     A crash at any moment leaves either the old file or the new one, never a torn file. A write
-    that fails (a full disk) removes its temporary file and raises ``OSError`` saying so; the
-    previous ``path`` is untouched.
+    that fails (a full disk, a quota) removes its temporary file and raises one ``OSError`` line
+    saying so; the previous ``path`` is untouched. :func:`load_checkpoint` verifies the hash.
     """
-    path = Path(path)
-    tmp = _tmp_name(path, os.getpid())
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            reason = os.strerror(e.errno) if e.errno else str(e)
-            hint = (
-                " (free some space and resume)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-            )
-            kept = f"; the previous '{path.name}' is intact" if path.exists() else ""
-            raise OSError(
-                e.errno, f"could not write checkpoint '{path}': {reason}{kept}{hint}"
-            ) from e
-        raise
+    obj = {**obj, HASHED_MARK: "sha256 of the content, under 'sha256'"}
+    obj[HASH_KEY] = content_sha256(obj)
+    atomic_write(path, lambda f: torch.save(obj, f), "checkpoint")
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete the temporary files of checkpoint writes that were killed (``.last.pt.tmp<pid>``).
+    """Delete the temporary files of writes that were killed (``.last.pt.tmp<pid>``).
 
-    A run calls this when it starts, before it writes anything; only one run uses a folder.
+    A run calls this when it starts, once it holds the folder's lock, before it writes anything.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [p for p in folder.glob(".*.pt.tmp*") if p.is_file()]
+    stale = [p for p in folder.glob(".*.tmp*") if p.is_file()]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
@@ -102,32 +90,12 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     """Load a checkpoint with ``weights_only=True`` (a file from elsewhere cannot run code).
 
-    Raises ``FileNotFoundError`` for a missing file and :class:`CheckpointError` (one line) for a
-    file that is empty, truncated, not a torch file, or holds anything but tensors and plain
-    containers.
+    Raises ``FileNotFoundError`` for a missing file and :class:`CheckpointError` (one line naming
+    the file) for a file that is empty, truncated, of another format (it says which), damaged
+    (its content no longer matches the SHA-256 stored when it was written) or holds anything but
+    tensors and plain containers. Files written before checkpoints carried a hash load as they are.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint '{path}' is empty (0 bytes): an interrupted copy?")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except OSError as e:
-        if e.errno:  # the file system's error (permissions, I/O): as it is
-            raise
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-    except pickle.UnpicklingError as e:
-        if "unsupported global" in str(e).lower():
-            raise CheckpointError(
-                f"cannot load '{path}': it holds objects other than tensors and plain "
-                f"containers (refused unread)"
-            ) from None
-        reason = "unreadable pickle"
-    except Exception as e:  # noqa: BLE001  (garbage bytes fail anywhere inside the reader)
-        text = str(e).strip()
-        reason = f"{type(e).__name__}: {text.splitlines()[0][:120]}" if text else type(e).__name__
-    raise CheckpointError(f"cannot load '{path}': truncated or not a torch checkpoint ({reason})")
+    return load_torch_file(path, map_location=map_location)
 
 
 def find_checkpoint(target: str | Path) -> Path:

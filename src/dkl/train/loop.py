@@ -24,10 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from dkl.config import Config, ConfigError, save_config
+from dkl.config import Config, ConfigError, config_to_dict, config_warnings, save_config
 from dkl.data import UnknownDatasetError, build_datasets
 from dkl.train import checkpoint as ckpt
 from dkl.train import distributed as D
+from dkl.train import rundir
 from dkl.train.metrics import RunningMetrics
 from dkl.train.optim import build_optimizer
 from dkl.train.outputs import RunWriter, format_record, format_time, plot_history, progress_bar
@@ -122,6 +123,7 @@ class Trainer(TrainingState):
         self._steps_per_epoch = 0
         self._recent_losses: deque[float] = deque(maxlen=_LOSS_WINDOW)
         self._first_losses: list[float] = []  # the run's first steps (the learning check)
+        self.sources: dict = {}  # the files the run is made from (teacher...): their SHA-256
         # Models are built: from here on each rank draws its own random numbers (dropout, drop
         # path, attack starts), or every rank would repeat rank 0's draws on its own shard.
         if self.world > 1:
@@ -145,43 +147,72 @@ class Trainer(TrainingState):
         self._steps_per_epoch = spe
         self.scheduler = self.task.build_scheduler(self.optimizer, spe)
         self.last_lr = self.optimizer.param_groups[0]["lr"]
-        last = cfg.run_dir / "last.pt"
+        for warning in config_warnings(cfg, steps_per_epoch=spe):
+            self.log(f"warning: {warning}")
+        self.sources = rundir.source_files(config_to_dict(cfg))
+        # one live run per folder: rank 0 holds the lock for the whole run
+        lock, busy = (rundir.RunLock(cfg.run_dir), None) if self.rank == 0 else (None, None)
+        if lock is not None:
+            try:
+                lock.acquire()
+            except rundir.RunFolderBusy as e:
+                busy = e
+        if D.any_rank(busy is not None):
+            raise busy or rundir.RunFolderBusy(f"run folder '{cfg.run_dir}' is in use")
+        try:
+            self._start(resume, new_epoch)
+            total = t.iterations if t.iterations > 0 else t.epochs * spe
+            self.log(
+                f"run '{cfg.name}': recipe={cfg.recipe} data={cfg.data.name} "
+                f"model={cfg.model.name} device={self.device} world={self.world} "
+                f"global_batch={cfg.data.batch_size} ({self.ctx.batch_per_rank}/rank) "
+                f"steps/epoch={spe} total_steps={total} amp={t.amp}"
+            )
+            old_handlers = self._install_signals()
+            t_start = time.time() - self.elapsed
+            try:
+                while not self.finished:
+                    self._run_epoch(spe, total, t_start)
+            finally:
+                for s, h in old_handlers.items():
+                    signal.signal(s, h)
+                if self._writer is not None:
+                    self._writer.close()
+            summary = self._summary()
+            if self.rank == 0:
+                RunWriter(cfg.run_dir).summary(summary)
+                if t.plot:
+                    plot_history(self.history, cfg.run_dir / "curves.png", title=cfg.name)
+            return summary
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _start(self, resume: bool, new_epoch: bool) -> None:
+        """With the folder locked: continue ``last.pt``, or start afresh where no run's results
+        would be lost; write the config."""
+        cfg, t = self.cfg, self.cfg.train
         if self.rank == 0:
             for p in ckpt.remove_stale_temporaries(cfg.run_dir):
-                self.log(f"removed {p}, left by an interrupted checkpoint write")
+                self.log(f"removed {p}, left by an interrupted write")
         if resume:
-            self._resume(last, new_epoch=new_epoch)
-        elif last.exists() and not t.overwrite:
-            raise FileExistsError(
-                f"'{cfg.run_dir}' already holds a run; pass --resume to continue it, or choose "
-                f"another name=... (or train.overwrite=true)"
-            )
+            self._resume(cfg.run_dir / "last.pt", new_epoch=new_epoch)
+        else:
+            found = rundir.previous_run(cfg.run_dir)
+            if D.any_rank(bool(found) and not t.overwrite):  # every rank stops together
+                state = "a finished run" if "final.pt" in found else "a run"
+                raise FileExistsError(
+                    f"'{cfg.run_dir}' already holds {state} ({', '.join(found) or 'on rank 0'}); "
+                    f"pass --resume to continue it, choose another name=... or --out, or set "
+                    f"train.overwrite=true to replace it"
+                )
+            if found and self.rank == 0:
+                rundir.clear_previous_run(cfg.run_dir)
+                self.log(f"train.overwrite: removed the previous run's {', '.join(found)}")
         if self.rank == 0:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, cfg.run_dir / "config.yaml")
             self._writer = RunWriter(cfg.run_dir, tensorboard=t.tensorboard)
-        total = t.iterations if t.iterations > 0 else t.epochs * spe
-        self.log(
-            f"run '{cfg.name}': recipe={cfg.recipe} data={cfg.data.name} model={cfg.model.name} "
-            f"device={self.device} world={self.world} global_batch={cfg.data.batch_size} "
-            f"({self.ctx.batch_per_rank}/rank) steps/epoch={spe} total_steps={total} amp={t.amp}"
-        )
-        old_handlers = self._install_signals()
-        t_start = time.time() - self.elapsed
-        try:
-            while not self.finished:
-                self._run_epoch(spe, total, t_start)
-        finally:
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
-            if self._writer is not None:
-                self._writer.close()
-        summary = self._summary()
-        if self.rank == 0:
-            RunWriter(cfg.run_dir).summary(summary)
-            if t.plot:
-                plot_history(self.history, cfg.run_dir / "curves.png", title=cfg.name)
-        return summary
 
     @property
     def finished(self) -> bool:

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from dkl._files import atomic_write
+
 __all__ = [
     "RunWriter",
     "curve_panels",
@@ -63,8 +65,8 @@ class RunWriter:
 
     def history(self, history: list[dict]) -> None:
         # rewritten whole at every evaluation, so it stays consistent with a resumed run
-        with open(self.run_dir / "metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(h) + "\n" for h in history)
+        text = "".join(json.dumps(h) + "\n" for h in history)
+        atomic_write(self.run_dir / "metrics.jsonl", lambda f: f.write(text.encode()), "metrics")
 
     def scalars(self, record: dict) -> None:
         if self._tb is None:
@@ -74,7 +76,8 @@ class RunWriter:
                 self._tb.add_scalar(k, v, record["step"])
 
     def summary(self, summary: dict) -> None:
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        text = json.dumps(summary, indent=2) + "\n"
+        atomic_write(self.run_dir / "summary.json", lambda f: f.write(text.encode()), "summary")
 
     def close(self) -> None:
         if self._tb is not None:
@@ -163,6 +166,6 @@ def plot_history(
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"), "plot")
     plt.close(fig)
     return panels

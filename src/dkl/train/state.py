@@ -17,6 +17,7 @@ from dkl.config import ConfigError, config_from_dict, config_to_dict
 from dkl.models import unwrap_normalization
 from dkl.train import checkpoint as ckpt
 from dkl.train import distributed as D
+from dkl.train import rundir
 
 __all__ = ["TrainingState", "load_model_state"]
 
@@ -42,17 +43,47 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
     return any(key == p.rstrip(".") or key.startswith(p.rstrip(".") + ".") for p in patterns)
 
 
-def load_model_state(model: torch.nn.Module, saved: dict, source: str = "the checkpoint") -> None:
+def load_model_state(
+    model: torch.nn.Module,
+    saved: dict,
+    source: str = "the checkpoint",
+    num_classes: int | None = None,
+) -> None:
     """``model.load_state_dict(saved)``, with a one-line :class:`CheckpointError` when ``saved``
-    belongs to another architecture or width (what is missing, unexpected or reshaped)."""
+    belongs to another architecture or width (what is missing, unexpected or reshaped). With
+    ``num_classes`` (the data's), a mismatch only in the class dimension blames the data."""
     try:
         model.load_state_dict(saved)
     except RuntimeError:
+        own = model.state_dict()
+        cause = "was model.name or model.kwargs changed?"
+        old = _class_count(own, saved, num_classes)
+        if old is not None:
+            cause = (
+                f"the data has {num_classes} classes, the checkpoint's model {old}: was the data "
+                f"(data.name, data.root) changed?"
+            )
         raise ckpt.CheckpointError(
             f"{source} holds the weights of another model than this {type(model).__name__} "
-            f"({_model_mismatch(model.state_dict(), saved)}); was model.name or model.kwargs "
-            f"changed?"
+            f"({_model_mismatch(own, saved)}); {cause}"
         ) from None
+
+
+def _class_count(own: dict, saved: dict, num_classes: int | None) -> int | None:
+    """The checkpoint's class count when the models differ only in their class dimension."""
+    if num_classes is None or set(own) - set(saved) - {k for k in own if "num_batches" in k}:
+        return None
+    if set(saved) - set(own):
+        return None
+    counts = set()
+    for k, t in own.items():
+        s = saved.get(k)
+        if not hasattr(s, "shape") or s.shape == t.shape:
+            continue
+        if t.dim() == 0 or t.shape[0] != num_classes or s.shape[1:] != t.shape[1:]:
+            return None
+        counts.add(int(s.shape[0]))
+    return counts.pop() if len(counts) == 1 else None
 
 
 def _model_mismatch(own: dict, saved: dict) -> str:
@@ -105,6 +136,8 @@ class TrainingState:
             },
             "rng": ckpt.rng_state(),
             "config": config_to_dict(self.cfg),
+            "made_from": self.sources,
+            "data": self._data_fingerprint(),
         }
         if ranks is not None:
             state["ranks"] = ranks
@@ -116,7 +149,10 @@ class TrainingState:
                 f"not a dkl training checkpoint of this version (format {state.get('format')!r}, "
                 f"expected {ckpt.CHECKPOINT_FORMAT!r}); use model.checkpoint= for plain weights"
             )
-        load_model_state(unwrap_normalization(self.raw_model), state["model"])
+        load_model_state(
+            unwrap_normalization(self.raw_model), state["model"],
+            num_classes=self.ctx.info.num_classes,
+        )  # fmt: skip
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -202,6 +238,8 @@ class TrainingState:
                 f"Restore it, start a new run (another name= or --out), or add --new-epoch to "
                 f"continue from the next epoch with the new settings"
             )
+        self._check_data(state.get("data"), last, new_epoch)
+        self._check_sources(state.get("made_from") or {}, last, new_epoch)
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.load_state_dict(state)
         for k, a, b in changes:
@@ -218,6 +256,68 @@ class TrainingState:
             f"resumed {last} at epoch {self.epoch}, step {self.step_in_epoch} "
             f"(global step {self.global_step})"
         )
+
+    def _data_fingerprint(self) -> dict:
+        """What the model was made for: classes, input shape and split sizes of the data."""
+        info = self.ctx.info
+        return {
+            "num_classes": int(info.num_classes),
+            "input_shape": list(info.input_shape),
+            "train_images": len(self.ctx.train_set),  # type: ignore[arg-type]
+            "test_images": len(self.ctx.test_set),  # type: ignore[arg-type]
+        }
+
+    def _check_data(self, saved: dict | None, last: Path, new_epoch: bool) -> None:
+        """Refuse to resume on data other than the run's (older checkpoints record none)."""
+        if not isinstance(saved, dict):
+            return
+        now = self._data_fingerprint()
+        diffs = [
+            f"{k.replace('_', ' ')} {saved[k]} -> {now[k]}"
+            for k in now
+            if k in saved and saved[k] != now[k]
+        ]
+        if not diffs:
+            return
+        d = self.cfg.data
+        what = f"data.name={d.name!r}, data.root={d.root!r}: {'; '.join(diffs)}"
+        model_fits = all(saved.get(k) == now[k] for k in ("num_classes", "input_shape"))
+        if model_fits and new_epoch:
+            self.log(f"resume: --new-epoch: the data changed ({what}): applied")
+            return
+        fix = (
+            "; or add --new-epoch to continue on the new data from the next epoch"
+            if model_fits
+            else "; the checkpoint's model was made for the old classes / inputs"
+        )
+        raise ConfigError(
+            f"--resume: the data changed since '{last}' was written ({what}); restore the data "
+            f"or start a new run (another name= or --out){fix}"
+        )
+
+    def _check_sources(self, saved: dict, last: Path, new_epoch: bool) -> None:
+        """Refuse to resume when a file the run is made from (its teacher) changed in place."""
+        for key, rec in saved.items():
+            now = self.sources.get(key)
+            if not isinstance(rec, dict) or now is None or now["path"] != rec.get("path"):
+                continue  # not there (the task says so) or another path (a config change)
+            if now["sha256"] == rec.get("sha256"):
+                continue
+            what = rundir.describe_source(key)
+            change = (
+                f"the {what} file '{now['path']}' ({key}) changed since the run started "
+                f"(SHA-256 {str(rec.get('sha256'))[:12]}... then, {now['sha256'][:12]}... now)"
+            )
+            if key == "model.checkpoint":  # read once, to initialise: the checkpoint has the rest
+                self.log(f"resume: note: {change}; it only gave the initial weights")
+            elif new_epoch:
+                self.log(f"resume: --new-epoch: {change}: the new one is used from here on")
+            else:
+                raise ConfigError(
+                    f"--resume: {change}; continuing would mix two {what}s in one run. Restore "
+                    f"the file, start a new run (another name= or --out), or add --new-epoch to "
+                    f"continue with the new {what}"
+                )
 
     def _apply_optimizer_settings(self, fresh: list[dict], recount: bool = False) -> None:
         """The new config's optimiser hyper-parameters and schedule, at the restored position.
@@ -259,6 +359,8 @@ class TrainingState:
             "model": unwrap_normalization(self.task.eval_model()).state_dict(),
             "config": config_to_dict(self.cfg),
             "metrics": self.history[-1] if self.history else {},
+            "made_from": self.sources,
+            "data": self._data_fingerprint(),
         }
 
     def _save_training_state(self) -> Path:

@@ -53,6 +53,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from dkl._files import CheckpointError
 from dkl.config import Config, ConfigError, ModelConfig
 from dkl.data import DataInfo, ShardedBatchSampler, collate, shard_indices
 from dkl.train.distributed import all_reduce_sum
@@ -126,6 +127,12 @@ class RunContext:
             raise ConfigError(f"model '{mcfg.name}': {e}") from None
         if mcfg.checkpoint:
             models.load_weights(m, mcfg.checkpoint)
+            for name, t in m.state_dict().items():
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise CheckpointError(
+                        f"'{mcfg.checkpoint}' holds NaN or inf weights ('{name}'): the weights "
+                        f"of a diverged run? Use an earlier checkpoint"
+                    )
         if mcfg.normalize if normalize is None else normalize:
             m = models.with_normalization(m, self.info.mean, self.info.std)
         return m.to(self.device)
