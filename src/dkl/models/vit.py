@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dkl._files import load_torch_file
+
 from .registry import register_model
 
 __all__ = [
@@ -144,7 +146,7 @@ def load_usb_pretrained(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained ViT weights not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_torch_file(path, what="pretrained ViT weights")
     sd = _usb_state_dict(ckpt, str(path))
     target = model.state_dict()
     new: dict[str, Tensor] = {}
