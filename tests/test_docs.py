@@ -271,5 +271,98 @@ def test_preset_table_reads_the_resolved_config():
     assert "IKL(α 1, β 8), T = 4, T₂ = 100" in row and "240 ep · 64" in row
 
 
+# --------------------------------------------------------------------------------------------
+# The built site works offline and under a sub-path (docs/_hooks/check_site.py; `make docs`
+# runs it on site/ after every build)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_site():
+    name = "dkl_docs_check_site"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, DOCS / "_hooks" / "check_site.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _tiny_site(root: Path, head: str = "", css: str = "") -> Path:
+    """A two-page site with the bundled MathJax, as mkdocs lays it out."""
+    mj = '<script src="{up}_static/mathjax/tex-chtml.js"></script>'
+    page = '<html><head>{head}<link rel="stylesheet" href="{up}a.css"></head><body>{mj}'
+    page += '<span class="arithmatex">\\(x\\)</span><a href="{up}guide/">g</a>'
+    page += '<a href="https://example.org/">an outside page is fine</a></body></html>'
+    (root / "guide").mkdir(parents=True)
+    (root / "index.html").write_text(page.format(up="", head=head, mj=mj.format(up="")))
+    (root / "guide" / "index.html").write_text(
+        page.format(up="../", head="", mj=mj.format(up="../"))
+    )
+    fonts = root / "_static/mathjax/output/chtml/fonts/woff-v2"
+    fonts.mkdir(parents=True)
+    (fonts / "MathJax_Main-Regular.woff").write_bytes(b"w")
+    (root / "_static/mathjax/tex-chtml.js").write_text("//")
+    (root / "a.css").write_text(css or "body { color: red }")
+    return root
+
+
+def test_site_check_passes_a_self_contained_site(tmp_path):
+    assert _check_site().check_site(_tiny_site(tmp_path / "s"), "https://h.org/dkl/") == []
+
+
+@pytest.mark.parametrize(
+    "head, css, expected",
+    [
+        ('<script src="https://cdn.example.net/mathjax.js"></script>', "", "from another host"),
+        ('<script src="//cdn.example.net/x.js"></script>', "", "from another host"),
+        (
+            '<link rel="stylesheet" href="https://fonts.example.com/css?family=Roboto">',
+            "",
+            "from another host",
+        ),
+        ('<link rel="preconnect" href="https://fonts.example.com">', "", "from another host"),
+        ('<style>@import "https://fonts.example.com/x.css";</style>', "", "from another host"),
+        ("", "@font-face { src: url(https://fonts.example.com/r.woff2) }", "from another host"),
+        ('<script src="missing.js"></script>', "", "names no file"),
+        ('<link rel="icon" href="/assets/favicon.png">', "", "leaves the site mounted at /dkl/"),
+    ],
+)
+def test_site_check_fails_on_external_or_broken_loads(tmp_path, head, css, expected):
+    problems = _check_site().check_site(_tiny_site(tmp_path / "s", head, css), "https://h.org/dkl/")
+    assert len(problems) == 1 and expected in problems[0], problems
+
+
+def test_site_check_fails_without_the_bundled_mathjax(tmp_path):
+    site = _tiny_site(tmp_path / "s")
+    (site / "_static/mathjax/tex-chtml.js").unlink()
+    problems = _check_site().check_site(site, "https://h.org/")
+    assert any("MathJax is not bundled" in p for p in problems)
+    assert any("does not load the bundled" in p or "names no file" in p for p in problems)
+
+
+def test_the_404_page_of_a_sub_path_site_resolves(tmp_path):
+    # the 404 page is served at any depth, so its links are absolute: from the site_url's path
+    site = _tiny_site(tmp_path / "s")
+    ok = '<html><head><link rel="stylesheet" href="/dkl/a.css"></head><a href="/dkl/guide/">g</a>'
+    (site / "404.html").write_text(ok)
+    assert _check_site().check_site(site, "https://h.org/dkl/") == []
+    (site / "404.html").write_text(ok.replace("/dkl/", "/"))  # what a build without site_url makes
+    assert len(_check_site().check_site(site, "https://h.org/dkl/")) == 2
+
+
+def test_mkdocs_yml_loads_nothing_from_another_host():
+    text = (ROOT / "mkdocs.yml").read_text()
+    assert "font: false" in text  # Material would fetch its fonts from a font service
+    assert not re.search(r"^\s*-\s*(https?:)?//", text, flags=re.MULTILINE), "a CDN script or style"
+    site_url = _check_site().configured_site_url()
+    assert re.match(r"https?://[^/]+/\w+/$", site_url), f"site_url {site_url!r} has no sub-path"
+
+
+@pytest.mark.skipif(not (ROOT / "site" / "index.html").is_file(), reason="site/ not built")
+def test_the_built_site_is_self_contained():  # after `make docs` (CI runs it before the tests)
+    site_url = _check_site().configured_site_url()
+    assert _check_site().check_site(ROOT / "site", site_url) == []
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

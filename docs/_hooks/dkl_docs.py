@@ -6,6 +6,8 @@
   preset YAMLs (resolved with ``_base_``), so the hyper-parameters shown are the ones that run.
 - ``<!-- cli -->`` becomes the help of ``dkl`` and of each of its subcommands.
 - ``<!-- results: benchmarks/results -->`` becomes the measured reports committed there.
+- MathJax (from the ``docs`` extra's ``django-static-mathjax``) is copied into ``_static/mathjax/``
+  so formulas render without internet; ``check_site.py`` checks the built site for that.
 
 ``tests/test_docs.py`` imports this file too (it needs no MkDocs).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import importlib.util
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -410,6 +413,39 @@ def results_markdown(folder: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# MathJax, bundled with the site
+# --------------------------------------------------------------------------------------------
+
+MATHJAX_DIR = "_static/mathjax"
+#: the parts of MathJax's es5 build that a page typeset by tex-chtml.js loads: the combined
+#: component, the TeX extensions it loads on demand, the CHTML fonts, and the menu's lazy parts
+MATHJAX_PARTS = ("tex-chtml.js", "input/tex/extensions", "output/chtml", "ui", "a11y")
+
+
+def mathjax_es5() -> Path:
+    """MathJax 3's ``es5`` folder, as the ``django-static-mathjax`` package (``docs`` extra)
+    ships it."""
+    spec = importlib.util.find_spec("mathjax")
+    es5 = Path(spec.origin).parent / "static" / "mathjax" / "es5" if spec and spec.origin else None
+    if es5 is None or not (es5 / "tex-chtml.js").is_file():
+        raise RuntimeError(
+            "the site bundles MathJax from the package django-static-mathjax, which is not "
+            "installed (or has no static/mathjax/es5/tex-chtml.js): pip install -e '.[docs]'"
+        )
+    return es5
+
+
+def mathjax_files() -> list[tuple[str, Path]]:
+    """``(path in the site, file on disk)`` for every MathJax file the site ships."""
+    es5 = mathjax_es5()
+    out = []
+    for part in MATHJAX_PARTS:
+        found = [es5 / part] if (es5 / part).is_file() else sorted((es5 / part).rglob("*"))
+        out += [(f"{MATHJAX_DIR}/{f.relative_to(es5).as_posix()}", f) for f in found if f.is_file()]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # MkDocs events
 # --------------------------------------------------------------------------------------------
 
@@ -423,3 +459,11 @@ def expand(markdown: str) -> str:
 
 def on_page_markdown(markdown: str, **kwargs) -> str:
     return expand(markdown)
+
+
+def on_files(files, config, **kwargs):
+    from mkdocs.structure.files import File
+
+    for uri, path in mathjax_files():
+        files.append(File.generated(config, uri, abs_src_path=str(path)))
+    return files
