@@ -350,6 +350,8 @@ def _cell(text: str) -> str:
 
 
 def presets_markdown(group: str) -> str:
+    """One collapsed block per table (Material's ``???``): the reproduction table at the top of
+    each recipe page carries the published numbers, these the full hyper-parameters."""
     from dkl.config import config_to_dict, load_config
 
     out = []
@@ -357,13 +359,15 @@ def presets_markdown(group: str) -> str:
         if not names:
             continue
         heads = ["preset", *(h for h, _ in table.columns), "what it is · published"]
-        out += [f"#### {table.title}", "", "| " + " | ".join(heads) + " |"]
-        out.append("|" + "---|" * len(heads))
+        n = f"{len(names)} preset{'s' if len(names) > 1 else ''}"
+        out += [f'??? info "{table.title}: {n}, every hyper-parameter"', ""]
+        rows = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
         for name in names:
             cfg = config_to_dict(load_config(name))
             cells = [f"`{name}`", *(_cell(f(cfg)) for _, f in table.columns)]
             cells.append(_cell(preset_notes(name)))
-            out.append("| " + " | ".join(cells) + " |")
+            rows.append("| " + " | ".join(cells) + " |")
+        out += [f"    {row}" for row in rows]
         out.append("")
     return "\n".join(out)
 
