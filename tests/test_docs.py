@@ -5,7 +5,8 @@ Code blocks in ``docs/*.md`` run page by page, in order, in one namespace per pa
 folder: every ```` ```python ```` block, the ``dkl ...`` lines of every ```` ```bash ```` block
 (other lines, e.g. ``make`` or ``torchrun``, are left alone) and the ``$ dkl ...`` lines of every
 ```` ```console ```` block (the rest is output). A block with a file name as its title
-(```` ```yaml title="my_run.yaml" ````) is written to that file instead. Markers before a block:
+(```` ```yaml title="my_run.yaml" ````) is written to that file instead; a block that includes a
+file of the repository (``--8<-- "examples/x.py"``) is that file. Markers before a block:
 
 - ``<!-- no-test: reason -->``: not run (GPU-only, CIFAR / ImageNet data, hours of training), but
   its Python must compile and its ``dkl train`` lines must name a preset and keys that exist
@@ -45,6 +46,8 @@ BLOCK = re.compile(
     flags=re.DOTALL | re.MULTILINE,
 )
 TITLE = re.compile(r'title="(?P<title>[^"]+)"')
+#: a whole file of the repository included into a block (pymdownx.snippets)
+SNIPPET = re.compile(r'^--8<-- "(?P<path>[^"]+)"$', flags=re.MULTILINE)
 SHELLS = ("bash", "console")
 
 
@@ -76,6 +79,7 @@ def blocks(page: Path) -> list[Block]:
             out.append(Block("python", m["setup"]))
             continue
         code = textwrap.dedent(m["code"]) if m["indent"] else m["code"]
+        code = SNIPPET.sub(lambda f: (ROOT / f["path"]).read_text(), code)  # what the site shows
         title = TITLE.search(m["info"])
         out.append(Block(m["lang"], code, m["marker"], m["reason"], title and title["title"]))
     return out
