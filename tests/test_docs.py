@@ -442,5 +442,54 @@ def test_reproduce_table_numbers_are_the_presets_quotes(group):
         assert _numbers(column) <= quoted, (preset, column, quoted)
 
 
+# --------------------------------------------------------------------------------------------
+# One version everywhere; the citation; every name a guide imports is in the reference
+# --------------------------------------------------------------------------------------------
+
+
+def _pyproject_version() -> str:
+    text = (ROOT / "pyproject.toml").read_text()
+    return re.search(r'^version = "([^"]+)"$', text, flags=re.MULTILINE)[1]
+
+
+def test_one_version_in_pyproject_changelog_and_citation():
+    import yaml
+
+    version = _pyproject_version()
+    top = re.search(r"^## (\S+)", (ROOT / "CHANGELOG.md").read_text(), flags=re.MULTILINE)[1]
+    assert top == version, f"CHANGELOG.md's top section is {top}, pyproject.toml says {version}"
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert str(cff["version"]) == version
+    paper = cff["preferred-citation"]
+    assert paper["title"] == "Decoupled Kullback-Leibler Divergence Loss" and paper["year"] == 2024
+    assert [a["family-names"] for a in paper["authors"]][:2] == ["Cui", "Tian"]
+    assert cff["license"] == "MIT" and "MIT License" in (ROOT / "LICENSE").read_text()
+
+
+IMPORT = re.compile(r"^\s*from (dkl(?:\.\w+)*) import \(?([\w, \n]+?)\)?$", flags=re.MULTILINE)
+
+
+def _documented() -> str:
+    """Everything the API reference pages render: generated entries and explicit ``:::`` ones."""
+    hooks = _hooks()
+    pages = "".join(p.read_text() for p in (DOCS / "reference").glob("*.md"))
+    return pages + "".join(hooks.api_markdown(m) for m in _reference_modules())
+
+
+def test_every_name_a_guide_imports_is_in_the_reference():
+    documented = _documented()
+    missing = set()
+    for page in [*GUIDES, *sorted((ROOT / "examples").rglob("*.py"))]:
+        for module, names in IMPORT.findall(page.read_text()):
+            for name in (n.strip() for n in names.replace("\n", ",").split(",")):
+                path = f"{module}.{name}"
+                file = ROOT / "src" / Path(*path.split("."))
+                if not name or file.is_dir() or file.with_suffix(".py").is_file():
+                    continue  # a module imported from its package
+                if f"::: {path}\n" not in documented and f"{{ #{path} }}" not in documented:
+                    missing.add(f"{path} ({page.name})")
+    assert not missing, f"guides use names the API reference does not document: {sorted(missing)}"
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

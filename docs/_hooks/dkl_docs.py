@@ -75,11 +75,55 @@ LAZY = {
 }
 
 
+#: the names a reader looks for first, in that order; the rest of ``__all__`` follows as written
+IMPORTANCE: dict[str, tuple[str, ...]] = {
+    "dkl": (
+        "ikl_loss",
+        "IKLLoss",
+        "kl_loss",
+        "KLLoss",
+        "dkl_loss",
+        "DKLLoss",
+        "gkl_loss",
+        "GKLLoss",
+        "ClassPrior",
+    ),
+    "dkl.api": ("train", "make_trainer", "load_run"),
+    "dkl.config": ("load_config", "Config", "list_presets", "ConfigError"),
+    "dkl.train": ("Task", "Trainer", "StepContext", "RunContext"),
+    "dkl.models": ("create_model", "load_weights", "register_model", "list_models"),
+    "dkl.data": ("build_datasets", "register_dataset", "DataInfo", "DataRequest", "list_datasets"),
+    "dkl.llm": (
+        "fused_linear_ikl",
+        "fused_linear_kl",
+        "FusedLinearIKLLoss",
+        "topk_ikl_loss",
+        "topk_kl_loss",
+        "topk_logprobs",
+        "TopKCache",
+    ),
+    "dkl.integrations.transformers": (
+        "DistillationTrainer",
+        "DistillationArguments",
+        "with_distillation",
+        "DistillationMixin",
+    ),
+    "dkl.recipes": ("register_recipe", "get_recipe", "list_recipes"),
+}
+
+
+def ordered_names(module: str) -> list[str]:
+    """The module's ``__all__``, the most used names first (:data:`IMPORTANCE`)."""
+    names = public_names(module)
+    first = [n for n in IMPORTANCE.get(module, ()) if n in names]
+    return first + [n for n in names if n not in first]
+
+
 def api_markdown(module: str) -> str:
-    """The module docstring, then one heading per public name."""
+    """The module docstring, then one heading per public name, the most used first."""
     parts = [f"::: {module}\n    options:\n      members: false\n      show_root_heading: false\n"]
     defined = defined_names(module)
-    for name in public_names(module):
+    for name in ordered_names(module):
         path = f"{module}.{name}"
         if name in defined:
             parts.append(f"::: {path}\n")
