@@ -443,20 +443,20 @@ def cli_markdown() -> str:
 
 
 def results_markdown(folder: str) -> str:
-    """Every Markdown report under ``folder`` (relative to the repository), headings demoted to
-    sit under the page's sections, each under its file name."""
+    """Every Markdown report under ``folder`` (relative to the repository), each in a collapsed
+    block titled with its file name and its first heading; the report's headings become bold
+    lines (they stay out of the page's table of contents)."""
     files = sorted((ROOT / folder).glob("*.md")) if (ROOT / folder).is_dir() else []
     if not files:
         return f"*No report in `{folder}/` yet.*\n"
     out = []
     for path in files:
-        text = re.sub(
-            r"^(#{1,4}) ",
-            lambda m: "#" * (len(m[1]) + 3) + " ",
-            path.read_text(),
-            flags=re.MULTILINE,
-        )
-        out += [f"### `{folder}/{path.name}`", "", text.strip(), ""]
+        text = path.read_text().strip()
+        first = re.search(r"^#{1,6} (.+)$", text, flags=re.MULTILINE)
+        title = f"{folder}/{path.name}" + (f": {first[1]}" if first else "")
+        text = re.sub(r"^#{1,6} (.+)$", r"**\1**", text, flags=re.MULTILINE)
+        body = "\n".join(f"    {line}" if line.strip() else "" for line in text.splitlines())
+        out += [f'??? note "{title.replace(chr(34), chr(39))}"', "", body, ""]
     return "\n".join(out)
 
 
