@@ -491,5 +491,15 @@ def test_every_name_a_guide_imports_is_in_the_reference():
     assert not missing, f"guides use names the API reference does not document: {sorted(missing)}"
 
 
+#: pages that are not guides: they need no link into the API reference
+NOT_GUIDES = {"changelog.md", "citation.md", "licence.md"}
+
+
+def test_every_guide_links_into_the_api_reference():
+    for page in sorted(DOCS.glob("*.md")):
+        if page.name not in NOT_GUIDES:
+            assert "](reference/" in page.read_text(), f"{page.name} never links to the reference"
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
