@@ -38,13 +38,15 @@ bench-kernel: install
 gpu-check: install
 	$(PY) benchmarks/gpu_check.py
 
-# the documentation site (mkdocs.yml, docs/), built with --strict into site/
-$(VENV)/.docs-installed: $(VENV)/.installed
+# the documentation site (mkdocs.yml, docs/), built with --strict into site/, then checked to load
+# nothing from another host (MathJax is bundled) and to resolve every link under its sub-path
+$(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
 	$(PY) -m pip install -q -e ".[docs]"
 	touch $@
 
 docs: $(VENV)/.docs-installed
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+	$(PY) docs/_hooks/check_site.py site
 
 docs-serve: $(VENV)/.docs-installed
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve

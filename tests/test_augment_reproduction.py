@@ -136,16 +136,67 @@ def test_strong_view_uses_usb_randaugment():
 
 
 # --------------------------------------------------------------------------- CIFAR10Policy
-def test_cifar10_policy_table_is_autoaugments():
+# The CIFAR-10 policy of the PIL implementation the IKL-AT authors import (DeepVoltaire/AutoAugment,
+# ``CIFAR10Policy``), written out from its source: (p1, op1, bin1, p2, op2, bin2). Bins of the
+# operations without a magnitude (autocontrast, equalize, invert) are listed but unused there.
+AUTHORS_CIFAR10 = [
+    (0.1, "invert", 7, 0.2, "contrast", 6),
+    (0.7, "rotate", 2, 0.3, "translateX", 9),
+    (0.8, "sharpness", 1, 0.9, "sharpness", 3),
+    (0.5, "shearY", 8, 0.7, "translateY", 9),
+    (0.5, "autocontrast", 8, 0.9, "equalize", 2),
+    (0.2, "shearY", 7, 0.3, "posterize", 7),
+    (0.4, "color", 3, 0.6, "brightness", 7),
+    (0.3, "sharpness", 9, 0.7, "brightness", 9),
+    (0.6, "equalize", 5, 0.5, "equalize", 1),
+    (0.6, "contrast", 7, 0.6, "sharpness", 5),
+    (0.7, "color", 7, 0.5, "translateX", 8),
+    (0.3, "equalize", 7, 0.4, "autocontrast", 8),
+    (0.4, "translateY", 3, 0.2, "sharpness", 6),
+    (0.9, "brightness", 6, 0.2, "color", 8),
+    (0.5, "solarize", 2, 0.0, "invert", 3),
+    (0.2, "equalize", 0, 0.6, "autocontrast", 0),
+    (0.2, "equalize", 8, 0.6, "equalize", 4),
+    (0.9, "color", 9, 0.6, "equalize", 6),
+    (0.8, "autocontrast", 4, 0.2, "solarize", 8),
+    (0.1, "brightness", 3, 0.7, "color", 0),
+    (0.4, "solarize", 5, 0.9, "autocontrast", 3),
+    (0.9, "translateY", 9, 0.7, "translateY", 9),
+    (0.9, "autocontrast", 2, 0.8, "solarize", 3),
+    (0.8, "equalize", 8, 0.1, "invert", 3),
+    (0.7, "translateY", 9, 0.9, "autocontrast", 1),
+]
+NO_MAGNITUDE = {"autocontrast", "equalize", "invert"}
+
+
+def test_cifar10_policy_table_is_the_authors():
+    assert len(CIFAR10_POLICIES) == len(AUTHORS_CIFAR10) == 25
+    for ours, (p1, op1, b1, p2, op2, b2) in zip(CIFAR10_POLICIES, AUTHORS_CIFAR10):
+        for (name, p, level), (p_ref, op_ref, b_ref) in zip(ours, [(p1, op1, b1), (p2, op2, b2)]):
+            assert name.lower() == op_ref.lower() and p == p_ref
+            assert level == (None if op_ref in NO_MAGNITUDE else b_ref)
+
+
+def test_cifar10_policy_table_is_torchvisions():
     tv = pytest.importorskip("torchvision.transforms")
     theirs = tv.AutoAugment(tv.AutoAugmentPolicy.CIFAR10).policies
-    assert len(CIFAR10_POLICIES) == len(theirs) == 25
-    for i, (ours, ref) in enumerate(zip(CIFAR10_POLICIES, theirs)):
-        for j, ((n1, p1, m1), (n2, p2, m2)) in enumerate(zip(ours, ref)):
-            # sub-policy 16: (Equalize 0.2, Equalize 0.8) in the PIL implementation the authors
-            # use, (Equalize 0.2, Equalize 0.6) in torchvision
-            assert (n1, p1) == (n2, 0.8 if (i, j) == (16, 1) else p2)
-            assert m1 == m2 or m2 is None
+    assert len(theirs) == 25
+    for ours, ref in zip(CIFAR10_POLICIES, theirs):
+        for (n1, p1, m1), (n2, p2, m2) in zip(ours, ref):
+            assert (n1, p1) == (n2, p2) and (m1 == m2 or m2 is None)
+
+
+def test_cifar10_policy_rotates_one_way():
+    # the authors' rotate takes the bin's angle as it is; the other signed operations flip
+    seen = {}
+    g = torch.Generator().manual_seed(0)
+    policy = CIFAR10Policy()
+    for _ in range(3000):
+        for name, m in policy.sample(g):
+            seen.setdefault(name, set()).add(m > 0 if m else None)
+    assert seen["Rotate"] == {True}
+    for name in ("TranslateX", "TranslateY", "ShearY", "Color", "Sharpness", "Brightness"):
+        assert {True, False} <= seen[name], name
 
 
 def test_cifar10_policy_magnitudes_by_hand():
@@ -179,7 +230,7 @@ def test_cifar10_policy_sampling_on_fixed_seeds(seed):
         if float(torch.rand((), generator=g, dtype=torch.float64)) >= p:
             continue
         m = autoaugment_magnitude(name, level)
-        if name not in ("AutoContrast", "Equalize", "Invert", "Posterize", "Solarize"):
+        if name not in ("AutoContrast", "Equalize", "Invert", "Posterize", "Solarize", "Rotate"):
             m = m if int(torch.randint(2, (), generator=g)) else -m
         want.append((name, m))
     assert got == want

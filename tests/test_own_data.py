@@ -482,3 +482,120 @@ def test_a_folder_without_a_test_split_holds_out_a_fixed_stratified_share(tmp_pa
     assert held == [b[1].source.describe(i) for i in range(len(b[1]))]  # whatever the seed
     seen = {train.source.describe(i) for i in range(len(train))}
     assert not seen & set(held)
+
+
+# --------------------------------------------------------------------------------------------
+# A pretrained backbone whose classifier does not fit, and the RGB 224 px example
+# --------------------------------------------------------------------------------------------
+
+EXAMPLE = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "own_data_rgb"
+
+
+def _imagenet_layout_file(tmp_path, model_fn, name: str):
+    """A torchvision model's state_dict with ImageNet's 1000 classes (random weights)."""
+    torch.manual_seed(0)
+    path = tmp_path / name
+    sd = model_fn(num_classes=1000).state_dict()
+    torch.save(sd, path)
+    return path, sd
+
+
+@pytest.mark.parametrize(
+    "arch, head",
+    [("resnet18", "fc"), ("mobilenet_v3_small", "classifier.3"), ("squeezenet1_0", "classifier.1")],
+)
+def test_a_1000_class_file_loads_into_a_10_class_model_with_a_new_classifier(
+    tmp_path, caplog, arch, head
+):
+    import torchvision
+
+    from dkl.models import create_model
+
+    path, sd = _imagenet_layout_file(tmp_path, getattr(torchvision.models, arch), f"{arch}.pth")
+    with pytest.raises(ValueError, match=rf"only the classifier '{head}' differs"):
+        create_model(f"tv:{arch}", 10, checkpoint=path)  # by default a file must fit whole
+    with caplog.at_level("WARNING", logger="dkl.models.weights"):
+        model = create_model(f"tv:{arch}", 10, checkpoint=path, replace_classifier=True)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        (
+            f"{path}: its classifier '{head}' has 1000 outputs, the model's 10: loaded every "
+            f"other weight and kept the model's new '{head}'"
+        )
+    ]
+    own = model.state_dict()
+    for k, v in sd.items():  # every weight but the classifier's is the file's
+        if k.startswith(head + "."):
+            assert own[k].shape[0] == 10
+        else:
+            assert torch.equal(own[k], v), k
+
+
+def test_replace_classifier_never_hides_another_mismatch(tmp_path):
+    import torchvision
+
+    from dkl.models import create_model, load_weights
+
+    path, _ = _imagenet_layout_file(tmp_path, torchvision.models.resnet18, "r18.pth")
+    with pytest.raises(ValueError, match=r"80 missing key\(s\): layer1\.2\.conv1\.weight"):
+        load_weights(  # another architecture: the backbone differs too
+            torchvision.models.resnet34(num_classes=10), path, replace_classifier=True
+        )
+    # a file without a classifier: the rest loads, the model keeps its own
+    sd = {k: v for k, v in torch.load(path).items() if not k.startswith("fc.")}
+    torch.save(sd, tmp_path / "backbone.pth")
+    model = create_model(
+        "tv:resnet18", 5, checkpoint=tmp_path / "backbone.pth", replace_classifier=True
+    )
+    assert torch.equal(model.conv1.weight, sd["conv1.weight"]) and model.fc.out_features == 5
+    with pytest.raises(ValueError, match="needs a checkpoint"):
+        create_model("tv:resnet18", 5, replace_classifier=True)
+
+
+def test_rgb_224_example_teacher_from_imagenet_weights_then_a_small_student(
+    tmp_path, monkeypatch, caplog
+):
+    """examples/own_data_rgb as a user runs it, on generated RGB photos and a stand-in ImageNet
+    file, shortened: the teacher starts from the file's backbone, the student learns from it."""
+    import importlib.util
+    import shutil
+
+    from dkl.api import train
+    from dkl.config import load_config
+    from dkl.train.checkpoint import load_checkpoint
+
+    for f in EXAMPLE.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    monkeypatch.chdir(tmp_path)
+    spec = importlib.util.spec_from_file_location(
+        "make_tiny_photos", tmp_path / "make_tiny_photos.py"
+    )
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    maker.main(".", per_class=6)
+    imagenet = torch.load("weights/resnet18-f37072fd.pth")
+
+    short = ["train.epochs=1", "train.max_steps_per_epoch=1", "data.batch_size=6",
+             "data.eval_batch_size=8", "data.num_workers=0", "train.progress=false", "train.plot=false"]  # fmt: skip
+    with caplog.at_level("WARNING", logger="dkl.models.weights"):
+        teacher = train(
+            load_config("teacher.yaml", [*short, "optim.lr=1e-12"]), log=lambda line: None
+        )
+    assert any(
+        "its classifier 'fc' has 1000 outputs, the model's 3" in r.getMessage()
+        for r in caplog.records
+    )
+    assert teacher["last"]["top1"] >= 0
+    sd = load_checkpoint("runs/photos_teacher/best.pt")["model"]
+    conv1 = next(v for k, v in sd.items() if k.endswith("conv1.weight") and "layer" not in k)
+    assert torch.allclose(conv1, imagenet["conv1.weight"], atol=1e-9)  # the file's backbone
+    fc = next(v for k, v in sd.items() if k.endswith("fc.weight"))
+    assert fc.shape == (3, 512)
+
+    cfg = load_config("student.yaml", short)
+    assert cfg.model.name == "tv:mobilenet_v3_small" and cfg.data.augment == "imagenet"
+    student = train(cfg, log=lambda line: None)
+    assert set(student["last"]) >= {"top1"}
+    with open("runs/photos_student/metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert rows and "train_kd" in rows[-1]  # the teacher's term was trained on

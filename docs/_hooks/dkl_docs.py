@@ -6,6 +6,8 @@
   preset YAMLs (resolved with ``_base_``), so the hyper-parameters shown are the ones that run.
 - ``<!-- cli -->`` becomes the help of ``dkl`` and of each of its subcommands.
 - ``<!-- results: benchmarks/results -->`` becomes the measured reports committed there.
+- MathJax (from the ``docs`` extra's ``django-static-mathjax``) is copied into ``_static/mathjax/``
+  so formulas render without internet; ``check_site.py`` checks the built site for that.
 
 ``tests/test_docs.py`` imports this file too (it needs no MkDocs).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import importlib.util
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,11 +75,55 @@ LAZY = {
 }
 
 
+#: the names a reader looks for first, in that order; the rest of ``__all__`` follows as written
+IMPORTANCE: dict[str, tuple[str, ...]] = {
+    "dkl": (
+        "ikl_loss",
+        "IKLLoss",
+        "kl_loss",
+        "KLLoss",
+        "dkl_loss",
+        "DKLLoss",
+        "gkl_loss",
+        "GKLLoss",
+        "ClassPrior",
+    ),
+    "dkl.api": ("train", "make_trainer", "load_run"),
+    "dkl.config": ("load_config", "Config", "list_presets", "ConfigError"),
+    "dkl.train": ("Task", "Trainer", "StepContext", "RunContext"),
+    "dkl.models": ("create_model", "load_weights", "register_model", "list_models"),
+    "dkl.data": ("build_datasets", "register_dataset", "DataInfo", "DataRequest", "list_datasets"),
+    "dkl.llm": (
+        "fused_linear_ikl",
+        "fused_linear_kl",
+        "FusedLinearIKLLoss",
+        "topk_ikl_loss",
+        "topk_kl_loss",
+        "topk_logprobs",
+        "TopKCache",
+    ),
+    "dkl.integrations.transformers": (
+        "DistillationTrainer",
+        "DistillationArguments",
+        "with_distillation",
+        "DistillationMixin",
+    ),
+    "dkl.recipes": ("register_recipe", "get_recipe", "list_recipes"),
+}
+
+
+def ordered_names(module: str) -> list[str]:
+    """The module's ``__all__``, the most used names first (:data:`IMPORTANCE`)."""
+    names = public_names(module)
+    first = [n for n in IMPORTANCE.get(module, ()) if n in names]
+    return first + [n for n in names if n not in first]
+
+
 def api_markdown(module: str) -> str:
-    """The module docstring, then one heading per public name."""
+    """The module docstring, then one heading per public name, the most used first."""
     parts = [f"::: {module}\n    options:\n      members: false\n      show_root_heading: false\n"]
     defined = defined_names(module)
-    for name in public_names(module):
+    for name in ordered_names(module):
         path = f"{module}.{name}"
         if name in defined:
             parts.append(f"::: {path}\n")
@@ -347,6 +394,8 @@ def _cell(text: str) -> str:
 
 
 def presets_markdown(group: str) -> str:
+    """One collapsed block per table (Material's ``???``): the reproduction table at the top of
+    each recipe page carries the published numbers, these the full hyper-parameters."""
     from dkl.config import config_to_dict, load_config
 
     out = []
@@ -354,13 +403,15 @@ def presets_markdown(group: str) -> str:
         if not names:
             continue
         heads = ["preset", *(h for h, _ in table.columns), "what it is · published"]
-        out += [f"#### {table.title}", "", "| " + " | ".join(heads) + " |"]
-        out.append("|" + "---|" * len(heads))
+        n = f"{len(names)} preset{'s' if len(names) > 1 else ''}"
+        out += [f'??? info "{table.title}: {n}, every hyper-parameter"', ""]
+        rows = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
         for name in names:
             cfg = config_to_dict(load_config(name))
             cells = [f"`{name}`", *(_cell(f(cfg)) for _, f in table.columns)]
             cells.append(_cell(preset_notes(name)))
-            out.append("| " + " | ".join(cells) + " |")
+            rows.append("| " + " | ".join(cells) + " |")
+        out += [f"    {row}" for row in rows]
         out.append("")
     return "\n".join(out)
 
@@ -392,21 +443,54 @@ def cli_markdown() -> str:
 
 
 def results_markdown(folder: str) -> str:
-    """Every Markdown report under ``folder`` (relative to the repository), headings demoted to
-    sit under the page's sections, each under its file name."""
+    """Every Markdown report under ``folder`` (relative to the repository), each in a collapsed
+    block titled with its file name and its first heading; the report's headings become bold
+    lines (they stay out of the page's table of contents)."""
     files = sorted((ROOT / folder).glob("*.md")) if (ROOT / folder).is_dir() else []
     if not files:
         return f"*No report in `{folder}/` yet.*\n"
     out = []
     for path in files:
-        text = re.sub(
-            r"^(#{1,4}) ",
-            lambda m: "#" * (len(m[1]) + 3) + " ",
-            path.read_text(),
-            flags=re.MULTILINE,
-        )
-        out += [f"### `{folder}/{path.name}`", "", text.strip(), ""]
+        text = path.read_text().strip()
+        first = re.search(r"^#{1,6} (.+)$", text, flags=re.MULTILINE)
+        title = f"{folder}/{path.name}" + (f": {first[1]}" if first else "")
+        text = re.sub(r"^#{1,6} (.+)$", r"**\1**", text, flags=re.MULTILINE)
+        body = "\n".join(f"    {line}" if line.strip() else "" for line in text.splitlines())
+        out += [f'??? note "{title.replace(chr(34), chr(39))}"', "", body, ""]
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# MathJax, bundled with the site
+# --------------------------------------------------------------------------------------------
+
+MATHJAX_DIR = "_static/mathjax"
+#: the parts of MathJax's es5 build that a page typeset by tex-chtml.js loads: the combined
+#: component, the TeX extensions it loads on demand, the CHTML fonts, and the menu's lazy parts
+MATHJAX_PARTS = ("tex-chtml.js", "input/tex/extensions", "output/chtml", "ui", "a11y")
+
+
+def mathjax_es5() -> Path:
+    """MathJax 3's ``es5`` folder, as the ``django-static-mathjax`` package (``docs`` extra)
+    ships it."""
+    spec = importlib.util.find_spec("mathjax")
+    es5 = Path(spec.origin).parent / "static" / "mathjax" / "es5" if spec and spec.origin else None
+    if es5 is None or not (es5 / "tex-chtml.js").is_file():
+        raise RuntimeError(
+            "the site bundles MathJax from the package django-static-mathjax, which is not "
+            "installed (or has no static/mathjax/es5/tex-chtml.js): pip install -e '.[docs]'"
+        )
+    return es5
+
+
+def mathjax_files() -> list[tuple[str, Path]]:
+    """``(path in the site, file on disk)`` for every MathJax file the site ships."""
+    es5 = mathjax_es5()
+    out = []
+    for part in MATHJAX_PARTS:
+        found = [es5 / part] if (es5 / part).is_file() else sorted((es5 / part).rglob("*"))
+        out += [(f"{MATHJAX_DIR}/{f.relative_to(es5).as_posix()}", f) for f in found if f.is_file()]
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,3 +507,11 @@ def expand(markdown: str) -> str:
 
 def on_page_markdown(markdown: str, **kwargs) -> str:
     return expand(markdown)
+
+
+def on_files(files, config, **kwargs):
+    from mkdocs.structure.files import File
+
+    for uri, path in mathjax_files():
+        files.append(File.generated(config, uri, abs_src_path=str(path)))
+    return files

@@ -176,6 +176,26 @@ def rst_to_markdown(text: str, obj: griffe.Object | None = None) -> str:
     return LITERAL.sub(":", text)
 
 
+def _public_bases(cls: griffe.Class, depth: int = 0) -> list:
+    """``cls``'s bases with each private one (``_Loss``) replaced by its own public bases, so the
+    reference never names a class it does not document."""
+    out = []
+    for base in cls.bases:
+        name = str(base).rsplit(".", 1)[-1]
+        if not name.startswith("_"):
+            out.append(base)
+            continue
+        try:
+            target = cls.modules_collection[
+                base.canonical_path if hasattr(base, "canonical_path") else str(base)
+            ]
+        except (KeyError, AttributeError):
+            target = cls.parent.members.get(name) if cls.parent is not None else None
+        if isinstance(target, griffe.Class) and depth < 5:
+            out += [b for b in _public_bases(target, depth + 1) if b not in out]
+    return out
+
+
 class RstToMarkdown(griffe.Extension):
     def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
         todo: list[griffe.Object] = [pkg]
@@ -183,4 +203,6 @@ class RstToMarkdown(griffe.Extension):
             obj = todo.pop()
             if obj.docstring is not None:
                 obj.docstring.value = rst_to_markdown(obj.docstring.value, obj)
+            if isinstance(obj, griffe.Class) and not obj.is_alias:
+                obj.bases = _public_bases(obj)
             todo += [m for m in obj.members.values() if not m.is_alias]

@@ -1,9 +1,8 @@
 """AutoAugment's CIFAR-10 policy as the IKL-AT authors' second view runs it (``CIFAR10Policy``).
 
 The 25 sub-policies are AutoAugment's (Cubuk et al. 2019) as the widely used PIL implementation
-the authors import (``autoaug.CIFAR10Policy``) lists them: torchvision's
-``AutoAugmentPolicy.CIFAR10`` table but for sub-policy 16, (Equalize 0.2, Equalize 0.8) there and
-(Equalize 0.2, Equalize 0.6) in torchvision. Its operations differ from torchvision's:
+the authors import (``autoaug.CIFAR10Policy``, DeepVoltaire/AutoAugment) lists them; the table is
+the same as torchvision's ``AutoAugmentPolicy.CIFAR10``. Its operations differ from torchvision's:
 
 - fill grey (128, 128, 128) outside the image for shears, translations and rotations
   (torchvision: black);
@@ -11,7 +10,9 @@ the authors import (``autoaug.CIFAR10Policy``) lists them: torchvision's
 - magnitudes of bin ``i`` of 10: shear ``0.3 i/9``, translate ``(150/331) i/9`` of the image
   side, rotate ``30 i/9`` degrees, colour / contrast / sharpness / brightness factor
   ``1 ± 0.9 i/9``, posterize ``round(8 − 4 i/9)`` bits, solarize threshold ``256 (1 − i/9)``
-  (torchvision: ``255 (1 − i/9)`` and integer translations); a random sign for every signed one;
+  (torchvision: ``255 (1 − i/9)`` and integer translations);
+- a random sign for shears, translations and the four enhance factors; rotations always turn
+  by ``+30 i/9`` degrees (counter-clockwise), without a sign (torchvision: a random sign);
 - a shear or translation is the PIL affine map ``(1, ±m, 0, 0, 1, 0)``, ``(1, 0, 0, ±m, 1, 0)``,
   ``(1, 0, ±m·W, 0, 1, 0)``, ``(1, 0, 0, 0, 1, ±m·H)``.
 
@@ -43,7 +44,7 @@ CIFAR10_POLICIES: tuple[tuple[tuple[str, float, int | None], ...], ...] = (
     (("Brightness", 0.9, 6), ("Color", 0.2, 8)),
     (("Solarize", 0.5, 2), ("Invert", 0.0, None)),
     (("Equalize", 0.2, None), ("AutoContrast", 0.6, None)),
-    (("Equalize", 0.2, None), ("Equalize", 0.8, None)),
+    (("Equalize", 0.2, None), ("Equalize", 0.6, None)),
     (("Color", 0.9, 9), ("Equalize", 0.6, None)),
     (("AutoContrast", 0.8, None), ("Solarize", 0.2, 8)),
     (("Brightness", 0.1, 3), ("Color", 0.7, 0)),
@@ -54,8 +55,9 @@ CIFAR10_POLICIES: tuple[tuple[tuple[str, float, int | None], ...], ...] = (
     (("TranslateY", 0.7, 9), ("AutoContrast", 0.9, None)),
 )
 
-_SIGNED = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Color", "Contrast",
-           "Sharpness", "Brightness")  # fmt: skip
+#: the operations whose magnitude gets a random sign (not Rotate: the authors' turns one way)
+_SIGNED = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Color", "Contrast", "Sharpness",
+           "Brightness")  # fmt: skip
 _FILL = (128, 128, 128)
 
 

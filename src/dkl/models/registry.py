@@ -141,6 +141,7 @@ def create_model(
     input_shape: Sequence[int] | None = None,
     checkpoint: str | Path | None = None,
     strict: bool = True,
+    replace_classifier: bool = False,
     **kwargs,
 ) -> nn.Module:
     """Build model ``name`` with a ``num_classes``-way head; forward returns logits ``(B, C)``.
@@ -154,7 +155,12 @@ def create_model(
             agree); any other model whose first convolution expects another channel count has
             it replaced by :func:`adapt_input_channels`.
         checkpoint: optional local weight file, loaded with :func:`dkl.models.load_weights`.
+            In a config: ``model.kwargs.checkpoint`` (``model.checkpoint`` loads after the model
+            is built, always strictly).
         strict: passed to ``load_weights``.
+        replace_classifier: passed to ``load_weights``: a file whose classifier has another
+            class count (an ImageNet file for a 10-class model) loads everything else and the
+            model keeps its new classifier, with a one-line logged warning.
         **kwargs: constructor options (e.g. ``hidden=(64,)`` for ``mlp``, ``width=8`` for
             ``digits_cnn``); an option the constructor does not take is a ``TypeError``.
 
@@ -186,7 +192,9 @@ def create_model(
     if input_shape is not None and not fits:
         adapt_input_channels(model, int(input_shape[0]))
     if checkpoint is not None:
-        load_weights(model, checkpoint, strict=strict)
+        load_weights(model, checkpoint, strict=strict, replace_classifier=replace_classifier)
+    elif replace_classifier:
+        raise ValueError("replace_classifier=True needs a checkpoint= weight file to load")
     return model
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,9 +14,10 @@ from dkl._files import load_torch_file
 
 from .normalize import NormalizedModel
 
-__all__ = ["extract_state_dict", "load_weights"]
+__all__ = ["extract_state_dict", "load_weights", "output_layer"]
 
 _CONTAINER_KEYS = ("model", "state_dict", "net")
+_log = logging.getLogger(__name__)  # without a logging setup, Python prints a warning as one line
 _SHOW = 5  # keys listed in an error message
 
 
@@ -53,13 +55,73 @@ def _listing(keys: list[str]) -> str:
     return ", ".join(keys[:_SHOW]) + more
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
+def output_layer(model: nn.Module) -> str | None:
+    """The name of ``model``'s classifier: its last module with parameters of its own, when that
+    is a ``Linear`` or a 1×1 ``Conv2d`` (``fc`` of a ResNet, ``classifier.1`` of a MobileNet-V2,
+    ``head`` of a timm ViT); ``None`` otherwise.
+
+    >>> output_layer(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 10)))
+    '2'
+    """
+    last: tuple[str, nn.Module] | None = None
+    for name, module in model.named_modules():
+        if next(module.parameters(recurse=False), None) is not None:
+            last = (name, module)
+    if last is None:
+        return None
+    name, module = last
+    is_1x1 = isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+    return name if isinstance(module, nn.Linear) or is_1x1 else None
+
+
+def _classifier_to_replace(
+    own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], head: str | None
+) -> list[str] | None:
+    """The keys of the classifier ``head`` when they are all that keeps ``sd`` from loading: the
+    file's classifier has another class count (only the first dimension differs) or is absent.
+    ``None`` when anything else differs too."""
+    if head is None:
+        return None
+    keys = [k for k in own if k.startswith(head + ".") and "." not in k[len(head) + 1 :]]
+    if not keys:
+        return None
+    for k in own:
+        if k in keys or k.endswith("num_batches_tracked"):
+            continue
+        if k not in sd or sd[k].shape != own[k].shape:
+            return None  # another layer is missing or differs
+    if any(k not in own for k in sd):
+        return None  # the file has layers the model lacks
+    present = [k for k in keys if k in sd]
+    if present and len(present) != len(keys):
+        return None
+    for k in present:
+        a, b = own[k].shape, sd[k].shape
+        if len(a) != len(b) or a[1:] != b[1:] or a[0] == b[0]:
+            return None
+    return keys
+
+
+def load_weights(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    strict: bool = True,
+    replace_classifier: bool = False,
+) -> nn.Module:
     """Load the weight file ``path`` into ``model`` in place and return ``model``.
 
     The file is read with ``torch.load(weights_only=True, map_location="cpu")`` (it cannot run
     code) and may be a raw state_dict or hold one under ``"model"`` (mdistiller), ``"state_dict"``
     or ``"net"``; a ``module.`` prefix is stripped. A :class:`NormalizedModel` given a bare-model
     checkpoint (no ``model.`` keys) loads it into its inner ``.model``.
+
+    ``replace_classifier=True`` starts a model for new classes from a file trained on others (a
+    torchvision or timm ImageNet file into a 10-class model): when the classifier
+    (:func:`output_layer`) is the only layer that does not fit, because the file's has another
+    class count or none, every other weight is loaded, the model keeps its new classifier, and a
+    one-line warning (logger ``dkl.models.weights``) says so. It is off by default: a teacher or a model to evaluate must
+    load whole.
 
     Errors: ``FileNotFoundError`` for a missing file; ``ValueError`` naming a few missing or
     unexpected keys (``strict=True``) and, always, every shape mismatch with expected vs got.
@@ -78,6 +140,21 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
         target = model.model
 
     own = target.state_dict()
+    if replace_classifier:
+        head = output_layer(target)
+        keys = _classifier_to_replace(own, sd, head)
+        if keys:
+            got = next((tuple(sd[k].shape) for k in keys if k.endswith("weight") and k in sd), None)
+            want = tuple(own[f"{head}.weight"].shape)
+            what = f"has {got[0]} outputs" if got else "is not in the file"
+            _log.warning(
+                "%s: its classifier '%s' %s, the model's %d: loaded every other weight and kept "
+                "the model's new '%s'",
+                path, head, what, want[0], head,
+            )  # fmt: skip
+            sd = {k: v for k, v in sd.items() if k not in keys}
+            target.load_state_dict(sd, strict=False)
+            return model
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in own]
     mismatched = [
@@ -93,8 +170,16 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
     if strict and unexpected:
         problems.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
     if problems:
+        head = output_layer(target)
+        hint = ""
+        if not replace_classifier and _classifier_to_replace(own, sd, head):
+            hint = (
+                f" | only the classifier '{head}' differs: to start from the other weights with "
+                "a new classifier, pass replace_classifier=True (in a config: model.kwargs: "
+                "{checkpoint: FILE, replace_classifier: true})"
+            )
         raise ValueError(
-            f"Cannot load {path} into {type(target).__name__}: " + " | ".join(problems)
+            f"Cannot load {path} into {type(target).__name__}: " + " | ".join(problems) + hint
         )
     target.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     return model
