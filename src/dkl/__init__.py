@@ -4,6 +4,8 @@ The losses (:func:`kl_loss`, :func:`dkl_loss`, :func:`ikl_loss`, :func:`gkl_loss
 modules) are exact and O(B·C); :class:`ClassPrior` is the class-wise prior (GI) of IKL and GKL.
 """
 
+from importlib import metadata as _metadata
+
 from dkl.losses import (
     DKLLoss,
     GKLLoss,
@@ -18,7 +20,10 @@ from dkl.losses import (
 )
 from dkl.prior import ClassPrior
 
-__version__ = "0.1.0"
+try:  # one version, pyproject.toml's, as installed
+    __version__ = _metadata.version("dkl")
+except _metadata.PackageNotFoundError:  # a source tree on the path, not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "ClassPrior",
