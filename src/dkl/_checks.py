@@ -8,6 +8,7 @@ the same words.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -19,20 +20,49 @@ def is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def check_positive(name: str, value: float) -> None:
-    """A finite ``value > 0`` (temperatures)."""
-    if not value > 0:
+def _number(name: str, value: Any, kind: str) -> float:
+    """``value`` as a float if it is a real number: a Python or NumPy int / float, or a 0-d
+    tensor without a gradient; anything else (a string, None, a bool, a tensor with several
+    entries or one that requires grad) is a TypeError that names the parameter."""
+    if isinstance(value, Tensor):
+        if value.dim() == 0 and not value.requires_grad and not value.is_complex():
+            return float(value)
+        shown = f"a tensor of shape {tuple(value.shape)}" + (
+            " that requires grad" if value.requires_grad else ""
+        )
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    else:
+        shown = f"{value!r} ({type(value).__name__})"
+    raise TypeError(f"Expected {name} a {kind} number, got {shown}")
+
+
+def check_positive(name: str, value: Any, minimum: float = 0.0) -> float:
+    """A finite ``value > 0`` (temperatures), returned as a float. ``minimum`` is an extra lower
+    bound (the losses use the smallest normal float32, so that ``1 / value`` stays finite)."""
+    x = _number(name, value, "positive finite")
+    value = x if isinstance(value, Tensor) else value
+    if not x > 0:
         raise ValueError(f"Expected {name} > 0, got {value}")
-    if not math.isfinite(value):
+    if not math.isfinite(x):
         raise ValueError(f"Expected a finite {name} > 0, got {value}")
+    if x < minimum:
+        raise ValueError(
+            f"Expected {name} >= {minimum:.3g} (smaller values make 1/{name} overflow float32), "
+            f"got {value}"
+        )
+    return x
 
 
-def check_non_negative_scalar(name: str, value: float) -> None:
-    """A finite ``value >= 0`` (loss weights such as alpha and beta)."""
-    if not value >= 0:
+def check_non_negative_scalar(name: str, value: Any) -> float:
+    """A finite ``value >= 0`` (loss weights such as alpha and beta), returned as a float."""
+    x = _number(name, value, "non-negative finite")
+    value = x if isinstance(value, Tensor) else value
+    if not x >= 0:
         raise ValueError(f"Expected {name} >= 0, got {value}")
-    if not math.isfinite(value):
+    if not math.isfinite(x):
         raise ValueError(f"Expected a finite {name} >= 0, got {value}")
+    return x
 
 
 def check_logits(input: Any, target: Any) -> None:

@@ -1,0 +1,181 @@
+r"""The two parts DKL, IKL and GKL are made of, the weighted MSE between logit vectors and the
+soft-label cross-entropy, as public functions, and the pieces the losses build them from.
+
+Fast pieces (``*_fast``) run inside the autograd function with no graph; exact pieces
+(``*_exact``) are plain differentiable torch and carry the non-finite rules (see
+:mod:`dkl.losses._function` for how the two are combined).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dkl._checks import check_class_weights, check_logits
+from dkl.losses._common import as_dtype, check_hyperparameters, compute_dtype, no_autocast
+from dkl.losses._function import row_loss
+
+__all__ = ["soft_cross_entropy", "weighted_mse"]
+
+_INF = float("inf")
+
+
+# --------------------------------------------------------------------------- shared arithmetic
+def scaled(x: Tensor, temperature: float) -> Tensor:
+    """``x / T`` as one multiplication, and no pass at all for ``T = 1``."""
+    return x if temperature == 1.0 else x * (1.0 / temperature)
+
+
+def rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum(1)``."""
+    return torch.linalg.vecdot(a, b, dim=1)
+
+
+def log_softmax_grad(log_q: Tensor, p: Tensor, scale: Tensor) -> Tensor:
+    r"""``scale · (Σ_j p_j · σ - p)``, the gradient of ``-scale · Σ_j p_j log σ(u)_j`` with
+    respect to ``u`` (``log_q = log σ(u)``), in log_softmax's own fused backward."""
+    return torch._log_softmax_backward_data(p * -scale.unsqueeze(1), log_q, 1, log_q.dtype)
+
+
+def exact_scaled(x: Tensor, temperature: float) -> Tensor:
+    """``x / T`` shifted by the row's (detached, finite) maximum first: the same softmax and the
+    same centred wMSE, and no overflow however small ``T`` is (entries far below the maximum
+    become ``-inf``: probability 0, their correctly rounded value)."""
+    top = x.detach().amax(dim=1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, top.new_zeros(()))
+    return scaled(x - top, temperature)
+
+
+def plus_inf(rows: Tensor, per_row: Tensor) -> Tensor:
+    """``+inf`` added on ``rows`` (a NaN row stays NaN)."""
+    return per_row + torch.where(rows, per_row.new_full((), _INF), per_row.new_zeros(()))
+
+
+# --------------------------------------------------------------------------- wMSE
+def wmse_fast(a: Tensor, b: Tensor, w: Tensor, unit_total: bool) -> tuple[Tensor, Tensor, Any]:
+    r"""``Σ_j w_j (e_j - ē)²`` of ``e = a - b`` per row, ``w (e - ē)`` and the row totals ``W``
+    (``None`` for softmax weights, whose total is 1). The wMSE is ``½ W`` times the first."""
+    e = a - b
+    if unit_total:
+        total = None
+        mean = rowdot(w, e)
+    else:
+        total = w.sum(dim=1)
+        # W = 0 only when every weight is 0; the row's loss and gradient are then 0
+        mean = rowdot(w, e) / total.clamp_min(torch.finfo(e.dtype).tiny)
+    centred = e.sub_(mean.unsqueeze(1))
+    wc = w * centred
+    return rowdot(wc, centred), wc, total
+
+
+def wmse_exact(a: Tensor, b: Tensor, w: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``½ W Σ_j w_j (e_j - ē)²`` of ``e = a - b`` on the classes in ``kept`` (the target's
+    finite ones), and the rows where ``b`` is ``-inf`` on a kept class (their loss is ``+inf``;
+    the caller adds it once). The weights are divided by their row maximum first and its square
+    multiplied back last, so weights near the float limit give the correctly rounded value
+    instead of NaN."""
+    w = torch.where(kept, w, w.new_zeros(()))
+    missed = kept & torch.isneginf(b)
+    e = torch.where(kept & ~missed, a - b, a.new_zeros(()))
+    top = w.amax(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    w = w / top
+    total = w.sum(dim=1)
+    mean = rowdot(w, e) / total.clamp_min(torch.finfo(w.dtype).tiny)
+    centred = e - mean.unsqueeze(1)
+    top = top.squeeze(1)
+    return 0.5 * total * rowdot(w * centred, centred) * top * top, missed.any(dim=1)
+
+
+# --------------------------------------------------------------------------- sCE
+def sce_exact(log_q: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``-Σ_j p_j log q_j`` with ``0 · log 0 = 0``, and the rows where ``q_j = 0 < p_j`` (their
+    loss is ``+inf``; the caller adds it once)."""
+    present = p > 0
+    missed = present & torch.isneginf(log_q)
+    terms = torch.where(present & ~missed, log_q, log_q.new_zeros(()))
+    return -rowdot(p, terms), missed.any(dim=1)
+
+
+# --------------------------------------------------------------------------- public parts
+class _WeightedMSE:
+    """``½ W Σ_j w_j (e_j - ē)²`` with ``e = target - input``; both sides get the gradient."""
+
+    def fast_forward(self, t, s, w, *, need_s, need_t):
+        dot, wc, total = wmse_fast(t, s, w, unit_total=False)
+        return 0.5 * total * dot, (wc, total)
+
+    def fast_backward(self, g, saved, need_s, need_t):
+        wc, total = saved
+        scale = (g * total).unsqueeze(1)
+        return wc * scale if need_s else None, wc * -scale if need_t else None
+
+    def exact(self, t, s, w):
+        return plus_inf(*reversed(wmse_exact(t, s, w, ~torch.isneginf(t.detach()))))
+
+
+class _SoftCrossEntropy:
+    """``-Σ_j p_j log σ(z / T)_j`` with ``p`` held constant (passed as the second tensor)."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+
+    def fast_forward(self, s, p, *, need_s, need_t):
+        log_q = F.log_softmax(scaled(s, self.temperature), dim=1)
+        return -rowdot(p, log_q), (log_q, p)
+
+    def fast_backward(self, g, saved, need_s, need_t):
+        log_q, p = saved
+        return log_softmax_grad(log_q, p, g * (1.0 / self.temperature)), None
+
+    def exact(self, s, p):
+        log_q = F.log_softmax(exact_scaled(s, self.temperature), dim=1)
+        return plus_inf(*reversed(sce_exact(log_q, p)))
+
+
+def weighted_mse(target: Tensor, input: Tensor, weights: Tensor) -> Tensor:
+    r"""Per-row weighted MSE between logit vectors, :math:`\tfrac12 W \sum_j w_j (e_j - \bar e)^2`.
+
+    Args:
+        target: ``(B, C)`` logits :math:`z_t`; receives gradient if it requires grad. A ``-inf``
+            entry gives its class weight 0.
+        input: ``(B, C)`` logits :math:`z_s`; receives gradient if it requires grad. A ``-inf``
+            entry where ``target`` is finite makes the row ``+inf``.
+        weights: ``(B, C)`` non-negative weights, treated as constants (detached).
+
+    Returns:
+        ``(B,)`` per-row values, equal to the paper's pairwise
+        :math:`\tfrac14 \sum_{j,k} w_j w_k (e_j - e_k)^2`, in the wider of the inputs' dtypes.
+
+    Example:
+        >>> t = torch.tensor([[1.0, 2.0, 4.0]])
+        >>> s = torch.zeros(1, 3)
+        >>> weighted_mse(t, s, torch.ones(1, 3))  # ¼ Σ_jk (e_j - e_k)² = ¼·2·(1 + 9 + 4)
+        tensor([7.])
+    """
+    check_logits(input, target)
+    check_class_weights(weights, input)
+    dtype = compute_dtype(target, input)
+    with no_autocast(input.device):
+        w = weights.detach().to(dtype)
+        return row_loss(_WeightedMSE(), as_dtype(target, dtype), as_dtype(input, dtype), w)
+
+
+def soft_cross_entropy(input: Tensor, target_probs: Tensor, temperature: float = 1.0) -> Tensor:
+    r"""Per-row :math:`-\sum_j p_j \log\sigma(z_s / T)_j` with ``target_probs`` held constant.
+
+    Classes with :math:`p_j = 0` add 0, even where :math:`z_s = -\infty`; a ``-inf`` logit
+    where :math:`p_j > 0` makes the row ``+inf``.
+
+    Example:
+        >>> soft_cross_entropy(torch.zeros(1, 4), torch.tensor([[0.5, 0.5, 0.0, 0.0]]))
+        tensor([1.3863])
+    """
+    check_logits(input, target_probs)
+    T = check_hyperparameters(temperature=temperature)["temperature"]
+    dtype = compute_dtype(input, target_probs)
+    with no_autocast(input.device):
+        p = target_probs.detach().to(dtype)
+        return row_loss(_SoftCrossEntropy(T), as_dtype(input, dtype), p)
