@@ -3,9 +3,13 @@ derivatives.
 
 Each loss is a *rule* with three methods:
 
-- ``fast_forward(s, t, *extras, need_s=, need_t=)``: the per-row loss in as few full-size passes
-  as the closed form allows, assuming finite logits, and the tensors its backward reads;
-- ``fast_backward(g, saved, need_s, need_t)``: the gradients from those tensors (no autograd);
+- ``prepare(s, t, *extras)``: the row-wise constants of the batch (``(B, ·)`` tensors or
+  ``None``), e.g. the class weights, or GKL's weights once its batch normaliser is known;
+- ``fast(s, t, consts, gs, gt)``: the per-row loss of a block of rows, assuming finite logits,
+  in as few full-size passes as the closed form allows. Where ``gs`` / ``gt`` are given it writes
+  there the gradient of the row's loss with respect to ``s`` / ``t``, divided by the rule's
+  ``gs_factor`` / ``gt_factor`` (constants such as ``1 / T`` are applied in backward, together
+  with the upstream gradient, on ``(B,)`` numbers rather than ``(B, C)`` ones);
 - ``exact(s, t, *extras)``: the same loss in plain differentiable torch operations, with every
   non-finite rule spelled out (``-inf`` target classes dropped, a ``-inf`` student logit on a kept
   class giving ``+inf``, NaN rows) and scaled so that no intermediate overflows.
@@ -15,6 +19,11 @@ makes its row NaN there (``0 · -inf``), and so does anything that overflowed. O
 ``(B,)`` result (not at the ``(B, C)`` logits) decides, so finite logits pay nothing for the
 rules; when some row is NaN, the exact form gives the values and the gradients.
 
+Speed: the fast form runs on blocks of rows small enough that its temporaries stay in the CPU's
+cache, and computes the gradient there too, so each logit is read from memory about once and each
+gradient written once; backward is then one multiplication by the upstream gradient. A loss that
+nobody differentiates (``torch.no_grad``, inputs without grad) computes no gradient.
+
 Second derivatives: a backward that runs under ``create_graph=True`` (grad mode on) rebuilds the
 loss with the exact form from the saved inputs and differentiates it with autograd, so the
 gradient it returns is itself differentiable (gradient penalties, meta-learning, Hessian-vector
@@ -23,57 +32,111 @@ products). The first-order path never pays for this.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import math
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from dkl._checks import is_compiling
+from dkl.losses._common import reduce
+
+# Elements per block of rows: a few (rows, C) float32 temporaries of 128 KiB each stay in a
+# 1-2 MiB L2 cache (a whole row is one block when C is larger).
+BLOCK_ELEMENTS = 1 << 15
 
 
 class Rule(Protocol):
-    def fast_forward(
-        self, s: Tensor, t: Tensor, *extras: Tensor | None, need_s: bool, need_t: bool
-    ) -> tuple[Tensor, tuple[Any, ...]]: ...
+    def prepare(
+        self, s: Tensor, t: Tensor, *extras: Tensor | None
+    ) -> tuple[Tensor | None, ...]: ...
 
-    def fast_backward(
-        self, g: Tensor, saved: tuple[Any, ...], need_s: bool, need_t: bool
-    ) -> tuple[Tensor | None, Tensor | None]: ...
+    def fast(
+        self,
+        s: Tensor,
+        t: Tensor,
+        consts: tuple[Tensor | None, ...],
+        gs: Tensor | None,
+        gt: Tensor | None,
+    ) -> Tensor: ...
 
     def exact(self, s: Tensor, t: Tensor, *extras: Tensor | None) -> Tensor: ...
 
 
+def fast_rows(
+    rule: Rule, s: Tensor, t: Tensor, extras: tuple, need_s: bool, need_t: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The fast form over the whole batch, block by block: per-row loss and unit gradients."""
+    consts = rule.prepare(s, t, *extras)
+    gs = torch.empty_like(s) if need_s else None
+    gt = torch.empty_like(t) if need_t else None
+    B, C = s.shape
+    rows = max(1, BLOCK_ELEMENTS // max(C, 1))
+    if B <= rows:
+        return rule.fast(s, t, consts, gs, gt), gs, gt
+    per_row = s.new_empty(B)
+    for i in range(0, B, rows):
+        block = slice(i, i + rows)
+        per_row[block] = rule.fast(
+            s[block],
+            t[block],
+            tuple(None if x is None else x[block] for x in consts),
+            None if gs is None else gs[block],
+            None if gt is None else gt[block],
+        )
+    return per_row, gs, gt
+
+
 class _RowLoss(torch.autograd.Function):
+    """Per-row loss, or its sum times ``total`` (a float) when ``total`` is given."""
+
     @staticmethod
-    def forward(ctx, rule: Rule, s: Tensor, t: Tensor, *extras: Tensor | None) -> Tensor:  # type: ignore[override]
-        need_s, need_t = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        per_row, saved = rule.fast_forward(s, t, *extras, need_s=need_s, need_t=need_t)
-        ctx.exact = bool(per_row.isnan().any())
-        if ctx.exact:  # non-finite logits (or an overflow) somewhere: the exact form decides
-            per_row, saved = rule.exact(s, t, *extras), ()
-        ctx.rule, ctx.n_saved = rule, len(saved)
-        if need_s or need_t:
-            tensors = [x if isinstance(x, Tensor) else None for x in saved]
-            ctx.others = [None if isinstance(x, Tensor) else x for x in saved]
-            ctx.save_for_backward(s, t, *extras, *tensors)
-        return per_row
+    def forward(ctx, rule: Rule, total, need_s: bool, need_t: bool, s: Tensor, t: Tensor, *extras):  # type: ignore[override]
+        per_row, gs, gt = fast_rows(rule, s, t, extras, need_s, need_t)
+        out, ctx.exact = _finish(rule, per_row, total, s, t, extras)
+        if ctx.exact:
+            gs = gt = None
+        ctx.rule, ctx.total, ctx.need = rule, total, (need_s, need_t)
+        ctx.save_for_backward(s, t, gs, gt, *extras)
+        return out
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        need_s, need_t = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        n_extras = len(ctx.needs_input_grad) - 3
-        s, t, *rest = ctx.saved_tensors
-        extras, saved = rest[:n_extras], rest[n_extras:]
+        need_s, need_t = ctx.need
+        s, t, gs, gt, *extras = ctx.saved_tensors
         if ctx.exact or torch.is_grad_enabled():
-            gs, gt = exact_grads(ctx.rule, s, t, extras, g, need_s, need_t)
+            gs, gt = exact_grads(ctx.rule, ctx.total, s, t, extras, g, need_s, need_t)
         else:
-            saved = tuple(x if x is not None else o for x, o in zip(saved, ctx.others))
-            gs, gt = ctx.rule.fast_backward(g, saved, need_s, need_t)
-        return (None, gs, gt, *([None] * n_extras))
+            g = g * ctx.total if ctx.total is not None else g.unsqueeze(1)
+            gs = gs * (g * ctx.rule.gs_factor) if need_s else None
+            gt = gt * (g * ctx.rule.gt_factor) if need_t else None
+        return (None, None, None, None, gs, gt, *([None] * len(extras)))
+
+
+def _finish(rule: Rule, per_row: Tensor, total, s, t, extras) -> tuple[Tensor, bool]:
+    """The output (rows, or their sum times ``total``) and whether the exact form had to
+    replace the fast one. No loss row is ``-inf``, so the sum is NaN exactly when a row is."""
+    summed = per_row.sum()
+    if not math.isnan(summed.item()):
+        return (per_row if total is None else summed * total), False
+    per_row = rule.exact(s, t, *extras)  # non-finite logits (or an overflow): the exact rules
+    return (per_row if total is None else per_row.sum() * total), True
+
+
+def loss(
+    rule: Rule, s: Tensor, t: Tensor, *extras: Tensor | None, reduction: str, mask: Tensor | None
+) -> Tensor:
+    """The reduced loss. Without a mask the mean or sum is taken inside the autograd function
+    (one node, and a backward that scales by one number)."""
+    if mask is None and reduction != "none":
+        B = s.shape[0]
+        return row_loss(rule, s, t, *extras, total=1.0 / B if reduction == "mean" and B else 1.0)
+    return reduce(row_loss(rule, s, t, *extras), reduction, mask)
 
 
 def exact_grads(
     rule: Rule,
+    total: float | None,
     s: Tensor,
     t: Tensor,
     extras: list[Tensor | None],
@@ -88,18 +151,36 @@ def exact_grads(
         s = s.detach().requires_grad_(need_s)
         t = t.detach().requires_grad_(need_t)
     with torch.enable_grad():
-        per_row = rule.exact(s, t, *extras)
+        out = rule.exact(s, t, *extras)
+        if total is not None:
+            out = out.sum() * total
         wanted = [x for x, need in ((s, need_s), (t, need_t)) if need]
-        found = torch.autograd.grad(per_row, wanted, g, create_graph=create, allow_unused=True)
+        found = torch.autograd.grad(out, wanted, g, create_graph=create, allow_unused=True)
     found = [torch.zeros_like(x) if d is None else d for x, d in zip(wanted, found)]
     gs = found.pop(0) if need_s else None
     gt = found.pop(0) if need_t else None
     return gs, gt
 
 
-def row_loss(rule: Rule, s: Tensor, t: Tensor, *extras: Tensor | None) -> Tensor:
-    """Per-row loss ``(B,)`` of ``rule``; under ``torch.compile`` the exact form alone (the
-    compiler fuses it, and the NaN look would break the graph)."""
+def row_loss(
+    rule: Rule, s: Tensor, t: Tensor, *extras: Tensor | None, total: float | None = None
+) -> Tensor:
+    """Per-row loss ``(B,)`` of ``rule`` (or its sum times ``total``), differentiable to any
+    order. Under ``torch.compile`` the exact form alone (the compiler fuses it, and the NaN look
+    would break the graph)."""
     if is_compiling():
-        return rule.exact(s, t, *extras)
-    return _RowLoss.apply(rule, s, t, *extras)
+        out = rule.exact(s, t, *extras)
+        return out if total is None else out.sum() * total
+    grad = torch.is_grad_enabled()
+    need_s, need_t = grad and s.requires_grad, grad and t.requires_grad
+    if not (need_s or need_t):  # nothing to differentiate: no graph, no gradient computed
+        per_row = fast_rows(rule, s, t, extras, False, False)[0]
+        return _finish(rule, per_row, total, s, t, extras)[0]
+    return _RowLoss.apply(rule, total, need_s, need_t, s, t, *extras)
+
+
+def log_softmax_backward(grad: Tensor, log_q: Tensor, out: Tensor) -> Tensor:
+    r"""``grad - σ Σ_j grad_j`` into ``out`` (``log_q = log σ(u)``): the gradient with respect to
+    ``u`` of a loss whose gradient with respect to ``log_q`` is ``grad``, by log_softmax's own
+    fused backward (``grad = -c p`` gives ``c (σ Σ_j p_j - p)``, the soft-label CE's)."""
+    return torch.ops.aten._log_softmax_backward_data.out(grad, log_q, 1, log_q.dtype, out=out)

@@ -16,8 +16,9 @@ from dkl.losses._common import (
     reduce,
     valid_rows,
 )
-from dkl.losses._function import row_loss
+from dkl.losses._function import loss
 from dkl.losses.ikl import _IKL
+from dkl.losses.parts import scaled
 
 __all__ = ["GKLLoss", "gkl_loss"]
 
@@ -55,6 +56,15 @@ class _GKL(_IKL):
         # all weights 0: the wMSE is 0 and so is its factor
         beta = self.beta / torch.where(norm == 0, norm.new_full((), float("inf")), norm)
         return w / top, beta
+
+    def prepare(self, s, t, cw, mask):
+        w, _ = self.weights(t, cw, None, scaled)
+        w, self.fast_beta = self.scaled_weights(w, mask)
+        self.set_factors(unit_coef=False)
+        return (w,)
+
+    def block_weights(self, t, consts, p):
+        return consts[0], False
 
     def exact_weights(self, w, kept, mask):
         # 0 on ruled-out classes (also at γ = 0, where exp(0 · -inf) is NaN) and in NaN rows,
@@ -149,7 +159,7 @@ def gkl_loss(
     with no_autocast(input.device):
         cw = None if class_weights is None else class_weights.detach().to(dtype)
         zs, zt, cw = valid_rows(mask, as_dtype(input, dtype), as_dtype(target, dtype), cw)
-        return reduce(row_loss(_GKL(**hp), zs, zt, cw, mask), reduction, mask)
+        return loss(_GKL(**hp), zs, zt, cw, mask, reduction=reduction, mask=mask)
 
 
 class GKLLoss(Loss):

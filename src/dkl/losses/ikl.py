@@ -15,14 +15,12 @@ from dkl.losses._common import (
     compute_dtype,
     fused,
     no_autocast,
-    reduce,
     use_triton,
     valid_rows,
 )
-from dkl.losses._function import row_loss
+from dkl.losses._function import loss
 from dkl.losses.parts import (
     exact_scaled,
-    log_softmax_grad,
     plus_inf,
     rowdot,
     scaled,
@@ -58,31 +56,51 @@ class _IKL:
         return w, self.beta
 
     # ---- the rule
-    def fast_forward(self, s, t, cw, *extras, need_s, need_t):
+    def prepare(self, s, t, cw, *extras):
+        self.fast_beta = self.beta
+        self.set_factors(unit_coef=cw is None)
+        return (cw,)
+
+    def set_factors(self, unit_coef: bool) -> None:
+        # gradients of a row: α/T (q - p) - c w (e - ē) (input), c w (e - ē) (target), with
+        # c = β for softmax weights and β W otherwise; the constant parts are applied in backward
+        self.gs_factor = self.alpha / self.temperature if self.alpha > 0 else 1.0
+        self.gt_factor = self.fast_beta if unit_coef else 1.0
+
+    def block_weights(self, t, consts, p):
+        return self.weights(t, consts[0], p, scaled)
+
+    def fast(self, s, t, consts, gs, gt):
         T = self.temperature
         p = F.softmax(scaled(t, T), dim=1)
-        w, unit_total = self.weights(t, cw, p, scaled)
-        w, beta = self.scaled_weights(w, *extras)
+        w, unit_total = self.block_weights(t, consts, p)
         log_q = F.log_softmax(scaled(s, T), dim=1)
         dot, wc, total = wmse_fast(t, s, w, unit_total=unit_total)
+        # the wMSE is ½ c Σ w (e - ē)², its gradient with respect to the target c w (e - ē)
+        coef = self.fast_beta if total is None else total * self.fast_beta
         per_row = rowdot(p, log_q).mul_(-self.alpha)
-        if total is None and not isinstance(beta, Tensor):
-            per_row.add_(dot, alpha=0.5 * beta)
+        if isinstance(coef, float):
+            per_row.add_(dot, alpha=0.5 * coef)
         else:
-            per_row.addcmul_(dot, 0.5 * beta if total is None else total * (0.5 * beta))
-        return per_row, (log_q, p, wc, total, beta)
-
-    def fast_backward(self, g, saved, need_s, need_t):
-        log_q, p, wc, total, beta = saved
-        scale = g * beta if total is None else g * total * beta  # β W g per row
-        scale = scale.unsqueeze(1)
-        gs = gt = None
-        if need_s:
-            gs = log_softmax_grad(log_q, p, g * (self.alpha / self.temperature))
-            gs.addcmul_(wc, scale, value=-1.0)
-        if need_t:
-            gt = wc * scale
-        return gs, gt
+            per_row.addcmul_(dot, coef, value=0.5)
+            coef = coef.unsqueeze(1) if coef.dim() else coef
+        if gs is not None:
+            if self.alpha > 0:  # q - p, then the wMSE's part over α/T
+                torch.exp(log_q, out=gs).sub_(p)
+                k = -T / self.alpha
+            else:
+                gs.zero_()
+                k = -1.0
+            if isinstance(coef, float):
+                gs.add_(wc, alpha=k * coef)
+            else:
+                gs.addcmul_(wc, coef, value=k)
+        if gt is not None:
+            if isinstance(coef, float):
+                gt.copy_(wc)  # times c = gt_factor in backward
+            else:
+                torch.mul(wc, coef, out=gt)
+        return per_row
 
     def exact(self, s, t, cw, *extras):
         T = self.temperature
@@ -147,7 +165,7 @@ def ikl_loss(
         >>> z_t = torch.tensor([[2.0, 1.0, 0.0], [3.0, 0.0, 0.0]])
         >>> loss = ikl_loss(z_s, z_t, alpha=1.0, beta=2.0, temperature=4.0, weight_temperature=1.0)
         >>> loss
-        tensor(2.3490, grad_fn=<MeanBackward0>)
+        tensor(2.3490, grad_fn=<...>)
         >>> loss.backward()
         >>> z_s.grad.shape
         torch.Size([2, 3])
@@ -180,7 +198,7 @@ def ikl_loss(
     with no_autocast(input.device):
         cw = None if class_weights is None else class_weights.detach().to(dtype)
         zs, zt, cw = valid_rows(mask, as_dtype(input, dtype), as_dtype(target, dtype), cw)
-        return reduce(row_loss(_IKL(**hp), zs, zt, cw), reduction, mask)
+        return loss(_IKL(**hp), zs, zt, cw, reduction=reduction, mask=mask)
 
 
 class IKLLoss(Loss):

@@ -13,12 +13,11 @@ from dkl.losses._common import (
     compute_dtype,
     fused,
     no_autocast,
-    reduce,
     use_triton,
     valid_rows,
 )
-from dkl.losses._function import row_loss
-from dkl.losses.parts import exact_scaled, log_softmax_grad, plus_inf, rowdot, scaled
+from dkl.losses._function import loss
+from dkl.losses.parts import exact_scaled, plus_inf, rowdot, scaled
 
 __all__ = ["KLLoss", "kl_loss"]
 
@@ -29,24 +28,23 @@ class _KL:
 
     def __init__(self, temperature: float) -> None:
         self.temperature = temperature
+        self.gs_factor = self.gt_factor = 1.0 / temperature
 
-    def fast_forward(self, s, t, *, need_s, need_t):
+    def prepare(self, s, t):
+        return ()
+
+    def fast(self, s, t, consts, gs, gt):
         T = self.temperature
         log_q = F.log_softmax(scaled(s, T), dim=1)
         log_p = F.log_softmax(scaled(t, T), dim=1)
         p = log_p.exp()
         diff = log_p.sub_(log_q)  # log_p is not needed any more
         kl = rowdot(p, diff)
-        return kl, (log_q, p, diff if need_t else None, kl if need_t else None)
-
-    def fast_backward(self, g, saved, need_s, need_t):
-        log_q, p, diff, kl = saved
-        scale = g * (1.0 / self.temperature)
-        gs = log_softmax_grad(log_q, p, scale) if need_s else None
-        gt = None
-        if need_t:
-            gt = (diff - kl.unsqueeze(1)).mul_(p).mul_(scale.unsqueeze(1))
-        return gs, gt
+        if gs is not None:  # q - p
+            torch.exp(log_q, out=gs).sub_(p)
+        if gt is not None:  # p (log p - log q - KL)
+            torch.mul(diff.sub_(kl.unsqueeze(1)), p, out=gt)
+        return kl
 
     def exact(self, s, t):
         log_q = F.log_softmax(exact_scaled(s, self.temperature), dim=1)
@@ -94,7 +92,7 @@ def kl_loss(
         >>> z_t = torch.tensor([[2.0, 1.0, 0.0]])
         >>> loss = kl_loss(z_s, z_t)
         >>> loss
-        tensor(1.1504, grad_fn=<MeanBackward0>)
+        tensor(1.1504, grad_fn=<...>)
         >>> loss.backward()
     """
     T = check_call(input, target, reduction, mask, temperature=temperature)["temperature"]
@@ -114,7 +112,7 @@ def kl_loss(
     dtype = compute_dtype(input, target)
     with no_autocast(input.device):
         zs, zt = valid_rows(mask, as_dtype(input, dtype), as_dtype(target, dtype))
-        return reduce(row_loss(_KL(T), zs, zt), reduction, mask)
+        return loss(_KL(T), zs, zt, reduction=reduction, mask=mask)
 
 
 class KLLoss(Loss):

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from dkl._checks import check_class_weights, check_logits
 from dkl.losses._common import as_dtype, check_hyperparameters, compute_dtype, no_autocast
-from dkl.losses._function import row_loss
+from dkl.losses._function import log_softmax_backward, row_loss
 
 __all__ = ["soft_cross_entropy", "weighted_mse"]
 
@@ -32,12 +32,6 @@ def scaled(x: Tensor, temperature: float) -> Tensor:
 def rowdot(a: Tensor, b: Tensor) -> Tensor:
     """``(a * b).sum(1)``."""
     return torch.linalg.vecdot(a, b, dim=1)
-
-
-def log_softmax_grad(log_q: Tensor, p: Tensor, scale: Tensor) -> Tensor:
-    r"""``scale · (Σ_j p_j · σ - p)``, the gradient of ``-scale · Σ_j p_j log σ(u)_j`` with
-    respect to ``u`` (``log_q = log σ(u)``), in log_softmax's own fused backward."""
-    return torch._log_softmax_backward_data(p * -scale.unsqueeze(1), log_q, 1, log_q.dtype)
 
 
 def exact_scaled(x: Tensor, temperature: float) -> Tensor:
@@ -57,7 +51,8 @@ def plus_inf(rows: Tensor, per_row: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- wMSE
 def wmse_fast(a: Tensor, b: Tensor, w: Tensor, unit_total: bool) -> tuple[Tensor, Tensor, Any]:
     r"""``Σ_j w_j (e_j - ē)²`` of ``e = a - b`` per row, ``w (e - ē)`` and the row totals ``W``
-    (``None`` for softmax weights, whose total is 1). The wMSE is ``½ W`` times the first."""
+    (``None`` for softmax weights, whose total is 1). The wMSE is ``½ W`` times the first, its
+    gradient with respect to ``a`` is ``W w (e - ē)``."""
     e = a - b
     if unit_total:
         total = None
@@ -101,16 +96,21 @@ def sce_exact(log_q: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
 
 # --------------------------------------------------------------------------- public parts
 class _WeightedMSE:
-    """``½ W Σ_j w_j (e_j - ē)²`` with ``e = target - input``; both sides get the gradient."""
+    """``½ W Σ_j w_j (e_j - ē)²`` with ``e = target - input`` (passed in that order); both sides
+    get the gradient, ``± W w (e - ē)``. The weights are the one row-wise constant."""
 
-    def fast_forward(self, t, s, w, *, need_s, need_t):
+    gs_factor, gt_factor = 1.0, -1.0  # the target's gradient is written in both
+
+    def prepare(self, t, s, w):
+        return (w,)
+
+    def fast(self, t, s, consts, gt, gs):
+        (w,) = consts
         dot, wc, total = wmse_fast(t, s, w, unit_total=False)
-        return 0.5 * total * dot, (wc, total)
-
-    def fast_backward(self, g, saved, need_s, need_t):
-        wc, total = saved
-        scale = (g * total).unsqueeze(1)
-        return wc * scale if need_s else None, wc * -scale if need_t else None
+        for out in (gt, gs):
+            if out is not None:
+                torch.mul(wc, total.unsqueeze(1), out=out)
+        return 0.5 * total * dot
 
     def exact(self, t, s, w):
         return plus_inf(*reversed(wmse_exact(t, s, w, ~torch.isneginf(t.detach()))))
@@ -121,14 +121,16 @@ class _SoftCrossEntropy:
 
     def __init__(self, temperature: float) -> None:
         self.temperature = temperature
+        self.gs_factor = -1.0 / temperature  # the gradient is (σ Σ_j p_j - p) / T
 
-    def fast_forward(self, s, p, *, need_s, need_t):
+    def prepare(self, s, p):
+        return ()
+
+    def fast(self, s, p, consts, gs, gp):
         log_q = F.log_softmax(scaled(s, self.temperature), dim=1)
-        return -rowdot(p, log_q), (log_q, p)
-
-    def fast_backward(self, g, saved, need_s, need_t):
-        log_q, p = saved
-        return log_softmax_grad(log_q, p, g * (1.0 / self.temperature)), None
+        if gs is not None:  # p - σ Σ_j p_j
+            log_softmax_backward(p, log_q, out=gs)
+        return -rowdot(p, log_q)
 
     def exact(self, s, p):
         log_q = F.log_softmax(exact_scaled(s, self.temperature), dim=1)
