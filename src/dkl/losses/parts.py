@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dkl._checks import check_class_weights, check_logits
+from dkl._checks import check_class_weights, check_logits, check_weight_values
 from dkl.losses._common import as_dtype, check_hyperparameters, compute_dtype, no_autocast
 from dkl.losses._function import log_softmax_backward, row_loss
 
@@ -69,22 +69,26 @@ def wmse_fast(a: Tensor, b: Tensor, w: Tensor, unit_total: bool) -> tuple[Tensor
 def wmse_exact(a: Tensor, b: Tensor, w: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
     r"""``½ W Σ_j w_j (e_j - ē)²`` of ``e = a - b`` on the classes in ``kept`` (the target's
     finite ones), and the rows where ``b`` is ``-inf`` on a kept class (their loss is ``+inf``;
-    the caller adds it once). The weights are divided by their row maximum first and its square
-    multiplied back last, so weights near the float limit give the correctly rounded value
+    the caller adds it once). The weights and the gaps are divided by their row's largest
+    magnitude first and the squares of both multiplied back last, so weights near the float
+    limit, or gaps near it (logits over a tiny temperature), give the correctly rounded value
     instead of NaN."""
+    tiny = torch.finfo(w.dtype).tiny
     w = torch.where(kept, w, w.new_zeros(()))
     missed = kept & torch.isneginf(b)
     e = torch.where(kept & ~missed, a - b, a.new_zeros(()))
-    top = w.amax(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-    w = w / top
+    w_top = w.amax(dim=1, keepdim=True).clamp_min(tiny)
+    e_top = e.detach().abs().amax(dim=1, keepdim=True).clamp_min(tiny)
+    w, e = w / w_top, e / e_top
     total = w.sum(dim=1)
-    mean = rowdot(w, e) / total.clamp_min(torch.finfo(w.dtype).tiny)
+    mean = rowdot(w, e) / total.clamp_min(tiny)
     centred = e - mean.unsqueeze(1)
-    top = top.squeeze(1)
-    return 0.5 * total * rowdot(w * centred, centred) * top * top, missed.any(dim=1)
+    value = 0.5 * total * rowdot(w * centred, centred)
+    for top in (w_top, e_top, w_top, e_top):  # one at a time: 0 stays 0, a huge product is inf
+        value = value * top.squeeze(1)
+    return value, missed.any(dim=1)
 
 
-# --------------------------------------------------------------------------- sCE
 def sce_exact(log_q: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
     r"""``-Σ_j p_j log q_j`` with ``0 · log 0 = 0``, and the rows where ``q_j = 0 < p_j`` (their
     loss is ``+inf``; the caller adds it once)."""
@@ -159,6 +163,7 @@ def weighted_mse(target: Tensor, input: Tensor, weights: Tensor) -> Tensor:
     """
     check_logits(input, target)
     check_class_weights(weights, input)
+    check_weight_values("weights", weights)
     dtype = compute_dtype(target, input)
     with no_autocast(input.device):
         w = weights.detach().to(dtype)
