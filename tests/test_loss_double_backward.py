@@ -335,6 +335,7 @@ def test_blocks_of_rows_change_nothing(tiny_blocks, name, fn, kw, target_varies)
             cw=kw.get("class_weights", F.softmax(zt.detach(), 1)),
         )
         torch.testing.assert_close(out.mean(), ref, rtol=1e-10, atol=1e-12)
+        _check_reduced(fn(zs, zt, reduction="mean", **kw), ref, zs)
         return
     ref_kw = {k: v for k, v in kw.items() if k in ("alpha", "beta", "gamma")}
     ref_kw.update(
@@ -344,11 +345,23 @@ def test_blocks_of_rows_change_nothing(tiny_blocks, name, fn, kw, target_varies)
     )
     ref = ref_rows(kind, zs, zt, **ref_kw)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    want = torch.autograd.grad((ref * upstream).sum(), (zs, zt), allow_unused=True)
+    want = torch.autograd.grad(
+        (ref * upstream).sum(), (zs, zt), allow_unused=True, retain_graph=True
+    )
     for a, b in zip(got, want):
         torch.testing.assert_close(
             a, torch.zeros_like(a) if b is None else b, rtol=1e-10, atol=1e-12
         )
+    # the mean and the sum are taken inside, block by block
+    _check_reduced(fn(zs, zt, reduction="mean", **kw), ref.mean(), zs)
+    _check_reduced(fn(zs, zt, reduction="sum", **kw), ref.sum(), zs)
+
+
+def _check_reduced(got, want, x):
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    (a,) = torch.autograd.grad(got, x)
+    (b,) = torch.autograd.grad(want, x, retain_graph=True)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_no_grad_computes_no_gradient_and_keeps_no_graph():

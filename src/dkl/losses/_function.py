@@ -5,7 +5,9 @@ Each loss is a *rule* with three methods:
 
 - ``prepare(s, t, *extras)``: the row-wise constants of the batch (``(B, ·)`` tensors or
   ``None``), e.g. the class weights, or GKL's weights once its batch normaliser is known;
-- ``fast(s, t, consts, gs, gt)``: the per-row loss of a block of rows, assuming finite logits,
+- ``fast(s, t, consts, gs, gt, rows)``: the per-row loss of a block of rows (its sum when not
+  ``rows``: the mean and the sum need no more, and a whole-block dot product is one BLAS call),
+  assuming finite logits,
   in as few full-size passes as the closed form allows. Where ``gs`` / ``gt`` are given it writes
   there the gradient of the row's loss with respect to ``s`` / ``t``, divided by the rule's
   ``gs_factor`` / ``gt_factor`` (constants such as ``1 / T`` are applied in backward, together
@@ -58,33 +60,38 @@ class Rule(Protocol):
         consts: tuple[Tensor | None, ...],
         gs: Tensor | None,
         gt: Tensor | None,
+        rows: bool,
     ) -> Tensor: ...
 
     def exact(self, s: Tensor, t: Tensor, *extras: Tensor | None) -> Tensor: ...
 
 
 def fast_rows(
-    rule: Rule, s: Tensor, t: Tensor, extras: tuple, need_s: bool, need_t: bool
+    rule: Rule, s: Tensor, t: Tensor, extras: tuple, need_s: bool, need_t: bool, rows: bool
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """The fast form over the whole batch, block by block: per-row loss and unit gradients."""
+    """The fast form over the whole batch, block by block: the per-row loss (``rows``) or its
+    sum, and the unit gradients."""
     consts = rule.prepare(s, t, *extras)
     gs = torch.empty_like(s) if need_s else None
     gt = torch.empty_like(t) if need_t else None
     B, C = s.shape
-    rows = max(1, BLOCK_ELEMENTS // max(C, 1))
-    if B <= rows:
-        return rule.fast(s, t, consts, gs, gt), gs, gt
-    per_row = s.new_empty(B)
-    for i in range(0, B, rows):
-        block = slice(i, i + rows)
-        per_row[block] = rule.fast(
-            s[block],
-            t[block],
-            tuple(None if x is None else x[block] for x in consts),
-            None if gs is None else gs[block],
-            None if gt is None else gt[block],
+    per_block = max(1, BLOCK_ELEMENTS // max(C, 1))
+    if B <= per_block:
+        return rule.fast(s, t, consts, gs, gt, rows), gs, gt
+    parts = []
+    for i in range(0, B, per_block):
+        block = slice(i, i + per_block)
+        parts.append(
+            rule.fast(
+                s[block],
+                t[block],
+                tuple(None if x is None else x[block] for x in consts),
+                None if gs is None else gs[block],
+                None if gt is None else gt[block],
+                rows,
+            )
         )
-    return per_row, gs, gt
+    return (torch.cat(parts) if rows else torch.stack(parts).sum()), gs, gt
 
 
 class _RowLoss(torch.autograd.Function):
@@ -92,8 +99,8 @@ class _RowLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rule: Rule, total, need_s: bool, need_t: bool, s: Tensor, t: Tensor, *extras):  # type: ignore[override]
-        per_row, gs, gt = fast_rows(rule, s, t, extras, need_s, need_t)
-        out, ctx.exact = _finish(rule, per_row, total, s, t, extras)
+        fast, gs, gt = fast_rows(rule, s, t, extras, need_s, need_t, rows=total is None)
+        out, ctx.exact = _finish(rule, fast, total, s, t, extras)
         if ctx.exact:
             gs = gt = None
         ctx.rule, ctx.total, ctx.need = rule, total, (need_s, need_t)
@@ -113,12 +120,13 @@ class _RowLoss(torch.autograd.Function):
         return (None, None, None, None, gs, gt, *([None] * len(extras)))
 
 
-def _finish(rule: Rule, per_row: Tensor, total, s, t, extras) -> tuple[Tensor, bool]:
-    """The output (rows, or their sum times ``total``) and whether the exact form had to
-    replace the fast one. No loss row is ``-inf``, so the sum is NaN exactly when a row is."""
-    summed = per_row.sum()
+def _finish(rule: Rule, fast: Tensor, total, s, t, extras) -> tuple[Tensor, bool]:
+    """The output (the rows, or their sum ``fast`` times ``total``) and whether the exact form
+    had to replace the fast one. No loss row is ``-inf``, so the sum is NaN exactly when a row
+    is."""
+    summed = fast.sum() if total is None else fast
     if not math.isnan(summed.item()):
-        return (per_row if total is None else summed * total), False
+        return (fast if total is None else summed * total), False
     per_row = rule.exact(s, t, *extras)  # non-finite logits (or an overflow): the exact rules
     return (per_row if total is None else per_row.sum() * total), True
 
@@ -174,8 +182,8 @@ def row_loss(
     grad = torch.is_grad_enabled()
     need_s, need_t = grad and s.requires_grad, grad and t.requires_grad
     if not (need_s or need_t):  # nothing to differentiate: no graph, no gradient computed
-        per_row = fast_rows(rule, s, t, extras, False, False)[0]
-        return _finish(rule, per_row, total, s, t, extras)[0]
+        fast = fast_rows(rule, s, t, extras, False, False, rows=total is None)[0]
+        return _finish(rule, fast, total, s, t, extras)[0]
     return _RowLoss.apply(rule, total, need_s, need_t, s, t, *extras)
 
 

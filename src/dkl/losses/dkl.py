@@ -20,9 +20,9 @@ from dkl.losses._common import (
 from dkl.losses._function import loss
 from dkl.losses.kl import kl_loss  # noqa: F401  (Theorem 1 in the example compares the two)
 from dkl.losses.parts import (
+    dot,
     exact_scaled,
     plus_inf,
-    rowdot,
     scaled,
     sce_exact,
     wmse_exact,
@@ -43,13 +43,13 @@ class _DKL:
     def prepare(self, s, t):
         return ()
 
-    def fast(self, s, t, consts, gs, gt):
+    def fast(self, s, t, consts, gs, gt, rows):
         T = self.temperature
         us, ut = scaled(s, T), scaled(t, T)
         p = F.softmax(ut, dim=1)
         log_q = F.log_softmax(us, dim=1)
-        dot, wc, _ = wmse_fast(ut, us, p, unit_total=True)  # W = Σ p = 1
-        per_row = rowdot(p, log_q).mul_(-self.alpha).add_(dot, alpha=0.5 * self.beta)
+        wmse, wc, _ = wmse_fast(ut, us, p, unit_total=True, rows=rows)  # W = Σ p = 1
+        per_row = dot(p, log_q, rows).mul_(-self.alpha).add_(wmse, alpha=0.5 * self.beta)
         if gs is not None:  # q - p, from the sCE alone
             torch.exp(log_q, out=gs).sub_(p)
         if gt is not None:  # p (e - ē), from the wMSE alone

@@ -20,9 +20,9 @@ from dkl.losses._common import (
 )
 from dkl.losses._function import loss
 from dkl.losses.parts import (
+    dot,
     exact_scaled,
     plus_inf,
-    rowdot,
     scaled,
     sce_exact,
     wmse_exact,
@@ -70,19 +70,19 @@ class _IKL:
     def block_weights(self, t, consts, p):
         return self.weights(t, consts[0], p, scaled)
 
-    def fast(self, s, t, consts, gs, gt):
+    def fast(self, s, t, consts, gs, gt, rows):
         T = self.temperature
         p = F.softmax(scaled(t, T), dim=1)
         w, unit_total = self.block_weights(t, consts, p)
         log_q = F.log_softmax(scaled(s, T), dim=1)
-        dot, wc, total = wmse_fast(t, s, w, unit_total=unit_total)
+        wmse, wc, total = wmse_fast(t, s, w, unit_total=unit_total, rows=rows)
         # the wMSE is ½ c Σ w (e - ē)², its gradient with respect to the target c w (e - ē)
         coef = self.fast_beta if total is None else total * self.fast_beta
-        per_row = rowdot(p, log_q).mul_(-self.alpha)
+        per_row = dot(p, log_q, rows=rows or total is not None).mul_(-self.alpha)
         if isinstance(coef, float):
-            per_row.add_(dot, alpha=0.5 * coef)
+            per_row.add_(wmse, alpha=0.5 * coef)
         else:
-            per_row.addcmul_(dot, coef, value=0.5)
+            per_row.addcmul_(wmse, coef, value=0.5)
             coef = coef.unsqueeze(1) if coef.dim() else coef
         if gs is not None:
             if self.alpha > 0:  # q - p, then the wMSE's part over α/T
@@ -100,7 +100,7 @@ class _IKL:
                 gt.copy_(wc)  # times c = gt_factor in backward
             else:
                 torch.mul(wc, coef, out=gt)
-        return per_row
+        return per_row if rows or total is None else per_row.sum()
 
     def exact(self, s, t, cw, *extras):
         T = self.temperature

@@ -17,7 +17,7 @@ from dkl.losses._common import (
     valid_rows,
 )
 from dkl.losses._function import loss
-from dkl.losses.parts import exact_scaled, plus_inf, rowdot, scaled
+from dkl.losses.parts import dot, exact_scaled, plus_inf, rowdot, scaled
 
 __all__ = ["KLLoss", "kl_loss"]
 
@@ -33,18 +33,18 @@ class _KL:
     def prepare(self, s, t):
         return ()
 
-    def fast(self, s, t, consts, gs, gt):
+    def fast(self, s, t, consts, gs, gt, rows):
         T = self.temperature
         log_q = F.log_softmax(scaled(s, T), dim=1)
         log_p = F.log_softmax(scaled(t, T), dim=1)
         p = log_p.exp()
         diff = log_p.sub_(log_q)  # log_p is not needed any more
-        kl = rowdot(p, diff)
+        kl = dot(p, diff, rows or gt is not None)
         if gs is not None:  # q - p
             torch.exp(log_q, out=gs).sub_(p)
         if gt is not None:  # p (log p - log q - KL)
             torch.mul(diff.sub_(kl.unsqueeze(1)), p, out=gt)
-        return kl
+        return kl if rows or gt is None else kl.sum()
 
     def exact(self, s, t):
         log_q = F.log_softmax(exact_scaled(s, self.temperature), dim=1)

@@ -34,6 +34,14 @@ def rowdot(a: Tensor, b: Tensor) -> Tensor:
     return torch.linalg.vecdot(a, b, dim=1)
 
 
+def dot(a: Tensor, b: Tensor, rows: bool) -> Tensor:
+    """``(a * b).sum(1)`` for ``rows``, else the sum of all of ``a * b`` (one BLAS dot product
+    of the contiguous blocks, without the product)."""
+    if rows:
+        return torch.linalg.vecdot(a, b, dim=1)
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
 def exact_scaled(x: Tensor, temperature: float) -> Tensor:
     """``x / T`` shifted by the row's (detached, finite) maximum first: the same softmax and the
     same centred wMSE, and no overflow however small ``T`` is (entries far below the maximum
@@ -49,10 +57,13 @@ def plus_inf(rows: Tensor, per_row: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- wMSE
-def wmse_fast(a: Tensor, b: Tensor, w: Tensor, unit_total: bool) -> tuple[Tensor, Tensor, Any]:
+def wmse_fast(
+    a: Tensor, b: Tensor, w: Tensor, unit_total: bool, rows: bool = True
+) -> tuple[Tensor, Tensor, Any]:
     r"""``Σ_j w_j (e_j - ē)²`` of ``e = a - b`` per row, ``w (e - ē)`` and the row totals ``W``
     (``None`` for softmax weights, whose total is 1). The wMSE is ``½ W`` times the first, its
-    gradient with respect to ``a`` is ``W w (e - ē)``."""
+    gradient with respect to ``a`` is ``W w (e - ē)``. Softmax weights and not ``rows``: the sum
+    over the rows of the first instead."""
     e = a - b
     if unit_total:
         total = None
@@ -63,7 +74,7 @@ def wmse_fast(a: Tensor, b: Tensor, w: Tensor, unit_total: bool) -> tuple[Tensor
         mean = rowdot(w, e) / total.clamp_min(torch.finfo(e.dtype).tiny)
     centred = e.sub_(mean.unsqueeze(1))
     wc = w * centred
-    return rowdot(wc, centred), wc, total
+    return dot(wc, centred, rows or total is not None), wc, total
 
 
 def wmse_exact(a: Tensor, b: Tensor, w: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
@@ -108,13 +119,13 @@ class _WeightedMSE:
     def prepare(self, t, s, w):
         return (w,)
 
-    def fast(self, t, s, consts, gt, gs):
+    def fast(self, t, s, consts, gt, gs, rows):
         (w,) = consts
-        dot, wc, total = wmse_fast(t, s, w, unit_total=False)
+        per_row, wc, total = wmse_fast(t, s, w, unit_total=False)
         for out in (gt, gs):
             if out is not None:
                 torch.mul(wc, total.unsqueeze(1), out=out)
-        return 0.5 * total * dot
+        return 0.5 * total * per_row
 
     def exact(self, t, s, w):
         return plus_inf(*reversed(wmse_exact(t, s, w, ~torch.isneginf(t.detach()))))
@@ -130,7 +141,7 @@ class _SoftCrossEntropy:
     def prepare(self, s, p):
         return ()
 
-    def fast(self, s, p, consts, gs, gp):
+    def fast(self, s, p, consts, gs, gp, rows):
         log_q = F.log_softmax(scaled(s, self.temperature), dim=1)
         if gs is not None:  # p - σ Σ_j p_j
             log_softmax_backward(p, log_q, out=gs)
