@@ -24,6 +24,8 @@ def _number(name: str, value: Any, kind: str) -> float:
     """``value`` as a float if it is a real number: a Python or NumPy int / float, or a 0-d
     tensor without a gradient; anything else (a string, None, a bool, a tensor with several
     entries or one that requires grad) is a TypeError that names the parameter."""
+    if type(value) is float or type(value) is int:  # the usual case, without the ABC lookup
+        return float(value)
     if isinstance(value, Tensor):
         if value.dim() == 0 and not value.requires_grad and not value.is_complex():
             return float(value)
