@@ -401,3 +401,60 @@ def test_fused_kernel_refuses_double_backward_with_a_clear_message(fn):
     assert torch.isfinite(torch.autograd.grad(fn(zs, zt, impl="triton"), zs)[0]).all()
     (g,) = torch.autograd.grad(fn(zs, zt, impl="torch"), zs, create_graph=True)
     assert g.requires_grad
+
+
+# --------------------------------------------------------------------------- torch.func, forward AD
+# torch.func's first use imports a module that calls the deprecated torch.jit.script
+quiet_functorch = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:FutureWarning"
+)
+
+
+@quiet_functorch
+@pytest.mark.parametrize("kind,kw", HVP_CASES, ids=lambda c: str(c))
+def test_torch_func_hessian_and_vmap_match_the_reference(kind, kw):
+    zs, zt, cw = logits(B=3, C=5, seed=6)
+    zs, zt = zs.detach(), zt.detach()
+    zt[1, 0] = -INF
+
+    def ours(x):
+        return _call(kind, x, zt, cw, reduction="sum", **kw)
+
+    def ref(x):
+        if kind == "gkl":
+            return 3 * ref_gkl(
+                x,
+                zt,
+                alpha=kw["alpha"],
+                beta=kw["beta"],
+                gamma=kw["gamma"],
+                T=kw["temperature"],
+                cw=cw,
+            )
+        return _ref(kind, x, zt, cw, **kw).sum()
+
+    torch.testing.assert_close(
+        torch.func.hessian(ours)(zs), torch.func.hessian(ref)(zs), rtol=1e-9, atol=1e-11
+    )
+    batch = torch.stack([zs, zs.flip(1)])
+    torch.testing.assert_close(
+        torch.func.vmap(ours)(batch),
+        torch.stack([ref(zs), ref(zs.flip(1))]),
+        rtol=1e-10,
+        atol=1e-12,
+    )
+
+
+@quiet_functorch
+def test_forward_mode_ad():
+    import torch.autograd.forward_ad as fwAD
+
+    zs, zt, _ = logits()
+    v = torch.randn_like(zs)
+    want = torch.func.jvp(
+        lambda x: ref_rows("ikl", x, zt.detach(), beta=2.0).sum(), (zs.detach(),), (v,)
+    )[1]
+    with fwAD.dual_level():
+        out = ikl_loss(fwAD.make_dual(zs, v), zt.detach(), beta=2.0, reduction="sum")
+        got = fwAD.unpack_dual(out).tangent
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

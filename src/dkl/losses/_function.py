@@ -39,6 +39,8 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
+from torch._C import _functorch
+from torch.autograd import forward_ad
 
 from dkl._checks import is_compiling
 from dkl.losses._common import reduce
@@ -174,9 +176,10 @@ def row_loss(
     rule: Rule, s: Tensor, t: Tensor, *extras: Tensor | None, total: float | None = None
 ) -> Tensor:
     """Per-row loss ``(B,)`` of ``rule`` (or its sum times ``total``), differentiable to any
-    order. Under ``torch.compile`` the exact form alone (the compiler fuses it, and the NaN look
-    would break the graph)."""
-    if is_compiling():
+    order. Under ``torch.compile``, ``torch.func`` transforms (``grad``, ``hessian``, ``vmap``) and
+    forward-mode AD the exact form alone: plain torch operations, which they all understand (and
+    the NaN look would break a compiled graph)."""
+    if _transformed(s, t):
         out = rule.exact(s, t, *extras)
         return out if total is None else out.sum() * total
     grad = torch.is_grad_enabled()
@@ -185,6 +188,14 @@ def row_loss(
         fast = fast_rows(rule, s, t, extras, False, False, rows=total is None)[0]
         return _finish(rule, fast, total, s, t, extras)[0]
     return _RowLoss.apply(rule, total, need_s, need_t, s, t, *extras)
+
+
+def _transformed(s: Tensor, t: Tensor) -> bool:
+    """True under ``torch.compile``, inside a ``torch.func`` transform, or with forward-mode AD
+    active (one global read and two flag checks on the usual path)."""
+    if is_compiling() or forward_ad._current_level >= 0:
+        return True
+    return _functorch.is_functorch_wrapped_tensor(s) or _functorch.is_functorch_wrapped_tensor(t)
 
 
 def log_softmax_backward(grad: Tensor, log_q: Tensor, out: Tensor) -> Tensor:
