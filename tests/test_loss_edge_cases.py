@@ -617,3 +617,29 @@ def test_class_prior_refuses_bad_numbers():
     _one_line_error(
         ValueError, r"Expected momentum in \(0, 1\], got 1.5", dkl.ClassPrior, 3, momentum=1.5
     )
+
+
+@pytest.mark.parametrize("alpha,beta", [(1e-40, 8.0), (1e30, 1e-30), (0.0, 1e20), (1e-6, 0.0)])
+@pytest.mark.parametrize("loss", ["dkl", "ikl", "ikl_gi", "gkl"])
+def test_extreme_loss_weights_keep_float32_gradients_exact(loss, alpha, beta):
+    """Constant factors are applied to the gradient in backward; an extreme α or β must not
+    overflow what the forward stored (the float64 computation is the reference)."""
+    zs, zt, cw = ruled_out_logits(torch.float32)
+    zs = zs.detach().clone()
+    zs[torch.isneginf(zs)] = 0.0
+    zs.requires_grad_()
+    zt = zt.detach().clone()
+    zt[torch.isneginf(zt)] = 0.0
+    kw = {"alpha": alpha, "beta": beta, "temperature": 4.0}
+    if loss == "ikl_gi":
+        kw["class_weights"] = cw
+    fn = LOSSES[loss.split("_")[0]]
+    (got,) = _grads(fn(zs, zt, **kw), zs)
+    z64 = zs.detach().double().requires_grad_()
+    kw64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    (want,) = _grads(fn(z64, zt.double(), **kw64), z64)
+    assert torch.isfinite(got).all()
+    scale = want.abs().max().item()
+    f32 = torch.finfo(torch.float32)
+    ulp_of_subnormals = f32.tiny * f32.eps  # α = 1e-40 makes DKL's gradient ~1e-42
+    assert (got.double() - want).abs().max().item() <= 1e-5 * scale + ulp_of_subnormals

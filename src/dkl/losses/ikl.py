@@ -63,8 +63,11 @@ class _IKL:
 
     def set_factors(self, unit_coef: bool) -> None:
         # gradients of a row: α/T (q - p) - c w (e - ē) (input), c w (e - ē) (target), with
-        # c = β for softmax weights and β W otherwise; the constant parts are applied in backward
-        self.gs_factor = self.alpha / self.temperature if self.alpha > 0 else 1.0
+        # c = β for softmax weights and β W otherwise; the constant parts are applied in backward.
+        # α/T is taken out of the input's only while T/α stays moderate: the wMSE's part is
+        # divided by it, and must not overflow (α = 1e-40 would make it inf in float32)
+        a = self.alpha / self.temperature
+        self.gs_factor = a if a > 0 and 1.0 / a <= 1e4 else 1.0
         self.gt_factor = self.fast_beta if unit_coef else 1.0
 
     def block_weights(self, t, consts, p):
@@ -85,12 +88,11 @@ class _IKL:
             per_row.addcmul_(wmse, coef, value=0.5)
             coef = coef.unsqueeze(1) if coef.dim() else coef
         if gs is not None:
-            if self.alpha > 0:  # q - p, then the wMSE's part over α/T
-                torch.exp(log_q, out=gs).sub_(p)
-                k = -T / self.alpha
-            else:
-                gs.zero_()
-                k = -1.0
+            # (q - p) α/T / gs_factor, then the wMSE's part over gs_factor
+            torch.exp(log_q, out=gs).sub_(p)
+            if self.gs_factor == 1.0:
+                gs.mul_(self.alpha / T)
+            k = -1.0 / self.gs_factor
             if isinstance(coef, float):
                 gs.add_(wc, alpha=k * coef)
             else:
