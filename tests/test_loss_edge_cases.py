@@ -643,3 +643,14 @@ def test_extreme_loss_weights_keep_float32_gradients_exact(loss, alpha, beta):
     f32 = torch.finfo(torch.float32)
     ulp_of_subnormals = f32.tiny * f32.eps  # α = 1e-40 makes DKL's gradient ~1e-42
     assert (got.double() - want).abs().max().item() <= 1e-5 * scale + ulp_of_subnormals
+
+
+def test_float64_weights_that_do_not_fit_float32_logits_are_refused():
+    z = torch.randn(2, 3)
+    cw = torch.full((2, 3), 1e300, dtype=torch.float64)
+    match = r"Expected class_weights that fit torch.float32 \(the logits' dtype\), got entries up to 1e\+300"
+    _one_line_error(ValueError, match, ikl_loss, z, z, class_weights=cw)
+    _one_line_error(ValueError, match, gkl_loss, z, z, class_weights=cw)
+    _one_line_error(ValueError, r"Expected weights that fit", dkl.weighted_mse, z, z, cw)
+    # weights that fit are cast, and the loss keeps the logits' dtype
+    assert ikl_loss(z, z, class_weights=cw / 1e300).dtype == torch.float32

@@ -77,6 +77,22 @@ def as_dtype(x: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return x if x is None or x.dtype == dtype else x.to(dtype)
 
 
+def weights_as(name: str, weights: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """Detached weights in the compute dtype. Weights are constants and do not widen the
+    computation; ones that do not fit the narrower dtype (1e300 in float64 for float32 logits)
+    are refused instead of turning into inf."""
+    if weights is None:
+        return None
+    w = weights.detach().to(dtype)
+    narrowed = torch.finfo(dtype).max < torch.finfo(weights.dtype).max
+    if narrowed and w.numel() and not is_compiling() and not bool(torch.isfinite(w.amax())):
+        raise ValueError(
+            f"Expected {name} that fit {dtype} (the logits' dtype), got entries up to "
+            f"{weights.max().item():.3g} in {weights.dtype}"
+        )
+    return w
+
+
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast off for the loss's own arithmetic (entered only when it is on: the context
     manager costs a few microseconds per call)."""

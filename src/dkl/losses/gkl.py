@@ -15,6 +15,7 @@ from dkl.losses._common import (
     no_autocast,
     reduce,
     valid_rows,
+    weights_as,
 )
 from dkl.losses._function import loss
 from dkl.losses.ikl import _IKL
@@ -157,7 +158,7 @@ def gkl_loss(
         check_weight_values("class_weights", class_weights)
     dtype = compute_dtype(input, target)
     with no_autocast(input.device):
-        cw = None if class_weights is None else class_weights.detach().to(dtype)
+        cw = weights_as("class_weights", class_weights, dtype)
         zs, zt, cw = valid_rows(mask, as_dtype(input, dtype), as_dtype(target, dtype), cw)
         return loss(_GKL(**hp), zs, zt, cw, mask, reduction=reduction, mask=mask)
 

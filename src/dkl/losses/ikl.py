@@ -17,6 +17,7 @@ from dkl.losses._common import (
     no_autocast,
     use_triton,
     valid_rows,
+    weights_as,
 )
 from dkl.losses._function import loss
 from dkl.losses.parts import (
@@ -198,7 +199,7 @@ def ikl_loss(
         check_weight_values("class_weights", class_weights)
     dtype = compute_dtype(input, target)
     with no_autocast(input.device):
-        cw = None if class_weights is None else class_weights.detach().to(dtype)
+        cw = weights_as("class_weights", class_weights, dtype)
         zs, zt, cw = valid_rows(mask, as_dtype(input, dtype), as_dtype(target, dtype), cw)
         return loss(_IKL(**hp), zs, zt, cw, reduction=reduction, mask=mask)
 

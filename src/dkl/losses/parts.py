@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dkl._checks import check_class_weights, check_logits, check_weight_values
-from dkl.losses._common import as_dtype, check_hyperparameters, compute_dtype, no_autocast
+from dkl.losses._common import (
+    as_dtype,
+    check_hyperparameters,
+    compute_dtype,
+    no_autocast,
+    weights_as,
+)
 from dkl.losses._function import log_softmax_backward, row_loss
 
 __all__ = ["soft_cross_entropy", "weighted_mse"]
@@ -177,7 +183,7 @@ def weighted_mse(target: Tensor, input: Tensor, weights: Tensor) -> Tensor:
     check_weight_values("weights", weights)
     dtype = compute_dtype(target, input)
     with no_autocast(input.device):
-        w = weights.detach().to(dtype)
+        w = weights_as("weights", weights, dtype)
         return row_loss(_WeightedMSE(), as_dtype(target, dtype), as_dtype(input, dtype), w)
 
 
