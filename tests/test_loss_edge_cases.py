@@ -654,3 +654,35 @@ def test_float64_weights_that_do_not_fit_float32_logits_are_refused():
     _one_line_error(ValueError, r"Expected weights that fit", dkl.weighted_mse, z, z, cw)
     # weights that fit are cast, and the loss keeps the logits' dtype
     assert ikl_loss(z, z, class_weights=cw / 1e300).dtype == torch.float32
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_transposed_logits_and_meta_tensors(loss):
+    """Non-contiguous logits give the contiguous result (also across blocks of rows); meta
+    tensors give a meta loss (shape inference) with a backward; sparse logits are refused."""
+    import dkl.losses._function as loss_function
+
+    g = torch.Generator().manual_seed(8)
+    a = torch.randn(7, 5, generator=g, dtype=torch.float64).t().requires_grad_()
+    b = torch.randn(7, 5, generator=g, dtype=torch.float64).t().requires_grad_()
+    a2 = a.detach().contiguous().requires_grad_()
+    b2 = b.detach().contiguous().requires_grad_()
+    saved = loss_function.BLOCK_ELEMENTS
+    try:
+        loss_function.BLOCK_ELEMENTS = 10
+        got = LOSSES[loss](a, b, reduction="none")
+        g_got = _grads(got, a, b)
+    finally:
+        loss_function.BLOCK_ELEMENTS = saved
+    want = LOSSES[loss](a2, b2, reduction="none")
+    assert_close64(got, want)
+    for x, y in zip(g_got, _grads(want, a2, b2)):
+        assert_close64(x, y)
+    meta = torch.empty(4, 6, device="meta", requires_grad=True)
+    out = LOSSES[loss](meta, torch.empty(4, 6, device="meta"))
+    assert out.device.type == "meta"
+    out.backward()
+    sparse = torch.randn(4, 6).to_sparse()
+    _one_line_error(
+        TypeError, r"Expected dense \(strided\) input logits", LOSSES[loss], sparse, sparse
+    )

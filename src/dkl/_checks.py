@@ -78,6 +78,8 @@ def check_logits(input: Any, target: Any) -> None:
             raise ValueError(f"Expected {name} of shape (B, C), got {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"Expected floating-point {name} logits, got {t.dtype}")
+        if t.layout != torch.strided:
+            raise TypeError(f"Expected dense (strided) {name} logits, got layout {t.layout}")
     if input.shape != target.shape:
         raise ValueError(
             f"Expected target of shape (B, C) = {tuple(input.shape)} like input, "

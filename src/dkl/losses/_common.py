@@ -96,8 +96,9 @@ def weights_as(name: str, weights: Tensor | None, dtype: torch.dtype) -> Tensor 
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast off for the loss's own arithmetic (entered only when it is on: the context
     manager costs a few microseconds per call)."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
+    kind = device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
     return contextlib.nullcontext()
 
 

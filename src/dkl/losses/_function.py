@@ -191,9 +191,9 @@ def row_loss(
 
 
 def _transformed(s: Tensor, t: Tensor) -> bool:
-    """True under ``torch.compile``, inside a ``torch.func`` transform, or with forward-mode AD
-    active (one global read and two flag checks on the usual path)."""
-    if is_compiling() or forward_ad._current_level >= 0:
+    """True under ``torch.compile``, inside a ``torch.func`` transform, with forward-mode AD
+    active, or for meta tensors (shapes only: nothing to look at)."""
+    if is_compiling() or forward_ad._current_level >= 0 or s.is_meta:
         return True
     return _functorch.is_functorch_wrapped_tensor(s) or _functorch.is_functorch_wrapped_tensor(t)
 
