@@ -609,7 +609,7 @@ def test_class_prior_refuses_bad_numbers():
     )
     _one_line_error(
         TypeError,
-        r"Expected momentum a positive finite number, got None",
+        r"Expected momentum a number in \(0, 1\], got None",
         dkl.ClassPrior,
         3,
         momentum=None,

@@ -20,7 +20,7 @@ def is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _number(name: str, value: Any, kind: str) -> float:
+def as_number(name: str, value: Any, what: str) -> float:
     """``value`` as a float if it is a real number: a Python or NumPy int / float, or a 0-d
     tensor without a gradient; anything else (a string, None, a bool, a tensor with several
     entries or one that requires grad) is a TypeError that names the parameter."""
@@ -36,13 +36,13 @@ def _number(name: str, value: Any, kind: str) -> float:
         return float(value)
     else:
         shown = f"{value!r} ({type(value).__name__})"
-    raise TypeError(f"Expected {name} a {kind} number, got {shown}")
+    raise TypeError(f"Expected {name} {what}, got {shown}")
 
 
 def check_positive(name: str, value: Any, minimum: float = 0.0) -> float:
     """A finite ``value > 0`` (temperatures), returned as a float. ``minimum`` is an extra lower
     bound (the losses use the smallest normal float32, so that ``1 / value`` stays finite)."""
-    x = _number(name, value, "positive finite")
+    x = as_number(name, value, "a positive finite number")
     value = x if isinstance(value, Tensor) else value
     if not x > 0:
         raise ValueError(f"Expected {name} > 0, got {value}")
@@ -58,7 +58,7 @@ def check_positive(name: str, value: Any, minimum: float = 0.0) -> float:
 
 def check_non_negative_scalar(name: str, value: Any) -> float:
     """A finite ``value >= 0`` (loss weights such as alpha and beta), returned as a float."""
-    x = _number(name, value, "non-negative finite")
+    x = as_number(name, value, "a non-negative finite number")
     value = x if isinstance(value, Tensor) else value
     if not x >= 0:
         raise ValueError(f"Expected {name} >= 0, got {value}")

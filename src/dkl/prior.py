@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dkl._checks import check_positive
+from dkl._checks import as_number, check_positive
 
 __all__ = ["ClassPrior"]
 
@@ -58,7 +58,7 @@ class ClassPrior(nn.Module):
         # the losses' rule: a finite number, and 1 / T finite in float32 (inf would freeze the
         # prior at uniform rows)
         temperature = check_positive("temperature", temperature, torch.finfo(torch.float32).tiny)
-        if not 0 < check_positive("momentum", momentum) <= 1:
+        if not 0 < as_number("momentum", momentum, "a number in (0, 1]") <= 1:
             raise ValueError(f"Expected momentum in (0, 1], got {momentum}")
         self.num_classes, self.temperature, self.momentum = num_classes, temperature, momentum
         self.register_buffer("prior", torch.full((num_classes, num_classes), 1.0 / num_classes))
