@@ -21,10 +21,11 @@ makes its row NaN there (``0 · -inf``), and so does anything that overflowed. O
 ``(B,)`` result (not at the ``(B, C)`` logits) decides, so finite logits pay nothing for the
 rules; when some row is NaN, the exact form gives the values and the gradients.
 
-Speed: the fast form runs on blocks of rows small enough that its temporaries stay in the CPU's
-cache, and computes the gradient there too, so each logit is read from memory about once and each
-gradient written once; backward is then one multiplication by the upstream gradient. A loss that
-nobody differentiates (``torch.no_grad``, inputs without grad) computes no gradient.
+Speed: on CPU the fast form runs on blocks of rows small enough that its temporaries stay in the
+cache (a block holds a few rows per thread), and computes the gradient there too, so each logit is
+read from memory about once and each gradient written once; backward is then one multiplication
+by the upstream gradient. A loss that nobody differentiates (``torch.no_grad``, inputs without
+grad) computes no gradient.
 
 Second derivatives: a backward that runs under ``create_graph=True`` (grad mode on) rebuilds the
 loss with the exact form from the saved inputs and differentiates it with autograd, so the
@@ -45,8 +46,9 @@ from torch.autograd import forward_ad
 from dkl._checks import is_compiling
 from dkl.losses._common import reduce
 
-# Elements per block of rows: a few (rows, C) float32 temporaries of 128 KiB each stay in a
-# 1-2 MiB L2 cache (a whole row is one block when C is larger).
+# Elements per block of rows and CPU thread: a few (rows, C) float32 temporaries of 128 KiB per
+# thread stay in a 1-2 MiB L2 cache (a whole row is one block when C is larger). GPUs take the
+# batch in one block.
 BLOCK_ELEMENTS = 1 << 15
 
 
@@ -77,7 +79,9 @@ def fast_rows(
     gs = torch.empty_like(s) if need_s else None
     gt = torch.empty_like(t) if need_t else None
     B, C = s.shape
-    per_block = max(1, BLOCK_ELEMENTS // max(C, 1))
+    per_block = B
+    if s.device.type == "cpu":  # each thread takes some rows of a block: scale it with them
+        per_block = max(1, BLOCK_ELEMENTS * torch.get_num_threads() // max(C, 1))
     if B <= per_block:
         return rule.fast(s, t, consts, gs, gt, rows), gs, gt
     parts = []
