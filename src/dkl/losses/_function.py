@@ -120,9 +120,10 @@ class _RowLoss(torch.autograd.Function):
         if ctx.exact or torch.is_grad_enabled():
             gs, gt = exact_grads(ctx.rule, ctx.total, s, t, extras, g, need_s, need_t)
         else:
-            g = g * ctx.total if ctx.total is not None else g.unsqueeze(1)
-            gs = gs * (g * ctx.rule.gs_factor) if need_s else None
-            gt = gt * (g * ctx.rule.gt_factor) if need_t else None
+            # the constants ride on the upstream gradient, a (B,) or 0-d tensor
+            total, g = (1.0, g.unsqueeze(1)) if ctx.total is None else (ctx.total, g)
+            gs = gs * (g * (total * ctx.rule.gs_factor)) if need_s else None
+            gt = gt * (g * (total * ctx.rule.gt_factor)) if need_t else None
         return (None, None, None, None, gs, gt, *([None] * len(extras)))
 
 
