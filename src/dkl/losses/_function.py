@@ -5,21 +5,21 @@ Each loss is a *rule* with three methods:
 
 - ``prepare(s, t, *extras)``: the row-wise constants of the batch (``(B, ·)`` tensors or
   ``None``), e.g. the class weights, or GKL's weights once its batch normaliser is known;
-- ``fast(s, t, consts, gs, gt, rows)``: the per-row loss of a block of rows (its sum when not
-  ``rows``: the mean and the sum need no more, and a whole-block dot product is one BLAS call),
-  assuming finite logits,
-  in as few full-size passes as the closed form allows. Where ``gs`` / ``gt`` are given it writes
-  there the gradient of the row's loss with respect to ``s`` / ``t``, divided by the rule's
-  ``gs_factor`` / ``gt_factor`` (constants such as ``1 / T`` are applied in backward, together
-  with the upstream gradient, on ``(B,)`` numbers rather than ``(B, C)`` ones);
+- ``fast(s, t, consts, gs, gt, rows)``: the loss of a block of rows, assuming finite logits, in
+  as few full-size passes as the closed form allows: per row for ``rows``, else their sum (the
+  mean and the sum need no more, and a whole-block dot product is one BLAS call). Where ``gs`` /
+  ``gt`` are given it writes there the gradient of the rows' loss with respect to ``s`` / ``t``,
+  divided by the rule's ``gs_factor`` / ``gt_factor`` (constants such as ``1 / T`` are applied
+  in backward, with the upstream gradient, to a ``(B,)`` or 0-d tensor instead of a ``(B, C)``);
 - ``exact(s, t, *extras)``: the same loss in plain differentiable torch operations, with every
   non-finite rule spelled out (``-inf`` target classes dropped, a ``-inf`` student logit on a kept
   class giving ``+inf``, NaN rows) and scaled so that no intermediate overflows.
 
 The fast form is exact whenever none of its rows comes out NaN: a ``-inf`` target logit always
-makes its row NaN there (``0 · -inf``), and so does anything that overflowed. One look at the
-``(B,)`` result (not at the ``(B, C)`` logits) decides, so finite logits pay nothing for the
-rules; when some row is NaN, the exact form gives the values and the gradients.
+makes its row NaN there (``0 · -inf``), and so does anything that overflowed. No row of a loss is
+``-inf``, so one look at the sum of the rows (not at the ``(B, C)`` logits) decides, and finite
+logits pay nothing for the rules; when the sum is NaN, the exact form gives the values and the
+gradients (one host sync per call on a GPU, where the fused kernel is the default).
 
 Speed: on CPU the fast form runs on blocks of rows small enough that its temporaries stay in the
 cache (a block holds a few rows per thread), and computes the gradient there too, so each logit is
