@@ -686,3 +686,12 @@ def test_transposed_logits_and_meta_tensors(loss):
     _one_line_error(
         TypeError, r"Expected dense \(strided\) input logits", LOSSES[loss], sparse, sparse
     )
+
+
+def test_soft_cross_entropy_refuses_negative_or_non_finite_probabilities():
+    z = torch.zeros(2, 3)
+    p = torch.full((2, 3), 1 / 3)
+    p[1, 2] = -0.1
+    _one_line_error(ValueError, r"Expected non-negative target_probs", dkl.soft_cross_entropy, z, p)
+    p[1, 2] = float("nan")
+    _one_line_error(ValueError, r"Expected finite target_probs", dkl.soft_cross_entropy, z, p)

@@ -191,13 +191,15 @@ def soft_cross_entropy(input: Tensor, target_probs: Tensor, temperature: float =
     r"""Per-row :math:`-\sum_j p_j \log\sigma(z_s / T)_j` with ``target_probs`` held constant.
 
     Classes with :math:`p_j = 0` add 0, even where :math:`z_s = -\infty`; a ``-inf`` logit
-    where :math:`p_j > 0` makes the row ``+inf``.
+    where :math:`p_j > 0` makes the row ``+inf``. ``target_probs`` must be finite and
+    :math:`\ge 0` (they need not sum to 1).
 
     Example:
         >>> soft_cross_entropy(torch.zeros(1, 4), torch.tensor([[0.5, 0.5, 0.0, 0.0]]))
         tensor([1.3863])
     """
     check_logits(input, target_probs)
+    check_weight_values("target_probs", target_probs)  # a negative "probability" has no CE
     T = check_hyperparameters(temperature=temperature)["temperature"]
     dtype = compute_dtype(input, target_probs)
     with no_autocast(input.device):
