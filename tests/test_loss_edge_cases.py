@@ -492,11 +492,30 @@ def test_number_like_hyperparameters_are_accepted():
     for kw in (
         {"alpha": 2, "beta": np.float32(3.0), "temperature": np.float64(4.0)},
         {"alpha": np.int64(2), "beta": 3, "temperature": torch.tensor(4.0)},
+        {"alpha": np.array(2), "beta": np.array(3.0), "temperature": 4},
     ):
         assert_close64(ikl_loss(zs, zt, reduction="none", **kw), want)
         module = IKLLoss(reduction="none", **kw)
         assert isinstance(module.temperature, float)
         assert_close64(module(zs, zt), want)
+
+
+def test_numbers_numpy_arrays_and_huge_ints():
+    np = pytest.importorskip("numpy")
+    z = torch.zeros(2, 3)
+    match = r"Expected beta a non-negative finite number, got array\(\[1., 2.\]\) \(ndarray\)"
+    _one_line_error(TypeError, match, ikl_loss, z, z, beta=np.array([1.0, 2.0]))
+    _one_line_error(
+        TypeError,
+        r"got array\(True\) \(ndarray of bool\)",
+        kl_loss,
+        z,
+        z,
+        temperature=np.array(True),
+    )
+    _one_line_error(
+        ValueError, r"got an int too large for a float", kl_loss, z, z, temperature=10**400
+    )
 
 
 @pytest.mark.parametrize("bad", [None, 3, "avg"])

@@ -21,11 +21,12 @@ def is_compiling() -> bool:
 
 
 def as_number(name: str, value: Any, what: str) -> float:
-    """``value`` as a float if it is a real number: a Python or NumPy int / float, or a 0-d
-    tensor without a gradient; anything else (a string, None, a bool, a tensor with several
-    entries or one that requires grad) is a TypeError that names the parameter."""
+    """``value`` as a float if it is a real number: a Python or NumPy int / float (also a 0-d
+    NumPy array), or a 0-d tensor without a gradient; anything else (a string, None, a bool, a
+    tensor or array with several entries, a tensor that requires grad) is a TypeError that names
+    the parameter. An int too large for a float is a ValueError."""
     if type(value) is float or type(value) is int:  # the usual case, without the ABC lookup
-        return float(value)
+        return _to_float(name, value, what)
     if isinstance(value, Tensor):
         if value.dim() == 0 and not value.requires_grad and not value.is_complex():
             return float(value)
@@ -33,10 +34,22 @@ def as_number(name: str, value: Any, what: str) -> float:
             " that requires grad" if value.requires_grad else ""
         )
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
+        return _to_float(name, value, what)
+    elif getattr(value, "ndim", None) == 0 and getattr(value, "dtype", None) is not None:
+        kind = getattr(value.dtype, "kind", "")
+        if kind in ("i", "u", "f"):  # a 0-d NumPy array of ints or floats
+            return _to_float(name, value, what)
+        shown = f"{value!r} ({type(value).__name__} of {value.dtype})"
     else:
         shown = f"{value!r} ({type(value).__name__})"
     raise TypeError(f"Expected {name} {what}, got {shown}")
+
+
+def _to_float(name: str, value: Any, what: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"Expected {name} {what}, got an int too large for a float") from None
 
 
 def check_positive(name: str, value: Any, minimum: float = 0.0) -> float:
