@@ -1,13 +1,21 @@
-"""Forward+backward time and peak extra memory of the losses, printed as a Markdown table.
+"""Forward+backward time and peak extra memory of the losses, printed as Markdown tables.
 
-    python benchmarks/loss_speed.py                 # the issue's shapes on the current device
+    python benchmarks/loss_speed.py                 # both tables on the current device
     python benchmarks/loss_speed.py --shapes 256x1000 --repeats 50
+    python benchmarks/loss_speed.py --kd-only       # the distillation table alone
 
-Compares ``dkl.ikl_loss`` and ``dkl.kl_loss`` with ``F.kl_div`` and with the authors' pairwise
-B×C×C wMSE. The pairwise formula is skipped (and the table says so) where its three B×C×C
-temporaries would not fit in the memory budget. Peak extra memory is the CUDA allocator's peak above
-the inputs on GPU, and the largest tensor bytes allocated during the call on CPU (traced with the
-profiler's memory accounting).
+The first table compares ``dkl.ikl_loss`` and ``dkl.kl_loss`` with ``F.kl_div`` and with the
+authors' pairwise B×C×C wMSE, both logits requiring grad. The pairwise formula is skipped (and the
+table says so) where its three B×C×C temporaries would not fit in the memory budget. Peak extra
+memory is the CUDA allocator's peak above the inputs on GPU, and the largest tensor bytes allocated
+during the call on CPU (traced with the profiler's memory accounting).
+
+The second table is the distillation case: the teacher's logits are detached, only the student's
+get a gradient, and ``F.kl_div(log_softmax(s / T), log_softmax(t / T), log_target=True,
+reduction="batchmean")`` is the reference, with ``T = 4`` and IKL's CIFAR-100 setting (``alpha``
+1, ``beta`` 8, ``weight_temperature`` 100). On CPU it runs on ``--kd-threads`` threads (one by
+default). The three candidates are timed interleaved (one round of each, then the next round),
+and each cell is the median over the rounds.
 """
 
 from __future__ import annotations
@@ -114,6 +122,81 @@ def peak_extra_bytes(fn, zs, zt, device):
     return peak
 
 
+KD_SHAPES = [(256, 100), (256, 1000), (64, 4000), (64, 32000)]
+KD_T, KD_T2, KD_BETA = 4.0, 100.0, 8.0
+KD_CANDIDATES = {
+    "F.kl_div": lambda zs, zt: F.kl_div(
+        F.log_softmax(zs / KD_T, 1),
+        F.log_softmax(zt / KD_T, 1),
+        log_target=True,
+        reduction="batchmean",
+    ),
+    "dkl.kl_loss": lambda zs, zt: dkl.kl_loss(zs, zt, temperature=KD_T),
+    "dkl.ikl_loss": lambda zs, zt: dkl.ikl_loss(
+        zs, zt, beta=KD_BETA, temperature=KD_T, weight_temperature=KD_T2
+    ),
+}
+
+
+def kd_times(shape, rounds, device, seconds_per_call=0.02):
+    """Median fwd+bwd milliseconds of each KD candidate, timed interleaved over ``rounds``."""
+    B, C = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    zs = torch.randn(B, C, generator=g).mul(3).to(device).requires_grad_()
+    zt = torch.randn(B, C, generator=g).mul(3).to(device)  # the teacher: no gradient
+
+    def once(fn):
+        fn(zs, zt).backward()
+        zs.grad = None
+
+    calls = {}
+    for label, fn in KD_CANDIDATES.items():  # warm-up, and calls per round of ~20 ms
+        once(fn)
+        _sync(device)
+        t0 = time.perf_counter()
+        once(fn)
+        _sync(device)
+        calls[label] = max(1, int(seconds_per_call / max(time.perf_counter() - t0, 1e-6)))
+    times = {label: [] for label in KD_CANDIDATES}
+    for _ in range(rounds):
+        for label, fn in KD_CANDIDATES.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(calls[label]):
+                once(fn)
+            _sync(device)
+            times[label].append((time.perf_counter() - t0) / calls[label] * 1e3)
+    return {label: statistics.median(v) for label, v in times.items()}
+
+
+def kd_table(shapes, rounds, device, threads):
+    if device.type == "cpu":
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+    try:
+        print(
+            f"\nKD case (teacher detached, T = {KD_T:g}; IKL beta {KD_BETA:g}, "
+            f"weight_temperature {KD_T2:g}), device: {device_label(device)}, float32, "
+            f"median of {rounds} interleaved rounds\n"
+        )
+        print(
+            "| B × C | F.kl_div | dkl.kl_loss | dkl.ikl_loss | kl_loss / kl_div "
+            "| ikl_loss / kl_div |"
+        )
+        print("|---|---|---|---|---|---|")
+        for B, C in shapes:
+            ms = kd_times((B, C), rounds, device)
+            kd, kl, ikl = ms["F.kl_div"], ms["dkl.kl_loss"], ms["dkl.ikl_loss"]
+            print(
+                f"| {B} × {C} | {kd:.3g} ms | {kl:.3g} ms | {ikl:.3g} ms "
+                f"| {kl / kd:.2f} | {ikl / kd:.2f} |",
+                flush=True,
+            )
+    finally:
+        if device.type == "cpu":
+            torch.set_num_threads(saved)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -121,9 +204,21 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", help="BxC shapes, e.g. 256x1000")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--kd-only", action="store_true", help="only the distillation table")
+    parser.add_argument("--kd-rounds", type=int, default=15, help="interleaved rounds per cell")
+    parser.add_argument("--kd-threads", type=int, default=1, help="CPU threads of the KD table")
     args = parser.parse_args()
     device = torch.device(args.device)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
+    parse = lambda specs: [tuple(int(v) for v in s.split("x")) for s in specs]
+    shapes = parse(args.shapes) if args.shapes else SHAPES
+    if args.kd_only:
+        kd_table(
+            parse(args.shapes) if args.shapes else KD_SHAPES,
+            args.kd_rounds,
+            device,
+            args.kd_threads,
+        )
+        return
     print(
         f"device: {device_label(device)}, torch {torch.__version__}, float32, median of up to {args.repeats} runs\n"
     )
@@ -151,6 +246,9 @@ def main() -> None:
             else "–"
         )
         print(f"| {B} × {C} | " + " | ".join(cells) + f" | {ratio:.2f} | {speedup} |", flush=True)
+    kd_table(
+        parse(args.shapes) if args.shapes else KD_SHAPES, args.kd_rounds, device, args.kd_threads
+    )
 
 
 if __name__ == "__main__":

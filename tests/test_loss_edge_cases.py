@@ -452,3 +452,265 @@ def test_kernel_refuses_bad_scalars_and_weights():
     _one_line_error(
         ValueError, "Expected finite class_weights", ikl_loss, z, z, class_weights=cw, impl="triton"
     )
+
+
+# --------------------------------------------------------------------------- hostile arguments
+NUMBERS = {
+    "kl": ("temperature",),
+    "dkl": ("alpha", "beta", "temperature"),
+    "ikl": ("alpha", "beta", "temperature", "weight_temperature"),
+    "gkl": ("alpha", "beta", "gamma", "temperature", "weight_temperature"),
+}
+WRONG_TYPES = [
+    ("4", r"got '4' \(str\)"),
+    (None, r"got None \(NoneType\)"),
+    (True, r"got True \(bool\)"),
+    ([4.0], r"got \[4.0\] \(list\)"),
+    (torch.tensor([4.0, 2.0]), r"got a tensor of shape \(2,\)"),
+    (torch.tensor(4.0, requires_grad=True), r"got a tensor of shape \(\) that requires grad"),
+]
+
+
+@pytest.mark.parametrize("value,shown", WRONG_TYPES, ids=lambda v: repr(v)[:20])
+@pytest.mark.parametrize("loss", list(NUMBERS))
+def test_hyperparameters_of_the_wrong_type_name_the_parameter(loss, value, shown):
+    z = torch.zeros(2, 3)
+    for name in NUMBERS[loss]:
+        kind = "positive" if name.endswith("temperature") else "non-negative"
+        match = rf"Expected {name} a {kind} finite number, {shown}"
+        _one_line_error(TypeError, match, LOSSES[loss], z, z, **{name: value})
+        _one_line_error(TypeError, match, MODULES[loss], **{name: value})
+    _one_line_error(
+        TypeError, r"Expected temperature a positive", dkl.soft_cross_entropy, z, z, value
+    )
+
+
+def test_number_like_hyperparameters_are_accepted():
+    np = pytest.importorskip("numpy")
+    zs, zt, _ = ruled_out_logits()
+    want = ikl_loss(zs, zt, alpha=2.0, beta=3.0, temperature=4.0, reduction="none")
+    for kw in (
+        {"alpha": 2, "beta": np.float32(3.0), "temperature": np.float64(4.0)},
+        {"alpha": np.int64(2), "beta": 3, "temperature": torch.tensor(4.0)},
+        {"alpha": np.array(2), "beta": np.array(3.0), "temperature": 4},
+    ):
+        assert_close64(ikl_loss(zs, zt, reduction="none", **kw), want)
+        module = IKLLoss(reduction="none", **kw)
+        assert isinstance(module.temperature, float)
+        assert_close64(module(zs, zt), want)
+
+
+def test_numbers_numpy_arrays_and_huge_ints():
+    np = pytest.importorskip("numpy")
+    z = torch.zeros(2, 3)
+    match = r"Expected beta a non-negative finite number, got array\(\[1., 2.\]\) \(ndarray\)"
+    _one_line_error(TypeError, match, ikl_loss, z, z, beta=np.array([1.0, 2.0]))
+    _one_line_error(
+        TypeError,
+        r"got array\(True\) \(ndarray of bool\)",
+        kl_loss,
+        z,
+        z,
+        temperature=np.array(True),
+    )
+    _one_line_error(
+        ValueError, r"got an int too large for a float", kl_loss, z, z, temperature=10**400
+    )
+
+
+@pytest.mark.parametrize("bad", [None, 3, "avg"])
+def test_reduction_and_impl_of_the_wrong_type(bad):
+    z = torch.zeros(2, 3)
+    for fn in LOSSES.values():
+        _one_line_error(ValueError, r"Unknown reduction", fn, z, z, reduction=bad)
+    _one_line_error(ValueError, r"Unknown impl", kl_loss, z, z, impl=bad)
+    _one_line_error(ValueError, r"Unknown impl", IKLLoss, impl=bad)
+
+
+@pytest.mark.parametrize("name", ["temperature", "weight_temperature"])
+def test_temperatures_too_small_for_float32_are_refused(name):
+    """1e-39 made 1/T overflow float32 (inf · 0 = NaN); the floor is the smallest normal."""
+    z = torch.zeros(2, 3)
+    match = rf"Expected {name} >= 1.18e-38 \(smaller values make 1/{name} overflow float32\)"
+    for loss, accepted in NUMBERS.items():
+        if name in accepted:
+            _one_line_error(ValueError, match + ", got 1e-39", LOSSES[loss], z, z, **{name: 1e-39})
+            _one_line_error(ValueError, match, MODULES[loss], **{name: 1e-39})
+
+
+@pytest.mark.parametrize("loss", ["kl", "dkl", "ikl"])
+def test_small_temperatures_give_the_correctly_rounded_value(loss):
+    """T = 1e-37 with logits up to ~40 overflows z / T in float32: the rows are recomputed with
+    the row maximum taken out first, and equal the float64 value rounded to float32 (+inf where
+    it exceeds float32, never NaN)."""
+    g = torch.Generator().manual_seed(7)
+    zs = (torch.randn(6, 5, generator=g) * 12).requires_grad_()
+    zt = torch.randn(6, 5, generator=g) * 12
+    zt[0] = zs.detach()[0] + 1.0  # same argmax: a finite value
+    T = 1e-37
+    got = LOSSES[loss](zs, zt, temperature=T, reduction="none")
+    want = LOSSES[loss](zs.detach().double(), zt.double(), temperature=T, reduction="none")
+    assert not torch.isnan(got).any()
+    # (row 0's wMSE is rounding noise of the float32 logits, ~1e-14)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
+    got.sum().backward()  # the gradient exists (it is huge where the value is)
+
+
+def test_class_weights_near_the_float32_limit():
+    """Weights of 3e38 made every total overflow (NaN). GKL does not depend on the weights'
+    scale and gives the finite value; IKL's wMSE grows with their square and gives the float64
+    value rounded to float32."""
+    zs, zt, cw = ruled_out_logits(torch.float32)
+    huge = cw * 1.5e38
+    got = gkl_loss(zs, zt, class_weights=huge, gamma=1.0, reduction="none")
+    want = gkl_loss(zs, zt, class_weights=cw, gamma=1.0, reduction="none")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    tiny = cw * 1e-30  # W² underflows float32: the same value too
+    torch.testing.assert_close(
+        gkl_loss(zs, zt, class_weights=tiny, reduction="none"), want, rtol=1e-5, atol=1e-6
+    )
+    got = ikl_loss(zs, zt, class_weights=huge, reduction="none")
+    want = ikl_loss(zs.double(), zt.double(), class_weights=huge.double(), reduction="none")
+    assert not torch.isnan(got).any()
+    assert torch.equal(got, want.float())  # +inf: above float32's range, as in float64
+
+
+# --------------------------------------------------------------------------- mixed dtypes
+PAIRS = [
+    (torch.float32, torch.float64, torch.float64),
+    (torch.float64, torch.float32, torch.float64),
+    (torch.float16, torch.float32, torch.float32),
+    (torch.bfloat16, torch.float16, torch.float32),
+]
+
+
+@pytest.mark.parametrize("di,dt,want_dtype", PAIRS, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("loss", list(LOSSES) + ["wmse", "sce"])
+def test_mixed_float_dtypes_compute_in_the_wider(loss, di, dt, want_dtype):
+    zs, zt, cw = ruled_out_logits()
+    zs = zs.detach().to(di).requires_grad_()
+    zt = zt.detach().to(dt).requires_grad_()
+    p = F.softmax(zt.detach().float(), 1).to(dt)  # the sCE's constant target probabilities
+
+    def fn(a, b):
+        if loss == "wmse":
+            return dkl.weighted_mse(b, a, cw)
+        if loss == "sce":
+            return dkl.soft_cross_entropy(a, p.to(b.dtype))
+        return LOSSES[loss](a, b, reduction="none")
+
+    got = fn(zs, zt)
+    assert got.dtype == want_dtype
+    ref = fn(zs.detach().to(want_dtype), zt.detach().to(want_dtype))
+    torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
+    got[torch.isfinite(got)].sum().backward()
+    assert zs.grad.dtype == di
+    assert zt.grad is None or zt.grad.dtype == dt
+
+
+def test_class_prior_refuses_bad_numbers():
+    _one_line_error(
+        ValueError,
+        r"Expected a finite temperature > 0, got inf",
+        dkl.ClassPrior,
+        3,
+        temperature=INF,
+    )
+    _one_line_error(
+        TypeError,
+        r"Expected temperature a positive finite number, got '2'",
+        dkl.ClassPrior,
+        3,
+        temperature="2",
+    )
+    _one_line_error(
+        ValueError, r"Expected temperature >= 1.18e-38", dkl.ClassPrior, 3, temperature=1e-39
+    )
+    _one_line_error(
+        TypeError,
+        r"Expected momentum a number in \(0, 1\], got None",
+        dkl.ClassPrior,
+        3,
+        momentum=None,
+    )
+    _one_line_error(
+        ValueError, r"Expected momentum in \(0, 1\], got 1.5", dkl.ClassPrior, 3, momentum=1.5
+    )
+
+
+@pytest.mark.parametrize("alpha,beta", [(1e-40, 8.0), (1e30, 1e-30), (0.0, 1e20), (1e-6, 0.0)])
+@pytest.mark.parametrize("loss", ["dkl", "ikl", "ikl_gi", "gkl"])
+def test_extreme_loss_weights_keep_float32_gradients_exact(loss, alpha, beta):
+    """Constant factors are applied to the gradient in backward; an extreme α or β must not
+    overflow what the forward stored (the float64 computation is the reference)."""
+    zs, zt, cw = ruled_out_logits(torch.float32)
+    zs = zs.detach().clone()
+    zs[torch.isneginf(zs)] = 0.0
+    zs.requires_grad_()
+    zt = zt.detach().clone()
+    zt[torch.isneginf(zt)] = 0.0
+    kw = {"alpha": alpha, "beta": beta, "temperature": 4.0}
+    if loss == "ikl_gi":
+        kw["class_weights"] = cw
+    fn = LOSSES[loss.split("_")[0]]
+    (got,) = _grads(fn(zs, zt, **kw), zs)
+    z64 = zs.detach().double().requires_grad_()
+    kw64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    (want,) = _grads(fn(z64, zt.double(), **kw64), z64)
+    assert torch.isfinite(got).all()
+    scale = want.abs().max().item()
+    f32 = torch.finfo(torch.float32)
+    ulp_of_subnormals = f32.tiny * f32.eps  # α = 1e-40 makes DKL's gradient ~1e-42
+    assert (got.double() - want).abs().max().item() <= 1e-5 * scale + ulp_of_subnormals
+
+
+def test_float64_weights_that_do_not_fit_float32_logits_are_refused():
+    z = torch.randn(2, 3)
+    cw = torch.full((2, 3), 1e300, dtype=torch.float64)
+    match = r"Expected class_weights that fit torch.float32 \(the logits' dtype\), got entries up to 1e\+300"
+    _one_line_error(ValueError, match, ikl_loss, z, z, class_weights=cw)
+    _one_line_error(ValueError, match, gkl_loss, z, z, class_weights=cw)
+    _one_line_error(ValueError, r"Expected weights that fit", dkl.weighted_mse, z, z, cw)
+    # weights that fit are cast, and the loss keeps the logits' dtype
+    assert ikl_loss(z, z, class_weights=cw / 1e300).dtype == torch.float32
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_transposed_logits_and_meta_tensors(loss):
+    """Non-contiguous logits give the contiguous result (also across blocks of rows); meta
+    tensors give a meta loss (shape inference) with a backward; sparse logits are refused."""
+    import dkl.losses._function as loss_function
+
+    g = torch.Generator().manual_seed(8)
+    a = torch.randn(7, 5, generator=g, dtype=torch.float64).t().requires_grad_()
+    b = torch.randn(7, 5, generator=g, dtype=torch.float64).t().requires_grad_()
+    a2 = a.detach().contiguous().requires_grad_()
+    b2 = b.detach().contiguous().requires_grad_()
+    saved = loss_function.BLOCK_ELEMENTS
+    try:
+        loss_function.BLOCK_ELEMENTS = 10
+        got = LOSSES[loss](a, b, reduction="none")
+        g_got = _grads(got, a, b)
+    finally:
+        loss_function.BLOCK_ELEMENTS = saved
+    want = LOSSES[loss](a2, b2, reduction="none")
+    assert_close64(got, want)
+    for x, y in zip(g_got, _grads(want, a2, b2)):
+        assert_close64(x, y)
+    meta = torch.empty(4, 6, device="meta", requires_grad=True)
+    out = LOSSES[loss](meta, torch.empty(4, 6, device="meta"))
+    assert out.device.type == "meta"
+    out.backward()
+    sparse = torch.randn(4, 6).to_sparse()
+    _one_line_error(
+        TypeError, r"Expected dense \(strided\) input logits", LOSSES[loss], sparse, sparse
+    )
+
+
+def test_soft_cross_entropy_refuses_negative_or_non_finite_probabilities():
+    z = torch.zeros(2, 3)
+    p = torch.full((2, 3), 1 / 3)
+    p[1, 2] = -0.1
+    _one_line_error(ValueError, r"Expected non-negative target_probs", dkl.soft_cross_entropy, z, p)
+    p[1, 2] = float("nan")
+    _one_line_error(ValueError, r"Expected finite target_probs", dkl.soft_cross_entropy, z, p)

@@ -8,6 +8,7 @@ the same words.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -19,20 +20,64 @@ def is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def check_positive(name: str, value: float) -> None:
-    """A finite ``value > 0`` (temperatures)."""
-    if not value > 0:
+def as_number(name: str, value: Any, what: str) -> float:
+    """``value`` as a float if it is a real number: a Python or NumPy int / float (also a 0-d
+    NumPy array), or a 0-d tensor without a gradient; anything else (a string, None, a bool, a
+    tensor or array with several entries, a tensor that requires grad) is a TypeError that names
+    the parameter. An int too large for a float is a ValueError."""
+    if type(value) is float or type(value) is int:  # the usual case, without the ABC lookup
+        return _to_float(name, value, what)
+    if isinstance(value, Tensor):
+        if value.dim() == 0 and not value.requires_grad and not value.is_complex():
+            return float(value)
+        shown = f"a tensor of shape {tuple(value.shape)}" + (
+            " that requires grad" if value.requires_grad else ""
+        )
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return _to_float(name, value, what)
+    elif getattr(value, "ndim", None) == 0 and getattr(value, "dtype", None) is not None:
+        kind = getattr(value.dtype, "kind", "")
+        if kind in ("i", "u", "f"):  # a 0-d NumPy array of ints or floats
+            return _to_float(name, value, what)
+        shown = f"{value!r} ({type(value).__name__} of {value.dtype})"
+    else:
+        shown = f"{value!r} ({type(value).__name__})"
+    raise TypeError(f"Expected {name} {what}, got {shown}")
+
+
+def _to_float(name: str, value: Any, what: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"Expected {name} {what}, got an int too large for a float") from None
+
+
+def check_positive(name: str, value: Any, minimum: float = 0.0) -> float:
+    """A finite ``value > 0`` (temperatures), returned as a float. ``minimum`` is an extra lower
+    bound (the losses use the smallest normal float32, so that ``1 / value`` stays finite)."""
+    x = as_number(name, value, "a positive finite number")
+    value = x if isinstance(value, Tensor) else value
+    if not x > 0:
         raise ValueError(f"Expected {name} > 0, got {value}")
-    if not math.isfinite(value):
+    if not math.isfinite(x):
         raise ValueError(f"Expected a finite {name} > 0, got {value}")
+    if x < minimum:
+        raise ValueError(
+            f"Expected {name} >= {minimum:.3g} (smaller values make 1/{name} overflow float32), "
+            f"got {value}"
+        )
+    return x
 
 
-def check_non_negative_scalar(name: str, value: float) -> None:
-    """A finite ``value >= 0`` (loss weights such as alpha and beta)."""
-    if not value >= 0:
+def check_non_negative_scalar(name: str, value: Any) -> float:
+    """A finite ``value >= 0`` (loss weights such as alpha and beta), returned as a float."""
+    x = as_number(name, value, "a non-negative finite number")
+    value = x if isinstance(value, Tensor) else value
+    if not x >= 0:
         raise ValueError(f"Expected {name} >= 0, got {value}")
-    if not math.isfinite(value):
+    if not math.isfinite(x):
         raise ValueError(f"Expected a finite {name} >= 0, got {value}")
+    return x
 
 
 def check_logits(input: Any, target: Any) -> None:
@@ -46,6 +91,8 @@ def check_logits(input: Any, target: Any) -> None:
             raise ValueError(f"Expected {name} of shape (B, C), got {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"Expected floating-point {name} logits, got {t.dtype}")
+        if t.layout != torch.strided:
+            raise TypeError(f"Expected dense (strided) {name} logits, got layout {t.layout}")
     if input.shape != target.shape:
         raise ValueError(
             f"Expected target of shape (B, C) = {tuple(input.shape)} like input, "

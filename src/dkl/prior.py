@@ -20,6 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dkl._checks import as_number, check_positive
+
 __all__ = ["ClassPrior"]
 
 
@@ -53,9 +55,10 @@ class ClassPrior(nn.Module):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"Expected num_classes >= 2, got {num_classes!r}")
-        if not temperature > 0:
-            raise ValueError(f"Expected temperature > 0, got {temperature}")
-        if not 0 < momentum <= 1:
+        # the losses' rule: a finite number, and 1 / T finite in float32 (inf would freeze the
+        # prior at uniform rows)
+        temperature = check_positive("temperature", temperature, torch.finfo(torch.float32).tiny)
+        if not 0 < as_number("momentum", momentum, "a number in (0, 1]") <= 1:
             raise ValueError(f"Expected momentum in (0, 1], got {momentum}")
         self.num_classes, self.temperature, self.momentum = num_classes, temperature, momentum
         self.register_buffer("prior", torch.full((num_classes, num_classes), 1.0 / num_classes))

@@ -280,6 +280,12 @@ class _FusedDivergence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        if torch.is_grad_enabled():  # create_graph=True: this gradient is not differentiable
+            raise RuntimeError(
+                "dkl's fused Triton kernel has no second derivative (backward ran with "
+                "create_graph=True): pass impl='torch' to the loss for gradient penalties, "
+                "meta-learning or any double backward"
+            )
         input, target, class_weights, row_mask, stats = ctx.saved_tensors
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_s or need_t):

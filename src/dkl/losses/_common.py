@@ -1,0 +1,166 @@
+"""What every loss shares: argument checks, the compute dtype, the one reduction, the kernel
+dispatch and the module base class."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dkl._checks import (
+    check_logits,
+    check_non_negative_scalar,
+    check_positive,
+    check_row_mask,
+    is_compiling,
+)
+
+REDUCTIONS = ("none", "mean", "sum")
+IMPLS = ("auto", "torch", "triton")
+_HALF = (torch.float16, torch.bfloat16)
+# 1/T must be finite in float32: temperatures below the smallest normal float32 are refused.
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
+# --------------------------------------------------------------------------- argument checks
+def check_reduction(reduction: Any) -> str:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"Unknown reduction {reduction!r}: expected one of {REDUCTIONS}")
+    return reduction
+
+
+def check_impl(impl: Any) -> str:
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"Unknown impl {impl!r}: expected one of {IMPLS}")
+    return impl
+
+
+def check_hyperparameters(**values: Any) -> dict[str, float]:
+    """The one validator of the losses' numbers, for functions and modules alike: every name
+    ending in ``temperature`` must be a finite number >= the smallest normal float32 (so that
+    ``1 / T`` is finite), the others (``alpha``, ``beta``, ``gamma``) finite numbers >= 0.
+    Returns them as Python floats."""
+    return {
+        name: (
+            check_positive(name, value, MIN_TEMPERATURE)
+            if name.endswith("temperature")
+            else check_non_negative_scalar(name, value)
+        )
+        for name, value in values.items()
+    }
+
+
+def check_call(
+    input: Any, target: Any, reduction: str, mask: Tensor | None, **hyper: Any
+) -> dict[str, float]:
+    """The checks every loss function runs on its arguments; returns the numbers as floats."""
+    check_logits(input, target)
+    values = check_hyperparameters(**hyper)
+    check_reduction(reduction)
+    check_row_mask(mask, input)
+    return values
+
+
+# --------------------------------------------------------------------------- dtypes and rows
+def compute_dtype(*xs: Tensor) -> torch.dtype:
+    """The wider of the inputs' float dtypes (float32 vs float64 -> float64, exact), and float32
+    for half inputs (float16, bfloat16, or both)."""
+    dtype = xs[0].dtype
+    for x in xs[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def as_dtype(x: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return x if x is None or x.dtype == dtype else x.to(dtype)
+
+
+def weights_as(name: str, weights: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """Detached weights in the compute dtype. Weights are constants and do not widen the
+    computation; ones that do not fit the narrower dtype (1e300 in float64 for float32 logits)
+    are refused instead of turning into inf."""
+    if weights is None:
+        return None
+    w = weights.detach().to(dtype)
+    narrowed = torch.finfo(dtype).max < torch.finfo(weights.dtype).max
+    if narrowed and w.numel() and not is_compiling() and not bool(torch.isfinite(w.amax())):
+        raise ValueError(
+            f"Expected {name} that fit {dtype} (the logits' dtype), got entries up to "
+            f"{weights.max().item():.3g} in {weights.dtype}"
+        )
+    return w
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off for the loss's own arithmetic (entered only when it is on: the context
+    manager costs a few microseconds per call)."""
+    kind = device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
+
+
+def valid_rows(mask: Tensor | None, *xs: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Rows outside ``mask`` replaced by zeros: nothing they hold (-inf, NaN) reaches the loss or
+    its gradient, as in the fused kernel, which never reads them."""
+    if mask is None:
+        return xs
+    drop = ~mask.unsqueeze(1)
+    return tuple(None if x is None else torch.where(drop, x.new_zeros(()), x) for x in xs)
+
+
+def reduce(per_row: Tensor, reduction: str, mask: Tensor | None = None) -> Tensor:
+    """The one reduction: rows outside ``mask`` count as absent, not as zero-loss samples; with
+    no row to average (empty batch, all-False mask) the mean is 0."""
+    if mask is not None:
+        per_row = torch.where(mask, per_row, per_row.new_zeros(()))
+    if reduction == "none":
+        return per_row
+    if reduction == "sum":
+        return per_row.sum()
+    if mask is None:
+        return per_row.mean() if per_row.shape[0] else per_row.sum()
+    return per_row.sum() / mask.sum().clamp_min(1)
+
+
+# --------------------------------------------------------------------------- the fused kernel
+def use_triton(impl: str, input: Tensor, target: Tensor) -> bool:
+    check_impl(impl)
+    if impl == "torch":
+        return False
+    if impl == "auto" and (not input.is_cuda or input.dtype == torch.float64 or is_compiling()):
+        return False  # the torch path serves CPU, float64 and compiled graphs
+    from dkl import ops  # lazy: triton is optional
+
+    reason = ops.triton_unavailable_reason(input, target)
+    if impl == "triton" and reason is not None:
+        raise RuntimeError(f"impl='triton' cannot run: {reason}. Use impl='torch' or 'auto'.")
+    return reason is None
+
+
+def fused(
+    kind: str, input: Tensor, target: Tensor, reduction: str, mask: Tensor | None, **kw
+) -> Tensor:
+    from dkl.ops import fused_divergence
+
+    per_row = fused_divergence(input, target, kind=kind, row_mask=mask, **kw)
+    return reduce(per_row, reduction, mask)
+
+
+# --------------------------------------------------------------------------- modules
+class Loss(nn.Module):
+    """Base of the loss modules: the hyper-parameters go through the same validator as the
+    functions' arguments when the module is built, and are stored as floats."""
+
+    def __init__(self, reduction: str, **hyper: Any) -> None:
+        super().__init__()
+        self.reduction = check_reduction(reduction)
+        for name, value in check_hyperparameters(**hyper).items():
+            setattr(self, name, value)
+        self._hyper = tuple(hyper)
+
+    def extra_repr(self) -> str:
+        values = ", ".join(f"{name}={getattr(self, name)}" for name in self._hyper)
+        return f"{values}, reduction={self.reduction!r}"

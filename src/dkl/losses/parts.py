@@ -1,0 +1,207 @@
+r"""The two parts DKL, IKL and GKL are made of, the weighted MSE between logit vectors and the
+soft-label cross-entropy, as public functions, and the pieces the losses build them from.
+
+Fast pieces (``*_fast``) run inside the autograd function with no graph; exact pieces
+(``*_exact``) are plain differentiable torch and carry the non-finite rules (see
+:mod:`dkl.losses._function` for how the two are combined).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dkl._checks import check_class_weights, check_logits, check_weight_values
+from dkl.losses._common import (
+    as_dtype,
+    check_hyperparameters,
+    compute_dtype,
+    no_autocast,
+    weights_as,
+)
+from dkl.losses._function import log_softmax_backward, row_loss
+
+__all__ = ["soft_cross_entropy", "weighted_mse"]
+
+_INF = float("inf")
+
+
+# --------------------------------------------------------------------------- shared arithmetic
+def scaled(x: Tensor, temperature: float) -> Tensor:
+    """``x / T`` as one multiplication, and no pass at all for ``T = 1``."""
+    return x if temperature == 1.0 else x * (1.0 / temperature)
+
+
+def rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum(1)``."""
+    return torch.linalg.vecdot(a, b, dim=1)
+
+
+def dot(a: Tensor, b: Tensor, rows: bool) -> Tensor:
+    """``(a * b).sum(1)`` for ``rows``, else the sum of all of ``a * b`` (one BLAS dot product
+    of the contiguous blocks, without the product)."""
+    if rows:
+        return torch.linalg.vecdot(a, b, dim=1)
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+def exact_scaled(x: Tensor, temperature: float) -> Tensor:
+    """``x / T`` shifted by the row's (detached, finite) maximum first: the same softmax and the
+    same centred wMSE, and no overflow however small ``T`` is (entries far below the maximum
+    become ``-inf``: probability 0, their correctly rounded value)."""
+    top = x.detach().amax(dim=1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, top.new_zeros(()))
+    return scaled(x - top, temperature)
+
+
+def plus_inf(rows: Tensor, per_row: Tensor) -> Tensor:
+    """``+inf`` added on ``rows`` (a NaN row stays NaN)."""
+    return per_row + torch.where(rows, per_row.new_full((), _INF), per_row.new_zeros(()))
+
+
+# --------------------------------------------------------------------------- wMSE
+def wmse_fast(
+    a: Tensor, b: Tensor, w: Tensor, unit_total: bool, rows: bool = True
+) -> tuple[Tensor, Tensor, Any]:
+    r"""``Σ_j w_j (e_j - ē)²`` of ``e = a - b`` per row, ``w (e - ē)`` and the row totals ``W``
+    (``None`` for softmax weights, whose total is 1). The wMSE is ``½ W`` times the first, its
+    gradient with respect to ``a`` is ``W w (e - ē)``. Softmax weights and not ``rows``: the sum
+    over the rows of the first instead."""
+    e = a - b
+    if unit_total:
+        total = None
+        mean = rowdot(w, e)
+    else:
+        total = w.sum(dim=1)
+        # W = 0 only when every weight is 0; the row's loss and gradient are then 0
+        mean = rowdot(w, e) / total.clamp_min(torch.finfo(e.dtype).tiny)
+    centred = e.sub_(mean.unsqueeze(1))
+    wc = w * centred
+    return dot(wc, centred, rows or total is not None), wc, total
+
+
+def wmse_exact(a: Tensor, b: Tensor, w: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``½ W Σ_j w_j (e_j - ē)²`` of ``e = a - b`` on the classes in ``kept`` (the target's
+    finite ones), and the rows where ``b`` is ``-inf`` on a kept class (their loss is ``+inf``;
+    the caller adds it once). The weights and the gaps are divided by their row's largest
+    magnitude first and the squares of both multiplied back last, so weights near the float
+    limit, or gaps near it (logits over a tiny temperature), give the correctly rounded value
+    instead of NaN."""
+    tiny = torch.finfo(w.dtype).tiny
+    w = torch.where(kept, w, w.new_zeros(()))
+    missed = kept & torch.isneginf(b)
+    e = torch.where(kept & ~missed, a - b, a.new_zeros(()))
+    w_top = w.amax(dim=1, keepdim=True).clamp_min(tiny)
+    e_top = e.detach().abs().amax(dim=1, keepdim=True).clamp_min(tiny)
+    w, e = w / w_top, e / e_top
+    total = w.sum(dim=1)
+    mean = rowdot(w, e) / total.clamp_min(tiny)
+    centred = e - mean.unsqueeze(1)
+    value = 0.5 * total * rowdot(w * centred, centred)
+    for top in (w_top, e_top, w_top, e_top):  # one at a time: 0 stays 0, a huge product is inf
+        value = value * top.squeeze(1)
+    return value, missed.any(dim=1)
+
+
+def sce_exact(log_q: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``-Σ_j p_j log q_j`` with ``0 · log 0 = 0``, and the rows where ``q_j = 0 < p_j`` (their
+    loss is ``+inf``; the caller adds it once)."""
+    present = p > 0
+    missed = present & torch.isneginf(log_q)
+    terms = torch.where(present & ~missed, log_q, log_q.new_zeros(()))
+    return -rowdot(p, terms), missed.any(dim=1)
+
+
+# --------------------------------------------------------------------------- public parts
+class _WeightedMSE:
+    """``½ W Σ_j w_j (e_j - ē)²`` with ``e = target - input`` (passed in that order); both sides
+    get the gradient, ``± W w (e - ē)``. The weights are the one row-wise constant."""
+
+    gs_factor, gt_factor = 1.0, -1.0  # the target's gradient is written in both
+
+    def prepare(self, t, s, w):
+        return (w,)
+
+    def fast(self, t, s, consts, gt, gs, rows):
+        (w,) = consts
+        per_row, wc, total = wmse_fast(t, s, w, unit_total=False)
+        for out in (gt, gs):
+            if out is not None:
+                torch.mul(wc, total.unsqueeze(1), out=out)
+        return 0.5 * total * per_row
+
+    def exact(self, t, s, w):
+        return plus_inf(*reversed(wmse_exact(t, s, w, ~torch.isneginf(t.detach()))))
+
+
+class _SoftCrossEntropy:
+    """``-Σ_j p_j log σ(z / T)_j`` with ``p`` held constant (passed as the second tensor)."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self.gs_factor = -1.0 / temperature  # the gradient is (σ Σ_j p_j - p) / T
+
+    def prepare(self, s, p):
+        return ()
+
+    def fast(self, s, p, consts, gs, gp, rows):
+        log_q = F.log_softmax(scaled(s, self.temperature), dim=1)
+        if gs is not None:  # p - σ Σ_j p_j
+            log_softmax_backward(p, log_q, out=gs)
+        return -rowdot(p, log_q)
+
+    def exact(self, s, p):
+        log_q = F.log_softmax(exact_scaled(s, self.temperature), dim=1)
+        return plus_inf(*reversed(sce_exact(log_q, p)))
+
+
+def weighted_mse(target: Tensor, input: Tensor, weights: Tensor) -> Tensor:
+    r"""Per-row weighted MSE between logit vectors, :math:`\tfrac12 W \sum_j w_j (e_j - \bar e)^2`.
+
+    Args:
+        target: ``(B, C)`` logits :math:`z_t`; receives gradient if it requires grad. A ``-inf``
+            entry gives its class weight 0.
+        input: ``(B, C)`` logits :math:`z_s`; receives gradient if it requires grad. A ``-inf``
+            entry where ``target`` is finite makes the row ``+inf``.
+        weights: ``(B, C)`` non-negative weights, treated as constants (detached).
+
+    Returns:
+        ``(B,)`` per-row values, equal to the paper's pairwise
+        :math:`\tfrac14 \sum_{j,k} w_j w_k (e_j - e_k)^2`, in the wider of the inputs' dtypes.
+
+    Example:
+        >>> t = torch.tensor([[1.0, 2.0, 4.0]])
+        >>> s = torch.zeros(1, 3)
+        >>> weighted_mse(t, s, torch.ones(1, 3))  # ¼ Σ_jk (e_j - e_k)² = ¼·2·(1 + 9 + 4)
+        tensor([7.])
+    """
+    check_logits(input, target)
+    check_class_weights(weights, input)
+    check_weight_values("weights", weights)
+    dtype = compute_dtype(target, input)
+    with no_autocast(input.device):
+        w = weights_as("weights", weights, dtype)
+        return row_loss(_WeightedMSE(), as_dtype(target, dtype), as_dtype(input, dtype), w)
+
+
+def soft_cross_entropy(input: Tensor, target_probs: Tensor, temperature: float = 1.0) -> Tensor:
+    r"""Per-row :math:`-\sum_j p_j \log\sigma(z_s / T)_j` with ``target_probs`` held constant.
+
+    Classes with :math:`p_j = 0` add 0, even where :math:`z_s = -\infty`; a ``-inf`` logit
+    where :math:`p_j > 0` makes the row ``+inf``. ``target_probs`` must be finite and
+    :math:`\ge 0` (they need not sum to 1).
+
+    Example:
+        >>> soft_cross_entropy(torch.zeros(1, 4), torch.tensor([[0.5, 0.5, 0.0, 0.0]]))
+        tensor([1.3863])
+    """
+    check_logits(input, target_probs)
+    check_weight_values("target_probs", target_probs)  # a negative "probability" has no CE
+    T = check_hyperparameters(temperature=temperature)["temperature"]
+    dtype = compute_dtype(input, target_probs)
+    with no_autocast(input.device):
+        p = target_probs.detach().to(dtype)
+        return row_loss(_SoftCrossEntropy(T), as_dtype(input, dtype), p)
