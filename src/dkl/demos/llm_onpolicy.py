@@ -12,7 +12,9 @@ taken on the completion only. Students (2-layer Llama) learn with
   2024, lambda = 1), on completions the student samples itself at temperature 1 from the same
   prompts (:func:`dkl.llm.generate_completions`),
 
-each over several seeds, with the same batches and initial student per seed. Reported, mean ±
+each over several seeds. As in Agarwal et al., every student starts from a supervised one: per seed,
+a 2-layer student is first trained with cross-entropy on the data (the same number of steps),
+then each divergence and mode continues from that checkpoint on the same batches. Reported, mean ±
 sample std over seeds: the validation cross-entropy on held-out text (nats per token) and its
 perplexity, and a generation metric: the teacher's mean log-likelihood per token of the student's
 samples (temperature 1) from held-out prompts, the quantity on-policy training is about (higher
@@ -144,13 +146,27 @@ def run_demo(args) -> int:
         flush=True,
     )
     runs: dict[tuple[str, str], list] = {(m, d): [] for m in MODES for d in DIVERGENCE_SETTINGS}
+    sft_runs = []
     for seed in range(seeds):
         gen = torch.Generator().manual_seed(100 + seed)
+        sft_batches = [_windows(train_ids, gen, BATCH)[:, :window] for _ in range(steps)]
         batches = [_windows(train_ids, gen, BATCH) for _ in range(steps)]
+        torch.manual_seed(1 + seed)
+        sft = _llama(hidden=64, layers=2, heads=2, vocab=vocab)
+        sft_res = _train(sft, sft_batches, ce_loss("ce"), val)
+        sft_res.update(seed=seed, teacher_loglik=teacher_loglik(sft, teacher, val_prompts, seed))
+        sft_runs.append(sft_res)
+        print(
+            f"  supervised start     seed {seed}  val CE {sft_res['val_loss']:.3f}  "
+            f"teacher log-lik {sft_res['teacher_loglik']:.3f}",
+            flush=True,
+        )
+        start = {k: v.clone() for k, v in sft.state_dict().items()}
         for mode in MODES:
             for name in DIVERGENCE_SETTINGS:
-                torch.manual_seed(1 + seed)  # the same initial student (and samples' seed)
+                torch.manual_seed(1 + seed)  # the same samples' seed for every divergence
                 student = _llama(hidden=64, layers=2, heads=2, vocab=vocab)
+                student.load_state_dict(start)
                 timing = {"generation_s": 0.0}
                 t1 = time.time()
                 res = _train(student, batches, _loss_fn(name, mode, teacher, timing), val)
@@ -196,6 +212,19 @@ def run_demo(args) -> int:
                 f"{mean_std([r['time_s'] for r in method_runs])[0]:.0f}",
             ]
         )
+    sft_losses = [r["val_loss"] for r in sft_runs]
+    sft_ll = [r["teacher_loglik"] for r in sft_runs]
+    rows.insert(
+        0,
+        [
+            "supervised start",
+            "(ce)",
+            format_mean_std(sft_losses, 3),
+            format_mean_std([math.exp(v) for v in sft_losses], 1),
+            format_mean_std(sft_ll, 3),
+            "",
+        ],
+    )
     rows.append(
         [
             "teacher",
@@ -209,8 +238,9 @@ def run_demo(args) -> int:
     head = (
         f"Python standard-library docstrings, BPE vocabulary {vocab}; {PROMPT}-token prompts, "
         f"loss on {COMPLETION}-token completions, batch {BATCH}, {steps} steps. Teacher: 4-layer "
-        f"Llama (hidden 128), {teacher_steps} steps. Students: 2-layer Llama (hidden 64); "
-        "off-policy = the data's completions, on-policy = the student's own samples "
+        f"Llama (hidden 128), {teacher_steps} steps. Students: 2-layer Llama (hidden 64), "
+        f"{steps} cross-entropy steps on the data (the supervised start), then {steps} "
+        "distillation steps; off-policy = the data's completions, on-policy = the student's own samples "
         "(temperature 1, lambda = 1). Divergences at T = 1; jsd(0.5) as TRL's GKDTrainer; "
         "ikl alpha = beta = T2 = 1. Validation CE on held-out text; teacher log-lik = the "
         "teacher's mean log-probability per token of the student's samples from held-out "
@@ -234,38 +264,47 @@ def run_demo(args) -> int:
         "steps": steps,
         "seeds": seeds,
         "teacher": {"steps": teacher_steps, "teacher_loglik": t_loglik, **t_res},
+        "supervised_start": sft_runs,
         "divergences": {k: {"kind": v[0], **v[1]} for k, v in DIVERGENCE_SETTINGS.items()},
         "methods": results,
         "total_time_s": round(total, 1),
     }
-    write_results(out, summary, table, lambda p: _plot(results, t_res["val_loss"], t_loglik, p))
+    refs = {
+        "teacher": (t_res["val_loss"], t_loglik),
+        "supervised start": (mean_std(sft_losses)[0], mean_std(sft_ll)[0]),
+    }
+    write_results(out, summary, table, lambda p: _plot(results, refs, p))
     print()
     print(table)
     print(f"\ntotal {total:.0f}s; wrote {out}/summary.json, results.md, results.png")
     return 0
 
 
-def _plot(results: dict, teacher_loss: float, teacher_ll: float, path: Path) -> None:
+def _plot(results: dict, refs: dict[str, tuple[float, float]], path: Path) -> None:
     import numpy as np
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     names = list(DIVERGENCE_SETTINGS)
     x = np.arange(len(names))
-    for ax, key, ref, label in (
-        (axes[0], "val_loss", teacher_loss, "validation CE (nats / token, lower is better)"),
-        (axes[1], "teacher_loglik", teacher_ll, "teacher log-lik of samples (higher is better)"),
+    for j, (ax, key, label) in enumerate(
+        (
+            (axes[0], "val_loss", "validation CE (nats / token, lower is better)"),
+            (axes[1], "teacher_loglik", "teacher log-lik of samples (higher is better)"),
+        )
     ):
         for i, mode in enumerate(MODES):
             r = [results[f"{mode} {n}"] for n in names]
             means = [v[f"{key}_mean"] for v in r]
             stds = [v[f"{key}_std"] for v in r]
             ax.errorbar(x + (i - 0.5) * 0.25, means, yerr=stds, fmt="o", capsize=4, label=mode)
-        ax.axhline(ref, color="k", ls="--", lw=1, label=f"teacher ({ref:.3f})")
-        lo = min(v[f"{key}_mean"] - v[f"{key}_std"] for v in results.values())
-        hi = max(v[f"{key}_mean"] + v[f"{key}_std"] for v in results.values())
-        pad = 0.15 * (max(hi, ref) - min(lo, ref)) + 1e-3
-        ax.set_ylim(min(lo, ref) - pad, max(hi, ref) + pad)
+        for (name, values), style in zip(refs.items(), ("--", ":"), strict=True):
+            ax.axhline(values[j], color="k", ls=style, lw=1, label=f"{name} ({values[j]:.3f})")
+        ends = [v[j] for v in refs.values()]
+        lo = min(min(v[f"{key}_mean"] - v[f"{key}_std"] for v in results.values()), *ends)
+        hi = max(max(v[f"{key}_mean"] + v[f"{key}_std"] for v in results.values()), *ends)
+        pad = 0.08 * (hi - lo) + 1e-3
+        ax.set_ylim(lo - pad, hi + pad)
         ax.set_xticks(x, names)
         ax.set_xlim(-0.6, len(names) - 0.4)
         ax.grid(axis="y", alpha=0.3)
