@@ -520,3 +520,19 @@ def test_kernel_path_with_softcap_ce_and_minus_inf(kind):
     loss = _call(fn, p, **hp, ce_weight=0.5, student_softcap=3.0, impl="triton")
     loss.backward()
     _assert_close(p, loss, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_double_backward_is_refused_in_one_line():
+    """The chunked and top-k losses write their gradient in closed form: a second derivative
+    through them is an error naming the way out, never a silently wrong (zero) number."""
+    p = _problem(seed=3, bias=False)
+    hs = p["hs"].detach().requires_grad_(True)
+    loss = fused_linear_ikl(hs, p["ws"], p["ht"], p["wt"], labels=p["labels"], **HP)
+    with pytest.raises(RuntimeError, match="no second derivative .*dkl.ikl_loss"):
+        torch.autograd.grad(loss, hs, create_graph=True)
+    z = torch.randn(4, 11, requires_grad=True)
+    idx, val = topk_logprobs(torch.randn(4, 11), 3)
+    with pytest.raises(RuntimeError, match="top-k dkl.llm loss .* no second derivative"):
+        torch.autograd.grad(topk_kl_loss(z, idx, val), z, create_graph=True)
+    first = torch.autograd.grad(topk_kl_loss(z, idx, val), z)[0]  # first order: fine
+    assert torch.isfinite(first).all()

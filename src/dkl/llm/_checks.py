@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from dkl import ops
@@ -81,3 +82,15 @@ def _use_kernel(impl: str, logits: Tensor) -> bool:
     if reason is not None:
         raise RuntimeError(f"impl='triton' cannot run: {reason}. Use impl='torch' or 'auto'.")
     return True
+
+
+def refuse_double_backward(what: str) -> None:
+    """One line instead of a silently wrong second derivative: called at the start of a backward
+    written in closed form (grad mode is on there exactly under ``create_graph=True``)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{what} computes its gradient in closed form and has no second derivative (backward "
+            "ran with create_graph=True); for a gradient penalty, meta-learning or any double "
+            "backward, materialise the logits and use dkl.ikl_loss / dkl.kl_loss, which are "
+            "exact to the second order"
+        )

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dkl import ops
-from dkl.llm._checks import _use_kernel
+from dkl.llm._checks import _use_kernel, refuse_double_backward
 from dkl.llm._chunk import (
     KERNEL_KINDS,
     ChunkResult,
@@ -193,6 +193,7 @@ class _FusedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        refuse_double_backward("The chunked dkl.llm loss")
         nones = (None,) * 4
         if ctx.cfg["reduction"] == "none":
             s_hidden, s_weight, s_bias, labels, valid = ctx.saved_tensors

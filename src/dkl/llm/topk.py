@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dkl.llm._checks import _check_mixture, _check_weight
+from dkl.llm._checks import _check_mixture, _check_weight, refuse_double_backward
 from dkl.llm._chunk import TAILS, chunk_loss, dense_from_topk, unbounded_error, unbounded_rows
 
 __all__ = [
@@ -77,6 +77,7 @@ class _RowLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows):
+        refuse_double_backward("The top-k dkl.llm loss")
         (grad,) = ctx.saved_tensors
         return (grad * grad_rows.unsqueeze(1)).to(ctx.input_dtype), None, None, None
 
