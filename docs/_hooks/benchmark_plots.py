@@ -21,10 +21,10 @@ OUT = Path(__file__).resolve().parents[1] / "assets" / "benchmarks"
 # the project's 2-core CPU, forward + backward, float32, median ms (docs/benchmarks.md)
 CPU_SIZES = ["128 × 100", "256 × 1000", "64 × 4000", "8 × 32000", "4 × 128000", "64 × 200000"]
 CPU = {
-    "F.kl_div": [0.18, 1.17, 1.16, 1.12, 2.4, 220],
-    "dkl.kl_loss": [0.144, 0.491, 0.494, 0.489, 1.13, 185],
-    "dkl.ikl_loss": [0.204, 0.685, 0.625, 0.628, 2.27, 247],
-    "pairwise wMSE (authors)": [3.06, 4370, None, None, None, None],
+    "F.kl_div": [0.235, 1.88, 2.07, 2.05, 4.22, 253],
+    "dkl.kl_loss": [0.132, 0.841, 0.963, 0.901, 1.86, 76.1],
+    "dkl.ikl_loss": [0.182, 1.19, 1.29, 1.4, 2.65, 92],
+    "pairwise wMSE (authors)": [6.6, 5360, None, None, None, None],
 }
 # one H100, forward + backward, ms (benchmarks/results/gpu_check_nvidia_h100_80gb_hbm3.md)
 GPU_SIZES = [
