@@ -128,6 +128,9 @@ class ModelConfig:
     kwargs: dict = field(default_factory=dict)
     normalize: bool = True  # wrap with the data set's Normalize(mean, std): inputs stay in [0, 1]
     checkpoint: str = ""  # optional initial weights (dkl.models.load_weights)
+    # a pretrained file for other classes (torchvision / timm ImageNet weights): its classifier is
+    # replaced by the model's new one, with one logged line; anything else must still fit
+    replace_classifier: bool = False
 
 
 @dataclass

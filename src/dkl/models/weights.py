@@ -175,8 +175,8 @@ def load_weights(
         if not replace_classifier and _classifier_to_replace(own, sd, head):
             hint = (
                 f" | only the classifier '{head}' differs: to start from the other weights with "
-                "a new classifier, pass replace_classifier=True (in a config: model.kwargs: "
-                "{checkpoint: FILE, replace_classifier: true})"
+                "a new classifier, pass replace_classifier=True (in a config: "
+                "model.replace_classifier: true next to model.checkpoint)"
             )
         raise ValueError(
             f"Cannot load {path} into {type(target).__name__}: " + " | ".join(problems) + hint

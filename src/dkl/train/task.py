@@ -126,7 +126,7 @@ class RunContext:
         except (KeyError, ValueError, TypeError) as e:
             raise ConfigError(f"model '{mcfg.name}': {e}") from None
         if mcfg.checkpoint:
-            models.load_weights(m, mcfg.checkpoint)
+            models.load_weights(m, mcfg.checkpoint, replace_classifier=mcfg.replace_classifier)
             for name, t in m.state_dict().items():
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     raise CheckpointError(
