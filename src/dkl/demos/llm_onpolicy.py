@@ -33,6 +33,7 @@ from dkl.demos._stats import format_mean_std, markdown_table, mean_std, pyplot, 
 from dkl.demos.llm import (
     BATCH,
     _llama,
+    _loss_fn,
     _tokenizer,
     _train,
     _windows,
@@ -60,7 +61,7 @@ def _labels(ids: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def _loss_fn(name: str, mode: str, teacher, timing: dict):
+def _divergence_loss(name: str, mode: str, teacher, timing: dict):
     kind, hp = DIVERGENCE_SETTINGS[name]
 
     def loss(model, step, ids):
@@ -134,10 +135,8 @@ def run_demo(args) -> int:
     teacher = _llama(hidden=128, layers=4, heads=4, vocab=vocab)
     gen = torch.Generator().manual_seed(0)
     t1 = time.time()
-    from dkl.demos.llm import _loss_fn as ce_loss
-
     t_batches = [_windows(train_ids, gen, BATCH) for _ in range(teacher_steps)]
-    t_res = _train(teacher, t_batches, ce_loss("ce"), val)
+    t_res = _train(teacher, t_batches, _loss_fn("ce"), val)
     teacher.eval().requires_grad_(False)
     t_loglik = teacher_loglik(teacher, teacher, val_prompts, seed=0)
     print(
@@ -153,7 +152,7 @@ def run_demo(args) -> int:
         batches = [_windows(train_ids, gen, BATCH) for _ in range(steps)]
         torch.manual_seed(1 + seed)
         sft = _llama(hidden=64, layers=2, heads=2, vocab=vocab)
-        sft_res = _train(sft, sft_batches, ce_loss("ce"), val)
+        sft_res = _train(sft, sft_batches, _loss_fn("ce"), val)
         sft_res.update(seed=seed, teacher_loglik=teacher_loglik(sft, teacher, val_prompts, seed))
         sft_runs.append(sft_res)
         print(
@@ -169,7 +168,7 @@ def run_demo(args) -> int:
                 student.load_state_dict(start)
                 timing = {"generation_s": 0.0}
                 t1 = time.time()
-                res = _train(student, batches, _loss_fn(name, mode, teacher, timing), val)
+                res = _train(student, batches, _divergence_loss(name, mode, teacher, timing), val)
                 seconds = time.time() - t1
                 student.eval()
                 res.update(

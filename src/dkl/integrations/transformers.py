@@ -310,7 +310,7 @@ class DistillationMixin:
         self._parts: dict[str, Tensor] = {}
         self._parts_since_step = 0
         self._micro_batches = 0
-        self._timing = {"generation_s": 0.0, "step_s": 0.0, "on_policy": 0, "micro": 0}
+        self._timing = _new_timing()
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         """The frozen teacher sharded or placed like the student.
@@ -454,9 +454,13 @@ class DistillationMixin:
             logs["distill/on_policy_share"] = round(timing["on_policy"] / timing["micro"], 4)
             share = timing["generation_s"] / max(timing["step_s"], 1e-9)
             logs["distill/generation_time_share"] = round(share, 4)
-            self._timing = dict.fromkeys(timing, 0)
-            self._timing.update(generation_s=0.0, step_s=0.0)
+            self._timing = _new_timing()
         super().log(logs, *args, **kwargs)
+
+
+def _new_timing() -> dict:
+    """Sampling time, step time, on-policy and all micro-batches since the last log."""
+    return {"generation_s": 0.0, "step_s": 0.0, "on_policy": 0, "micro": 0}
 
 
 def with_distillation(trainer_cls: type) -> type:

@@ -182,19 +182,27 @@ def call_output_head(model: nn.Module, fn: Callable[..., Any], *args: Any) -> An
     if not any(is_zero3_parameter(p) for p in head.parameters(recurse=False)):
         with gathered_output_head(model, grad=True) as (weight, bias):
             return fn(weight, bias, *args)
-    own = head.__dict__.get("forward")  # a forward set on the instance (a wrapper's) is kept
 
     def forward(*inputs: Any) -> Any:
         return fn(head.weight, getattr(head, "bias", None), *inputs)
 
-    head.forward = forward
-    try:
+    with _forward_swapped(head, forward):
         return head(*args)
+
+
+@contextlib.contextmanager
+def _forward_swapped(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """``module``'s forward replaced by ``forward`` for the block (its hooks still run: the module
+    is called as usual); a forward set on the instance before (a wrapper's) is put back."""
+    own = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
     finally:
         if own is None:
-            del head.forward
+            del module.forward
         else:
-            head.forward = own
+            module.forward = own
 
 
 def _resolve_auto(config: dict, hidden: int) -> dict:
@@ -270,7 +278,7 @@ def fully_shard_teacher(
 
 def _wrapped_models(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` and the models it wraps: ``.module`` (DDP, DeepSpeed), ``get_base_model()``
-    (PEFT), ``base_model.model``; outermost first."""
+    (PEFT); outermost first."""
     seen: set[int] = set()
     while isinstance(model, nn.Module) and id(model) not in seen:
         seen.add(id(model))
@@ -324,20 +332,13 @@ def _last_position_logits(model: nn.Module) -> Iterator[None]:
     except TypeError:
         yield
         return
-    own = head.__dict__.get("forward")
-    original = own or head.forward
+    original = head.forward
 
     def forward(hidden: Tensor, *args: Any, **kwargs: Any) -> Any:
         return original(hidden[..., -1:, :], *args, **kwargs)
 
-    head.forward = forward
-    try:
+    with _forward_swapped(head, forward):
         yield
-    finally:
-        if own is None:
-            del head.forward
-        else:
-            head.forward = own
 
 
 def last_hidden_state(model: nn.Module, inputs: Mapping[str, Any]) -> Tensor:

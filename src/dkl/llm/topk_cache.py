@@ -424,7 +424,8 @@ class TopKCollator:
             )
         mask = batch.get("attention_mask")
         if mask is None:
-            lengths = {len(self.cache[r][0]) for r in rows}
+            offsets = self.cache.offsets
+            lengths = {int(offsets[r + 1] - offsets[r]) for r in rows}  # no read of the rows
             L = batch["input_ids"].shape[1]
             if lengths != {L}:
                 raise TopKCacheError(
