@@ -21,6 +21,7 @@ Needs ``pip install "dkl[llm,deepspeed,peft]"``.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import tempfile
 from pathlib import Path
@@ -161,3 +162,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # the Trainer sits in reference cycles: free it before the process group ends, and end the
+    # group on every rank together (left to the interpreter's exit, a gloo rank can abort)
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

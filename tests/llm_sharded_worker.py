@@ -168,3 +168,14 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    import gc
+
+    import torch.distributed as dist
+
+    # The Trainer sits in reference cycles: left to the interpreter's exit, its process-group
+    # users are torn down after the group, and a gloo rank can abort ("terminate called without
+    # an active exception"). Free them first, then end the group on every rank together.
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

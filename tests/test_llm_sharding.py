@@ -112,8 +112,10 @@ def _torchrun(saved: Path, engine: str, *extra: str, distill: dict = HP, data="d
     )
     res = _run(cmd)
     if res.returncode != 0:
-        errors = [ln for ln in res.stdout.splitlines() + res.stderr.splitlines() if "Error" in ln]
-        pytest.fail(f"{engine} run failed (exit {res.returncode}):\n" + "\n".join(errors[-15:]))
+        lines = res.stdout.splitlines() + res.stderr.splitlines()
+        errors = [ln for ln in lines if "Error" in ln or "exitcode" in ln or "signal" in ln]
+        tail = "\n".join(errors[-15:] + ["--- last lines ---"] + lines[-25:])
+        pytest.fail(f"{engine} run failed (exit {res.returncode}):\n{tail}")
     return torch.load(out, weights_only=False)
 
 
