@@ -82,6 +82,20 @@ def check_non_negative_scalar(name: str, value: Any) -> float:
 
 def check_logits(input: Any, target: Any) -> None:
     """Two floating-point (B, C) tensors of the same shape, on one device, with C >= 2."""
+    if (  # the usual case in one expression: the losses run it on every call
+        isinstance(input, Tensor)
+        and isinstance(target, Tensor)
+        and input.dim() == 2
+        and input.shape == target.shape
+        and input.shape[1] >= 2
+        and input.is_floating_point()
+        and target.is_floating_point()
+        and input.layout == torch.strided
+        and target.layout == torch.strided
+        # x.device builds a new object: compare the cheap flags first
+        and ((input.is_cpu and target.is_cpu) or input.device == target.device)
+    ):
+        return
     for name, t in (("input", input), ("target", target)):
         if not isinstance(t, Tensor):
             raise TypeError(

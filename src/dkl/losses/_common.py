@@ -4,6 +4,7 @@ dispatch and the module base class."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import torch
@@ -41,8 +42,19 @@ def check_hyperparameters(**values: Any) -> dict[str, float]:
     """The one validator of the losses' numbers, for functions and modules alike: every name
     ending in ``temperature`` must be a finite number >= the smallest normal float32 (so that
     ``1 / T`` is finite), the others (``alpha``, ``beta``, ``gamma``) finite numbers >= 0.
-    Returns them as Python floats."""
-    return {
+    Returns them as Python floats (a shared dict: read it, do not change it).
+
+    Plain Python floats and ints that passed once are remembered (a training loop passes the
+    same few numbers on every step); anything else is checked every time."""
+    types = tuple(map(type, values.values()))
+    key = (tuple(values.items()), types)
+    try:
+        found = _CHECKED.get(key)
+    except TypeError:  # an unhashable value (an array): checked below, never remembered
+        found = None
+    if found is not None:
+        return found
+    checked = {
         name: (
             check_positive(name, value, MIN_TEMPERATURE)
             if name.endswith("temperature")
@@ -50,6 +62,12 @@ def check_hyperparameters(**values: Any) -> dict[str, float]:
         )
         for name, value in values.items()
     }
+    if len(_CHECKED) < 4096 and all(kind is float or kind is int for kind in types):
+        _CHECKED[key] = checked
+    return checked
+
+
+_CHECKED: dict[tuple, dict[str, float]] = {}
 
 
 def check_call(
@@ -68,6 +86,8 @@ def compute_dtype(*xs: Tensor) -> torch.dtype:
     """The wider of the inputs' float dtypes (float32 vs float64 -> float64, exact), and float32
     for half inputs (float16, bfloat16, or both)."""
     dtype = xs[0].dtype
+    if len(xs) == 2 and xs[1].dtype is dtype and dtype not in _HALF:
+        return dtype  # the usual case
     for x in xs[1:]:
         dtype = torch.promote_types(dtype, x.dtype)
     return torch.float32 if dtype in _HALF else dtype
@@ -93,13 +113,17 @@ def weights_as(name: str, weights: Tensor | None, dtype: torch.dtype) -> Tensor 
     return w
 
 
-def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast off for the loss's own arithmetic (entered only when it is on: the context
-    manager costs a few microseconds per call)."""
-    kind = device.type
-    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+def no_autocast(x: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off for the loss's own arithmetic on ``x``'s device (entered only when it is on:
+    the context manager costs a few microseconds per call, and so does ``x.device``)."""
+    kind = "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type
+    if _autocast_available(kind) and torch.is_autocast_enabled(kind):
         return torch.autocast(kind, enabled=False)
-    return contextlib.nullcontext()
+    return _NOTHING
+
+
+_NOTHING = contextlib.nullcontext()  # reusable: it holds no state
+_autocast_available = functools.lru_cache(maxsize=None)(torch.amp.is_autocast_available)
 
 
 def valid_rows(mask: Tensor | None, *xs: Tensor | None) -> tuple[Tensor | None, ...]:

@@ -35,6 +35,7 @@ products). The first-order path never pays for this.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Protocol
 
@@ -50,6 +51,15 @@ from dkl.losses._common import reduce
 # thread stay in a 1-2 MiB L2 cache (a whole row is one block when C is larger). GPUs take the
 # batch in one block.
 BLOCK_ELEMENTS = 1 << 15
+
+
+@functools.lru_cache(maxsize=256)
+def constant(value: float, dtype: torch.dtype) -> Tensor:
+    """``value`` as a cached 0-d CPU tensor of ``dtype``: the fast forms multiply by it instead
+    of a Python number, which torch wraps into a new tensor on every call (on small batches that
+    costs more than the multiplication). Never written to; not for the exact forms, which
+    compiled graphs and ``torch.func`` transforms trace."""
+    return torch.tensor(value, dtype=dtype)
 
 
 class Rule(Protocol):
@@ -80,7 +90,7 @@ def fast_rows(
     gt = torch.empty_like(t) if need_t else None
     B, C = s.shape
     per_block = B
-    if s.device.type == "cpu":  # each thread takes some rows of a block: scale it with them
+    if s.is_cpu:  # each thread takes some rows of a block: scale it with them
         per_block = max(1, BLOCK_ELEMENTS * torch.get_num_threads() // max(C, 1))
     if B <= per_block:
         return rule.fast(s, t, consts, gs, gt, rows), gs, gt
@@ -107,24 +117,33 @@ class _RowLoss(torch.autograd.Function):
     def forward(ctx, rule: Rule, total, need_s: bool, need_t: bool, s: Tensor, t: Tensor, *extras):  # type: ignore[override]
         fast, gs, gt = fast_rows(rule, s, t, extras, need_s, need_t, rows=total is None)
         out, ctx.exact = _finish(rule, fast, total, s, t, extras)
-        if ctx.exact:
-            gs = gt = None
+        # The unit gradients are the function's own buffers, not inputs or outputs: kept on the
+        # context, so that backward can scale them in place and hand them over (no copy).
+        ctx.grads = None if ctx.exact else (gs, gt)
         ctx.rule, ctx.total, ctx.need = rule, total, (need_s, need_t)
-        ctx.save_for_backward(s, t, gs, gt, *extras)
+        ctx.no_extras = (None,) * len(extras)
+        ctx.save_for_backward(s, t, *extras)
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         need_s, need_t = ctx.need
-        s, t, gs, gt, *extras = ctx.saved_tensors
+        grads, ctx.grads = ctx.grads, None
         if ctx.exact or torch.is_grad_enabled():
+            s, t, *extras = ctx.saved_tensors
             gs, gt = exact_grads(ctx.rule, ctx.total, s, t, extras, g, need_s, need_t)
-        else:
-            # the constants ride on the upstream gradient, a (B,) or 0-d tensor
-            total, g = (1.0, g.unsqueeze(1)) if ctx.total is None else (ctx.total, g)
-            gs = gs * (g * (total * ctx.rule.gs_factor)) if need_s else None
-            gt = gt * (g * (total * ctx.rule.gt_factor)) if need_t else None
-        return (None, None, None, None, gs, gt, *([None] * len(extras)))
+            return (None, None, None, None, gs, gt, *ctx.no_extras)
+        if grads is None:  # a second backward (retain_graph): the same numbers again
+            s, t, *extras = ctx.saved_tensors
+            grads = fast_rows(ctx.rule, s, t, extras, need_s, need_t, ctx.total is None)[1:]
+        gs, gt = grads
+        # the constants ride on the upstream gradient, a (B,) or 0-d tensor
+        total, g = (1.0, g.unsqueeze(1)) if ctx.total is None else (ctx.total, g)
+        if need_s:
+            gs.mul_(g * constant(total * ctx.rule.gs_factor, g.dtype))
+        if need_t:
+            gt.mul_(g * constant(total * ctx.rule.gt_factor, g.dtype))
+        return (None, None, None, None, gs, gt, *ctx.no_extras)
 
 
 def _finish(rule: Rule, fast: Tensor, total, s, t, extras) -> tuple[Tensor, bool]:
@@ -133,7 +152,7 @@ def _finish(rule: Rule, fast: Tensor, total, s, t, extras) -> tuple[Tensor, bool
     is."""
     summed = fast.sum() if total is None else fast
     if not math.isnan(summed.item()):
-        return (fast if total is None else summed * total), False
+        return (fast if total is None else summed.mul_(constant(total, summed.dtype))), False
     per_row = rule.exact(s, t, *extras)  # non-finite logits (or an overflow): the exact rules
     return (per_row if total is None else per_row.sum() * total), True
 

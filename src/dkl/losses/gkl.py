@@ -19,7 +19,7 @@ from dkl.losses._common import (
 )
 from dkl.losses._function import loss
 from dkl.losses.ikl import _IKL
-from dkl.losses.parts import scaled
+from dkl.losses.parts import fast_scaled
 
 __all__ = ["GKLLoss", "gkl_loss"]
 
@@ -59,7 +59,7 @@ class _GKL(_IKL):
         return w / top, beta
 
     def prepare(self, s, t, cw, mask):
-        w, _ = self.weights(t, cw, None, scaled)
+        w, _ = self.weights(t, cw, None, fast_scaled)
         w, self.fast_beta = self.scaled_weights(w, mask)
         self.set_factors(unit_coef=False)
         return (w,)
@@ -157,7 +157,7 @@ def gkl_loss(
         check_class_weights(class_weights, input)
         check_weight_values("class_weights", class_weights)
     dtype = compute_dtype(input, target)
-    with no_autocast(input.device):
+    with no_autocast(input):
         cw = weights_as("class_weights", class_weights, dtype)
         zs, zt, cw = valid_rows(mask, as_dtype(input, dtype), as_dtype(target, dtype), cw)
         return loss(_GKL(**hp), zs, zt, cw, mask, reduction=reduction, mask=mask)

@@ -21,13 +21,16 @@ from dkl.losses._common import (
 )
 from dkl.losses._function import loss
 from dkl.losses.parts import (
+    GAP_TEMPERATURE,
     dot,
     exact_scaled,
+    fast_scaled,
     plus_inf,
-    scaled,
+    rowdot,
     sce_exact,
     wmse_exact,
     wmse_fast,
+    wmse_unit,
 )
 
 __all__ = ["IKLLoss", "ikl_loss"]
@@ -50,7 +53,7 @@ class _IKL:
             return cw, False
         if self.weight_temperature == self.temperature:
             return p, True
-        return F.softmax(scale_fn(t, self.weight_temperature), dim=1), True
+        return torch.softmax(scale_fn(t, self.weight_temperature), 1), True
 
     def scaled_weights(self, w, *extras):
         """The weights and the wMSE's factor: β (GKL divides by the batch's mean of W_i²)."""
@@ -72,38 +75,46 @@ class _IKL:
         self.gt_factor = self.fast_beta if unit_coef else 1.0
 
     def block_weights(self, t, consts, p):
-        return self.weights(t, consts[0], p, scaled)
+        return self.weights(t, consts[0], p, fast_scaled)
 
     def fast(self, s, t, consts, gs, gt, rows):
         T = self.temperature
-        p = F.softmax(scaled(t, T), dim=1)
+        log_p = torch.log_softmax(fast_scaled(t, T), 1)
+        p = log_p.exp()
         w, unit_total = self.block_weights(t, consts, p)
-        log_q = F.log_softmax(scaled(s, T), dim=1)
-        wmse, wc, total = wmse_fast(t, s, w, unit_total=unit_total, rows=rows)
-        # the wMSE is ½ c Σ w (e - ē)², its gradient with respect to the target c w (e - ē)
-        coef = self.fast_beta if total is None else total * self.fast_beta
-        per_row = dot(p, log_q, rows=rows or total is not None).mul_(-self.alpha)
-        if isinstance(coef, float):
-            per_row.add_(wmse, alpha=0.5 * coef)
+        log_q = torch.log_softmax(fast_scaled(s, T), 1)
+        # the wMSE is ½ c Σ w (e - ē)², its gradient with respect to the target c w (e - ē):
+        # c = β for softmax weights, β W per row otherwise
+        if unit_total:
+            if T <= GAP_TEMPERATURE:  # the gaps as T (log p - log q): e up to a per-row shift
+                wmse, wc = wmse_unit(log_p.sub_(log_q), w, rows)
+                to_value, to_wc = 0.5 * T * T, T  # wmse and wc are in units of T
+            else:
+                wmse, wc, _ = wmse_fast(t, s, w)
+                wmse = wmse if rows else wmse.sum()
+                to_value, to_wc = 0.5, 1.0
+            coef = self.fast_beta * to_wc
+            per_row = dot(p, log_q, rows).mul_(-self.alpha)
+            per_row.add_(wmse, alpha=self.fast_beta * to_value)
         else:
-            per_row.addcmul_(wmse, coef, value=0.5)
-            coef = coef.unsqueeze(1) if coef.dim() else coef
+            wmse, wc, totals = wmse_fast(t, s, w)
+            coef = totals * self.fast_beta
+            per_row = rowdot(p, log_q).mul_(-self.alpha).addcmul_(wmse, coef, value=0.5)
+            per_row = per_row if rows else per_row.sum()
+            coef = coef.unsqueeze(1)
         if gs is not None:
             # (q - p) α/T / gs_factor, then the wMSE's part over gs_factor
             torch.exp(log_q, out=gs).sub_(p)
             if self.gs_factor == 1.0:
                 gs.mul_(self.alpha / T)
             k = -1.0 / self.gs_factor
-            if isinstance(coef, float):
+            if unit_total:
                 gs.add_(wc, alpha=k * coef)
             else:
                 gs.addcmul_(wc, coef, value=k)
-        if gt is not None:
-            if isinstance(coef, float):
-                gt.copy_(wc)  # times c = gt_factor in backward
-            else:
-                torch.mul(wc, coef, out=gt)
-        return per_row if rows or total is None else per_row.sum()
+        if gt is not None:  # times gt_factor (β for softmax weights) in backward
+            torch.mul(wc, to_wc if unit_total else coef, out=gt)
+        return per_row
 
     def exact(self, s, t, cw, *extras):
         T = self.temperature
@@ -198,7 +209,7 @@ def ikl_loss(
     if class_weights is not None:
         check_weight_values("class_weights", class_weights)
     dtype = compute_dtype(input, target)
-    with no_autocast(input.device):
+    with no_autocast(input):
         cw = weights_as("class_weights", class_weights, dtype)
         zs, zt, cw = valid_rows(mask, as_dtype(input, dtype), as_dtype(target, dtype), cw)
         return loss(_IKL(**hp), zs, zt, cw, reduction=reduction, mask=mask)

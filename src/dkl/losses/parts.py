@@ -8,8 +8,6 @@ Fast pieces (``*_fast``) run inside the autograd function with no graph; exact p
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -22,7 +20,7 @@ from dkl.losses._common import (
     no_autocast,
     weights_as,
 )
-from dkl.losses._function import log_softmax_backward, row_loss
+from dkl.losses._function import constant, log_softmax_backward, row_loss
 
 __all__ = ["soft_cross_entropy", "weighted_mse"]
 
@@ -33,6 +31,11 @@ _INF = float("inf")
 def scaled(x: Tensor, temperature: float) -> Tensor:
     """``x / T`` as one multiplication, and no pass at all for ``T = 1``."""
     return x if temperature == 1.0 else x * (1.0 / temperature)
+
+
+def fast_scaled(x: Tensor, temperature: float) -> Tensor:
+    """:func:`scaled` for the fast forms, by a cached constant (:func:`constant`)."""
+    return x if temperature == 1.0 else torch.mul(x, constant(1.0 / temperature, x.dtype))
 
 
 def rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -63,24 +66,37 @@ def plus_inf(rows: Tensor, per_row: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- wMSE
-def wmse_fast(
-    a: Tensor, b: Tensor, w: Tensor, unit_total: bool, rows: bool = True
-) -> tuple[Tensor, Tensor, Any]:
+# Largest temperature at which the fast forms take IKL's raw-logit gaps e = z_t - z_s as
+# T (log p - log q) (free, and without the per-row offset that would cost the closed form its
+# digits). Each log-probability is rounded to a few ulps of its own size, about |z| / T + log C,
+# so the gaps' rounding grows as T log C: at T <= 16 it stays within float32's usual error on
+# the loss (about 1e-6 relative); above it the raw gaps are centred instead.
+GAP_TEMPERATURE = 16.0
+def wmse_fast(a: Tensor, b: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     r"""``Σ_j w_j (e_j - ē)²`` of ``e = a - b`` per row, ``w (e - ē)`` and the row totals ``W``
-    (``None`` for softmax weights, whose total is 1). The wMSE is ``½ W`` times the first, its
-    gradient with respect to ``a`` is ``W w (e - ē)``. Softmax weights and not ``rows``: the sum
-    over the rows of the first instead."""
+    of any non-negative weights. The wMSE is ``½ W`` times the first, its gradient with respect
+    to ``a`` is ``W w (e - ē)``."""
     e = a - b
-    if unit_total:
-        total = None
-        mean = rowdot(w, e)
-    else:
-        total = w.sum(dim=1)
-        # W = 0 only when every weight is 0; the row's loss and gradient are then 0
-        mean = rowdot(w, e) / total.clamp_min(torch.finfo(e.dtype).tiny)
+    total = w.sum(dim=1)
+    # W = 0 only when every weight is 0; the row's loss and gradient are then 0
+    mean = rowdot(w, e) / total.clamp_min(torch.finfo(e.dtype).tiny)
     centred = e.sub_(mean.unsqueeze(1))
     wc = w * centred
-    return dot(wc, centred, rows or total is not None), wc, total
+    return rowdot(wc, centred), wc, total
+
+
+def wmse_unit(d: Tensor, w: Tensor, rows: bool) -> tuple[Tensor, Tensor]:
+    r"""``Σ_j w_j (d_j - \bar d)²`` (per row for ``rows``, else summed) and ``w (d - \bar d)``
+    for weights whose rows sum to 1, from gaps ``d`` that hold no large common offset per row
+    (a difference of two log-softmaxes: ``e / T`` shifted by a per-row constant, which changes
+    neither the wMSE nor its gradient).
+
+    Softmax's own backward gives ``w (d - Σ_j w_j d_j)`` in one pass, and as
+    ``Σ_j w_j (d_j - \bar d) = 0``, ``Σ_j w_j (d_j - \bar d) d_j`` is the sum of squares; that
+    last sum would lose its digits to a large offset (logits of very different levels, such as
+    ``z_t = z_s + 1000``), which log-softmax gaps never have."""
+    wc = torch._softmax_backward_data(d, w, 1, d.dtype)
+    return dot(wc, d, rows), wc
 
 
 def wmse_exact(a: Tensor, b: Tensor, w: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,7 +143,7 @@ class _WeightedMSE:
 
     def fast(self, t, s, consts, gt, gs, rows):
         (w,) = consts
-        per_row, wc, total = wmse_fast(t, s, w, unit_total=False)
+        per_row, wc, total = wmse_fast(t, s, w)
         for out in (gt, gs):
             if out is not None:
                 torch.mul(wc, total.unsqueeze(1), out=out)
@@ -148,7 +164,7 @@ class _SoftCrossEntropy:
         return ()
 
     def fast(self, s, p, consts, gs, gp, rows):
-        log_q = F.log_softmax(scaled(s, self.temperature), dim=1)
+        log_q = torch.log_softmax(fast_scaled(s, self.temperature), 1)
         if gs is not None:  # p - σ Σ_j p_j
             log_softmax_backward(p, log_q, out=gs)
         return -rowdot(p, log_q)
@@ -182,7 +198,7 @@ def weighted_mse(target: Tensor, input: Tensor, weights: Tensor) -> Tensor:
     check_class_weights(weights, input)
     check_weight_values("weights", weights)
     dtype = compute_dtype(target, input)
-    with no_autocast(input.device):
+    with no_autocast(input):
         w = weights_as("weights", weights, dtype)
         return row_loss(_WeightedMSE(), as_dtype(target, dtype), as_dtype(input, dtype), w)
 
@@ -202,6 +218,6 @@ def soft_cross_entropy(input: Tensor, target_probs: Tensor, temperature: float =
     check_weight_values("target_probs", target_probs)  # a negative "probability" has no CE
     T = check_hyperparameters(temperature=temperature)["temperature"]
     dtype = compute_dtype(input, target_probs)
-    with no_autocast(input.device):
+    with no_autocast(input):
         p = target_probs.detach().to(dtype)
         return row_loss(_SoftCrossEntropy(T), as_dtype(input, dtype), p)
