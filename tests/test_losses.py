@@ -288,6 +288,67 @@ def test_large_logits_stay_finite():
     assert math.isclose(got.item(), want.item(), rel_tol=1e-9)
 
 
+@pytest.mark.parametrize("kind", ["ikl", "dkl"])
+@pytest.mark.parametrize("T", [1.0, 3.0, 4.0, 16.0, 20.0])
+def test_float32_keeps_its_precision_with_logits_at_different_levels(kind, T):
+    """Teacher logits hundreds of units above the student's, by a different amount in each row:
+    the wMSE is shift-invariant, and the float32 loss and gradients stay within float32's
+    precision of the float64 pairwise oracle (a closed form on uncentred gaps loses it all).
+    Temperatures above 16 centre the raw gaps; they are checked at a smaller offset, where the
+    rounding of z_t - z_s itself (ulp(offset)) stays below the tolerance."""
+    g = torch.Generator().manual_seed(1)
+    zs = 3.0 * torch.randn(16, 40, generator=g)
+    offset = 500.0 if T <= 16 else 20.0
+    zt = zs + torch.randn(16, 40, generator=g) + offset * torch.rand(16, 1, generator=g)
+    kw = dict(alpha=1.0, beta=8.0, temperature=T)
+    if kind == "ikl":
+        kw["weight_temperature"] = 100.0
+    fn = ikl_loss if kind == "ikl" else dkl_loss
+    s32, t32 = zs.clone().requires_grad_(), zt.clone().requires_grad_()
+    got = fn(s32, t32, **kw)
+    got_s, got_t = torch.autograd.grad(got, (s32, t32))
+    s64, t64 = zs.double().requires_grad_(), zt.double().requires_grad_()
+    if kind == "ikl":
+        want = pairwise_ikl(s64, t64, 1.0, 8.0, T, 100.0).mean()
+    else:
+        ut, us = t64 / T, s64 / T
+        w = torch.softmax(ut.detach(), dim=1)
+        wmse = pairwise_wmse(ut, us.detach(), w)
+        want = (8.0 * wmse - (w * torch.log_softmax(us, dim=1)).sum(1)).mean()
+    want_s, want_t = torch.autograd.grad(want, (s64, t64))
+    assert math.isclose(got.item(), want.item(), rel_tol=2e-6)
+    for a, b in ((got_s, want_s), (got_t, want_t)):
+        assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+@pytest.mark.parametrize("loss", ["kl", "ikl", "dkl", "gkl"])
+def test_second_backward_with_retain_graph_gives_the_same_gradient(loss):
+    """A graph kept with ``retain_graph`` and differentiated again gives the same gradient (the
+    first backward hands its buffers to autograd; the second recomputes them)."""
+    g = torch.Generator().manual_seed(2)
+    zs = (3 * torch.randn(6, 11, generator=g)).requires_grad_()
+    zt = 3 * torch.randn(6, 11, generator=g)
+    fn = {"kl": kl_loss, "ikl": ikl_loss, "dkl": dkl_loss, "gkl": dkl.gkl_loss}[loss]
+    out = fn(zs, zt, temperature=4.0)
+    first = torch.autograd.grad(out, zs, retain_graph=True)[0]
+    second = torch.autograd.grad(out, zs)[0]
+    assert torch.equal(first, second)
+    if loss == "kl":  # against torch's own KL
+        ref = F.kl_div(
+            F.log_softmax(zs / 4, 1), F.log_softmax(zt / 4, 1), log_target=True, reduction="batchmean"
+        )
+        torch.testing.assert_close(first, torch.autograd.grad(ref, zs)[0])
+
+
+def test_remembered_hyperparameters_still_refuse_a_bool():
+    """Numbers that passed once are remembered; ``True`` equals 1 as a key, and is refused all
+    the same."""
+    z = torch.zeros(2, 3)
+    ikl_loss(z, z, beta=1)
+    with pytest.raises(TypeError, match="beta"):
+        ikl_loss(z, z, beta=True)
+
+
 # --------------------------------------------------------------------------- errors
 def _err(exc, match, fn, *args, **kw):
     with pytest.raises(exc, match=match):

@@ -88,12 +88,11 @@ def fast_rows(
     consts = rule.prepare(s, t, *extras)
     gs = torch.empty_like(s) if need_s else None
     gt = torch.empty_like(t) if need_t else None
-    B, C = s.shape
-    per_block = B
-    if s.is_cpu:  # each thread takes some rows of a block: scale it with them
-        per_block = max(1, BLOCK_ELEMENTS * torch.get_num_threads() // max(C, 1))
-    if B <= per_block:
+    # on CPU each thread takes some rows of a block: scale the block with them
+    if not s.is_cpu or s.numel() <= BLOCK_ELEMENTS * torch.get_num_threads():
         return rule.fast(s, t, consts, gs, gt, rows), gs, gt
+    B, C = s.shape
+    per_block = max(1, BLOCK_ELEMENTS * torch.get_num_threads() // C)
     parts = []
     for i in range(0, B, per_block):
         block = slice(i, i + per_block)
@@ -203,7 +202,13 @@ def row_loss(
     order. Under ``torch.compile``, ``torch.func`` transforms (``grad``, ``hessian``, ``vmap``) and
     forward-mode AD the exact form alone: plain torch operations, which they all understand (and
     the NaN look would break a compiled graph)."""
-    if _transformed(s, t):
+    if (  # under torch.compile, a torch.func transform or forward-mode AD, or meta tensors
+        is_compiling()
+        or forward_ad._current_level >= 0
+        or s.is_meta
+        or _is_wrapped(s)
+        or _is_wrapped(t)
+    ):
         out = rule.exact(s, t, *extras)
         return out if total is None else out.sum() * total
     grad = torch.is_grad_enabled()
@@ -214,12 +219,7 @@ def row_loss(
     return _RowLoss.apply(rule, total, need_s, need_t, s, t, *extras)
 
 
-def _transformed(s: Tensor, t: Tensor) -> bool:
-    """True under ``torch.compile``, inside a ``torch.func`` transform, with forward-mode AD
-    active, or for meta tensors (shapes only: nothing to look at)."""
-    if is_compiling() or forward_ad._current_level >= 0 or s.is_meta:
-        return True
-    return _functorch.is_functorch_wrapped_tensor(s) or _functorch.is_functorch_wrapped_tensor(t)
+_is_wrapped = _functorch.is_functorch_wrapped_tensor
 
 
 def log_softmax_backward(grad: Tensor, log_q: Tensor, out: Tensor) -> Tensor:
