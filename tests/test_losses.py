@@ -300,7 +300,7 @@ def test_float32_keeps_its_precision_with_logits_at_different_levels(kind, T):
     zs = 3.0 * torch.randn(16, 40, generator=g)
     offset = 500.0 if T <= 16 else 20.0
     zt = zs + torch.randn(16, 40, generator=g) + offset * torch.rand(16, 1, generator=g)
-    kw = dict(alpha=1.0, beta=8.0, temperature=T)
+    kw = {"alpha": 1.0, "beta": 8.0, "temperature": T}
     if kind == "ikl":
         kw["weight_temperature"] = 100.0
     fn = ikl_loss if kind == "ikl" else dkl_loss
@@ -335,7 +335,10 @@ def test_second_backward_with_retain_graph_gives_the_same_gradient(loss):
     assert torch.equal(first, second)
     if loss == "kl":  # against torch's own KL
         ref = F.kl_div(
-            F.log_softmax(zs / 4, 1), F.log_softmax(zt / 4, 1), log_target=True, reduction="batchmean"
+            F.log_softmax(zs / 4, 1),
+            F.log_softmax(zt / 4, 1),
+            log_target=True,
+            reduction="batchmean",
         )
         torch.testing.assert_close(first, torch.autograd.grad(ref, zs)[0])
 

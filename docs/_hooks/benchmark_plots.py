@@ -21,10 +21,10 @@ OUT = Path(__file__).resolve().parents[1] / "assets" / "benchmarks"
 # the project's 2-core CPU, forward + backward, float32, median ms (docs/benchmarks.md)
 CPU_SIZES = ["128 × 100", "256 × 1000", "64 × 4000", "8 × 32000", "4 × 128000", "64 × 200000"]
 CPU = {
-    "F.kl_div": [0.235, 1.88, 2.07, 2.05, 4.22, 253],
-    "dkl.kl_loss": [0.132, 0.841, 0.963, 0.901, 1.86, 76.1],
-    "dkl.ikl_loss": [0.182, 1.19, 1.29, 1.4, 2.65, 92],
-    "pairwise wMSE (authors)": [6.6, 5360, None, None, None, None],
+    "F.kl_div": [0.244, 1.99, 2.13, 2.15, 5.09, 249],
+    "dkl.kl_loss": [0.135, 0.77, 0.843, 0.791, 1.73, 54.4],
+    "dkl.ikl_loss": [0.157, 1.1, 1.11, 1.09, 2.62, 88.7],
+    "pairwise wMSE (authors)": [8.63, 5250, None, None, None, None],
 }
 # one H100, forward + backward, ms (benchmarks/results/gpu_check_nvidia_h100_80gb_hbm3.md)
 GPU_SIZES = [

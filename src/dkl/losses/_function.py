@@ -23,9 +23,10 @@ gradients (one host sync per call on a GPU, where the fused kernel is the defaul
 
 Speed: on CPU the fast form runs on blocks of rows small enough that its temporaries stay in the
 cache (a block holds a few rows per thread), and computes the gradient there too, so each logit is
-read from memory about once and each gradient written once; backward is then one multiplication
-by the upstream gradient. A loss that nobody differentiates (``torch.no_grad``, inputs without
-grad) computes no gradient.
+read from memory about once and each gradient written once; backward then scales those buffers
+in place by the upstream gradient and hands them to autograd (no copy; a second backward through
+a retained graph computes them again, to the same bits). A loss that nobody differentiates
+(``torch.no_grad``, inputs without grad) computes no gradient.
 
 Second derivatives: a backward that runs under ``create_graph=True`` (grad mode on) rebuilds the
 loss with the exact form from the saved inputs and differentiates it with autograd, so the

@@ -72,6 +72,8 @@ def plus_inf(rows: Tensor, per_row: Tensor) -> Tensor:
 # so the gaps' rounding grows as T log C: at T <= 16 it stays within float32's usual error on
 # the loss (about 1e-6 relative); above it the raw gaps are centred instead.
 GAP_TEMPERATURE = 16.0
+
+
 def wmse_fast(a: Tensor, b: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     r"""``Σ_j w_j (e_j - ē)²`` of ``e = a - b`` per row, ``w (e - ē)`` and the row totals ``W``
     of any non-negative weights. The wMSE is ``½ W`` times the first, its gradient with respect
