@@ -468,3 +468,12 @@ def test_trainer_divergences_match_materialised_references(tmp_path, loss, beta)
 def test_distillation_arguments_name_the_field_and_its_range(kw, message):
     with pytest.raises(ValueError, match=f"Expected {message}"):
         DistillationArguments(**kw)
+
+
+def test_distillation_arguments_refuse_an_unknown_tail_and_warn_of_unused_numbers():
+    with pytest.raises(ValueError, match=r"Unknown topk_tail 'x': expected one of \('renormalize'"):
+        DistillationArguments(loss="kl", temperature=1.0, topk_tail="x")
+    with pytest.warns(
+        UserWarning, match=r"beta set but not used by loss='kl' \(it uses temperature\)"
+    ):
+        DistillationArguments(loss="kl", temperature=1.0, beta=0.5)

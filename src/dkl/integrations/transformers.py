@@ -53,6 +53,7 @@ import functools
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,7 @@ from dkl.llm import (
     fused_linear_divergence,
     gathered_output_head,
 )
+from dkl.llm._chunk import TAILS
 from dkl.llm.onpolicy import GenerateFn, generate_completions, prompts_from_labels
 from dkl.llm.sharded import last_hidden_state, unwrap_model
 
@@ -159,6 +161,19 @@ class DistillationArguments:
                 raise ValueError(f"Expected {name} a positive int, got {value!r}")
         if not isinstance(self.seq_kd, bool):
             raise TypeError(f"Expected seq_kd True or False, got {self.seq_kd!r}")
+        if self.topk_tail not in TAILS:
+            raise ValueError(f"Unknown topk_tail {self.topk_tail!r}: expected one of {TAILS}")
+        unused = [
+            name
+            for name in ("alpha", "beta", "weight_temperature")
+            if name not in needed and getattr(self, name) is not None
+        ]
+        if unused:  # e.g. a TRL config's beta carried over to loss="kl": it changes nothing
+            warnings.warn(
+                f"{', '.join(unused)} set but not used by loss={self.loss!r} "
+                f"(it uses {', '.join(needed)})",
+                stacklevel=3,
+            )
 
     @property
     def generates(self) -> bool:
