@@ -421,6 +421,8 @@ def test_errors_name_what_was_expected():
     )
     _err(TypeError, r"Expected mask to be a bool tensor", ikl_loss, z, z, mask=torch.ones(8))
     _err(ValueError, r"Unknown impl 'cuda'", ikl_loss, z, z, impl="cuda")
+    for module in (KLLoss, DKLLoss, IKLLoss):  # refused when the module is built, not at its call
+        _err(ValueError, r"Unknown impl 'cuda'", module, impl="cuda")
 
 
 def test_error_different_devices():

@@ -10,6 +10,7 @@ from dkl.losses._common import (
     Loss,
     as_dtype,
     check_call,
+    check_impl,
     compute_dtype,
     fused,
     no_autocast,
@@ -128,7 +129,7 @@ class KLLoss(Loss):
 
     def __init__(self, *, temperature: float = 1.0, reduction: str = "mean", impl: str = "auto"):
         super().__init__(reduction, temperature=temperature)
-        self.impl = impl
+        self.impl = check_impl(impl)
 
     def forward(self, input: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         return kl_loss(
