@@ -343,6 +343,52 @@ def test_second_backward_with_retain_graph_gives_the_same_gradient(loss):
         torch.testing.assert_close(first, torch.autograd.grad(ref, zs)[0])
 
 
+@pytest.mark.parametrize("loss", ["kl", "ikl", "dkl", "gkl"])
+def test_batched_vector_jacobian_products_match_the_oracle(loss):
+    """Jacobians through batched upstream gradients (``jacobian(vectorize=True)``, which uses
+    ``is_grads_batched``, and ``torch.func.vmap`` over ``autograd.grad``) against a plain-autograd
+    reference: the backward must not scale its buffers in place then."""
+    g = torch.Generator().manual_seed(3)
+    zs = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    zt = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    T = 2.0
+    p = torch.softmax(zt / T, dim=1)
+    if loss == "kl":
+        fn = kl_loss
+
+        def ref(x):
+            return (p * (torch.log_softmax(zt / T, 1) - torch.log_softmax(x / T, 1))).sum(1)
+    elif loss == "ikl":
+        fn = ikl_loss
+
+        def ref(x):
+            return pairwise_ikl(x, zt, 1.0, 1.0, T, 1.0)
+    elif loss == "dkl":  # the input gets the sCE alone (Theorem 1)
+        fn = dkl_loss
+
+        def ref(x):
+            return -(p * torch.log_softmax(x / T, 1)).sum(1)
+    else:  # softmax weights sum to 1 in every row: GKL's batch normaliser is 1
+        fn = dkl.gkl_loss
+        w = torch.softmax(zt, 1)
+
+        def ref(x):
+            return pairwise_wmse(zt, x, w) - (p * torch.log_softmax(x / T, 1)).sum(1)
+
+    def f(x):
+        return fn(x, zt, temperature=T, reduction="none")
+
+    want = torch.autograd.functional.jacobian(ref, zs)
+    for vectorize in (False, True):
+        got = torch.autograd.functional.jacobian(f, zs, vectorize=vectorize)
+        assert_close64(got, want)
+    x = zs.clone().requires_grad_()
+    out = f(x)
+    eye = torch.eye(3, dtype=torch.float64)
+    got = torch.func.vmap(lambda v: torch.autograd.grad(out, x, v, retain_graph=True)[0])(eye)
+    assert_close64(got, want)
+
+
 def test_remembered_hyperparameters_still_refuse_a_bool():
     """Numbers that passed once are remembered; ``True`` equals 1 as a key, and is refused all
     the same."""

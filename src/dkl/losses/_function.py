@@ -137,13 +137,23 @@ class _RowLoss(torch.autograd.Function):
             s, t, *extras = ctx.saved_tensors
             grads = fast_rows(ctx.rule, s, t, extras, need_s, need_t, ctx.total is None)[1:]
         gs, gt = grads
-        # the constants ride on the upstream gradient, a (B,) or 0-d tensor
+        # the constants ride on the upstream gradient, a (B,) or 0-d tensor; in place unless
+        # it is batched (vmap, `is_grads_batched`), when the product has more entries
         total, g = (1.0, g.unsqueeze(1)) if ctx.total is None else (ctx.total, g)
+        keys = torch._C._dispatch_keys(g)
+        inplace = (
+            keys.has(_CPU) or keys.has(_CUDA)
+        ) and _functorch.peek_interpreter_stack() is None
         if need_s:
-            gs.mul_(g * constant(total * ctx.rule.gs_factor, g.dtype))
+            scale = g * constant(total * ctx.rule.gs_factor, g.dtype)
+            gs = gs.mul_(scale) if inplace else gs * scale
         if need_t:
-            gt.mul_(g * constant(total * ctx.rule.gt_factor, g.dtype))
+            scale = g * constant(total * ctx.rule.gt_factor, g.dtype)
+            gt = gt.mul_(scale) if inplace else gt * scale
         return (None, None, None, None, gs, gt, *ctx.no_extras)
+
+
+_CPU, _CUDA = torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA
 
 
 def _finish(rule: Rule, fast: Tensor, total, s, t, extras) -> tuple[Tensor, bool]:
