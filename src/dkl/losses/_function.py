@@ -144,12 +144,14 @@ class _RowLoss(torch.autograd.Function):
         inplace = (
             keys.has(_CPU) or keys.has(_CUDA)
         ) and _functorch.peek_interpreter_stack() is None
-        if need_s:
-            scale = g * constant(total * ctx.rule.gs_factor, g.dtype)
-            gs = gs.mul_(scale) if inplace else gs * scale
-        if need_t:
-            scale = g * constant(total * ctx.rule.gt_factor, g.dtype)
-            gt = gt.mul_(scale) if inplace else gt * scale
+
+        def scaled(unit: Tensor | None, factor: str) -> Tensor | None:
+            if unit is None:  # not wanted (a rule defines the factors of the sides it moves)
+                return None
+            scale = g * constant(total * getattr(ctx.rule, factor), g.dtype)
+            return unit.mul_(scale) if inplace else unit * scale
+
+        gs, gt = scaled(gs, "gs_factor"), scaled(gt, "gt_factor")
         return (None, None, None, None, gs, gt, *ctx.no_extras)
 
 

@@ -22,9 +22,9 @@ from dkl.losses.kl import kl_loss  # noqa: F401  (Theorem 1 in the example compa
 from dkl.losses.parts import (
     dot,
     exact_scaled,
-    fast_scaled,
     plus_inf,
     sce_exact,
+    tempered,
     wmse_exact,
     wmse_unit,
 )
@@ -45,9 +45,7 @@ class _DKL:
 
     def fast(self, s, t, consts, gs, gt, rows):
         T = self.temperature
-        log_p = torch.log_softmax(fast_scaled(t, T), 1)
-        p = log_p.exp()
-        log_q = torch.log_softmax(fast_scaled(s, T), 1)
+        log_p, p, log_q = tempered(s, t, T)
         per_row = dot(p, log_q, rows).mul_(-self.alpha)
         # the gaps u_t - u_s up to a per-row shift, and W = Σ p = 1
         wmse, wc = wmse_unit(log_p.sub_(log_q), p, rows)

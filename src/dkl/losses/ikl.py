@@ -28,6 +28,7 @@ from dkl.losses.parts import (
     plus_inf,
     rowdot,
     sce_exact,
+    tempered,
     wmse_exact,
     wmse_fast,
     wmse_unit,
@@ -79,10 +80,8 @@ class _IKL:
 
     def fast(self, s, t, consts, gs, gt, rows):
         T = self.temperature
-        log_p = torch.log_softmax(fast_scaled(t, T), 1)
-        p = log_p.exp()
+        log_p, p, log_q = tempered(s, t, T)
         w, unit_total = self.block_weights(t, consts, p)
-        log_q = torch.log_softmax(fast_scaled(s, T), 1)
         # the wMSE is ½ c Σ w (e - ē)², its gradient with respect to the target c w (e - ē):
         # c = β for softmax weights, β W per row otherwise
         if unit_total:

@@ -18,7 +18,7 @@ from dkl.losses._common import (
     valid_rows,
 )
 from dkl.losses._function import loss
-from dkl.losses.parts import dot, exact_scaled, fast_scaled, plus_inf, rowdot
+from dkl.losses.parts import dot, exact_scaled, plus_inf, rowdot, tempered
 
 __all__ = ["KLLoss", "kl_loss"]
 
@@ -36,9 +36,7 @@ class _KL:
 
     def fast(self, s, t, consts, gs, gt, rows):
         T = self.temperature
-        log_q = torch.log_softmax(fast_scaled(s, T), 1)
-        log_p = torch.log_softmax(fast_scaled(t, T), 1)
-        p = log_p.exp()
+        log_p, p, log_q = tempered(s, t, T)
         diff = log_p.sub_(log_q)  # log_p is not needed any more
         kl = dot(p, diff, rows or gt is not None)
         if gs is not None:  # q - p

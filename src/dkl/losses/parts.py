@@ -38,6 +38,13 @@ def fast_scaled(x: Tensor, temperature: float) -> Tensor:
     return x if temperature == 1.0 else torch.mul(x, constant(1.0 / temperature, x.dtype))
 
 
+def tempered(s: Tensor, t: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``log σ(t / T)``, ``σ(t / T)`` and ``log σ(s / T)`` for the fast forms (fresh tensors the
+    caller may overwrite)."""
+    log_p = torch.log_softmax(fast_scaled(t, temperature), 1)
+    return log_p, log_p.exp(), torch.log_softmax(fast_scaled(s, temperature), 1)
+
+
 def rowdot(a: Tensor, b: Tensor) -> Tensor:
     """``(a * b).sum(1)``."""
     return torch.linalg.vecdot(a, b, dim=1)
