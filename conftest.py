@@ -12,3 +12,52 @@ if "TRITON_INTERPRET" not in os.environ:
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+import pytest
+import torch
+
+# Process-wide numeric settings a test must leave as it found them. Under ``pytest -n 8`` a worker
+# runs many tests in one process, so a leaked setting changes the numbers of whichever tests happen
+# to follow it there: a benchmark that switched TF32 on made a float64-oracle test on the GPU fail
+# in some runs and pass in others.
+_NUMERIC_STATE = {
+    "torch.backends.cuda.matmul.allow_tf32": (
+        lambda: torch.backends.cuda.matmul.allow_tf32,
+        lambda v: setattr(torch.backends.cuda.matmul, "allow_tf32", v),
+    ),
+    "torch.backends.cudnn.allow_tf32": (
+        lambda: torch.backends.cudnn.allow_tf32,
+        lambda v: setattr(torch.backends.cudnn, "allow_tf32", v),
+    ),
+    "torch.get_float32_matmul_precision()": (
+        torch.get_float32_matmul_precision,
+        torch.set_float32_matmul_precision,
+    ),
+    "torch.get_default_dtype()": (torch.get_default_dtype, torch.set_default_dtype),
+    "torch.is_grad_enabled()": (torch.is_grad_enabled, torch.set_grad_enabled),
+    "torch.are_deterministic_algorithms_enabled()": (
+        torch.are_deterministic_algorithms_enabled,
+        torch.use_deterministic_algorithms,
+    ),
+}
+
+
+@pytest.fixture(autouse=True)
+def _numeric_state_is_left_alone():
+    """Fail the test that changes a process-wide numeric setting, and put the setting back."""
+    before = {name: get() for name, (get, _) in _NUMERIC_STATE.items()}
+    cudnn_benchmark = torch.backends.cudnn.benchmark  # a training run may set it: restored only
+    yield
+    changed = {}
+    for name, (get, set_) in _NUMERIC_STATE.items():
+        now = get()
+        if now != before[name]:
+            changed[name] = (before[name], now)
+            set_(before[name])
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    if changed:
+        pytest.fail(
+            "the test left process-wide numeric settings changed (restored now): "
+            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        )

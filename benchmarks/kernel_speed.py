@@ -256,7 +256,6 @@ def main(argv=None) -> None:
             "Run with --smoke for a tiny CPU version."
         )
         return
-    torch.backends.cuda.matmul.allow_tf32 = True
     smoke = args.smoke
     shapes = SMOKE_SHAPES if smoke else SHAPES
     dtypes = {"fp32": torch.float32} if smoke else DTYPES
