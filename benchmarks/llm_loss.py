@@ -32,9 +32,9 @@ from dkl.llm import fused_linear_ikl
 HP = {"alpha": 1.0, "beta": 1.0, "temperature": 1.0, "weight_temperature": 1.0}
 
 
-def candidates(ht, wt, chunk_size, gpu):
+def candidates(ht, wt, chunk_size, gpu, impl="auto"):
     def fused(hs, ws):
-        return fused_linear_ikl(hs, ws, ht, wt, chunk_size=chunk_size, **HP)
+        return fused_linear_ikl(hs, ws, ht, wt, chunk_size=chunk_size, impl=impl, **HP)
 
     def logits_ikl(hs, ws):
         with torch.no_grad():
@@ -69,7 +69,7 @@ def candidates(ht, wt, chunk_size, gpu):
     return out
 
 
-def run(tokens, hidden, vocab, dtype, device, repeats, chunk_size, gpu) -> None:
+def run(tokens, hidden, vocab, dtype, device, repeats, chunk_size, gpu, impl="auto") -> None:
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape, scale):
@@ -80,7 +80,7 @@ def run(tokens, hidden, vocab, dtype, device, repeats, chunk_size, gpu) -> None:
     ht = rand(tokens, hidden, scale=1.0)
     wt = rand(vocab, hidden, scale=hidden**-0.5 * 3)
     cells, ms, mem = [], {}, {}
-    for label, fn in candidates(ht, wt, chunk_size, gpu).items():
+    for label, fn in candidates(ht, wt, chunk_size, gpu, impl).items():
         try:
             ms[label] = time_fwd_bwd(fn, hs, ws, repeats, device)
             mem[label] = peak_extra_bytes(fn, hs, ws, device) / 2**20
@@ -114,6 +114,15 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, nargs="*", default=[8192, 32768, 65536])
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--impl",
+        choices=("auto", "torch", "triton"),
+        default="auto",
+        help="fused_linear_ikl's impl; 'triton' on CPU needs TRITON_INTERPRET=1 (slow, exact)",
+    )
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), nargs="+", default=None, help="CPU dtypes"
+    )
     args = parser.parse_args()
     if args.gpu:
         if not torch.cuda.is_available():
@@ -123,7 +132,8 @@ def main() -> None:
     else:
         device = torch.device("cpu")
         shapes = [(args.tokens, args.hidden, v) for v in args.vocab]
-        dtypes, chunk = (torch.float32,), args.chunk_size
+        dtypes = tuple(getattr(torch, d) for d in (args.dtype or ["float32"]))
+        chunk = args.chunk_size
     print(
         f"device: {device_label(device)}, torch {torch.__version__}, median of up to {args.repeats} runs, "
         f"chunk_size {chunk}; cells: forward + backward time / peak extra memory\n"
@@ -142,7 +152,7 @@ def main() -> None:
                 )
                 print("|---|" + "---|" * (len(labels) + 2))
                 header = True
-            run(tokens, hidden, vocab, dtype, device, args.repeats, chunk, args.gpu)
+            run(tokens, hidden, vocab, dtype, device, args.repeats, chunk, args.gpu, args.impl)
 
 
 if __name__ == "__main__":

@@ -522,6 +522,116 @@ def test_kernel_path_with_softcap_ce_and_minus_inf(kind):
     _assert_close(p, loss, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs a GPU or TRITON_INTERPRET=1",
+)
+@pytest.mark.parametrize(
+    "kind, temperature, reduction",
+    [("ikl", 1.0, "mean"), ("ikl", 2.0, "sum"), ("kl", 1.0, "none"), ("kl", 3.0, "mean")],
+)
+def test_kernel_writes_the_gradient_over_the_logits_and_adds_the_ce_itself(
+    kind, temperature, reduction, monkeypatch
+):
+    """Without a logit transform the kernel path writes each chunk's gradient over the student's
+    logits and computes the hard-label CE in the same launch (its softmax at T = 1 is the
+    student's own at T = 1, else one more log-sum-exp): the float64 materialised oracle."""
+    pytest.importorskip("triton")
+    p = _problem(N=9, V=13, seed=21)
+    p["bt"][[1, 6]] = -math.inf
+    if torch.cuda.is_available():
+        p = {k: v.detach().cuda().requires_grad_(v.requires_grad) for k, v in p.items()}
+    hp = {**HP, "temperature": temperature} if kind == "ikl" else {"temperature": temperature}
+    fn = fused_linear_ikl if kind == "ikl" else fused_linear_kl
+    from dkl.llm import _sweep
+
+    launches, one_launch = [], _sweep.loss_and_grad_one_launch
+
+    def spy(zs, *args, **kwargs):  # the gradient comes back in the logits' own buffer
+        out = one_launch(zs, *args, **kwargs)
+        launches.append(out[1].data_ptr() == zs.data_ptr() and kwargs["labels"] is not None)
+        return out
+
+    monkeypatch.setattr(_sweep, "loss_and_grad_one_launch", spy)
+    upstream = torch.linspace(-1.0, 2.0, 9, device=p["hs"].device)
+    if reduction != "none":
+        upstream = None
+    ref = _reference(p, kind=kind, hp=hp, ce_weight=0.7, reduction=reduction, upstream=upstream)
+    loss, parts = _call(
+        fn,
+        p,
+        **hp,
+        ce_weight=0.7,
+        chunk_size=4,
+        reduction=reduction,
+        impl="triton",
+        return_parts=True,
+    )
+    loss.backward(upstream)
+    _assert_close(p, loss, ref, rtol=1e-5, atol=1e-6)
+    assert launches and all(launches)
+    if reduction != "none":
+        mask = p["labels"] != -100
+        zs = F.linear(p["hs"].double(), p["ws"].double(), p["bs"].double())
+        ce = F.cross_entropy(zs[mask], p["labels"][mask], reduction="sum")
+        want = ce / mask.sum() if reduction == "mean" else ce
+        torch.testing.assert_close(parts["ce"].double(), want.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            (parts[kind] + 0.7 * parts["ce"]).double(), loss.double(), rtol=1e-5, atol=1e-6
+        )
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs a GPU or TRITON_INTERPRET=1",
+)
+@pytest.mark.parametrize("teacher", ["dense", "topk"])
+def test_kernel_reads_bf16_logits_as_the_heads_give_them(teacher):
+    """bfloat16 student and teacher: the kernel reads the heads' bfloat16 logits (no float32
+    copies) and computes in float32, so the loss is the float64 value of those very logits to
+    float32 rounding; the gradients carry one bfloat16 rounding."""
+    pytest.importorskip("triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    p = _problem(N=10, V=17, seed=23)
+    p["bt"][[3, 9]] = -math.inf
+    p = {
+        k: (
+            v.detach().to(dev, torch.bfloat16).requires_grad_(v.requires_grad)
+            if v.is_floating_point()
+            else v.to(dev)
+        )
+        for k, v in p.items()
+    }
+    mask = p["labels"] != -100
+    zs = F.linear(p["hs"], p["ws"], p["bs"]).double().detach().requires_grad_(True)
+    zt = F.linear(p["ht"], p["wt"], p["bt"]).double()
+    kw = {"labels": p["labels"], "student_bias": p["bs"], "ce_weight": 0.4, "impl": "triton"}
+    if teacher == "topk":  # the top-k values as they come, in bfloat16; the rest ruled out
+        values, indices = F.linear(p["ht"], p["wt"], p["bt"]).topk(6, dim=-1)
+        kw["teacher_topk"] = (indices, values)
+        zt = torch.full_like(zt, -math.inf).scatter(1, indices, values.double())
+        args = (p["hs"], p["ws"], None, None)
+    else:
+        kw["teacher_bias"] = p["bt"]
+        args = (p["hs"], p["ws"], p["ht"], p["wt"])
+    rows = _pairwise_ikl_rows(zs, zt, **HP) + 0.4 * F.cross_entropy(
+        zs, p["labels"].clamp_min(0), reduction="none"
+    )
+    want = torch.where(mask, rows, 0.0).sum() / mask.sum()
+    (g_logits,) = torch.autograd.grad(want, zs)
+    loss = fused_linear_ikl(*args, **HP, chunk_size=4, **kw)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    for got, ref in (
+        (p["hs"].grad, g_logits @ p["ws"].double()),
+        (p["ws"].grad, g_logits.T @ p["hs"].double()),
+        (p["bs"].grad, g_logits.sum(0)),
+    ):
+        assert got.dtype == torch.bfloat16
+        err = (got.double() - ref).abs().max() / ref.abs().max()
+        assert err < 2e-2, err
+
+
 def test_double_backward_is_refused_in_one_line():
     """The chunked and top-k losses write their gradient in closed form: a second derivative
     through them is an error naming the way out, never a silently wrong (zero) number."""

@@ -25,6 +25,7 @@ from dkl.llm._chunk import (
     unbounded_error,
     unbounded_rows,
 )
+from dkl.ops.divergence import loss_and_grad_one_launch
 
 
 def _sweep(
@@ -65,14 +66,26 @@ def _sweep(
     }
     s_tf: LogitTransform = cfg["student_transform"]
     loss_kw = {k: cfg[k] for k in ("alpha", "beta", "temperature", "weight_temperature")}
-    use_kernel = None
+    use_kernel = (
+        cfg["kind"] in KERNEL_KINDS and _use_kernel(cfg["impl"], hs) and cdt == torch.float32
+    )
+    # The kernel reads half logits as they are and writes the student's gradient over its own
+    # logits, scaled per token and with the hard CE included: two chunk buffers in the logits'
+    # dtype, where the float32 route below holds three float32 ones. An elementwise student
+    # transform (soft-capping, scaling) needs its derivative on the float32 gradient: that
+    # keeps the float32 route.
+    in_place = use_kernel and s_tf.identity
     for start in range(0, N, cfg["chunk_size"]):
         end = min(start + cfg["chunk_size"], N)
         h = hs[start:end]
-        zs, deriv = s_tf(F.linear(h, ws, bs).to(cdt), need_grad=any_grad)
-        zt = teacher.logits(start, end, cdt)
         mask = valid[start:end] if valid is not None else None
         y = labels[start:end] if labels is not None else None
+        if in_place:
+            zs, deriv = F.linear(h, ws, bs), None
+            zt = teacher.logits(start, end, None)
+        else:
+            zs, deriv = s_tf(F.linear(h, ws, bs).to(cdt), need_grad=any_grad)
+            zt = teacher.logits(start, end, cdt)
         empty = zt.amax(1) == -math.inf
         out["empty_rows"] += (empty & mask).sum() if mask is not None else empty.sum()
         unbounded = unbounded_rows(zs, zt, cfg["kind"], cfg["beta"])
@@ -80,13 +93,10 @@ def _sweep(
             out["unbounded_rows"] += (
                 (unbounded & mask).sum() if mask is not None else unbounded.sum()
             )
-        if use_kernel is None:
-            use_kernel = (
-                cfg["kind"] in KERNEL_KINDS
-                and _use_kernel(cfg["impl"], zs)
-                and cdt == torch.float32
-            )
-        if use_kernel:
+        if in_place:
+            scale = row_scale[start:end] if any_grad else None
+            res = _kernel_chunk_in_place(zs, zt, y, mask, cfg, loss_kw, scale)
+        elif use_kernel:
             res = _kernel_chunk(zs, zt, y, mask, cfg, loss_kw, any_grad)
         else:
             res = chunk_loss(
@@ -107,18 +117,40 @@ def _sweep(
         del zs, zt
         if not any_grad:
             continue
-        g = res.grad.mul_(row_scale[start:end].to(cdt).unsqueeze(1))
-        if deriv is not None:
-            g.mul_(deriv)
+        g = res.grad
+        if not in_place:  # the kernel has scaled it already
+            g.mul_(row_scale[start:end].to(cdt).unsqueeze(1))
+            if deriv is not None:
+                g.mul_(deriv)
         g_lin = g.to(hs.dtype)
         if need_h:
             out["grad_h"][start:end] = g_lin @ ws
         if need_w:
             out["grad_w"].addmm_(g_lin.t().to(ws.dtype), h.to(ws.dtype))
         if need_b:
-            out["grad_b"] += g.sum(0)
+            out["grad_b"] += g.sum(0, dtype=cdt)
         del g, g_lin, res
     return out
+
+
+def _kernel_chunk_in_place(zs, zt, labels, mask, cfg, loss_kw, scale):
+    """Divergence and hard CE from one kernel launch; the gradient, already multiplied by
+    ``scale``, is written over ``zs`` (the returned ``grad`` is ``zs``)."""
+    ce_weight = cfg["ce_weight"]
+    rows, g, _, ce = loss_and_grad_one_launch(
+        zs,
+        zt,
+        kind=cfg["kind"],
+        row_mask=mask,
+        grad_scale=scale,
+        labels=labels.clamp_min(0) if ce_weight > 0 else None,
+        ce_weight=ce_weight,
+        overwrite_input=True,
+        **loss_kw,
+    )
+    if ce is None:
+        return ChunkResult(rows, g, {cfg["kind"]: rows})
+    return ChunkResult(rows, g, {cfg["kind"]: rows - ce_weight * ce, "ce": ce})
 
 
 def _kernel_chunk(zs, zt, labels, mask, cfg, loss_kw, need_grad):

@@ -21,9 +21,13 @@ class _DenseTeacher:
         self.bias = bias.detach()[:vocab] if bias is not None else None
         self.transform = tf
 
-    def logits(self, start: int, end: int, dtype: torch.dtype) -> Tensor:
-        z = F.linear(self.hidden[start:end], self.weight, self.bias).to(dtype)
-        return self.transform(z)[0]
+    def logits(self, start: int, end: int, dtype: torch.dtype | None) -> Tensor:
+        """The chunk's logits in ``dtype``; ``None``: as the head gives them when it gives a
+        dtype the fused kernel reads and no transform is to be applied (else float32)."""
+        z = F.linear(self.hidden[start:end], self.weight, self.bias)
+        if dtype is None:
+            dtype = z.dtype if _kernel_reads(z.dtype) and self.transform.identity else torch.float32
+        return self.transform(z.to(dtype))[0]
 
 
 class _TopKTeacher:
@@ -33,10 +37,20 @@ class _TopKTeacher:
         self.indices, self.values = indices.detach(), values.detach()
         self.vocab, self.tail = vocab, tail
 
-    def logits(self, start: int, end: int, dtype: torch.dtype) -> Tensor:
+    def logits(self, start: int, end: int, dtype: torch.dtype | None) -> Tensor:
+        """The chunk's dense logits in ``dtype``; ``None``: the values' dtype when the fused
+        kernel reads it and the tail adds no value of its own (else float32: the uniform tail's
+        log-probability is computed, and is kept in float32)."""
+        if dtype is None:
+            keep = _kernel_reads(self.values.dtype) and self.tail == "renormalize"
+            dtype = self.values.dtype if keep else torch.float32
         return dense_from_topk(
             self.indices[start:end], self.values[start:end], self.vocab, self.tail, dtype
         )
+
+
+def _kernel_reads(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _dense_teacher(hidden, weight, bias, token_shape, V, device, tf) -> _DenseTeacher:

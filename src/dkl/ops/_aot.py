@@ -27,15 +27,19 @@ _POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16
 _FIXED_TYPES = {
     "cw_ptr": "*fp32",
     "mask_ptr": "*u8",
+    "labels_ptr": "*i64",
+    "ce_ptr": "*fp32",
     "scale_ptr": "*fp32",
     "loss_ptr": "*fp32",
     "stats_ptr": "*fp32",
 }
 _LOGIT_POINTERS = ("s_ptr", "t_ptr", "gs_ptr", "gt_ptr")
-_FLOAT_SCALARS = ("inv_T", "inv_T2", "alpha", "beta")
+_FLOAT_SCALARS = ("inv_T", "inv_T2", "alpha", "beta", "ce_weight")
 
 # The launch phases dkl uses: the autograd forward (statistics), the autograd backward
-# (gradients from the saved statistics) and the chunked LLM path's single launch (both).
+# (gradients from the saved statistics) and the chunked LLM path's single launch (both), the
+# latter also with the hard-label CE at T != 1 and at T = 1.
+_NO_CE = {"HAS_CE": False, "CE_AT_T": False}
 PHASES: dict[str, dict[str, bool]] = {
     "forward": {
         "PASS1": True,
@@ -43,14 +47,41 @@ PHASES: dict[str, dict[str, bool]] = {
         "HAS_SCALE": False,
         "GRAD_S": False,
         "GRAD_T": False,
+        **_NO_CE,
     },
-    "backward": {"PASS1": False, "PASS2": True, "HAS_SCALE": True, "GRAD_S": True, "GRAD_T": True},
+    "backward": {
+        "PASS1": False,
+        "PASS2": True,
+        "HAS_SCALE": True,
+        "GRAD_S": True,
+        "GRAD_T": True,
+        **_NO_CE,
+    },
     "one_launch": {
         "PASS1": True,
         "PASS2": True,
         "HAS_SCALE": True,
         "GRAD_S": True,
         "GRAD_T": False,
+        **_NO_CE,
+    },
+    "one_launch_ce": {
+        "PASS1": True,
+        "PASS2": True,
+        "HAS_SCALE": True,
+        "GRAD_S": True,
+        "GRAD_T": False,
+        "HAS_CE": True,
+        "CE_AT_T": False,
+    },
+    "one_launch_ce_t1": {
+        "PASS1": True,
+        "PASS2": True,
+        "HAS_SCALE": True,
+        "GRAD_S": True,
+        "GRAD_T": False,
+        "HAS_CE": True,
+        "CE_AT_T": True,
     },
 }
 # (KIND, WMODE): KL, DKL, and IKL with the weights from the target's softmax at T, at T2, or given
@@ -58,13 +89,19 @@ CASES = {"kl": (0, 0), "dkl": (1, 0), "ikl": (2, 0), "ikl_t2": (2, 1), "ikl_gi":
 
 
 def launches() -> list[tuple[str, str, torch.dtype]]:
-    """``(case, phase, dtype)`` for every launch kind dkl makes, float32 throughout and the half
-    types for IKL's gradient-writing launches."""
-    out = [(case, phase, torch.float32) for case in CASES for phase in PHASES]
+    """``(case, phase, dtype)`` for every launch kind dkl makes: float32 throughout, the half
+    types for IKL's gradient-writing launches, and the CE launches for the LLM path's kinds."""
+    plain = [p for p in PHASES if not PHASES[p]["HAS_CE"]]
+    out = [(case, phase, torch.float32) for case in CASES for phase in plain]
     out += [
         ("ikl", phase, dt)
-        for phase in ("backward", "one_launch")
+        for phase in ("backward", "one_launch", "one_launch_ce")
         for dt in (torch.bfloat16, torch.float16)
+    ]
+    out += [
+        (case, phase, torch.float32)
+        for case in ("kl", "ikl")
+        for phase in ("one_launch_ce", "one_launch_ce_t1")
     ]
     return out
 

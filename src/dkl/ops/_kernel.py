@@ -9,6 +9,13 @@ the gradient(s), already multiplied by a per-row scale. ``PASS1`` / ``PASS2`` ch
 launch runs: the autograd forward runs pass 1 only, its backward pass 2 only (from the saved
 per-row statistics), and the chunked LLM path runs both in one launch.
 
+The one-launch form can also add a hard-label cross-entropy on the input's logits (``HAS_CE``,
+the next-token loss of the LLM path): its log-sum-exp comes from pass 1 (the input's own softmax
+when ``T = 1``, ``CE_AT_T``, else one more online log-sum-exp), and pass 2 adds
+``ce_weight * (softmax(s) - onehot(y))`` to the input's gradient. The gradient may be written over
+the input logits themselves (the LLM path passes the same buffer): pass 2 reads each block of the
+row before it writes that block, and reads nothing of the row afterwards.
+
 Non-finite logits follow the torch losses' rule: a ``-inf`` target logit marks a class the target
 rules out (probability 0, wMSE weight 0, its ``e`` taken as 0 so no ``0 * inf`` appears); a ``-inf``
 input logit on a class the target keeps makes the row's loss ``+inf``; a row whose target logits
@@ -54,6 +61,8 @@ def _divergence_kernel(
     t_ptr,  # (B, C) target logits, fp32 / bf16 / fp16
     cw_ptr,  # (B, C) class weights (WMODE 2), any float dtype; unused otherwise
     mask_ptr,  # (B,) uint8 valid-row mask (HAS_MASK); unused otherwise
+    labels_ptr,  # (B,) int64 hard labels in [0, C) (HAS_CE); unused otherwise
+    ce_ptr,  # (B,) fp32 per-row hard-label CE, unweighted (written by PASS1 when HAS_CE)
     scale_ptr,  # (B,) fp32 per-row gradient scale (PASS2, HAS_SCALE); unused otherwise
     loss_ptr,  # (B,) fp32 per-row loss (written by PASS1)
     stats_ptr,  # (B, N_STATS) fp32 per-row statistics (written by PASS1, read by PASS2 alone)
@@ -70,16 +79,20 @@ def _divergence_kernel(
     inv_T2,  # 1 / weight_temperature
     alpha,  # weight of the soft cross-entropy (DKL / IKL)
     beta,  # weight of the wMSE (DKL / IKL)
+    ce_weight,  # weight of the hard-label CE (HAS_CE)
     KIND: tl.constexpr,
     WMODE: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    HAS_CE: tl.constexpr,  # one launch (PASS1 and PASS2) only
+    CE_AT_T: tl.constexpr,  # T = 1: the CE's softmax is the input's softmax at T
     PASS1: tl.constexpr,
     PASS2: tl.constexpr,
     GRAD_S: tl.constexpr,
     GRAD_T: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    tl.static_assert(not HAS_CE or (PASS1 and PASS2), "the hard-label CE needs one launch")
     row = tl.program_id(0).to(tl.int64)  # int64: B * C can exceed 2**31
     offs = tl.arange(0, BLOCK)
     s_row = s_ptr + row * s_stride
@@ -105,6 +118,10 @@ def _divergence_kernel(
         e_ref = t0 - s0
     else:
         e_ref = ref_t - ref_s
+    if HAS_CE:
+        label = tl.where(row_on, tl.load(labels_ptr + row), 0)
+        s_label = tl.load(s_row + label).to(tl.float32)
+    lse_c = tl.zeros([], tl.float32)  # the CE's log-sum-exp (HAS_CE)
 
     if PASS1:
         neg_inf = float("-inf")
@@ -118,6 +135,8 @@ def _divergence_kernel(
         z_t = tl.zeros([], tl.float32)  # sum exp(u_t - m_t) (WMODE 1/2 only)
         b_acc = tl.zeros([], tl.float32)  # sum exp(u_t - m_t) * (u_s - ref_s)  (sCE)
         ruled_out = tl.zeros([], tl.float32)  # 1 once a kept class has a -inf input logit
+        m_c = tl.full([], neg_inf, tl.float32)  # running max of s (HAS_CE, not CE_AT_T)
+        z_c = tl.zeros([], tl.float32)  # sum exp(s - m_c)
         for start in range(0, n_cols, BLOCK):
             cols = start + offs
             inb = cols < C
@@ -136,6 +155,13 @@ def _divergence_kernel(
                 tl.exp(us_m - _shift(m_s_new)), axis=0
             )
             m_s = m_s_new
+            if HAS_CE and not CE_AT_T:
+                s_m = tl.where(inb, s, neg_inf)
+                m_c_new = tl.maximum(m_c, tl.max(s_m, axis=0))
+                z_c = z_c * tl.exp(m_c - _shift(m_c_new)) + tl.sum(
+                    tl.exp(s_m - _shift(m_c_new)), axis=0
+                )
+                m_c = m_c_new
 
             if KIND == 2:
                 e = (t - s) - e_ref  # IKL: wMSE on raw logits
@@ -213,6 +239,14 @@ def _divergence_kernel(
             loss = beta * wmse + alpha * sce
         loss = tl.where(ruled_out > 0, float("inf"), loss)
         loss = tl.where(z_t == 0, float("nan"), loss)  # every target logit -inf: no distribution
+        if HAS_CE:
+            if CE_AT_T:
+                lse_c = lse_s
+            else:
+                lse_c = tl.where(row_on, m_c, 0.0) + tl.log(tl.where(row_on, z_c, 1.0))
+            ce = tl.where(row_on, lse_c - s_label, 0.0)
+            tl.store(ce_ptr + row, ce)
+            loss = loss + ce_weight * ce
         loss = tl.where(row_on, loss, 0.0)
         tl.store(loss_ptr + row, loss)
         if PASS2 == 0:
@@ -272,6 +306,12 @@ def _divergence_kernel(
                 dw = (beta * wtot) * w * (e - mean)
                 gsv = (alpha * inv_T) * (ps - pt) - dw
                 gtv = dw
+            if HAS_CE:
+                if CE_AT_T:
+                    pc = ps
+                else:
+                    pc = tl.exp(s - lse_c)
+                gsv = gsv + ce_weight * (pc - tl.where(cols == label, 1.0, 0.0))
             if GRAD_S:
                 gsv = tl.where(row_on, g * gsv, 0.0)
                 tl.store(gs_row + cols, gsv.to(gs_ptr.dtype.element_ty), mask=inb)

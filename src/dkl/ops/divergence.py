@@ -201,8 +201,17 @@ def _launch(
     grad_input: bool = True,
     grad_target: bool = False,
     block: int | None = None,
+    labels: Tensor | None = None,
+    ce_weight: float = 0.0,
+    ce_out: Tensor | None = None,
+    grad_input_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Run the kernel; returns (loss (B,), stats (B, 4), grad_input, grad_target)."""
+    """Run the kernel; returns (loss (B,), stats (B, 4), grad_input, grad_target).
+
+    ``labels`` (B,) int64 in ``[0, C)``: add ``ce_weight`` times the hard-label CE of the input
+    (one launch only), its unweighted rows written to ``ce_out``. ``grad_input_out``: the buffer
+    the input's gradient is written to, which may be ``input`` itself (written over).
+    """
     mod = _kernel_for(input.device)
     B, C = input.shape
     dev = input.device
@@ -217,7 +226,13 @@ def _launch(
     loss = torch.empty(B, device=dev, dtype=torch.float32) if pass1 else input.new_empty(0)
     if stats is None:
         stats = torch.empty(B, mod.N_STATS, device=dev, dtype=torch.float32)
-    gs = torch.empty_like(input) if (pass2 and grad_input) else None
+    if pass2 and grad_input:
+        gs = grad_input_out if grad_input_out is not None else torch.empty_like(input)
+    else:
+        gs = None
+    has_ce = labels is not None
+    if has_ce and not (pass1 and pass2 and ce_out is not None):
+        raise ValueError("the hard-label CE is computed in one launch (both passes), into ce_out")
     gt = torch.empty_like(target) if (pass2 and grad_target) else None
     cw = class_weights if class_weights is not None else input  # dummy pointer when unused
     mask = row_mask.view(torch.uint8) if row_mask is not None else stats  # dummy when unused
@@ -230,6 +245,8 @@ def _launch(
         target,
         cw,
         mask,
+        labels if has_ce else stats,  # dummy when unused
+        ce_out if has_ce else stats,
         sc,
         loss,
         stats,
@@ -246,10 +263,13 @@ def _launch(
         1.0 / float(weight_temperature),
         float(alpha),
         float(beta),
+        float(ce_weight),
         KIND=kind_id,
         WMODE=wmode,
         HAS_MASK=row_mask is not None,
         HAS_SCALE=scale is not None,
+        HAS_CE=has_ce,
+        CE_AT_T=has_ce and float(temperature) == 1.0,
         PASS1=pass1,
         PASS2=pass2,
         GRAD_S=gs is not None,
@@ -385,10 +405,56 @@ def divergence_loss_and_grad(
     fused-linear path). ``grad_scale`` is (B,) (``None`` means ones). Returns
     ``(loss, grad_input, grad_target)``; ``grad_target`` is ``None`` unless asked for.
     """
-    input, target, class_weights = _prepared(
+    loss, gs, gt, _ = loss_and_grad_one_launch(
+        input,
+        target,
+        kind=kind,
+        alpha=alpha,
+        beta=beta,
+        temperature=temperature,
+        weight_temperature=weight_temperature,
+        class_weights=class_weights,
+        row_mask=row_mask,
+        grad_scale=grad_scale,
+        grad_target=grad_target,
+        _block=_block,
+    )
+    return loss, gs, gt
+
+
+def loss_and_grad_one_launch(
+    input: Tensor,
+    target: Tensor,
+    *,
+    kind: str,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    temperature: float = 1.0,
+    weight_temperature: float = 1.0,
+    class_weights: Tensor | None = None,
+    row_mask: Tensor | None = None,
+    grad_scale: Tensor | None = None,
+    grad_target: bool = False,
+    labels: Tensor | None = None,
+    ce_weight: float = 0.0,
+    overwrite_input: bool = False,
+    _block: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """:func:`divergence_loss_and_grad` with two more things the chunked LLM path uses.
+
+    ``labels`` (B,) integers in ``[0, C)`` (ignored rows: any valid index, they are masked) add
+    ``ce_weight`` times the hard-label cross-entropy of ``input`` to each row's loss and its
+    gradient ``softmax(input) - onehot(labels)`` to ``grad_input``. ``overwrite_input=True``
+    writes the input's gradient over ``input`` itself (no second ``(B, C)`` buffer; ``input``
+    must have contiguous rows and is not usable as logits afterwards). Returns ``(loss,
+    grad_input, grad_target, ce)``; ``ce`` holds the unweighted CE rows (``None`` without labels).
+    """
+    prepared, target, class_weights = _prepared(
         input, target, kind, alpha, beta, temperature, weight_temperature, class_weights, row_mask
     )
-    input, target = input.detach(), target.detach()
+    if overwrite_input and prepared is not input:
+        raise ValueError("overwrite_input needs input logits with contiguous rows")
+    input, target = prepared.detach(), target.detach()
     B = input.shape[0]
     if grad_scale is not None and grad_scale.shape != (B,):
         raise ValueError(
@@ -399,6 +465,15 @@ def divergence_loss_and_grad(
         if grad_scale is not None
         else None
     )
+    ce = None
+    if labels is not None:
+        if labels.shape != (B,) or labels.is_floating_point():
+            raise ValueError(
+                f"Expected integer labels of shape (B,) = ({B},), got {labels.dtype} "
+                f"{tuple(labels.shape)}"
+            )
+        labels = labels.to(device=input.device, dtype=torch.int64).contiguous()
+        ce = torch.empty(B, device=input.device, dtype=torch.float32)
     loss, _, gs, gt = _launch(
         input,
         target,
@@ -415,5 +490,9 @@ def divergence_loss_and_grad(
         grad_input=True,
         grad_target=grad_target,
         block=_block,
+        labels=labels,
+        ce_weight=float(ce_weight),
+        ce_out=ce,
+        grad_input_out=input if overwrite_input else None,
     )
-    return loss, gs, gt
+    return loss, gs, gt, ce
