@@ -65,6 +65,9 @@ def test_smoke_report_has_every_section(gpu_check, tmp_path, capsys):
     assert "KD fp32: IKL step overhead over KD" in report
     assert "IKL-AT dkl fp32: ≥ 1.2× the authors' loop" in report
     assert "| fp32 | fixmatch_ikl |" in report
+    for row in ("bf16 \\| fused_linear_reverse_kl \\| 1024", "bf16 \\| fused_linear_jsd, β = 0.5 \\| 1024",
+                "fp32 \\| fused_linear_ikl \\| 16"):  # fmt: skip
+        assert re.search(rf"^\\| {row} \\| [0-9.]+ \\|", report, re.MULTILINE), row  # timed
     # exit status: 1 exactly when a correctness check failed
     failed = re.search(r"checks: \d+ passed, [1-9]\d* failed", report) is not None
     assert code == (1 if failed else 0)

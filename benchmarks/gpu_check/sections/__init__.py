@@ -24,7 +24,7 @@ test. Its shape::
 from __future__ import annotations
 
 from ..core import Section
-from . import adv, correctness, kd, kernel, sharded, ssl
+from . import adv, correctness, kd, kernel, llm, sharded, ssl
 
 SECTIONS: dict[str, Section] = {
     s.name: s
@@ -35,5 +35,6 @@ SECTIONS: dict[str, Section] = {
         adv.SECTION,
         ssl.SECTION,
         sharded.SECTION,
+        llm.SECTION,
     )
 }
