@@ -632,6 +632,51 @@ def test_kernel_reads_bf16_logits_as_the_heads_give_them(teacher):
         assert err < 2e-2, err
 
 
+@pytest.mark.parametrize("kind", ["ikl", "kl"])
+def test_student_ruling_out_a_teacher_class_gives_plus_inf_on_every_route(kind):
+    """A ``-inf`` student bias on a class the teacher keeps: the divergence is ``+inf`` (as in
+    ``dkl.ikl_loss`` / ``F.kl_div``), never NaN, also at alpha = 0; the gradients stay finite and
+    the torch route and the kernel agree on them."""
+    p = _problem(N=5, V=9, seed=31)
+    p["bs"] = p["bs"].detach().clone()
+    p["bs"][4] = -math.inf
+    fn = fused_linear_ikl if kind == "ikl" else fused_linear_kl
+    hps = [{**HP, "alpha": 0.0}, HP] if kind == "ikl" else [{"temperature": 2.0}]
+    impls = ["torch"]
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        impls.append("triton")
+    for hp in hps:
+        grads = {}
+        for impl in impls:
+            hs = p["hs"].detach().clone().requires_grad_(True)
+            kw = {"student_bias": p["bs"], "teacher_bias": p["bt"]}
+            loss = fn(hs, p["ws"].detach(), p["ht"], p["wt"], **hp, **kw, impl=impl)
+            rows = fn(hs, p["ws"].detach(), p["ht"], p["wt"], **hp, **kw, reduction="none",
+                      impl=impl)  # fmt: skip
+            assert torch.isposinf(loss) and torch.isposinf(rows).all(), (impl, hp, rows)
+            (grads[impl],) = torch.autograd.grad(loss, hs)
+            assert torch.isfinite(grads[impl]).all(), (impl, hp)
+        if "triton" in grads:
+            torch.testing.assert_close(grads["triton"], grads["torch"], rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_head_dtypes_and_bool_labels_are_refused_in_one_line():
+    """Outside autocast a head whose dtype is not its hidden states' (or a bias of a third dtype)
+    failed deep inside the matmul; a bool mask passed as labels was taken as classes 0 / 1."""
+    p = _problem(N=4, V=7, seed=41)
+    hs, ws, ht, wt = p["hs"], p["ws"], p["ht"], p["wt"]
+    with pytest.raises(ValueError, match="student_head_weight of the student's hidden-state dtype"):
+        fused_linear_ikl(hs.bfloat16(), ws, ht, wt, **HP)
+    with pytest.raises(ValueError, match="teacher_bias of the teacher's hidden-state dtype"):
+        fused_linear_kl(hs, ws, ht, wt, teacher_bias=p["bt"].double(), temperature=1.0)
+    with pytest.raises(TypeError, match="Expected integer labels, got torch.bool"):
+        fused_linear_ikl(hs, ws, ht, wt, labels=torch.ones(4, dtype=torch.bool), **HP)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the head: allowed
+        loss = fused_linear_ikl(hs, ws.bfloat16(), ht, wt, **HP)
+    ref = fused_linear_ikl(hs.bfloat16(), ws.bfloat16(), ht.bfloat16(), wt.bfloat16(), **HP)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_double_backward_is_refused_in_one_line():
     """The chunked and top-k losses write their gradient in closed form: a second derivative
     through them is an error naming the way out, never a silently wrong (zero) number."""

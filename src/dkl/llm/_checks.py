@@ -22,7 +22,7 @@ def valid_token_mask(labels: Tensor, ignore_index: int = -100) -> Tensor:
     >>> valid_token_mask(torch.tensor([3, -100, 7]))
     tensor([ True, False,  True])
     """
-    if labels.is_floating_point() or labels.is_complex():
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"Expected integer labels, got {labels.dtype}")
     return labels != ignore_index
 
@@ -36,16 +36,26 @@ def _flatten_tokens(x: Any, name: str) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _check_linear(weight: Any, bias: Tensor | None, hidden: int, name: str) -> None:
-    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != hidden:
+def _check_linear(weight: Any, bias: Tensor | None, hidden: Tensor, name: str) -> None:
+    """The head of ``hidden`` (N, H): weight (V, H), bias (V,), and outside autocast the hidden
+    states' dtype (else the head's matmul fails deep inside with a message naming neither)."""
+    H = hidden.shape[1]
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != H:
         got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(
-            f"Expected {name}_head_weight of shape (V, H) with H = {hidden}, got {got}"
-        )
+        raise ValueError(f"Expected {name}_head_weight of shape (V, H) with H = {H}, got {got}")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(
             f"Expected {name}_bias of shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}"
         )
+    kind = hidden.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return
+    for what, x in ((f"{name}_head_weight", weight), (f"{name}_bias", bias)):
+        if x is not None and x.dtype != hidden.dtype:
+            raise ValueError(
+                f"Expected {what} of the {name}'s hidden-state dtype {hidden.dtype}, got "
+                f"{x.dtype} (cast one of them, or run the loss under torch.autocast)"
+            )
 
 
 def _check_weight(name: str, value: Any, *, positive: bool) -> float:

@@ -14,6 +14,9 @@ is > 0 wherever :math:`p` or :math:`q` is, so both of its KL terms stay finite. 
 :math:`\sum_j q_j \log(q_j / p_j)` is :math:`+\infty` when :math:`p_j = 0 < q_j`:
 :func:`unbounded_rows` finds those tokens and the callers refuse them (a finite stand-in such as
 clamping :math:`\log p_j` would be a number that depends on the float type, not the divergence).
+The other way round, a ``-inf`` student logit on a class the teacher keeps makes the forward KL,
+IKL and the CE ``+inf`` for that token (IKL's difference :math:`e_j = +\infty` is taken as 0 there,
+so the gradients stay finite, as in :func:`dkl.ikl_loss` and the fused kernel).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from dkl.losses._common import no_autocast
 
 DIVERGENCES = ("ikl", "kl", "reverse_kl", "jsd")
 """The divergences of the chunked losses by name: IKL, forward KL, reverse KL, generalised JSD."""
@@ -151,12 +156,18 @@ def divergence_rows(
     else:
         w = F.softmax(zt * (1.0 / weight_temperature), dim=1)
     e = (zt - zs).masked_fill_(w == 0, 0.0)  # zero-weight classes drop out (no 0 · inf)
+    # a -inf student logit on a kept class: e = +inf there, taken as 0 (the row's loss is +inf
+    # through the sCE; the other classes' gradients stay finite, as in dkl.ikl_loss)
+    e.masked_fill_(torch.isposinf(e), 0.0)
     total = w.sum(1)
     mean = _rowdot(w, e) / total.clamp_min(torch.finfo(e.dtype).tiny)
     centred = e.sub_(mean.unsqueeze(1))
     wc = w * centred
     wmse = 0.5 * total * _rowdot(wc, centred)
     rows = beta * wmse + alpha * sce
+    # +inf where the student rules out a class the teacher keeps (sce is +inf exactly there),
+    # also at alpha = 0
+    rows = torch.where(torch.isposinf(sce), math.inf, rows)
     parts = {"wmse": wmse, "sce": sce}
     if not need_grad:
         return rows, None, parts
@@ -233,7 +244,29 @@ def chunk_loss(
     valid: Tensor | None,
     need_grad: bool,
 ) -> ChunkResult:
-    """Divergence (+ ``ce_weight`` · hard CE) per token of one chunk; ignored tokens give 0."""
+    """Divergence (+ ``ce_weight`` · hard CE) per token of one chunk; ignored tokens give 0.
+
+    Autocast is off here: under it the row sums (``vecdot``) would run in bfloat16 / float16."""
+    with no_autocast(zs):
+        return _chunk_loss(
+            zs,
+            zt,
+            kind=kind,
+            alpha=alpha,
+            beta=beta,
+            temperature=temperature,
+            weight_temperature=weight_temperature,
+            ce_weight=ce_weight,
+            labels=labels,
+            valid=valid,
+            need_grad=need_grad,
+        )
+
+
+def _chunk_loss(
+    zs, zt, *, kind, alpha, beta, temperature, weight_temperature, ce_weight, labels, valid,
+    need_grad,
+) -> ChunkResult:  # fmt: skip
     rows, grad, parts = divergence_rows(
         zs,
         zt,

@@ -60,7 +60,7 @@ def _dense_teacher(hidden, weight, bias, token_shape, V, device, tf) -> _DenseTe
             f"Expected teacher_hidden with the student's token shape {tuple(token_shape)}, "
             f"got {tuple(hidden.shape[:-1])}"
         )
-    _check_linear(weight, bias, ht.shape[1], "teacher")
+    _check_linear(weight, bias, ht, "teacher")
     Vt = weight.shape[0]
     if Vt < V:
         raise ValueError(

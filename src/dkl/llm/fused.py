@@ -99,7 +99,7 @@ def _fused_linear(
     hs = _flatten_tokens(student_hidden, "student_hidden")
     token_shape = student_hidden.shape[:-1]
     N = hs.shape[0]
-    _check_linear(student_head_weight, student_bias, hs.shape[1], "student")
+    _check_linear(student_head_weight, student_bias, hs, "student")
     V = student_head_weight.shape[0]
     if V < 2:
         raise ValueError(f"Expected a vocabulary of at least 2 entries, got {V}")

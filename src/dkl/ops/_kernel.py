@@ -18,8 +18,9 @@ row before it writes that block, and reads nothing of the row afterwards.
 
 Non-finite logits follow the torch losses' rule: a ``-inf`` target logit marks a class the target
 rules out (probability 0, wMSE weight 0, its ``e`` taken as 0 so no ``0 * inf`` appears); a ``-inf``
-input logit on a class the target keeps makes the row's loss ``+inf``; a row whose target logits
-are all ``-inf`` gives NaN. Running maxima that are still ``-inf`` are replaced by 0 where they
+input logit on a class the target keeps makes the row's loss ``+inf`` (its ``e`` is taken as 0 too,
+so the row's gradients stay finite, as on the torch path); a row whose target logits are all
+``-inf`` gives NaN. Running maxima that are still ``-inf`` are replaced by 0 where they
 rescale a sum, so a block of ruled-out classes never produces ``-inf - -inf``.
 
 This module imports triton at import time; ``dkl.ops`` imports it lazily. Whether the kernel runs
@@ -168,6 +169,10 @@ def _divergence_kernel(
             else:
                 e = (ut - us) - e_ref
             e = tl.where(kept, e, 0.0)
+            # a -inf input logit on a kept class: the row's loss is +inf (``ruled_out``); its e
+            # (before the shift by e_ref) is taken as 0, as on the torch path, so the statistics
+            # and the other classes' gradients stay finite
+            e = tl.where(s == neg_inf, -e_ref, e)
 
             # weights of this block and the factor that rescales the running sums
             if WMODE == 2:
@@ -289,6 +294,7 @@ def _divergence_kernel(
             else:
                 e = (ut - us) - e_ref
             e = tl.where(kept, e, 0.0)
+            e = tl.where(s == float("-inf"), -e_ref, e)  # as in pass 1
             if KIND == 0:
                 gsv = inv_T * (ps - pt)
                 gtv = inv_T * pt * (e - mean)
