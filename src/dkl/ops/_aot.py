@@ -108,7 +108,13 @@ def launches() -> list[tuple[str, str, torch.dtype]]:
 
 def constexprs_for(case: str, phase: str, *, mask: bool = True, block: int = MAX_BLOCK) -> dict:
     kind, wmode = CASES[case]
-    return {"KIND": kind, "WMODE": wmode, "HAS_MASK": mask, "BLOCK": block, **PHASES[phase]}
+    return {
+        "KIND": kind,
+        "WMODE": wmode,
+        "HAS_MASK": mask,
+        "BLOCK": block,
+        **PHASES[phase],
+    }
 
 
 def compile_kernel(
@@ -117,10 +123,15 @@ def compile_kernel(
     dtype: torch.dtype = torch.float32,
     arch: int = 90,
     num_warps: int = NUM_WARPS,
+    aligned: bool = True,
 ):
     """The divergence kernel compiled for ``sm_<arch>``; returns Triton's ``CompiledKernel``
     (its ``asm`` holds ``ttir`` ... ``ptx`` and ``cubin``). ``constexprs`` names every
-    compile-time argument (``KIND``, ``WMODE``, ..., ``BLOCK``); ``dtype`` is the logits'."""
+    compile-time argument (``KIND``, ``WMODE``, ..., ``BLOCK``); ``dtype`` is the logits'.
+
+    ``aligned``: specialise as Triton does at run time for the usual call, with every pointer
+    16-byte aligned, ``C`` and the row strides multiples of 16 and the per-row scale contiguous
+    (its stride the constant 1); the loads are vectorised then. ``False``: no such knowledge."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -149,7 +160,15 @@ def compile_kernel(
             signature[name] = _FIXED_TYPES[name]
         else:
             signature[name] = "fp32" if name in _FLOAT_SCALARS else "i32"
-    source = ASTSource(fn=kernel, signature=signature, constexprs=dict(constexprs))
+    constexprs = dict(constexprs)
+    attrs = {}
+    if aligned:
+        constexprs["scale_stride"] = 1
+        signature["scale_stride"] = "constexpr"
+        for i, param in enumerate(kernel.params):
+            if signature[param.name].startswith("*") or signature[param.name] == "i32":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
     return triton.compile(source, target=target, options={"num_warps": num_warps})
 

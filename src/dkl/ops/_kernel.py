@@ -45,6 +45,19 @@ WMODE_CLASS_WEIGHTS = 2  # explicit non-negative (B, C) weights (IKL only)
 N_STATS = 4
 
 
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _exp(x):
+    """``exp(x)`` as ``exp2(x log2(e))``: one ``ex2.approx.ftz``, where ``tl.exp`` adds a range
+    check and two rescaling multiplies per element to keep results below 2^-126 (their flush to
+    0 changes no loss or gradient: such probabilities and weights add nothing). The argument
+    keeps its form (``u - m``, which the compiler fuses into one multiply-add with the scaling of
+    the logits), so nothing is lost at large logit offsets."""
+    return tl.exp2(x * LOG2E)
+
+
 @triton.jit
 def _finite_or_zero(x):
     return tl.where(tl.abs(x) < float("inf"), x, 0.0)
@@ -152,15 +165,13 @@ def _divergence_kernel(
             # student softmax at T, online
             us_m = tl.where(inb, us, neg_inf)
             m_s_new = tl.maximum(m_s, tl.max(us_m, axis=0))
-            z_s = z_s * tl.exp(m_s - _shift(m_s_new)) + tl.sum(
-                tl.exp(us_m - _shift(m_s_new)), axis=0
-            )
+            z_s = z_s * _exp(m_s - _shift(m_s_new)) + tl.sum(_exp(us_m - _shift(m_s_new)), axis=0)
             m_s = m_s_new
             if HAS_CE and not CE_AT_T:
                 s_m = tl.where(inb, s, neg_inf)
                 m_c_new = tl.maximum(m_c, tl.max(s_m, axis=0))
-                z_c = z_c * tl.exp(m_c - _shift(m_c_new)) + tl.sum(
-                    tl.exp(s_m - _shift(m_c_new)), axis=0
+                z_c = z_c * _exp(m_c - _shift(m_c_new)) + tl.sum(
+                    _exp(s_m - _shift(m_c_new)), axis=0
                 )
                 m_c = m_c_new
 
@@ -185,8 +196,8 @@ def _divergence_kernel(
                 else:
                     uw = tl.where(kept, t * inv_T2, neg_inf)
                 m_w_new = tl.maximum(m_w, tl.max(uw, axis=0))
-                r_w = tl.exp(m_w - _shift(m_w_new))
-                wb = tl.exp(uw - _shift(m_w_new))
+                r_w = _exp(m_w - _shift(m_w_new))
+                wb = _exp(uw - _shift(m_w_new))
                 m_w = m_w_new
 
             # block moments (centred in registers), then Chan's merge with the running ones
@@ -209,8 +220,8 @@ def _divergence_kernel(
                 else:
                     ut_m = tl.where(kept, ut, neg_inf)
                     m_t_new = tl.maximum(m_t, tl.max(ut_m, axis=0))
-                    r_t = tl.exp(m_t - _shift(m_t_new))
-                    pt_b = tl.exp(ut_m - _shift(m_t_new))
+                    r_t = _exp(m_t - _shift(m_t_new))
+                    pt_b = _exp(ut_m - _shift(m_t_new))
                     z_t = z_t * r_t + tl.sum(pt_b, axis=0)
                     b_acc = b_acc * r_t + tl.sum(pt_b * dus, axis=0)
                     m_t = m_t_new
@@ -287,8 +298,8 @@ def _divergence_kernel(
             kept = t != float("-inf")
             us = s * inv_T
             ut = t * inv_T
-            ps = tl.exp(us - lse_s)
-            pt = tl.exp(ut - lse_t)  # 0 on ruled-out classes
+            ps = _exp(us - lse_s)
+            pt = _exp(ut - lse_t)  # 0 on ruled-out classes
             if KIND == 2:
                 e = (t - s) - e_ref
             else:
@@ -305,7 +316,7 @@ def _divergence_kernel(
                 if WMODE == 0:
                     w = pt
                 elif WMODE == 1:
-                    w = tl.exp(t * inv_T2 - wstat)
+                    w = _exp(t * inv_T2 - wstat)
                 else:
                     w = tl.load(cw_row + cols, mask=ld, other=0.0).to(tl.float32)
                     w = tl.where(kept, w, 0.0)
@@ -316,7 +327,7 @@ def _divergence_kernel(
                 if CE_AT_T:
                     pc = ps
                 else:
-                    pc = tl.exp(s - lse_c)
+                    pc = _exp(s - lse_c)
                 gsv = gsv + ce_weight * (pc - tl.where(cols == label, 1.0, 0.0))
             if GRAD_S:
                 gsv = tl.where(row_on, g * gsv, 0.0)
