@@ -632,6 +632,8 @@ def test_kernel_reads_bf16_logits_as_the_heads_give_them(teacher):
         assert err < 2e-2, err
 
 
+# Triton's interpreter computes with NumPy, which warns at the -inf - -inf it then discards
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("kind", ["ikl", "kl"])
 def test_student_ruling_out_a_teacher_class_gives_plus_inf_on_every_route(kind):
     """A ``-inf`` student bias on a class the teacher keeps: the divergence is ``+inf`` (as in
