@@ -714,3 +714,21 @@ def test_soft_cross_entropy_refuses_negative_or_non_finite_probabilities():
     _one_line_error(ValueError, r"Expected non-negative target_probs", dkl.soft_cross_entropy, z, p)
     p[1, 2] = float("nan")
     _one_line_error(ValueError, r"Expected finite target_probs", dkl.soft_cross_entropy, z, p)
+
+
+@quiet_interpreter
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("loss", ["kl", "dkl", "ikl"])
+def test_nan_wins_over_a_ruled_out_kept_class(loss, impl):
+    """A -inf input logit on a kept class makes a row +inf, unless the row is NaN anyway (a NaN
+    or +inf logit elsewhere in it): NaN, on the torch path and in the kernel alike (the kernel
+    gave +inf for all three rows)."""
+    if impl == "triton":
+        _kernel_or_skip()
+    g = torch.Generator().manual_seed(3)
+    zs, zt = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)
+    zs[:, 2] = -INF
+    zs[1, 4], zs[2, 5] = INF, float("nan")
+    fn = {"kl": kl_loss, "dkl": dkl_loss, "ikl": ikl_loss}[loss]
+    out = fn(zs.to(DEVICE), zt.to(DEVICE), reduction="none", impl=impl)
+    assert out[0].item() == INF and torch.isnan(out[1:]).all(), out

@@ -214,7 +214,9 @@ def _divergence_kernel(
             w_sum = n
 
             if KIND != 0:
-                dus = tl.where(kept, us - ref_s, 0.0)
+                # 0 where the input rules a kept class out: the row is +inf by the rule below,
+                # and 0 * -inf (a weight that underflowed) would make it NaN instead
+                dus = tl.where(kept & (s != neg_inf), us - ref_s, 0.0)
                 if WMODE == 0:
                     b_acc = b_acc * r_w + tl.sum(wb * dus, axis=0)
                 else:
@@ -253,7 +255,10 @@ def _divergence_kernel(
         else:
             sce = (m_s - ref_s) + tl.log(z_s) - b_acc / z_t
             loss = beta * wmse + alpha * sce
-        loss = tl.where(ruled_out > 0, float("inf"), loss)
+        # +inf where the input rules out a kept class, unless the row is NaN anyway (a NaN or
+        # +inf logit elsewhere): NaN wins, as on the torch path
+        not_nan = loss == loss  # noqa: PLR0124  (the NaN test: core Triton has no isnan)
+        loss = tl.where((ruled_out > 0) & not_nan, float("inf"), loss)
         loss = tl.where(z_t == 0, float("nan"), loss)  # every target logit -inf: no distribution
         if HAS_CE:
             if CE_AT_T:
