@@ -732,3 +732,19 @@ def test_nan_wins_over_a_ruled_out_kept_class(loss, impl):
     fn = {"kl": kl_loss, "dkl": dkl_loss, "ikl": ikl_loss}[loss]
     out = fn(zs.to(DEVICE), zt.to(DEVICE), reduction="none", impl=impl)
     assert out[0].item() == INF and torch.isnan(out[1:]).all(), out
+
+
+@quiet_interpreter
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("loss", ["kl", "dkl", "ikl"])
+def test_an_input_row_of_neg_inf_is_nan(loss, impl):
+    """Input logits all -inf are no distribution: NaN, as for a target row of -inf (the kernel
+    gave +inf, by the rule for one ruled-out kept class)."""
+    if impl == "triton":
+        _kernel_or_skip()
+    g = torch.Generator().manual_seed(4)
+    zs, zt = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    zs[1] = -INF
+    fn = {"kl": kl_loss, "dkl": dkl_loss, "ikl": ikl_loss}[loss]
+    out = fn(zs.to(DEVICE), zt.to(DEVICE), reduction="none", impl=impl)
+    assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all(), out

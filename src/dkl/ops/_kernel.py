@@ -19,8 +19,8 @@ row before it writes that block, and reads nothing of the row afterwards.
 Non-finite logits follow the torch losses' rule: a ``-inf`` target logit marks a class the target
 rules out (probability 0, wMSE weight 0, its ``e`` taken as 0 so no ``0 * inf`` appears); a ``-inf``
 input logit on a class the target keeps makes the row's loss ``+inf`` (its ``e`` is taken as 0 too,
-so the row's gradients stay finite, as on the torch path); a row whose target logits are all
-``-inf`` gives NaN. Running maxima that are still ``-inf`` are replaced by 0 where they
+so the row's gradients stay finite, as on the torch path); a row whose target logits, or whose
+input logits, are all ``-inf`` gives NaN, and so does one with a NaN or ``+inf`` logit. Running maxima that are still ``-inf`` are replaced by 0 where they
 rescale a sum, so a block of ruled-out classes never produces ``-inf - -inf``.
 
 This module imports triton at import time; ``dkl.ops`` imports it lazily. Whether the kernel runs
@@ -260,6 +260,7 @@ def _divergence_kernel(
         not_nan = loss == loss  # noqa: PLR0124  (the NaN test: core Triton has no isnan)
         loss = tl.where((ruled_out > 0) & not_nan, float("inf"), loss)
         loss = tl.where(z_t == 0, float("nan"), loss)  # every target logit -inf: no distribution
+        loss = tl.where(z_s == 0, float("nan"), loss)  # every input logit -inf: none either
         if HAS_CE:
             if CE_AT_T:
                 lse_c = lse_s
