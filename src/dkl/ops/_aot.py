@@ -33,7 +33,8 @@ _FIXED_TYPES = {
     "loss_ptr": "*fp32",
     "stats_ptr": "*fp32",
 }
-_LOGIT_POINTERS = ("s_ptr", "t_ptr", "gs_ptr", "gt_ptr")
+_INPUT_SIDE = ("s_ptr", "gs_ptr")  # the input's logits and gradient: the input's dtype
+_TARGET_SIDE = ("t_ptr", "gt_ptr")  # the target's: the target's dtype
 _FLOAT_SCALARS = ("inv_T", "inv_T2", "alpha", "beta", "ce_weight")
 
 # The launch phases dkl uses: the autograd forward (statistics), the autograd backward
@@ -88,9 +89,11 @@ PHASES: dict[str, dict[str, bool]] = {
 CASES = {"kl": (0, 0), "dkl": (1, 0), "ikl": (2, 0), "ikl_t2": (2, 1), "ikl_gi": (2, 2)}
 
 
-def launches() -> list[tuple[str, str, torch.dtype]]:
+def launches() -> list[tuple[str, str, torch.dtype | tuple[torch.dtype, torch.dtype]]]:
     """``(case, phase, dtype)`` for every launch kind dkl makes: float32 throughout, the half
-    types for IKL's gradient-writing launches, and the CE launches for the LLM path's kinds."""
+    types for IKL's gradient-writing launches, the CE launches for the LLM path's kinds, and that
+    path's mixed pairs (a bfloat16 student with a float32 teacher: a soft-capped teacher head, a
+    top-k teacher with the uniform tail)."""
     plain = [p for p in PHASES if not PHASES[p]["HAS_CE"]]
     out = [(case, phase, torch.float32) for case in CASES for phase in plain]
     out += [
@@ -102,6 +105,10 @@ def launches() -> list[tuple[str, str, torch.dtype]]:
         (case, phase, torch.float32)
         for case in ("kl", "ikl")
         for phase in ("one_launch_ce", "one_launch_ce_t1")
+    ]
+    out += [
+        ("ikl", "one_launch_ce", (torch.bfloat16, torch.float32)),
+        ("kl", "one_launch_ce_t1", (torch.bfloat16, torch.float32)),
     ]
     return out
 
@@ -120,14 +127,15 @@ def constexprs_for(case: str, phase: str, *, mask: bool = True, block: int = MAX
 def compile_kernel(
     constexprs: dict[str, int | bool],
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | tuple[torch.dtype, torch.dtype] = torch.float32,
     arch: int = 90,
     num_warps: int = NUM_WARPS,
     aligned: bool = True,
 ):
     """The divergence kernel compiled for ``sm_<arch>``; returns Triton's ``CompiledKernel``
     (its ``asm`` holds ``ttir`` ... ``ptx`` and ``cubin``). ``constexprs`` names every
-    compile-time argument (``KIND``, ``WMODE``, ..., ``BLOCK``); ``dtype`` is the logits'.
+    compile-time argument (``KIND``, ``WMODE``, ..., ``BLOCK``); ``dtype`` is the logits', or
+    ``(input's, target's)`` when they differ.
 
     ``aligned``: specialise as Triton does at run time for the usual call, with every pointer
     16-byte aligned, ``C`` and the row strides multiples of 16 and the per-row scale contiguous
@@ -137,8 +145,10 @@ def compile_kernel(
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    if dtype not in _POINTER_TYPES:
-        raise ValueError(f"Expected a logits dtype in {list(_POINTER_TYPES)}, got {dtype}")
+    s_dtype, t_dtype = dtype if isinstance(dtype, tuple) else (dtype, dtype)
+    for d in (s_dtype, t_dtype):
+        if d not in _POINTER_TYPES:
+            raise ValueError(f"Expected a logits dtype in {list(_POINTER_TYPES)}, got {d}")
     kernel = _kernel_module()._divergence_kernel
     if not isinstance(kernel, JITFunction):
         raise RuntimeError(  # noqa: TRY004  (the process's mode, not the argument's type)
@@ -154,8 +164,10 @@ def compile_kernel(
         name = param.name
         if param.is_constexpr:
             signature[name] = "constexpr"
-        elif name in _LOGIT_POINTERS:
-            signature[name] = _POINTER_TYPES[dtype]
+        elif name in _INPUT_SIDE:
+            signature[name] = _POINTER_TYPES[s_dtype]
+        elif name in _TARGET_SIDE:
+            signature[name] = _POINTER_TYPES[t_dtype]
         elif name in _FIXED_TYPES:
             signature[name] = _FIXED_TYPES[name]
         else:
@@ -189,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
                 failed += 1
                 result = f"**failed**: {type(exc).__name__}: {str(exc).strip().splitlines()[-1]}"
             took = time.perf_counter() - start
-            name = str(dtype).removeprefix("torch.")
+            name = " / ".join(
+                str(d).removeprefix("torch.")
+                for d in (dtype if isinstance(dtype, tuple) else [dtype])
+            )
             print(f"| sm_{arch} | {case} | {phase} | {name} | {result} | {took:.1f} |", flush=True)
     return 1 if failed else 0
 
