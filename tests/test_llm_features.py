@@ -585,11 +585,13 @@ def test_kernel_writes_the_gradient_over_the_logits_and_adds_the_ce_itself(
     not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
     reason="needs a GPU or TRITON_INTERPRET=1",
 )
-@pytest.mark.parametrize("teacher", ["dense", "topk"])
+@pytest.mark.parametrize("teacher", ["dense", "topk", "topk_uniform"])
 def test_kernel_reads_bf16_logits_as_the_heads_give_them(teacher):
     """bfloat16 student and teacher: the kernel reads the heads' bfloat16 logits (no float32
     copies) and computes in float32, so the loss is the float64 value of those very logits to
-    float32 rounding; the gradients carry one bfloat16 rounding."""
+    float32 rounding; the gradients carry one bfloat16 rounding. A top-k teacher with the uniform
+    tail is built in float32 (its tail value is computed): a bfloat16 student with a float32
+    teacher in one launch."""
     pytest.importorskip("triton")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     p = _problem(N=10, V=17, seed=23)
@@ -610,6 +612,13 @@ def test_kernel_reads_bf16_logits_as_the_heads_give_them(teacher):
         values, indices = F.linear(p["ht"], p["wt"], p["bt"]).topk(6, dim=-1)
         kw["teacher_topk"] = (indices, values)
         zt = torch.full_like(zt, -math.inf).scatter(1, indices, values.double())
+        args = (p["hs"], p["ws"], None, None)
+    elif teacher == "topk_uniform":  # log-probabilities; the missing mass spread evenly
+        log_p = F.log_softmax(F.linear(p["ht"], p["wt"], p["bt"]).float(), -1).to(torch.bfloat16)
+        values, indices = log_p.topk(6, dim=-1)
+        kw["teacher_topk"], kw["topk_tail"] = (indices, values), "uniform"
+        tail = torch.log((1 - values.double().exp().sum(1, keepdim=True)) / (17 - 6))
+        zt = tail.expand(-1, 17).clone().scatter(1, indices, values.double())
         args = (p["hs"], p["ws"], None, None)
     else:
         kw["teacher_bias"] = p["bt"]
