@@ -148,6 +148,8 @@ def _divergence_kernel(
         m_t = tl.full([], neg_inf, tl.float32)  # running max of u_t (WMODE 1/2 only)
         z_t = tl.zeros([], tl.float32)  # sum exp(u_t - m_t) (WMODE 1/2 only)
         b_acc = tl.zeros([], tl.float32)  # sum exp(u_t - m_t) * (u_s - ref_s)  (sCE)
+        kl_t = tl.zeros([], tl.float32)  # KL: sum exp(u_t - m_w) * (u_t - m_w)
+        kl_s = tl.zeros([], tl.float32)  # KL: sum exp(u_t - m_w) * (u_s - m_s)
         ruled_out = tl.zeros([], tl.float32)  # 1 once a kept class has a -inf input logit
         m_c = tl.full([], neg_inf, tl.float32)  # running max of s (HAS_CE, not CE_AT_T)
         z_c = tl.zeros([], tl.float32)  # sum exp(s - m_c)
@@ -166,6 +168,7 @@ def _divergence_kernel(
             us_m = tl.where(inb, us, neg_inf)
             m_s_new = tl.maximum(m_s, tl.max(us_m, axis=0))
             z_s = z_s * _exp(m_s - _shift(m_s_new)) + tl.sum(_exp(us_m - _shift(m_s_new)), axis=0)
+            d_s = _shift(m_s_new) - _shift(m_s)  # how far the student's reference moved
             m_s = m_s_new
             if HAS_CE and not CE_AT_T:
                 s_m = tl.where(inb, s, neg_inf)
@@ -174,16 +177,6 @@ def _divergence_kernel(
                     _exp(s_m - _shift(m_c_new)), axis=0
                 )
                 m_c = m_c_new
-
-            if KIND == 2:
-                e = (t - s) - e_ref  # IKL: wMSE on raw logits
-            else:
-                e = (ut - us) - e_ref
-            e = tl.where(kept, e, 0.0)
-            # a -inf input logit on a kept class: the row's loss is +inf (``ruled_out``); its e
-            # (before the shift by e_ref) is taken as 0, as on the torch path, so the statistics
-            # and the other classes' gradients stay finite
-            e = tl.where(s == neg_inf, -e_ref, e)
 
             # weights of this block and the factor that rescales the running sums
             if WMODE == 2:
@@ -197,21 +190,41 @@ def _divergence_kernel(
                     uw = tl.where(kept, t * inv_T2, neg_inf)
                 m_w_new = tl.maximum(m_w, tl.max(uw, axis=0))
                 r_w = _exp(m_w - _shift(m_w_new))
+                d_w = _shift(m_w_new) - _shift(m_w)  # how far the weights' reference moved
                 wb = _exp(uw - _shift(m_w_new))
                 m_w = m_w_new
 
-            # block moments (centred in registers), then Chan's merge with the running ones
-            wb_sum = tl.sum(wb, axis=0)
-            mean_b = tl.sum(wb * e, axis=0) / tl.maximum(wb_sum, 1e-30)
-            d = e - mean_b
-            m2_b = tl.sum(wb * d * d, axis=0)
-            wa = w_sum * r_w
-            n = wa + wb_sum
-            frac = tl.where(n > 0, wb_sum / tl.maximum(n, 1e-30), 0.0)
-            delta = mean_b - mean
-            mean = mean + delta * frac
-            m2 = m2 * r_w + m2_b + delta * delta * wa * frac
-            w_sum = n
+            if KIND == 0:
+                # KL as sum p (u_t - m_t) - sum p (u_s - m_s) around the running maxima, re-based
+                # when they move: these terms are small where p is large, so huge logits lose
+                # nothing to cancellation against the log-sum-exps (as around the first entries)
+                gap_t = tl.where(kept, ut - _shift(m_w), 0.0)
+                gap_s = tl.where(kept & (s != neg_inf), us - _shift(m_s), 0.0)
+                kl_t = r_w * (kl_t - d_w * w_sum) + tl.sum(wb * gap_t, axis=0)
+                kl_s = r_w * (kl_s - d_s * w_sum) + tl.sum(wb * gap_s, axis=0)
+                w_sum = w_sum * r_w + tl.sum(wb, axis=0)
+            else:
+                if KIND == 2:
+                    e = (t - s) - e_ref  # IKL: wMSE on raw logits
+                else:
+                    e = (ut - us) - e_ref
+                e = tl.where(kept, e, 0.0)
+                # a -inf input logit on a kept class: the row's loss is +inf (``ruled_out``);
+                # its e (before the shift by e_ref) is taken as 0, as on the torch path, so the
+                # statistics and the other classes' gradients stay finite
+                e = tl.where(s == neg_inf, -e_ref, e)
+                # block moments (centred in registers), then Chan's merge with the running ones
+                wb_sum = tl.sum(wb, axis=0)
+                mean_b = tl.sum(wb * e, axis=0) / tl.maximum(wb_sum, 1e-30)
+                d = e - mean_b
+                m2_b = tl.sum(wb * d * d, axis=0)
+                wa = w_sum * r_w
+                n = wa + wb_sum
+                frac = tl.where(n > 0, wb_sum / tl.maximum(n, 1e-30), 0.0)
+                delta = mean_b - mean
+                mean = mean + delta * frac
+                m2 = m2 * r_w + m2_b + delta * delta * wa * frac
+                w_sum = n
 
             if KIND != 0:
                 # 0 where the input rules a kept class out: the row is +inf by the rule below,
@@ -250,8 +263,11 @@ def _divergence_kernel(
         if WMODE == 0:
             m_t = m_w
         if KIND == 0:
-            # KL = mean(e) - lse_t + lse_s with e = u_t - u_s, written around the references
-            loss = mean + ((ref_t - m_t) - tl.log(z_t)) - ((ref_s - m_s) - tl.log(z_s))
+            # KL = sum p u_t - lse_t - (sum p u_s - lse_s), each around its maximum; the
+            # p-weighted mean of e = u_t - u_s - e_ref (for the target's gradient) follows
+            gaps = kl_t / w_sum - kl_s / w_sum
+            loss = gaps - tl.log(z_t) + tl.log(z_s)
+            mean = gaps + ((m_t - ref_t) - (m_s - ref_s))
         else:
             sce = (m_s - ref_s) + tl.log(z_s) - b_acc / z_t
             loss = beta * wmse + alpha * sce
