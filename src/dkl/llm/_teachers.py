@@ -10,6 +10,7 @@ from torch import Tensor
 
 from dkl.llm._checks import _check_linear, _flatten_tokens
 from dkl.llm._chunk import TAILS, dense_from_topk
+from dkl.ops.divergence import SUPPORTED_DTYPES
 
 
 class _DenseTeacher:
@@ -50,7 +51,7 @@ class _TopKTeacher:
 
 
 def _kernel_reads(dtype: torch.dtype) -> bool:
-    return dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return dtype in SUPPORTED_DTYPES
 
 
 def _dense_teacher(hidden, weight, bias, token_shape, V, device, tf) -> _DenseTeacher:
