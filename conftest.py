@@ -17,10 +17,10 @@ if "TRITON_INTERPRET" not in os.environ:
 import pytest
 import torch
 
-# Process-wide numeric settings a test must leave as it found them. Under ``pytest -n 8`` a worker
-# runs many tests in one process, so a leaked setting changes the numbers of whichever tests happen
-# to follow it there: a benchmark that switched TF32 on made a float64-oracle test on the GPU fail
-# in some runs and pass in others.
+# Process-wide numeric settings a test must leave as it found them (and so must the code it
+# runs). Under ``pytest -n 8`` a worker runs many tests in one process, so a leaked setting changes
+# the numbers of whichever tests happen to follow it there: a benchmark that switched TF32 on made a
+# float64-oracle test on the GPU fail in some runs and pass in others.
 _NUMERIC_STATE = {
     "torch.backends.cuda.matmul.allow_tf32": (
         lambda: torch.backends.cuda.matmul.allow_tf32,
@@ -36,10 +36,6 @@ _NUMERIC_STATE = {
     ),
     "torch.get_default_dtype()": (torch.get_default_dtype, torch.set_default_dtype),
     "torch.is_grad_enabled()": (torch.is_grad_enabled, torch.set_grad_enabled),
-    "torch.are_deterministic_algorithms_enabled()": (
-        torch.are_deterministic_algorithms_enabled,
-        torch.use_deterministic_algorithms,
-    ),
 }
 
 
@@ -47,7 +43,11 @@ _NUMERIC_STATE = {
 def _numeric_state_is_left_alone():
     """Fail the test that changes a process-wide numeric setting, and put the setting back."""
     before = {name: get() for name, (get, _) in _NUMERIC_STATE.items()}
-    cudnn_benchmark = torch.backends.cudnn.benchmark  # a training run may set it: restored only
+    # a training run sets these for its process on CUDA (cudnn.benchmark, and with
+    # train.deterministic the deterministic algorithms): put back, not failed
+    cudnn = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     yield
     changed = {}
     for name, (get, set_) in _NUMERIC_STATE.items():
@@ -55,7 +55,8 @@ def _numeric_state_is_left_alone():
         if now != before[name]:
             changed[name] = (before[name], now)
             set_(before[name])
-    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     if changed:
         pytest.fail(
             "the test left process-wide numeric settings changed (restored now): "
