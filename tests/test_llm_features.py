@@ -33,6 +33,11 @@ if os.environ.get("TRITON_INTERPRET") == "1":  # triton picks its mode at import
         import triton.language  # noqa: F401
 
 
+# the fused kernel: compiled on a GPU, or Triton's CPU interpreter (the root conftest.py sets it)
+needs_kernel = pytest.mark.skipif(
+    not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs a GPU or TRITON_INTERPRET=1",
+)
 HP = {"alpha": 1.5, "beta": 0.5, "temperature": 2.0, "weight_temperature": 1.0}
 
 
@@ -503,10 +508,7 @@ def test_plain_head_is_yielded_as_is():
 
 
 # ------------------------------------------------------------------------------- the kernel
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1"),
-    reason="needs a GPU or TRITON_INTERPRET=1",
-)
+@needs_kernel
 @pytest.mark.parametrize("kind", ["ikl", "kl"])
 def test_kernel_path_with_softcap_ce_and_minus_inf(kind):
     pytest.importorskip("triton")
@@ -522,10 +524,7 @@ def test_kernel_path_with_softcap_ce_and_minus_inf(kind):
     _assert_close(p, loss, ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
-    reason="needs a GPU or TRITON_INTERPRET=1",
-)
+@needs_kernel
 @pytest.mark.parametrize(
     "kind, temperature, reduction",
     [("ikl", 1.0, "mean"), ("ikl", 2.0, "sum"), ("kl", 1.0, "none"), ("kl", 3.0, "mean")],
@@ -581,10 +580,7 @@ def test_kernel_writes_the_gradient_over_the_logits_and_adds_the_ce_itself(
         )
 
 
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
-    reason="needs a GPU or TRITON_INTERPRET=1",
-)
+@needs_kernel
 @pytest.mark.parametrize("teacher", ["dense", "topk", "topk_uniform"])
 def test_kernel_reads_bf16_logits_as_the_heads_give_them(teacher):
     """bfloat16 student and teacher: the kernel reads the heads' bfloat16 logits (no float32

@@ -248,7 +248,7 @@ def chunk_loss(
 
     Autocast is off here: under it the row sums (``vecdot``) would run in bfloat16 / float16."""
     with no_autocast(zs):
-        return _chunk_loss(
+        rows, grad, parts = divergence_rows(
             zs,
             zt,
             kind=kind,
@@ -256,40 +256,21 @@ def chunk_loss(
             beta=beta,
             temperature=temperature,
             weight_temperature=weight_temperature,
-            ce_weight=ce_weight,
-            labels=labels,
-            valid=valid,
             need_grad=need_grad,
         )
-
-
-def _chunk_loss(
-    zs, zt, *, kind, alpha, beta, temperature, weight_temperature, ce_weight, labels, valid,
-    need_grad,
-) -> ChunkResult:  # fmt: skip
-    rows, grad, parts = divergence_rows(
-        zs,
-        zt,
-        kind=kind,
-        alpha=alpha,
-        beta=beta,
-        temperature=temperature,
-        weight_temperature=weight_temperature,
-        need_grad=need_grad,
-    )
-    if ce_weight > 0:
-        ce, g_ce = ce_rows(zs, labels.clamp_min(0), need_grad)
-        rows = rows + ce_weight * ce
-        parts["ce"] = ce
-        if need_grad:
-            grad.add_(g_ce, alpha=ce_weight)
-    if valid is not None:
-        zero = rows.new_zeros(())
-        rows = torch.where(valid, rows, zero)
-        parts = {k: torch.where(valid, v, zero) for k, v in parts.items()}
-        if grad is not None:
-            grad.masked_fill_(~valid.unsqueeze(1), 0.0)
-    return ChunkResult(rows, grad, parts)
+        if ce_weight > 0:
+            ce, g_ce = ce_rows(zs, labels.clamp_min(0), need_grad)
+            rows = rows + ce_weight * ce
+            parts["ce"] = ce
+            if need_grad:
+                grad.add_(g_ce, alpha=ce_weight)
+        if valid is not None:
+            zero = rows.new_zeros(())
+            rows = torch.where(valid, rows, zero)
+            parts = {k: torch.where(valid, v, zero) for k, v in parts.items()}
+            if grad is not None:
+                grad.masked_fill_(~valid.unsqueeze(1), 0.0)
+        return ChunkResult(rows, grad, parts)
 
 
 def dense_from_topk(

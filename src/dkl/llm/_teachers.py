@@ -27,7 +27,11 @@ class _DenseTeacher:
         dtype the fused kernel reads and no transform is to be applied (else float32)."""
         z = F.linear(self.hidden[start:end], self.weight, self.bias)
         if dtype is None:
-            dtype = z.dtype if _kernel_reads(z.dtype) and self.transform.identity else torch.float32
+            dtype = (
+                z.dtype
+                if z.dtype in SUPPORTED_DTYPES and self.transform.identity
+                else torch.float32
+            )
         return self.transform(z.to(dtype))[0]
 
 
@@ -43,15 +47,11 @@ class _TopKTeacher:
         kernel reads it and the tail adds no value of its own (else float32: the uniform tail's
         log-probability is computed, and is kept in float32)."""
         if dtype is None:
-            keep = _kernel_reads(self.values.dtype) and self.tail == "renormalize"
+            keep = self.values.dtype in SUPPORTED_DTYPES and self.tail == "renormalize"
             dtype = self.values.dtype if keep else torch.float32
         return dense_from_topk(
             self.indices[start:end], self.values[start:end], self.vocab, self.tail, dtype
         )
-
-
-def _kernel_reads(dtype: torch.dtype) -> bool:
-    return dtype in SUPPORTED_DTYPES
 
 
 def _dense_teacher(hidden, weight, bias, token_shape, V, device, tf) -> _DenseTeacher:

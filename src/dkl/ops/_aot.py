@@ -41,6 +41,7 @@ _FLOAT_SCALARS = ("inv_T", "inv_T2", "alpha", "beta", "ce_weight")
 # (gradients from the saved statistics) and the chunked LLM path's single launch (both), the
 # latter also with the hard-label CE at T != 1 and at T = 1.
 _NO_CE = {"HAS_CE": False, "CE_AT_T": False}
+_ONE_LAUNCH = {"PASS1": True, "PASS2": True, "HAS_SCALE": True, "GRAD_S": True, "GRAD_T": False}
 PHASES: dict[str, dict[str, bool]] = {
     "forward": {
         "PASS1": True,
@@ -58,32 +59,9 @@ PHASES: dict[str, dict[str, bool]] = {
         "GRAD_T": True,
         **_NO_CE,
     },
-    "one_launch": {
-        "PASS1": True,
-        "PASS2": True,
-        "HAS_SCALE": True,
-        "GRAD_S": True,
-        "GRAD_T": False,
-        **_NO_CE,
-    },
-    "one_launch_ce": {
-        "PASS1": True,
-        "PASS2": True,
-        "HAS_SCALE": True,
-        "GRAD_S": True,
-        "GRAD_T": False,
-        "HAS_CE": True,
-        "CE_AT_T": False,
-    },
-    "one_launch_ce_t1": {
-        "PASS1": True,
-        "PASS2": True,
-        "HAS_SCALE": True,
-        "GRAD_S": True,
-        "GRAD_T": False,
-        "HAS_CE": True,
-        "CE_AT_T": True,
-    },
+    "one_launch": {**_ONE_LAUNCH, **_NO_CE},
+    "one_launch_ce": {**_ONE_LAUNCH, "HAS_CE": True, "CE_AT_T": False},
+    "one_launch_ce_t1": {**_ONE_LAUNCH, "HAS_CE": True, "CE_AT_T": True},
 }
 # (KIND, WMODE): KL, DKL, and IKL with the weights from the target's softmax at T, at T2, or given
 CASES = {"kl": (0, 0), "dkl": (1, 0), "ikl": (2, 0), "ikl_t2": (2, 1), "ikl_gi": (2, 2)}
