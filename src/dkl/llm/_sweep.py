@@ -14,13 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dkl import ops
 from dkl.llm._checks import _use_kernel, refuse_double_backward
 from dkl.llm._chunk import (
     KERNEL_KINDS,
     ChunkResult,
     LogitTransform,
-    ce_rows,
     chunk_loss,
     unbounded_error,
     unbounded_rows,
@@ -93,11 +91,9 @@ def _sweep(
             out["unbounded_rows"] += (
                 (unbounded & mask).sum() if mask is not None else unbounded.sum()
             )
-        if in_place:
-            scale = row_scale[start:end] if any_grad else None
-            res = _kernel_chunk_in_place(zs, zt, y, mask, cfg, loss_kw, scale)
-        elif use_kernel:
-            res = _kernel_chunk(zs, zt, y, mask, cfg, loss_kw, any_grad)
+        if use_kernel:
+            scale = row_scale[start:end] if in_place and any_grad else None
+            res = _kernel_chunk(zs, zt, y, mask, cfg, loss_kw, scale=scale, overwrite=in_place)
         else:
             res = chunk_loss(
                 zs,
@@ -133,9 +129,10 @@ def _sweep(
     return out
 
 
-def _kernel_chunk_in_place(zs, zt, labels, mask, cfg, loss_kw, scale):
-    """Divergence and hard CE from one kernel launch; the gradient, already multiplied by
-    ``scale``, is written over ``zs`` (the returned ``grad`` is ``zs``)."""
+def _kernel_chunk(zs, zt, labels, mask, cfg, loss_kw, *, scale, overwrite):
+    """Divergence and hard CE from one kernel launch. ``overwrite``: the gradient, multiplied by
+    ``scale``, is written over ``zs`` (the returned ``grad`` is ``zs``); otherwise it comes in a
+    buffer of its own for the caller to scale."""
     ce_weight = cfg["ce_weight"]
     rows, g, _, ce = loss_and_grad_one_launch(
         zs,
@@ -145,28 +142,12 @@ def _kernel_chunk_in_place(zs, zt, labels, mask, cfg, loss_kw, scale):
         grad_scale=scale,
         labels=labels.clamp_min(0) if ce_weight > 0 else None,
         ce_weight=ce_weight,
-        overwrite_input=True,
+        overwrite_input=overwrite,
         **loss_kw,
     )
     if ce is None:
         return ChunkResult(rows, g, {cfg["kind"]: rows})
     return ChunkResult(rows, g, {cfg["kind"]: rows - ce_weight * ce, "ce": ce})
-
-
-def _kernel_chunk(zs, zt, labels, mask, cfg, loss_kw, need_grad):
-    """The divergence from the fused Triton kernel, the hard CE in closed form."""
-
-    rows, g, _ = ops.divergence_loss_and_grad(zs, zt, kind=cfg["kind"], row_mask=mask, **loss_kw)
-    g = g.float()
-    parts = {cfg["kind"]: rows}
-    if cfg["ce_weight"] > 0:  # ce_weight > 0 comes with labels, hence a mask
-        ce, g_ce = ce_rows(zs, labels.clamp_min(0), need_grad)
-        ce = torch.where(mask, ce, 0.0)
-        rows = rows + cfg["ce_weight"] * ce
-        parts["ce"] = ce
-        if need_grad:
-            g.add_(g_ce.masked_fill_(~mask.unsqueeze(1), 0.0), alpha=cfg["ce_weight"])
-    return ChunkResult(rows, g if need_grad else None, parts)
 
 
 def _raise_bad_rows(out: dict) -> None:
