@@ -101,6 +101,35 @@ def test_trainer_loss_and_grads_match_materialised_reference(tmp_path):
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def _gpt2(seed):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=V, n_positions=32)
+    cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.0
+    return GPT2LMHeadModel(cfg)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_trainer_step_loss_is_the_mean_over_predicted_tokens(tmp_path, family):
+    """The Trainer divides the summed loss by its token count. Position 0 of each row is never
+    predicted; the count must leave it out for every model, also GPT-2, whose loss_type the
+    Trainer does not map to a causal-LM loss (it counted all 4 rows' first labels there)."""
+    make = _gpt2 if family == "gpt2" else (lambda seed: _llama(seed=seed))
+    student, teacher = make(0), make(1)
+    batch = _batch()
+    batch["labels"][:, 0] = batch["input_ids"][:, 0]  # position 0 labelled in every row
+    with torch.no_grad():
+        ref = _reference_loss(student, teacher, batch, IKL).item()
+    data = [{k: v[i] for k, v in batch.items()} for i in range(4)]
+    trainer = _trainer(
+        student, teacher, tmp_path, per_device_train_batch_size=4, max_steps=1, learning_rate=0.0
+    )
+    trainer.train_dataset = data
+    trainer.data_collator = lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    assert trainer.train().training_loss == pytest.approx(ref, rel=1e-5)
+
+
 def test_gradient_accumulation_over_4_micro_batches_equals_one_batch(tmp_path):
     data = [{k: v[i] for k, v in _batch(n=8, seed=3).items()} for i in range(8)]
 
@@ -477,3 +506,64 @@ def test_distillation_arguments_refuse_an_unknown_tail_and_warn_of_unused_number
         UserWarning, match=r"beta set but not used by loss='kl' \(it uses temperature\)"
     ):
         DistillationArguments(loss="kl", temperature=1.0, beta=0.5)
+
+
+def test_a_lora_adapter_on_the_output_head_is_part_of_the_loss_and_gets_its_gradient():
+    """PEFT LoRA on lm_head (non-zero B): the fused loss reads the head's weight, so it must add
+    s B A to it. Loss and every LoRA gradient equal those of the materialised reference, which
+    calls the adapted model itself."""
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False
+    )
+    student = peft.get_peft_model(_llama(seed=0), cfg)
+    teacher = _llama(seed=1)
+    batch = _batch()
+    total, _, count = causal_lm_distillation_loss(student, teacher, batch, IKL)
+    (total / count).backward()
+    lora = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    assert any("lm_head" in n for n in lora)
+    got = {n: p.grad.clone() for n, p in lora.items()}
+    student.zero_grad()
+    ref = _reference_loss(student, teacher, batch, IKL)
+    ref.backward()
+    torch.testing.assert_close((total / count).double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    for n, p in lora.items():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_a_lora_head_that_cannot_be_folded_into_its_weight_is_refused():
+    peft = pytest.importorskip("peft")
+    batch = _batch()
+    for kw, match in (
+        ({"lora_dropout": 0.1}, "Expected lora_dropout = 0 for LoRA adapter 'default'"),
+        ({"use_dora": True}, "a variant \\(e.g. DoRA\\)"),
+    ):
+        cfg = peft.LoraConfig(r=4, target_modules=["lm_head"], **kw)
+        student = peft.get_peft_model(_llama(seed=0), cfg).train()
+        with pytest.raises((ValueError, NotImplementedError), match=match):
+            causal_lm_distillation_loss(student, _llama(seed=1), batch, IKL)
+
+
+def test_a_topk_cache_from_a_smaller_teacher_vocabulary_is_refused(tmp_path):
+    """A dense teacher with fewer classes than the student is refused; a top-k cache written
+    by one must be too, when the trainer is built, not trained on with classes no teacher saw."""
+    from transformers import Trainer, TrainingArguments
+
+    from dkl.llm import TopKCache
+    from dkl.llm.topk_cache import TopKCollator
+
+    ids = torch.randint(0, V - 10, (2, 5))
+    cache = TopKCache.build(
+        tmp_path / "c", [ids], k=4, logits_fn=lambda x: torch.randn(2, 5, V - 10), progress=False
+    )
+    cls = with_distillation(Trainer)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match=f"student's V = {V}, got a cache with vocab_size = 30"):
+        cls(
+            model=_llama(seed=0),
+            teacher_model=None,
+            distill=DistillationArguments(loss="kl", temperature=1.0),
+            args=args,
+            data_collator=TopKCollator(lambda rows: rows, cache),
+        )

@@ -698,3 +698,104 @@ def test_double_backward_is_refused_in_one_line():
         torch.autograd.grad(topk_kl_loss(z, idx, val), z, create_graph=True)
     first = torch.autograd.grad(topk_kl_loss(z, idx, val), z)[0]  # first order: fine
     assert torch.isfinite(first).all()
+
+
+# --------------------------------------------------------------------------- hostile, round 3
+def test_nan_hidden_states_at_ignored_tokens_leave_the_head_gradient_finite():
+    """Ignored tokens are left out of the loss: a NaN in their hidden states must not reach the
+    head's gradient through 0 · NaN. The reference is the same loss without those tokens."""
+    p = _problem(seed=3)
+    ignored = p["labels"] == -100
+    assert ignored.any()
+    hs = p["hs"].detach().clone()
+    hs[ignored] = float("nan")
+    hs.requires_grad_(True)
+    kw = {"labels": p["labels"], "student_bias": p["bs"], "teacher_bias": p["bt"], **HP}
+    loss = fused_linear_ikl(hs, p["ws"], p["ht"], p["wt"], **kw)
+    gw, gb = torch.autograd.grad(loss, (p["ws"], p["bs"]))
+    keep = ~ignored
+    ref = fused_linear_ikl(
+        p["hs"][keep], p["ws"], p["ht"][keep], p["wt"], **{**kw, "labels": p["labels"][keep]}
+    )
+    rw, rb = torch.autograd.grad(ref, (p["ws"], p["bs"]))
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(gw, rw)
+    torch.testing.assert_close(gb, rb)
+
+
+def test_reduction_none_returns_parts_per_token():
+    p = _problem(seed=4)
+    kw = {"labels": p["labels"], "ce_weight": 0.5, "student_bias": p["bs"], "teacher_bias": p["bt"]}
+    rows, parts = fused_linear_ikl(
+        p["hs"], p["ws"], p["ht"], p["wt"], reduction="none", return_parts=True, **kw, **HP
+    )
+    assert {k: tuple(v.shape) for k, v in parts.items()} == {k: rows.shape for k in parts}
+    total = HP["beta"] * parts["wmse"] + HP["alpha"] * parts["sce"] + 0.5 * parts["ce"]
+    torch.testing.assert_close(total, rows)
+    assert not rows[p["labels"] == -100].any()
+    _, summed = fused_linear_ikl(
+        p["hs"], p["ws"], p["ht"], p["wt"], reduction="sum", return_parts=True, **kw, **HP
+    )
+    for k, v in parts.items():
+        torch.testing.assert_close(v.sum(), summed[k])
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.uint8])
+def test_small_integer_labels_are_labels(dtype):
+    p = _problem(seed=5, V=11)
+    labels = p["labels"].clamp_min(0)  # uint8 has no -100
+    kw = {"temperature": 1.0, "ce_weight": 1.0}
+    want = fused_linear_kl(p["hs"], p["ws"], p["ht"], p["wt"], labels=labels, **kw)
+    got = fused_linear_kl(p["hs"], p["ws"], p["ht"], p["wt"], labels=labels.to(dtype), **kw)
+    torch.testing.assert_close(got, want)
+
+
+def test_an_ignore_index_that_is_not_an_int_is_one_line():
+    p = _problem()
+    with pytest.raises(TypeError, match="Expected ignore_index an int, got None"):
+        fused_linear_kl(
+            p["hs"],
+            p["ws"],
+            p["ht"],
+            p["wt"],
+            temperature=1.0,
+            labels=p["labels"],
+            ignore_index=None,
+        )
+
+
+@pytest.mark.parametrize(
+    "edit,tail,match",
+    [
+        ("duplicate", "renormalize", "Expected distinct top-k indices per token"),
+        ("float_indices", "renormalize", "Expected integer top-k indices"),
+        ("beyond_vocab", "renormalize", "at least one top-k index below the vocabulary size"),
+        ("nan_value", "uniform", "finite or -inf, got NaN or \\+inf"),
+        ("logits_as_uniform", "uniform", "needs log-probabilities of the full distribution"),
+        ("all_neg_inf", "renormalize", "at least one finite entry per token"),
+        ("k_zero", "renormalize", "at least one top-k entry per token"),
+    ],
+)
+def test_the_materialised_topk_losses_hold_the_fused_paths_rules(edit, tail, match):
+    """topk_*_loss refuses what the fused path refuses, where it gave a wrong number or NaN."""
+    g = torch.Generator().manual_seed(6)
+    zs, zt = torch.randn(4, 12, generator=g), torch.randn(4, 12, generator=g) * 2
+    idx, val = topk_logprobs(zt, 4)
+    if edit == "duplicate":
+        idx = idx.clone()
+        idx[0, 1] = idx[0, 0]
+    elif edit == "float_indices":
+        idx = idx.float()
+    elif edit == "beyond_vocab":
+        idx = idx + 100
+    elif edit == "nan_value":
+        val = val.clone()
+        val[1, 2] = float("nan")
+    elif edit == "logits_as_uniform":
+        val = val + 5.0
+    elif edit == "all_neg_inf":
+        val = torch.full_like(val, -math.inf)
+    elif edit == "k_zero":
+        idx, val = idx[:, :0], val[:, :0]
+    with pytest.raises((ValueError, TypeError), match=match):
+        topk_kl_loss(zs, idx, val, tail=tail, temperature=1.0)

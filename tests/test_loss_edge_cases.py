@@ -814,3 +814,121 @@ def test_kernel_and_torch_path_agree_on_hostile_rows():
         if torch.isfinite(a).all():  # gradients of a +inf or NaN loss mean nothing
             for x, y in zip(ga, gb):
                 torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5, msg=where)
+
+
+# --------------------------------------------------------------------------- numeric extremes
+def _pairwise_gkl64(zs, zt, cw, gamma, beta, T):
+    """GKL in float64 from its definition: the batch's pairwise wMSE over Σ_i Σ_jk p_ij p_ik,
+    p = w^γ, plus the mean soft-label CE."""
+    zs, zt, p = zs.double(), zt.double(), cw.double().pow(gamma)
+    pn = p[:, :, None] * p[:, None, :]
+    d = (zt[:, :, None] - zt[:, None, :]) - (zs[:, :, None] - zs[:, None, :])
+    wmse = 0.25 * (pn * d**2).sum() / pn.sum()
+    sce = -(F.softmax(zt / T, 1) * F.log_softmax(zs / T, 1)).sum(1).mean()
+    return beta * wmse + sce
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-25, 1.0])
+@pytest.mark.parametrize("gamma", [2.0, 0.5])
+def test_gkl_does_not_depend_on_the_class_weights_scale(scale, gamma):
+    """GKL's wMSE is normalised over the batch, so any common factor of the class weights drops
+    out; float32 weights of 1e30 (whose square overflows) or 1e-25 (whose square underflows)
+    give the float64 value of the unscaled ones."""
+    g = torch.Generator().manual_seed(0)
+    zs, zt = torch.randn(4, 6, generator=g) * 2, torch.randn(4, 6, generator=g) * 2
+    cw = torch.rand(4, 6, generator=g) + 0.1
+    got = gkl_loss(zs, zt, beta=2.0, gamma=gamma, temperature=2.0, class_weights=cw * scale)
+    want = _pairwise_gkl64(zs, zt, cw, gamma, 2.0, 2.0)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_losses_at_a_tiny_temperature_take_underflowed_classes_as_probability_zero():
+    """At T = 1e-37 the target's finite log-probability of a class can underflow to p = 0 while
+    the student's, far below, overflows to -inf: the class adds 0 (float64 gives 0 for these
+    rows), not +inf, and the gradients are 0, not NaN."""
+    s = torch.tensor([[0.0, -3.0, -40.0], [0.17, 0.87, -0.14]])
+    t = torch.tensor([[0.0, -30.0, -1.0], [-1.48, 2.57, -0.47]])
+    for fn, T in ((kl_loss, 1e-37), (dkl_loss, 1e-37), (dkl_loss, 1.2e-38)):
+        zs, zt = s.clone().requires_grad_(), t.clone().requires_grad_()
+        rows = fn(zs, zt, temperature=T, reduction="none")
+        want = fn(s.double(), t.double(), temperature=T, reduction="none")
+        assert torch.isfinite(rows).all(), (fn.__name__, T, rows)
+        torch.testing.assert_close(rows.double(), want, rtol=1e-6, atol=0.0)
+        for grad in torch.autograd.grad(rows[0], (zs, zt)):
+            assert torch.isfinite(grad).all() and not grad.any()
+
+
+@pytest.mark.parametrize("loss", ["ikl", "gkl"])
+def test_finite_logits_whose_gap_overflows_give_the_float64_value(loss):
+    """Logits of ±2e38 are finite in float32, their difference is not: the wMSE is taken on
+    both rows divided by a power of 2 first, so the loss is the float64 one (2e38), not NaN."""
+    s = torch.tensor([[-2e38, 0.0, 1.0], [0.5, 0.0, 1.0]])
+    t = torch.tensor([[2e38, 0.0, 1.0], [0.0, 2.0, 1.0]])
+    fn = LOSSES[loss]
+    got = fn(s, t, reduction="none")
+    want = fn(s.double(), t.double(), reduction="none")
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0.0)
+    # a value that itself overflows is +inf
+    assert torch.isposinf(dkl.weighted_mse(t, s, torch.ones(2, 3))[0])
+
+
+def test_class_prior_takes_uint8_labels_as_classes_not_as_a_mask():
+    prior = dkl.ClassPrior(4)
+    prior.update(torch.eye(4) * 5, torch.arange(4, dtype=torch.uint8))
+    prior.step()
+    labels = torch.tensor([3, 2, 1, 3], dtype=torch.uint8)
+    torch.testing.assert_close(prior.weights(labels), prior.weights(labels.long()))
+    assert prior.weights(labels).argmax(1).tolist() == [3, 2, 1, 3]
+
+
+def test_invalid_class_weights_under_compile_give_nan_rows():
+    """A compiled graph cannot raise on the weights' values (no host sync): the rows with a
+    NaN or negative weight come out NaN, and so does the mean, never a finite number."""
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    cw = torch.rand(3, 5, generator=g)
+    cw[0, 1], cw[2, 3] = float("nan"), -0.5
+    torch._dynamo.reset()
+    for fn in (ikl_loss, gkl_loss):
+        rows = torch.compile(lambda a, b, w, f=fn: f(a, b, class_weights=w, reduction="none"))
+        assert torch.isnan(rows(s, t, cw)[[0, 2]]).all()
+        assert torch.isfinite(rows(s, t, cw.abs().nan_to_num(0.5))).all()
+        mean = torch.compile(lambda a, b, w, f=fn: f(a, b, class_weights=w))
+        assert torch.isnan(mean(s, t, cw))
+
+
+@quiet_interpreter
+def test_the_kernel_refuses_what_its_float32_sums_cannot_hold():
+    """Temperatures below 1e-6 and class weights summing past float32 are refused by the
+    kernel with one line (``impl="auto"`` takes the torch path for them), where it gave NaN."""
+    ops = _kernel_or_skip()
+    s, t = torch.randn(2, 5), torch.randn(2, 5)
+    _one_line_error(
+        ValueError,
+        r"temperature >= 1e-06 on the fused kernel",
+        dkl_loss,
+        s,
+        t,
+        temperature=1e-19,
+        impl="triton",
+    )
+    _one_line_error(
+        ValueError,
+        r"temperature >= 1e-06",
+        ops.fused_divergence,
+        s,
+        t,
+        kind="kl",
+        temperature=1e-39,
+    )
+    huge = torch.full((2, 5), 3e38)
+    _one_line_error(
+        ValueError,
+        r"class_weights whose sum stays within float32",
+        ikl_loss,
+        s,
+        t,
+        class_weights=huge,
+        impl="triton",
+    )
+    assert torch.isposinf(ikl_loss(s, t, class_weights=huge))  # the torch path: +inf, exact

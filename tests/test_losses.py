@@ -288,37 +288,52 @@ def test_large_logits_stay_finite():
     assert math.isclose(got.item(), want.item(), rel_tol=1e-9)
 
 
-@pytest.mark.parametrize("kind", ["ikl", "dkl"])
-@pytest.mark.parametrize("T", [1.0, 3.0, 4.0, 16.0, 20.0])
+@pytest.mark.parametrize(
+    "kind,T",
+    [(k, T) for k in ("ikl", "ikl_gi") for T in (1.0, 3.0, 4.0, 16.0, 20.0, 100.0)]
+    # DKL at T = 100: its gradients (q - p) / T cancel to 1e-5 of p, beyond float32's reach
+    + [("dkl", T) for T in (1.0, 3.0, 4.0, 16.0, 20.0)],
+)
 def test_float32_keeps_its_precision_with_logits_at_different_levels(kind, T):
     """Teacher logits hundreds of units above the student's, by a different amount in each row:
-    the wMSE is shift-invariant, and the float32 loss and gradients stay within float32's
-    precision of the float64 pairwise oracle (a closed form on uncentred gaps loses it all).
-    Temperatures above 16 centre the raw gaps; they are checked at a smaller offset, where the
-    rounding of z_t - z_s itself (ulp(offset)) stays below the tolerance."""
+    the wMSE is shift-invariant, and the float32 loss, gradients and second derivatives (a
+    Hessian-vector product) stay within float32's precision of the float64 pairwise oracle, with
+    softmax weights or class weights (GI), below and above the temperature where the raw gaps
+    replace the log-softmax ones, at temperatures that are not powers of 2 (a closed form on
+    uncentred gaps loses it all; z_t - z_s or z / T taken directly keep only ulp(500) = 3e-5 of
+    each gap)."""
     g = torch.Generator().manual_seed(1)
     zs = 3.0 * torch.randn(16, 40, generator=g)
-    offset = 500.0 if T <= 16 else 20.0
-    zt = zs + torch.randn(16, 40, generator=g) + offset * torch.rand(16, 1, generator=g)
+    zt = zs + torch.randn(16, 40, generator=g) + 500.0 * torch.rand(16, 1, generator=g)
+    cw = torch.rand(16, 40, generator=g) if kind == "ikl_gi" else None
     kw = {"alpha": 1.0, "beta": 8.0, "temperature": T}
-    if kind == "ikl":
-        kw["weight_temperature"] = 100.0
-    fn = ikl_loss if kind == "ikl" else dkl_loss
+    if kind != "dkl":
+        kw.update(weight_temperature=100.0, class_weights=cw)
+    fn = dkl_loss if kind == "dkl" else ikl_loss
+    v = torch.randn(16, 40, generator=g)
+
+    def gradients_and_hvp(loss, s, t):
+        gs, gt = torch.autograd.grad(loss, (s, t), create_graph=True)
+        (hv,) = torch.autograd.grad((gs * v.to(gs.dtype)).sum(), s)
+        return gs.detach(), gt.detach(), hv
+
     s32, t32 = zs.clone().requires_grad_(), zt.clone().requires_grad_()
     got = fn(s32, t32, **kw)
-    got_s, got_t = torch.autograd.grad(got, (s32, t32))
+    got_grads = torch.autograd.grad(got, (s32, t32))  # the fast path (no second derivative)
+    got_hv = gradients_and_hvp(fn(s32, t32, **kw), s32, t32)[2]
     s64, t64 = zs.double().requires_grad_(), zt.double().requires_grad_()
-    if kind == "ikl":
-        want = pairwise_ikl(s64, t64, 1.0, 8.0, T, 100.0).mean()
-    else:
+    if kind == "dkl":
         ut, us = t64 / T, s64 / T
         w = torch.softmax(ut.detach(), dim=1)
         wmse = pairwise_wmse(ut, us.detach(), w)
         want = (8.0 * wmse - (w * torch.log_softmax(us, dim=1)).sum(1)).mean()
-    want_s, want_t = torch.autograd.grad(want, (s64, t64))
+    else:
+        want = pairwise_ikl(s64, t64, 1.0, 8.0, T, 100.0, None if cw is None else cw.double())
+        want = want.mean()
+    *want_grads, want_hv = gradients_and_hvp(want, s64, t64)
     assert math.isclose(got.item(), want.item(), rel_tol=2e-6)
-    for a, b in ((got_s, want_s), (got_t, want_t)):
-        assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max()
+    for a, b in (*zip(got_grads, want_grads), (got_hv, want_hv)):
+        assert (a.double() - b).abs().max() <= 4e-6 * b.abs().max()
 
 
 @pytest.mark.parametrize("loss", ["kl", "ikl", "dkl", "gkl"])

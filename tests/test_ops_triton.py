@@ -264,6 +264,24 @@ def test_small_blocks_and_large_offsets(config):
 
 
 @needs_kernel
+def test_class_weighted_gaps_keep_float32_precision_at_different_levels():
+    """IKL with class weights (GI), teacher logits 1,000 above the student's by a different
+    amount in each row: the wMSE's gaps are taken around the row's first gap, not as z_t - z_s
+    (which keeps only ulp(1000) = 6e-5 of each), so the gradients stay within float32's
+    precision of the float64 oracle."""
+    g = torch.Generator().manual_seed(12)
+    s = torch.randn(8, 300, generator=g) * 3
+    t = s + torch.randn(8, 300, generator=g) + 1000.0 * torch.rand(8, 1, generator=g)
+    weights = torch.rand(8, 300, generator=g).to(DEVICE)
+    s, t = s.to(DEVICE).requires_grad_(True), t.to(DEVICE).requires_grad_(True)
+    kw = {"kind": "ikl", "alpha": 1.0, "beta": 4.0, "temperature": 1.0, "class_weights": weights}
+    got = torch.autograd.grad(ops.fused_divergence(s, t, _block=64, **kw).sum(), (s, t))
+    want = torch.autograd.grad(oracle(s, t, **kw).sum(), (s, t))
+    for a, b, what in zip(got, want, ("grad input", "grad target")):
+        _close(a, b, 1e-6, what)
+
+
+@needs_kernel
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("ce", [False, True])
 def test_many_blocks_large_offsets_and_the_hard_ce_against_the_oracle(config, ce):

@@ -52,6 +52,11 @@ def _to_float(name: str, value: Any, what: str) -> float:
         raise ValueError(f"Expected {name} {what}, got an int too large for a float") from None
 
 
+# The smallest temperature the fused kernel takes: below it, logits over T square past float32's
+# range in its running sums. The torch path takes any temperature down to float32's tiny.
+KERNEL_MIN_TEMPERATURE = 1e-6
+
+
 def check_positive(name: str, value: Any, minimum: float = 0.0) -> float:
     """A finite ``value > 0`` (temperatures), returned as a float. ``minimum`` is an extra lower
     bound (the losses use the smallest normal float32, so that ``1 / value`` stays finite)."""
@@ -150,16 +155,17 @@ def check_class_weights(class_weights: Any, input: Tensor) -> None:
         raise ValueError(f"Expected class_weights on {input.device}, got {class_weights.device}")
 
 
-def check_weight_values(name: str, t: Tensor) -> None:
-    """Every entry finite and non-negative. It reads the values (one host sync on CUDA), so each
-    loss call runs it once; skipped while compiling. Two reductions decide the usual case (a NaN
-    makes the minimum NaN, an inf the sum); the element-wise look is only on the way to an error."""
+def check_weight_values(name: str, t: Tensor) -> bool:
+    """Every entry finite and non-negative; returns whether their sum is finite too (the fused
+    kernel needs it). It reads the values (one host sync on CUDA), so each loss call runs it
+    once; skipped while compiling. Two reductions decide the usual case (a NaN makes the minimum
+    NaN, an inf the sum); the element-wise look is only on the way to an error."""
     if is_compiling() or t.numel() == 0:
-        return
+        return True
     if bool((t.amin() >= 0) & torch.isfinite(t.sum())):
-        return
+        return True
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"Expected finite {name}, got NaN or inf entries")
     if bool((t < 0).any()):
         raise ValueError(f"Expected non-negative {name}, got negative entries")
-    # finite, non-negative entries whose sum overflowed: valid
+    return False  # finite, non-negative entries whose sum overflowed: valid

@@ -102,7 +102,7 @@ class ClassPrior(nn.Module):
         if not target_logits.is_floating_point():
             raise TypeError(f"Expected floating-point target_logits, got {target_logits.dtype}")
         self._check_labels(labels, target_logits.shape[0])
-        labels = labels.to(self.sums.device)
+        labels = labels.to(self.sums.device, torch.long)  # uint8 would index as a mask
         probs = F.softmax(
             target_logits.detach().to(self.sums.device, torch.float64) / self.temperature, dim=1
         )
@@ -143,7 +143,7 @@ class ClassPrior(nn.Module):
     def weights(self, labels: Tensor) -> Tensor:
         """Rows of the prior for ``labels``: ``(B, C)`` class weights for :func:`dkl.ikl_loss`."""
         self._check_labels(labels)
-        return self.prior[labels.to(self.prior.device)]
+        return self.prior[labels.to(self.prior.device, torch.long)]  # not as a uint8 mask
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, temperature={self.temperature}, momentum={self.momentum}"

@@ -54,6 +54,7 @@ import math
 import random
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +72,7 @@ from dkl.llm import (
 )
 from dkl.llm._chunk import TAILS
 from dkl.llm.onpolicy import GenerateFn, generate_completions, prompts_from_labels
-from dkl.llm.sharded import last_hidden_state, unwrap_model
+from dkl.llm.sharded import last_hidden_state, output_head, unwrap_model
 
 __all__ = [
     "DistillationArguments",
@@ -279,6 +280,17 @@ def causal_lm_distillation_loss(
     return loss, parts, count
 
 
+def first_label_ignored(batch: Any) -> Any:
+    """``batch`` with ``labels[..., 0]`` set to -100 (a copy; position 0 is never a next-token
+    target), unless it carries ``shift_labels``: what the Trainer's token count should see."""
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if not isinstance(labels, Tensor) or "shift_labels" in batch or labels.shape[-1] == 0:
+        return batch
+    labels = labels.clone()
+    labels[..., 0] = -100
+    return {**batch, "labels": labels}
+
+
 class DistillationMixin:
     """Turns a Hugging Face ``Trainer`` (or a subclass such as TRL's ``SFTTrainer``) into a
     distillation trainer; see the module docstring. Extra keyword arguments:
@@ -318,6 +330,7 @@ class DistillationMixin:
         # Makes every transformers >= 4.46 count num_items_in_batch over the accumulated
         # micro-batches and leave the loss it returns unscaled (compute_loss divides by it).
         self.model_accepts_loss_kwargs = True
+        self._check_topk_cache_vocabulary()
         self.teacher = self._prepare_teacher(teacher_model) if teacher_model is not None else None
         if self.distill.seq_kd and self.teacher is None:
             raise ValueError("seq_kd=True needs a teacher_model to generate the completions")
@@ -326,6 +339,22 @@ class DistillationMixin:
         self._parts_since_step = 0
         self._micro_batches = 0
         self._timing = _new_timing()
+
+    def _check_topk_cache_vocabulary(self) -> None:
+        """A top-k cache from a teacher whose vocabulary is smaller than the student's would
+        leave student classes no teacher ever scored (a dense teacher is refused for that)."""
+        from dkl.llm.topk_cache import TopKCollator
+
+        collator = getattr(self, "data_collator", None)
+        if not isinstance(collator, TopKCollator) or not collator.cache.vocab_size:
+            return
+        weight = output_head(self.model).weight
+        V = weight.ds_shape[0] if hasattr(weight, "ds_shape") else weight.shape[0]
+        if collator.cache.vocab_size < V:
+            raise ValueError(
+                f"Expected a top-k cache from a teacher vocabulary at least as large as the "
+                f"student's V = {V}, got a cache with vocab_size = {collator.cache.vocab_size}"
+            )
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         """The frozen teacher sharded or placed like the student.
@@ -408,6 +437,19 @@ class DistillationMixin:
         self._timing["generation_s"] += seconds
         self._timing["on_policy"] += source == "student"
         return batch
+
+    # The Trainer counts num_items_in_batch over labels[..., 1:] only for models whose loss_type
+    # it maps to its causal-LM loss (not GPT-2, whose loss_type is None), and transformers < 5
+    # over every label. The loss sums the shifted positions, so the counting sees batches whose
+    # first label (never a prediction target) is -100: either rule then counts those positions.
+    def _get_num_items_in_batch(self, batch_samples: list, device: Any):  # transformers >= 5
+        batches = [first_label_ignored(b) for b in batch_samples]
+        return super()._get_num_items_in_batch(batches, device)  # type: ignore[misc]
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, *args: Any, **kwargs: Any):
+        if not hasattr(super(), "_get_num_items_in_batch"):  # counted inline on these batches
+            epoch_iterator = map(first_label_ignored, epoch_iterator)
+        return super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)  # type: ignore[misc]
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
         if not self.distill.generates:

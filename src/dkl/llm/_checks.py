@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from dkl import ops
+from dkl._checks import KERNEL_MIN_TEMPERATURE
 
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "torch", "triton")
@@ -24,6 +25,8 @@ def valid_token_mask(labels: Tensor, ignore_index: int = -100) -> Tensor:
     """
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"Expected integer labels, got {labels.dtype}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"Expected ignore_index an int, got {ignore_index!r}")
     return labels != ignore_index
 
 
@@ -83,11 +86,15 @@ def _check_mixture(value: Any) -> float:
     return v
 
 
-def _use_kernel(impl: str, logits: Tensor) -> bool:
+def _use_kernel(impl: str, logits: Tensor, temperatures: tuple[float, ...] = ()) -> bool:
     if impl == "torch":
         return False
-    if impl == "auto":
-        return logits.is_cuda and ops.triton_unavailable_reason(logits) is None
+    if impl == "auto":  # temperatures below the kernel's range take the torch route
+        return (
+            logits.is_cuda
+            and min(temperatures, default=1.0) >= KERNEL_MIN_TEMPERATURE
+            and ops.triton_unavailable_reason(logits) is None
+        )
     reason = ops.triton_unavailable_reason(logits)
     if reason is not None:
         raise RuntimeError(f"impl='triton' cannot run: {reason}. Use impl='torch' or 'auto'.")

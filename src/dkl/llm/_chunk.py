@@ -105,6 +105,13 @@ def unbounded_error(count: int) -> ValueError:
     )
 
 
+def empty_rows_error(count: int) -> ValueError:
+    return ValueError(
+        f"Expected teacher logits with at least one finite entry per token, got {count} "
+        "token(s) whose teacher logits are all -inf (no class has probability > 0)"
+    )
+
+
 def divergence_rows(
     zs: Tensor,
     zt: Tensor,

@@ -20,6 +20,7 @@ from dkl.llm._chunk import (
     ChunkResult,
     LogitTransform,
     chunk_loss,
+    empty_rows_error,
     unbounded_error,
     unbounded_rows,
 )
@@ -54,7 +55,7 @@ def _sweep(
     out = {
         "total": torch.zeros((), device=dev, dtype=cdt),
         "rows": torch.zeros(N, device=dev, dtype=cdt) if keep_rows else None,
-        "parts": {},
+        "parts": {},  # summed, or per token (N,) with keep_rows
         "grad_h": torch.zeros_like(hs) if need_h else None,
         # accumulated in the weight's dtype, like one matmul over all tokens (rounded per chunk)
         "grad_w": torch.zeros_like(ws) if need_w else None,
@@ -65,7 +66,9 @@ def _sweep(
     s_tf: LogitTransform = cfg["student_transform"]
     loss_kw = {k: cfg[k] for k in ("alpha", "beta", "temperature", "weight_temperature")}
     use_kernel = (
-        cfg["kind"] in KERNEL_KINDS and _use_kernel(cfg["impl"], hs) and cdt == torch.float32
+        cfg["kind"] in KERNEL_KINDS
+        and _use_kernel(cfg["impl"], hs, (cfg["temperature"], cfg["weight_temperature"]))
+        and cdt == torch.float32
     )
     # The kernel reads half logits as they are and writes the student's gradient over its own
     # logits, scaled per token and with the hard CE included: two chunk buffers in the logits'
@@ -109,7 +112,10 @@ def _sweep(
         if keep_rows:
             out["rows"][start:end] = res.rows
         for k, v in res.parts.items():
-            out["parts"][k] = out["parts"].get(k, 0.0) + v.sum()
+            if keep_rows:
+                out["parts"].setdefault(k, torch.zeros(N, device=dev, dtype=cdt))[start:end] = v
+            else:
+                out["parts"][k] = out["parts"].get(k, 0.0) + v.sum()
         del zs, zt
         if not any_grad:
             continue
@@ -122,6 +128,8 @@ def _sweep(
         if need_h:
             out["grad_h"][start:end] = g_lin @ ws
         if need_w:
+            if mask is not None:  # ignored tokens' g rows are 0, and 0 · NaN would not be
+                h = torch.where(mask.unsqueeze(1), h, h.new_zeros(()))
             out["grad_w"].addmm_(g_lin.t().to(ws.dtype), h.to(ws.dtype))
         if need_b:
             out["grad_b"] += g.sum(0, dtype=cdt)
@@ -153,10 +161,7 @@ def _kernel_chunk(zs, zt, labels, mask, cfg, loss_kw, *, scale, overwrite):
 def _raise_bad_rows(out: dict) -> None:
     n = int(out["empty_rows"])
     if n:
-        raise ValueError(
-            f"Expected teacher logits with at least one finite entry per token, got {n} "
-            "token(s) whose teacher logits are all -inf (no class has probability > 0)"
-        )
+        raise empty_rows_error(n)
     n = int(out["unbounded_rows"])
     if n:
         raise unbounded_error(n)

@@ -94,20 +94,47 @@ def _topk_teacher(topk, tail, token_shape, V, device, tf, valid=None) -> _TopKTe
             raise ValueError(f"Expected teacher_topk {name} of shape (..., k) = {shape}, got {got}")
         if x.device != device:
             raise ValueError(f"Expected teacher_topk {name} on {device}, got {x.device}")
-    if indices.is_floating_point() or not values.is_floating_point():
+    k = shape[-1]
+    flat_indices, flat_values = indices.reshape(-1, k), values.reshape(-1, k)
+    check_topk_entries(flat_indices, flat_values, V, tail, valid)
+    return _TopKTeacher(flat_indices, flat_values, V, tail)
+
+
+def check_topk_entries(
+    indices: Tensor, values: Tensor, V: int, tail: str, valid: Tensor | None = None
+) -> None:
+    """The rules of ``(N, k)`` top-k entries, on the tokens ``valid`` marks (all without it):
+    integer indices, at least one entry, non-negative and distinct indices, at least one index
+    in the vocabulary, no NaN or ``+inf`` value, and for ``tail="uniform"`` log-probabilities
+    whose exponentials sum to at most 1. Padding tokens may hold anything non-negative."""
+    if indices.is_floating_point() or indices.dtype == torch.bool or not values.is_floating_point():
         raise TypeError(
             f"Expected integer top-k indices and floating values, got {indices.dtype} and "
             f"{values.dtype}"
         )
-    k = shape[-1]
+    k = indices.shape[-1]
     if k < 1:
         raise ValueError(f"Expected at least one top-k entry per token, got k = {k}")
     if indices.numel() and bool((indices < 0).any()):
         raise ValueError(f"Expected non-negative top-k indices, got {int(indices.min())}")
-    flat_values, flat_indices = values.reshape(-1, k), indices.reshape(-1, k)
-    counted_values = flat_values if valid is None else flat_values[valid]
-    counted_indices = flat_indices if valid is None else flat_indices[valid]
-    if k > 1 and counted_indices.numel():
+    counted_values = values if valid is None else values[valid]
+    counted_indices = indices if valid is None else indices[valid]
+    if not counted_indices.numel():
+        return
+    bad = torch.isnan(counted_values) | torch.isposinf(counted_values)
+    if bool(bad.any()):
+        row = int(bad.any(1).nonzero()[0])
+        raise ValueError(
+            f"Expected top-k values that are finite or -inf, got NaN or +inf in counted token {row}"
+        )
+    outside = (counted_indices >= V).all(1)
+    if bool(outside.any()):
+        row = int(outside.nonzero()[0])
+        raise ValueError(
+            f"Expected at least one top-k index below the vocabulary size {V} per token, got "
+            f"none in counted token {row}"
+        )
+    if k > 1:
         ordered = counted_indices.sort(dim=1).values
         dup = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] < V)
         if bool(dup.any()):
@@ -124,4 +151,3 @@ def _topk_teacher(topk, tail, token_shape, V, device, tf, valid=None) -> _TopKTe
                 f"token's exp(values) summing to <= 1), got a sum of {math.exp(excess):.4g}; pass "
                 "log_softmax outputs, or use topk_tail='renormalize' for logits"
             )
-    return _TopKTeacher(flat_indices, flat_values, V, tail)

@@ -113,6 +113,10 @@ def gathered_output_head(
         grad: ``True`` for the student (the yielded weight is the parameter the gradient must
             reach), ``False`` for a frozen teacher (any full copy will do).
 
+    A PEFT LoRA adapter on the head is part of the yielded weight (``W + s B A``, see
+    :func:`lora_adapters`), so the gradient reaches ``A`` and ``B``; that costs one ``(V, H)``
+    weight more while the block lasts.
+
     Example:
         >>> head = nn.Linear(4, 10, bias=False)
         >>> with gathered_output_head(head) as (w, b):
@@ -120,6 +124,57 @@ def gathered_output_head(
         (10, 4) None
     """
     head = output_head(model)
+    adapters = lora_adapters(head)
+    if adapters and any(is_zero3_parameter(p) for p in head.parameters()):
+        raise NotImplementedError(
+            "A LoRA adapter on the output head under DeepSpeed ZeRO-3 is not supported by the "
+            "fused loss; leave lm_head out of target_modules (or use modules_to_save=['lm_head'])"
+        )
+    with _gathered_base(model, head, grad) as (weight, bias):
+        for adapter in adapters:  # W + s B A (and the adapter's bias s b_B), differentiable
+            weight = weight + head.get_delta_weight(adapter).to(weight.dtype)
+            lora_bias = getattr(head.lora_B[adapter], "bias", None)
+            if lora_bias is not None:
+                lora_bias = (lora_bias * head.scaling[adapter]).to(weight.dtype)
+                bias = lora_bias if bias is None else bias + lora_bias
+        yield weight, bias
+
+
+def lora_adapters(head: nn.Module) -> list[str]:
+    """The active PEFT LoRA adapters of an output head whose weight and bias they change: the
+    fused loss, which reads the head's weight rather than calling it, adds ``s B A`` to it.
+    Empty for a plain head, a merged or disabled adapter. Refused with one line where the
+    adapter is not a linear change of the weight: DoRA and other variants, and dropout on the
+    adapter's input in training."""
+    if not (hasattr(head, "base_layer") and hasattr(head, "lora_A") and hasattr(head, "scaling")):
+        return []
+    if getattr(head, "merged", False) or getattr(head, "disable_adapters", False):
+        return []
+    active = [a for a in getattr(head, "active_adapters", ()) if a in head.lora_A]
+    for adapter in active:
+        if adapter in getattr(head, "lora_variant", {}) or getattr(head, "use_dora", {}).get(
+            adapter, False
+        ):
+            raise NotImplementedError(
+                f"LoRA adapter {adapter!r} on the output head is a variant (e.g. DoRA) that the "
+                "fused loss cannot fold into the head's weight; leave lm_head out of "
+                "target_modules, or merge the adapter"
+            )
+        p = getattr(head.lora_dropout[adapter], "p", 0.0)
+        if head.training and p > 0:
+            raise ValueError(
+                f"Expected lora_dropout = 0 for LoRA adapter {adapter!r} on the output head, got "
+                f"{p}: dropout on the adapter's input cannot be folded into the head's weight, "
+                "which the fused loss reads; set lora_dropout=0 or leave lm_head out of "
+                "target_modules"
+            )
+    return active
+
+
+@contextlib.contextmanager
+def _gathered_base(
+    model: nn.Module, head: nn.Module, grad: bool
+) -> Iterator[tuple[Tensor, Tensor | None]]:
     weight, bias = head.weight, getattr(head, "bias", None)
     params = [p for p in (weight, bias) if p is not None]
     if any(is_zero3_parameter(p) for p in params):

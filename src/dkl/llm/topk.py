@@ -24,12 +24,22 @@ so the teacher need not be in memory while the student trains.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from dkl.llm._checks import _check_mixture, _check_weight, refuse_double_backward
-from dkl.llm._chunk import TAILS, chunk_loss, dense_from_topk, unbounded_error, unbounded_rows
+from dkl.llm._chunk import (
+    TAILS,
+    chunk_loss,
+    dense_from_topk,
+    empty_rows_error,
+    unbounded_error,
+    unbounded_rows,
+)
+from dkl.llm._teachers import check_topk_entries
 
 __all__ = [
     "TopKCache",
@@ -104,8 +114,7 @@ def _topk_loss(kind, input, topk_indices, topk_values, *, tail, reduction, mask,
         not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != (B,)
     ):
         raise ValueError(f"Expected mask a bool tensor of shape (B,) = ({B},)")
-    if topk_indices.numel() and bool((topk_indices < 0).any()):
-        raise ValueError(f"Expected non-negative top-k indices, got {int(topk_indices.min())}")
+    check_topk_entries(topk_indices, topk_values, V, tail, mask)
     cfg = {
         "kind": kind,
         "alpha": _check_weight("alpha", kw.get("alpha", 1.0), positive=False),
@@ -121,6 +130,10 @@ def _topk_loss(kind, input, topk_indices, topk_values, *, tail, reduction, mask,
         "dtype": torch.float64 if input.dtype == torch.float64 else torch.float32,
     }
     target = dense_from_topk(topk_indices, topk_values.detach(), V, tail, cfg["dtype"])
+    empty = target.amax(1) == -math.inf
+    n = int((empty & mask).sum() if mask is not None else empty.sum())
+    if n:
+        raise empty_rows_error(n)
     unbounded = unbounded_rows(input.detach(), target, kind, cfg["beta"])
     if unbounded is not None:
         n = int((unbounded & mask).sum() if mask is not None else unbounded.sum())

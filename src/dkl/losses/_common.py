@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from dkl._checks import (
+    KERNEL_MIN_TEMPERATURE,
     check_logits,
     check_non_negative_scalar,
     check_positive,
@@ -113,6 +114,22 @@ def weights_as(name: str, weights: Tensor | None, dtype: torch.dtype) -> Tensor 
     return w
 
 
+def nan_where_invalid(
+    out: Tensor, weights: Tensor | None, reduction: str = "none", mask: Tensor | None = None
+) -> Tensor:
+    """Under ``torch.compile`` the weights' values are not read (a graph has no host sync to
+    raise from): the loss of a row with a negative, NaN or infinite weight is NaN instead, and so
+    is a reduced loss over it, where eager mode raises. Outside compilation ``out`` as it is."""
+    if weights is None or not is_compiling():
+        return out
+    bad = ~(torch.isfinite(weights) & (weights >= 0)).all(dim=1)
+    if mask is not None:
+        bad = bad & mask
+    if reduction != "none":
+        bad = bad.any()
+    return torch.where(bad, out.new_full((), float("nan")), out)
+
+
 def no_autocast(x: Tensor) -> contextlib.AbstractContextManager:
     """Autocast off for the loss's own arithmetic on ``x``'s device (entered only when it is on:
     the context manager costs a few microseconds per call, and so does ``x.device``)."""
@@ -150,12 +167,27 @@ def reduce(per_row: Tensor, reduction: str, mask: Tensor | None = None) -> Tenso
 
 
 # --------------------------------------------------------------------------- the fused kernel
-def use_triton(impl: str, input: Tensor, target: Tensor) -> bool:
+def use_triton(
+    impl: str,
+    input: Tensor,
+    target: Tensor,
+    temperatures: tuple[float, ...] = (),
+    weights_summable: bool = True,
+) -> bool:
+    """Whether the fused kernel computes the loss. ``"auto"`` leaves to the torch path what the
+    kernel does not take: temperatures below 1e-6 and class weights whose sum overflows
+    (``impl="triton"`` gets the kernel's error for them)."""
     check_impl(impl)
     if impl == "torch":
         return False
-    if impl == "auto" and (not input.is_cuda or input.dtype == torch.float64 or is_compiling()):
-        return False  # the torch path serves CPU, float64 and compiled graphs
+    if impl == "auto" and (
+        not input.is_cuda
+        or input.dtype == torch.float64
+        or is_compiling()
+        or min(temperatures, default=1.0) < KERNEL_MIN_TEMPERATURE
+        or not weights_summable
+    ):
+        return False  # the torch path serves CPU, float64, compiled graphs and the extremes
     from dkl import ops  # lazy: triton is optional
 
     reason = ops.triton_unavailable_reason(input, target)

@@ -59,7 +59,7 @@ class _DKL:
     def exact(self, s, t):
         us, ut = exact_scaled(s, self.temperature), exact_scaled(t, self.temperature)
         p = F.softmax(ut.detach(), dim=1)
-        kept = ~torch.isneginf(ut.detach())
+        kept = p > 0  # as in kl_loss: a class whose p underflows adds 0, whatever u_s is
         wmse, missed = wmse_exact(ut, us.detach(), p, kept)
         sce, missed_too = sce_exact(F.log_softmax(us, dim=1), p)
         return plus_inf(missed | missed_too, self.beta * wmse + self.alpha * sce)
@@ -109,7 +109,7 @@ def dkl_loss(
         True
     """
     hp = check_call(input, target, reduction, mask, alpha=alpha, beta=beta, temperature=temperature)
-    if use_triton(impl, input, target):
+    if use_triton(impl, input, target, (hp["temperature"],)):
         return fused(
             "dkl",
             input,

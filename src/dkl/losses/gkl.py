@@ -12,6 +12,7 @@ from dkl.losses._common import (
     as_dtype,
     check_call,
     compute_dtype,
+    nan_where_invalid,
     no_autocast,
     reduce,
     valid_rows,
@@ -19,13 +20,18 @@ from dkl.losses._common import (
 )
 from dkl.losses._function import loss
 from dkl.losses.ikl import _IKL
-from dkl.losses.parts import fast_scaled
+from dkl.losses.parts import fast_weight_scaled
 
 __all__ = ["GKLLoss", "gkl_loss"]
 
 
 def _power(weights: Tensor, gamma: float) -> Tensor:
-    """``weights ** gamma`` with zero weights kept at zero (also for ``gamma = 0``)."""
+    """``(weights / m) ** gamma``, ``m`` the batch's largest weight, with zero weights kept at
+    zero (also for ``gamma = 0``). The GKL does not change when every weight is divided by the
+    same number, and so divided the power neither overflows (weights of 1e30, ``gamma = 2``) nor
+    underflows to 0 all at once (weights of 1e-25)."""
+    if weights.numel():
+        weights = weights / weights.amax().clamp_min(torch.finfo(weights.dtype).tiny)
     return weights.pow(gamma) if gamma > 0 else (weights > 0).to(weights.dtype)
 
 
@@ -59,7 +65,7 @@ class _GKL(_IKL):
         return w / top, beta
 
     def prepare(self, s, t, cw, mask):
-        w, _ = self.weights(t, cw, None, fast_scaled)
+        w, _ = self.weights(t, cw, None, fast_weight_scaled)
         w, self.fast_beta = self.scaled_weights(w, mask)
         self.set_factors(unit_coef=False)
         return (w,)
@@ -160,7 +166,8 @@ def gkl_loss(
     with no_autocast(input):
         cw = weights_as("class_weights", class_weights, dtype)
         zs, zt, cw = valid_rows(mask, as_dtype(input, dtype), as_dtype(target, dtype), cw)
-        return loss(_GKL(**hp), zs, zt, cw, mask, reduction=reduction, mask=mask)
+        out = loss(_GKL(**hp), zs, zt, cw, mask, reduction=reduction, mask=mask)
+    return nan_where_invalid(out, class_weights, reduction, mask)
 
 
 class GKLLoss(Loss):

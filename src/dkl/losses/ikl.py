@@ -14,6 +14,7 @@ from dkl.losses._common import (
     check_impl,
     compute_dtype,
     fused,
+    nan_where_invalid,
     no_autocast,
     use_triton,
     valid_rows,
@@ -24,8 +25,9 @@ from dkl.losses.parts import (
     GAP_TEMPERATURE,
     dot,
     exact_scaled,
-    fast_scaled,
+    fast_weight_scaled,
     plus_inf,
+    raw_gaps,
     rowdot,
     sce_exact,
     tempered,
@@ -76,31 +78,30 @@ class _IKL:
         self.gt_factor = self.fast_beta if unit_coef else 1.0
 
     def block_weights(self, t, consts, p):
-        return self.weights(t, consts[0], p, fast_scaled)
+        return self.weights(t, consts[0], p, fast_weight_scaled)
 
     def fast(self, s, t, consts, gs, gt, rows):
         T = self.temperature
         log_p, p, log_q = tempered(s, t, T)
         w, unit_total = self.block_weights(t, consts, p)
         # the wMSE is ½ c Σ w (e - ē)², its gradient with respect to the target c w (e - ē):
-        # c = β for softmax weights, β W per row otherwise
-        if unit_total:
-            if T <= GAP_TEMPERATURE:  # the gaps as T (log p - log q): e up to a per-row shift
-                wmse, wc = wmse_unit(log_p.sub_(log_q), w, rows)
-                to_value, to_wc = 0.5 * T * T, T  # wmse and wc are in units of T
-            else:
-                wmse, wc, _ = wmse_fast(t, s, w)
-                wmse = wmse if rows else wmse.sum()
-                to_value, to_wc = 0.5, 1.0
-            coef = self.fast_beta * to_wc
-            per_row = dot(p, log_q, rows).mul_(-self.alpha)
-            per_row.add_(wmse, alpha=self.fast_beta * to_value)
+        # c = β for softmax weights, β W per row otherwise. The gaps e come in units of T as
+        # T (log p - log q) at moderate T (free, and e up to a per-row shift), else raw
+        if T <= GAP_TEMPERATURE:
+            gaps, unit = log_p.sub_(log_q), T
         else:
-            wmse, wc, totals = wmse_fast(t, s, w)
-            coef = totals * self.fast_beta
-            per_row = rowdot(p, log_q).mul_(-self.alpha).addcmul_(wmse, coef, value=0.5)
+            gaps, unit = raw_gaps(t, s), 1.0
+        if unit_total:
+            wmse, wc = wmse_unit(gaps, w, rows)
+            coef = self.fast_beta * unit
+            per_row = dot(p, log_q, rows).mul_(-self.alpha)
+            per_row.add_(wmse, alpha=0.5 * self.fast_beta * unit * unit)
+        else:
+            wmse, wc, totals = wmse_fast(gaps, w)
+            per_row = rowdot(p, log_q).mul_(-self.alpha)
+            per_row.addcmul_(wmse, totals, value=0.5 * self.fast_beta * unit * unit)
             per_row = per_row if rows else per_row.sum()
-            coef = coef.unsqueeze(1)
+            coef = totals.mul_(self.fast_beta * unit).unsqueeze(1)
         if gs is not None:
             # (q - p) α/T / gs_factor, then the wMSE's part over gs_factor
             torch.exp(log_q, out=gs).sub_(p)
@@ -112,7 +113,7 @@ class _IKL:
             else:
                 gs.addcmul_(wc, coef, value=k)
         if gt is not None:  # times gt_factor (β for softmax weights) in backward
-            torch.mul(wc, to_wc if unit_total else coef, out=gt)
+            torch.mul(wc, unit if unit_total else coef, out=gt)
         return per_row
 
     def exact(self, s, t, cw, *extras):
@@ -193,25 +194,29 @@ def ikl_loss(
         temperature=temperature,
         weight_temperature=weight_temperature,
     )
-    if class_weights is not None:
+    summable = True
+    if class_weights is not None:  # the values decide the path too: one host sync
         check_class_weights(class_weights, input)
-    if use_triton(impl, input, target):  # the kernel's entry point checks the weights' values
-        return fused(
+        summable = check_weight_values("class_weights", class_weights)
+    temperatures = (hp["temperature"], hp["weight_temperature"])
+    if use_triton(impl, input, target, temperatures, summable):
+        out = fused(
             "ikl",
             input,
             target,
             reduction,
             mask,
             class_weights=None if class_weights is None else class_weights.detach(),
+            _weights_checked=class_weights is not None and summable,
             **hp,
         )
-    if class_weights is not None:
-        check_weight_values("class_weights", class_weights)
-    dtype = compute_dtype(input, target)
-    with no_autocast(input):
-        cw = weights_as("class_weights", class_weights, dtype)
-        zs, zt, cw = valid_rows(mask, as_dtype(input, dtype), as_dtype(target, dtype), cw)
-        return loss(_IKL(**hp), zs, zt, cw, reduction=reduction, mask=mask)
+    else:
+        dtype = compute_dtype(input, target)
+        with no_autocast(input):
+            cw = weights_as("class_weights", class_weights, dtype)
+            zs, zt, cw = valid_rows(mask, as_dtype(input, dtype), as_dtype(target, dtype), cw)
+            out = loss(_IKL(**hp), zs, zt, cw, reduction=reduction, mask=mask)
+    return nan_where_invalid(out, class_weights, reduction, mask)
 
 
 class IKLLoss(Loss):

@@ -48,10 +48,13 @@ class _KL:
     def exact(self, s, t):
         log_q = F.log_softmax(exact_scaled(s, self.temperature), dim=1)
         log_p = F.log_softmax(exact_scaled(t, self.temperature), dim=1)
-        kept = ~torch.isneginf(log_p)  # the classes the target keeps
+        # the classes the target keeps (p > 0: at a tiny T a finite log p can underflow to p = 0,
+        # and the student's log q, far below, overflow to -inf; such a class adds 0, not +inf)
+        p = log_p.exp()
+        kept = p > 0
         missed = kept & torch.isneginf(log_q)  # ... and the student rules out
         diff = torch.where(kept & ~missed, log_p - log_q, log_p.new_zeros(()))
-        return plus_inf(missed.any(dim=1), rowdot(log_p.exp(), diff))
+        return plus_inf(missed.any(dim=1), rowdot(p, diff))
 
 
 def kl_loss(
@@ -95,7 +98,7 @@ def kl_loss(
         >>> loss.backward()
     """
     T = check_call(input, target, reduction, mask, temperature=temperature)["temperature"]
-    if use_triton(impl, input, target):
+    if use_triton(impl, input, target, (T,)):
         return fused(
             "kl",
             input,

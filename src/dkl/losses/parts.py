@@ -8,6 +8,8 @@ Fast pieces (``*_fast``) run inside the autograd function with no graph; exact p
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -17,6 +19,7 @@ from dkl.losses._common import (
     as_dtype,
     check_hyperparameters,
     compute_dtype,
+    nan_where_invalid,
     no_autocast,
     weights_as,
 )
@@ -33,9 +36,27 @@ def scaled(x: Tensor, temperature: float) -> Tensor:
     return x if temperature == 1.0 else x * (1.0 / temperature)
 
 
-def fast_scaled(x: Tensor, temperature: float) -> Tensor:
-    """:func:`scaled` for the fast forms, by a cached constant (:func:`constant`)."""
+def fast_weight_scaled(x: Tensor, temperature: float) -> Tensor:
+    """:func:`scaled` for the fast forms' detached weights ``σ(z_t / T_2)``, by a cached constant
+    (:func:`constant`) and without :func:`fast_scaled`'s shift: constants whose rounding at large
+    logits (ulp(|z| / T_2), 5e-7 relative at z = 500, T_2 = 100) moves no gradient by more, for
+    one pass less at the presets' T_2 = 100."""
     return x if temperature == 1.0 else torch.mul(x, constant(1.0 / temperature, x.dtype))
+
+
+def fast_scaled(x: Tensor, temperature: float) -> Tensor:
+    """:func:`scaled` for the softmaxes of the fast forms, by a cached constant
+    (:func:`constant`), up to a per-row shift. Multiplying by ``1 / T`` is exact when ``T`` is a
+    power of 2; otherwise ``z / T`` of logits far from 0 would round every entry to
+    ulp(|z| / T), which the softmax keeps (3e-6 relative at z = 500, T = 3), so each row is
+    taken relative to its first entry first (one pass more; exact while the entries are alike,
+    and no softmax changes)."""
+    if temperature == 1.0:
+        return x
+    inv = constant(1.0 / temperature, x.dtype)
+    if math.frexp(temperature)[0] == 0.5:  # a power of 2
+        return torch.mul(x, inv)
+    return torch.sub(x, x[:, :1]).mul_(inv)
 
 
 def tempered(s: Tensor, t: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -81,11 +102,19 @@ def plus_inf(rows: Tensor, per_row: Tensor) -> Tensor:
 GAP_TEMPERATURE = 16.0
 
 
-def wmse_fast(a: Tensor, b: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    r"""``Σ_j w_j (e_j - ē)²`` of ``e = a - b`` per row, ``w (e - ē)`` and the row totals ``W``
-    of any non-negative weights. The wMSE is ``½ W`` times the first, its gradient with respect
-    to ``a`` is ``W w (e - ē)``."""
-    e = a - b
+def raw_gaps(a: Tensor, b: Tensor) -> Tensor:
+    """``e = a - b`` up to a per-row shift (a fresh tensor), taken around each row's first
+    entries: ``(a - (a₀ - b₀)) - b``. Logits of very different levels (``z_t = z_s + 1000``)
+    would otherwise round every gap to the offset's ulp (6e-5 at 1000) before the centring; here
+    the first subtraction takes the offset out while the levels are alike, exactly."""
+    return torch.sub(a, a[:, :1] - b[:, :1]).sub_(b)
+
+
+def wmse_fast(e: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``Σ_j w_j (e_j - ē)²`` per row of gaps ``e`` (overwritten; any per-row shift, best none
+    that is large: see :func:`raw_gaps`), ``w (e - ē)`` and the row totals ``W`` of any
+    non-negative weights. The wMSE is ``½ W`` times the first, its gradient with respect to the
+    target ``W w (e - ē)``."""
     total = w.sum(dim=1)
     # W = 0 only when every weight is 0; the row's loss and gradient are then 0
     mean = rowdot(w, e) / total.clamp_min(torch.finfo(e.dtype).tiny)
@@ -111,22 +140,39 @@ def wmse_unit(d: Tensor, w: Tensor, rows: bool) -> tuple[Tensor, Tensor]:
 def wmse_exact(a: Tensor, b: Tensor, w: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
     r"""``½ W Σ_j w_j (e_j - ē)²`` of ``e = a - b`` on the classes in ``kept`` (the target's
     finite ones), and the rows where ``b`` is ``-inf`` on a kept class (their loss is ``+inf``;
-    the caller adds it once). The weights and the gaps are divided by their row's largest
-    magnitude first and the squares of both multiplied back last, so weights near the float
-    limit, or gaps near it (logits over a tiny temperature), give the correctly rounded value
-    instead of NaN."""
-    tiny = torch.finfo(w.dtype).tiny
+    the caller adds it once).
+
+    Nothing overflows that the value itself does not: the weights are divided by their row's
+    largest, both logit rows by a power of 2 at least their largest magnitude (exact), and the
+    gaps so formed by their own largest, with all three factors multiplied back into the value
+    last. Weights near the float limit, logits of 2e38 and gaps near the limit (logits over a
+    tiny temperature) thus give the correctly rounded value instead of NaN. The gaps are taken
+    around their weighted mean (:func:`raw_gaps`' reason): no offset between the two sides'
+    levels rounds them."""
+    finfo = torch.finfo(w.dtype)
     w = torch.where(kept, w, w.new_zeros(()))
     missed = kept & torch.isneginf(b)
-    e = torch.where(kept & ~missed, a - b, a.new_zeros(()))
-    w_top = w.amax(dim=1, keepdim=True).clamp_min(tiny)
-    e_top = e.detach().abs().amax(dim=1, keepdim=True).clamp_min(tiny)
-    w, e = w / w_top, e / e_top
+    valid = kept & ~missed
+    w_top = w.amax(dim=1, keepdim=True).clamp_min(finfo.tiny)
+    w = w / w_top
+    big = torch.maximum(a.detach().abs(), b.detach().abs())
+    big = torch.where(valid, big, big.new_zeros(())).amax(dim=1, keepdim=True)
+    lowest, highest = math.log2(finfo.tiny), math.floor(math.log2(finfo.max))  # -126, 127
+    power = torch.log2(big.clamp_min(finfo.tiny)).ceil().clamp(lowest, highest)
+    k = torch.where(torch.isfinite(power), torch.exp2(power), power.new_ones(()))
+    a, b = a / k, b / k
+    naive = torch.where(valid, a.detach() - b.detach(), a.new_zeros(()))
+    shift = rowdot(w, naive) / w.sum(dim=1).clamp_min(finfo.tiny)
+    shift = torch.where(torch.isfinite(shift), shift, shift.new_zeros(())).unsqueeze(1)
+    e = torch.where(valid, (a - shift) - b, a.new_zeros(()))
+    e_top = e.detach().abs().amax(dim=1, keepdim=True).clamp_min(finfo.tiny)
+    e = e / e_top
     total = w.sum(dim=1)
-    mean = rowdot(w, e) / total.clamp_min(tiny)
+    mean = rowdot(w, e) / total.clamp_min(finfo.tiny)
     centred = e - mean.unsqueeze(1)
     value = 0.5 * total * rowdot(w * centred, centred)
-    for top in (w_top, e_top, w_top, e_top):  # one at a time: 0 stays 0, a huge product is inf
+    # one at a time: 0 stays 0, a huge product is inf
+    for top in (w_top, e_top, k, w_top, e_top, k):
         value = value * top.squeeze(1)
     return value, missed.any(dim=1)
 
@@ -152,7 +198,7 @@ class _WeightedMSE:
 
     def fast(self, t, s, consts, gt, gs, rows):
         (w,) = consts
-        per_row, wc, total = wmse_fast(t, s, w)
+        per_row, wc, total = wmse_fast(raw_gaps(t, s), w)
         for out in (gt, gs):
             if out is not None:
                 torch.mul(wc, total.unsqueeze(1), out=out)
@@ -209,7 +255,8 @@ def weighted_mse(target: Tensor, input: Tensor, weights: Tensor) -> Tensor:
     dtype = compute_dtype(target, input)
     with no_autocast(input):
         w = weights_as("weights", weights, dtype)
-        return row_loss(_WeightedMSE(), as_dtype(target, dtype), as_dtype(input, dtype), w)
+        out = row_loss(_WeightedMSE(), as_dtype(target, dtype), as_dtype(input, dtype), w)
+    return nan_where_invalid(out, weights)
 
 
 def soft_cross_entropy(input: Tensor, target_probs: Tensor, temperature: float = 1.0) -> Tensor:
@@ -229,4 +276,5 @@ def soft_cross_entropy(input: Tensor, target_probs: Tensor, temperature: float =
     dtype = compute_dtype(input, target_probs)
     with no_autocast(input):
         p = target_probs.detach().to(dtype)
-        return row_loss(_SoftCrossEntropy(T), as_dtype(input, dtype), p)
+        out = row_loss(_SoftCrossEntropy(T), as_dtype(input, dtype), p)
+    return nan_where_invalid(out, target_probs)

@@ -205,9 +205,9 @@ def _divergence_kernel(
                 w_sum = w_sum * r_w + tl.sum(wb, axis=0)
             else:
                 if KIND == 2:
-                    e = (t - s) - e_ref  # IKL: wMSE on raw logits
+                    e = (t - e_ref) - s  # IKL: wMSE on raw logits
                 else:
-                    e = (ut - us) - e_ref
+                    e = (ut - e_ref) - us
                 e = tl.where(kept, e, 0.0)
                 # a -inf input logit on a kept class: the row's loss is +inf (``ruled_out``);
                 # its e (before the shift by e_ref) is taken as 0, as on the torch path, so the
@@ -323,9 +323,9 @@ def _divergence_kernel(
             ps = _exp(us - lse_s)
             pt = _exp(ut - lse_t)  # 0 on ruled-out classes
             if KIND == 2:
-                e = (t - s) - e_ref
+                e = (t - e_ref) - s
             else:
-                e = (ut - us) - e_ref
+                e = (ut - e_ref) - us
             e = tl.where(kept, e, 0.0)
             e = tl.where(s == float("-inf"), -e_ref, e)  # as in pass 1
             if KIND == 0:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from dkl._checks import (
+    KERNEL_MIN_TEMPERATURE,
     check_class_weights,
     check_logits,
     check_non_negative_scalar,
@@ -139,6 +140,7 @@ def _check_inputs(
     weight_temperature: float,
     class_weights: Tensor | None,
     row_mask: Tensor | None,
+    weights_checked: bool = False,
 ) -> None:
     if kind not in KINDS:
         raise ValueError(f"Expected kind in {KINDS}, got {kind!r}")
@@ -148,13 +150,22 @@ def _check_inputs(
         raise RuntimeError(f"the fused kernel cannot run: {reason}")
     check_non_negative_scalar("alpha", alpha)
     check_non_negative_scalar("beta", beta)
-    check_positive("temperature", temperature)
-    check_positive("weight_temperature", weight_temperature)
+    for name, value in (("temperature", temperature), ("weight_temperature", weight_temperature)):
+        if check_positive(name, value) < KERNEL_MIN_TEMPERATURE:
+            raise ValueError(
+                f"Expected {name} >= {KERNEL_MIN_TEMPERATURE:g} on the fused kernel (smaller ones "
+                f"overflow its float32 sums), got {value}; impl='torch' computes it"
+            )
     if class_weights is not None:
         if kind != "ikl":
             raise ValueError(f"class_weights apply to kind='ikl' only, got kind={kind!r}")
         check_class_weights(class_weights, input)
-        check_weight_values("class_weights", class_weights)  # the one host sync of a call
+        # the one host sync of a call (the losses check first, to choose the path, and skip it)
+        if not weights_checked and not check_weight_values("class_weights", class_weights):
+            raise ValueError(
+                "Expected class_weights whose sum stays within float32 on the fused kernel, got "
+                "entries summing past it; impl='torch' computes these"
+            )
     check_row_mask(row_mask, input, "row_mask")
 
 
@@ -173,10 +184,20 @@ def _prepared(
     weight_temperature: float,
     class_weights: Tensor | None,
     row_mask: Tensor | None,
+    weights_checked: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Checked arguments in the layout the kernel reads (class weights detached)."""
     _check_inputs(
-        input, target, kind, alpha, beta, temperature, weight_temperature, class_weights, row_mask
+        input,
+        target,
+        kind,
+        alpha,
+        beta,
+        temperature,
+        weight_temperature,
+        class_weights,
+        row_mask,
+        weights_checked,
     )
     if class_weights is not None:
         class_weights = _rows_contiguous(class_weights.detach())
@@ -340,6 +361,7 @@ def fused_divergence(
     class_weights: Tensor | None = None,
     row_mask: Tensor | None = None,
     _block: int | None = None,
+    _weights_checked: bool = False,
 ) -> Tensor:
     r"""Per-row KL / DKL / IKL ``(B,)`` in float32 from the fused Triton kernel.
 
@@ -363,7 +385,8 @@ def fused_divergence(
     probability, 0 weight, 0 gradient; the input still gets its softmax share); a ``-inf`` input
     logit on a class the target keeps gives ``+inf``; a row of ``-inf`` targets gives NaN.
     ``alpha`` and ``beta`` must be finite and ``>= 0``, ``class_weights`` finite and ``>= 0``
-    (checked here: one host sync per call when they are given).
+    with a finite sum (checked here: one host sync per call when they are given), the
+    temperatures at least 1e-6 (the losses take smaller ones on their torch path).
 
     Shape:
         - input, target: (B, C), float32 / bfloat16 / float16, on CUDA (or CPU with
@@ -372,7 +395,16 @@ def fused_divergence(
         - output: (B,) float32
     """
     input, target, class_weights = _prepared(
-        input, target, kind, alpha, beta, temperature, weight_temperature, class_weights, row_mask
+        input,
+        target,
+        kind,
+        alpha,
+        beta,
+        temperature,
+        weight_temperature,
+        class_weights,
+        row_mask,
+        _weights_checked,
     )
     params = {
         "kind": kind,
