@@ -246,3 +246,37 @@ def test_topk_batches_padded_with_zeros_and_duplicates():
     idx[0, 2, 1] = idx[0, 2, 0]
     with pytest.raises(ValueError, match="distinct top-k indices .* twice in counted token 2"):
         fused_linear_kl(hs, ws, teacher_topk=(idx, val), **kw)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_rows_of_equal_length_in_another_order_are_refused(models_and_cache, side):
+    """Two examples of the same length whose cache rows are swapped: the lengths agree, only
+    the token ids the cache keeps can tell (it trained on the wrong teacher before)."""
+    _, _, cache = models_and_cache
+    g = torch.Generator().manual_seed(9)
+    a, b = _examples()[0], dict(_examples()[0])
+    b["input_ids"] = torch.randint(1, V, (len(a["input_ids"]),), generator=g)
+    assert not torch.equal(a["input_ids"], b["input_ids"])
+    b["cache_index"] = 0  # cache row 0 holds a's tokens
+    collate = TopKCollator(_padding_collator(side), cache)
+    collate([a])  # the right row: accepted
+    with pytest.raises(
+        TopKCacheError, match="example 0 of the batch \\(cache sequence 0\\) is not"
+    ):
+        collate([b])
+    assert (cache.path / "tokens.bin").stat().st_size == 4 * cache.meta["tokens"]
+
+
+def test_a_cache_without_token_ids_is_still_read(models_and_cache, tmp_path):
+    """Caches written before the ids were kept: read, and checked by length alone."""
+    import shutil
+
+    _, _, cache = models_and_cache
+    old = tmp_path / "old"
+    shutil.copytree(cache.path, old)
+    (old / "tokens.bin").unlink()
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["token_ids"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    collate = TopKCollator(_padding_collator("right"), TopKCache(old))
+    assert collate(_examples())["teacher_topk_indices"].shape[0] == 4

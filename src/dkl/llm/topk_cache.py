@@ -8,6 +8,9 @@ positions its attention mask marks as tokens, so left and right padding both lin
 A cache is checked when it is opened (every file there, of the size ``meta.json`` says; offsets
 starting at 0, never decreasing, ending at the token count) and each sequence when it is read
 (indices in ``[0, V)``, none twice in a row, finite values): a damaged file is one line naming it.
+It also holds the token ids it was built from, and the collator compares them with each batch's:
+rows of another data set, or the same rows in another order, are refused even where their
+lengths agree (caches written before the ids were kept are checked by length alone).
 A build writes into a temporary folder renamed at the end, so an interrupted build leaves no
 cache that looks complete.
 """
@@ -60,7 +63,8 @@ class TopKCache:
 
     Layout of the folder: ``meta.json`` (``k``, vocabulary size, dtypes, numbers of tokens and
     sequences), ``offsets.npy`` (``S + 1`` token offsets, one sequence per example),
-    ``indices.bin`` and ``values.bin`` (raw ``(tokens, k)`` arrays, opened as NumPy memory maps).
+    ``indices.bin`` and ``values.bin`` (raw ``(tokens, k)`` arrays, opened as NumPy memory maps),
+    ``tokens.bin`` (the ``(tokens,)`` int32 token ids the teacher read).
     Sequence ``i``'s row ``j`` holds the teacher's prediction *at* its ``j``-th token (for the
     next one): only the tokens its attention mask marks are stored, so padding is never cached.
 
@@ -89,6 +93,9 @@ class TopKCache:
         shape = (self.meta["tokens"], self.k)
         self.indices = self._open_map("indices.bin", self.meta["indices_dtype"], shape)
         self.values = self._open_map("values.bin", self.meta["values_dtype"], shape)
+        self.token_ids = None  # caches built before the ids were kept have none
+        if self.meta.get("token_ids"):
+            self.token_ids = self._open_map("tokens.bin", "int32", (self.meta["tokens"], 1))
 
     # ----------------------------------------------------------------------------- opening
     def _read_meta(self, file: Path) -> dict:
@@ -206,7 +213,12 @@ class TopKCache:
             self[i]
 
     def batch(
-        self, rows: Sequence[int], length: int | None = None, *, mask: Tensor | None = None
+        self,
+        rows: Sequence[int],
+        length: int | None = None,
+        *,
+        mask: Tensor | None = None,
+        input_ids: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Sequences ``rows`` as ``(B, L, k)`` indices and values.
 
@@ -214,7 +226,8 @@ class TopKCache:
         ``(B, L)`` (a batch's attention mask) sequence ``b`` fills the positions where
         ``mask[b]`` is 1, in order, so left padding works too; its token count must equal the
         mask's. Positions left empty hold index 0 and value ``-inf`` (probability 0): they must
-        carry the label ``-100``.
+        carry the label ``-100``. With ``input_ids`` ``(B, L)`` the batch's tokens at those
+        positions must be the ones the cache was built from.
         """
         items = [self[int(r)] for r in rows]
         if mask is not None:
@@ -227,6 +240,7 @@ class TopKCache:
             if mask is None:
                 n = min(len(i), L)
                 idx[j, :n], val[j, :n] = i[:n], v[:n]
+                self._check_tokens(j, int(rows[j]), input_ids, torch.arange(n))
                 continue
             where = mask[j].bool().nonzero().squeeze(1)
             if len(where) != len(i):
@@ -237,7 +251,25 @@ class TopKCache:
                     "as the collator sees it"
                 )
             idx[j, where], val[j, where] = i, v
+            self._check_tokens(j, int(rows[j]), input_ids, where.cpu())
         return idx, val
+
+    def _check_tokens(self, j: int, seq: int, input_ids: Tensor | None, where: Tensor) -> None:
+        """Batch row ``j``'s tokens at ``where`` against cache sequence ``seq``'s."""
+        if input_ids is None or self.token_ids is None:
+            return
+        a = int(self.offsets[seq])
+        cached = torch.from_numpy(np.array(self.token_ids[a : a + len(where), 0], dtype=np.int64))
+        given = input_ids[j].cpu()[where].long()
+        differ = (given != cached).nonzero()
+        if len(differ):
+            p = int(differ[0])
+            raise TopKCacheError(
+                f"example {j} of the batch (cache sequence {seq}) is not the text the cache was "
+                f"built from: its token {p} is {int(given[p])}, the cache's {int(cached[p])} (other "
+                "data, another order, or a collator that changes the tokens); build the cache from "
+                "the data set as the collator sees it"
+            )
 
     # ----------------------------------------------------------------------------- building
     @classmethod
@@ -300,6 +332,7 @@ class TopKCache:
             with (
                 open(tmp / "indices.bin", "wb") as f_idx,
                 open(tmp / "values.bin", "wb") as f_val,
+                open(tmp / "tokens.bin", "wb") as f_tok,
                 torch.no_grad(),
             ):
                 bar = tqdm(batches, total=total, desc="top-k cache", unit="batch")
@@ -319,6 +352,9 @@ class TopKCache:
                         sel = keep[row].to(idx.device)
                         f_idx.write(idx[row][sel].to(torch.int32).cpu().numpy().tobytes())
                         f_val.write(val[row][sel].cpu().numpy().astype(values_dtype).tobytes())
+                        f_tok.write(
+                            ids[row][sel.to(ids.device)].to(torch.int32).cpu().numpy().tobytes()
+                        )
                         offsets.append(offsets[-1] + int(sel.sum()))
             np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
             meta = {
@@ -331,6 +367,7 @@ class TopKCache:
                 "values": "log-probabilities",
                 "logit_scale": float(logit_scale),
                 "softcap": softcap,
+                "token_ids": True,
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
             if path.exists():
@@ -433,7 +470,7 @@ class TopKCollator:
                     "(left or right padding?); let the collator return attention_mask"
                 )
         batch["teacher_topk_indices"], batch["teacher_topk_values"] = self.cache.batch(
-            rows, batch["input_ids"].shape[1], mask=mask
+            rows, batch["input_ids"].shape[1], mask=mask, input_ids=batch["input_ids"]
         )
         labels = batch.get("labels")
         if mask is not None and labels is not None and "shift_labels" not in batch:
