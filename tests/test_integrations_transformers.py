@@ -8,6 +8,8 @@ micro-batches and one with a single batch 4 times larger.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,14 +75,8 @@ def _reference_loss(student, teacher, batch, d: DistillationArguments):
 def _trainer(student, teacher, tmp_path, distill=IKL, trainer_cls=None, **args):
     from transformers import Trainer, TrainingArguments
 
-    targs = TrainingArguments(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        **args,
-    )
+    defaults = {"use_cpu": True, "report_to": [], "save_strategy": "no", "disable_tqdm": True}
+    targs = TrainingArguments(output_dir=str(tmp_path), **{**defaults, **args})
     cls = with_distillation(trainer_cls or Trainer)
     return cls(model=student, teacher_model=teacher, distill=distill, args=targs)
 
@@ -180,28 +176,31 @@ def test_topk_teacher_in_the_batch_replaces_the_teacher_model(tmp_path):
         causal_lm_distillation_loss(student, None, dict(batch), IKL)
 
 
-def test_gemma2_soft_capping_is_read_from_the_config():
+def _gemma2(seed):
+    """A tiny Gemma-2, whose forward soft-caps its logits (a small cap, so that it matters)."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    def gemma(seed):
-        torch.manual_seed(seed)
-        cfg = Gemma2Config(
-            vocab_size=V,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=8,
-            max_position_embeddings=32,
-            final_logit_softcapping=1.5,  # small, so that the cap matters
-            tie_word_embeddings=False,
-        )
-        model = Gemma2ForCausalLM(cfg)
-        with torch.no_grad():
-            model.lm_head.weight.mul_(20)
-        return model
+    torch.manual_seed(seed)
+    cfg = Gemma2Config(
+        vocab_size=V,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=32,
+        final_logit_softcapping=1.5,
+        tie_word_embeddings=False,
+    )
+    model = Gemma2ForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    return model
 
+
+def test_gemma2_soft_capping_is_read_from_the_config():
+    gemma = _gemma2
     student, teacher = gemma(0), gemma(1)
     batch = _batch(seed=6)
     loss, _, count = causal_lm_distillation_loss(student, teacher, dict(batch), IKL)
@@ -567,3 +566,117 @@ def test_a_topk_cache_from_a_smaller_teacher_vocabulary_is_refused(tmp_path):
             args=args,
             data_collator=TopKCollator(lambda rows: rows, cache),
         )
+
+
+def test_a_topk_cache_of_a_gemma2_teacher_holds_its_capped_log_probabilities(tmp_path):
+    """TopKCache.build(model=...) reads the teacher's logit transform from its config, as the
+    trainer does: the cached values are log_softmax of the model's own (capped) logits."""
+    from dkl.llm import TopKCache
+
+    teacher = _gemma2(1).eval()
+    ids = _batch(seed=7)["input_ids"]
+    cache = TopKCache.build(tmp_path / "c", [ids], k=V, model=teacher, progress=False)
+    with torch.no_grad():
+        want = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1)
+    for row in range(ids.shape[0]):
+        idx, val = cache[row]
+        got = torch.full((ids.shape[1], V), -math.inf).scatter(1, idx, val)
+        torch.testing.assert_close(got, want[row], rtol=1e-5, atol=1e-5)
+
+
+def _rows_with_ragged_labels():
+    """4 rows with 4 / 0 / 5 / 5 next-token labels (one micro-batch with none at all)."""
+    batch = _batch(n=4, length=9, seed=8)
+    batch["labels"][1] = -100
+    return [{k: v[i] for k, v in batch.items()} for i in range(4)]
+
+
+def _stack(rows):
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _shifted(rows):
+    return [
+        {
+            "input_ids": r["input_ids"],
+            "attention_mask": r["attention_mask"],
+            "shift_labels": torch.cat([r["labels"][1:], torch.tensor([-100])]),
+        }
+        for r in rows
+    ]
+
+
+def test_shift_labels_batches_accumulate_exactly(tmp_path):
+    """Batches that carry shift_labels alone: the Trainer counts no tokens in them, so the
+    count must come from shift_labels, or accumulation weighs micro-batches wrongly."""
+    rows = _shifted(_rows_with_ragged_labels())
+    updates = []
+    for bs, accum in ((4, 1), (1, 4)):
+        student, teacher = _llama(seed=0), _llama(hidden=24, seed=1)
+        start = {n: p.detach().clone() for n, p in student.named_parameters()}
+        trainer = _trainer(
+            student,
+            teacher,
+            tmp_path / f"s{accum}",
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=accum,
+            max_steps=1,
+            learning_rate=1.0,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            weight_decay=0.0,
+            max_grad_norm=0.0,
+            remove_unused_columns=False,
+        )
+        trainer.train_dataset, trainer.data_collator = rows, _stack
+        trainer.train()
+        updates.append({n: p.detach() - start[n] for n, p in student.named_parameters()})
+    for n in updates[0]:
+        torch.testing.assert_close(updates[1][n], updates[0][n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_eval_loss_is_the_mean_over_tokens_at_any_eval_batch_size(tmp_path):
+    rows = _rows_with_ragged_labels()
+    student, teacher = _llama(seed=0), _llama(hidden=24, seed=1)
+    with torch.no_grad():
+        ref = _reference_loss(student, teacher, _stack(rows), IKL).item()
+    for bs in (4, 3, 1):
+        trainer = _trainer(student, teacher, tmp_path / f"e{bs}", per_device_eval_batch_size=bs)
+        trainer.data_collator = _stack
+        assert trainer.evaluate(rows)["eval_loss"] == pytest.approx(ref, rel=1e-5), bs
+
+
+def test_logged_parts_add_up_to_the_loss_after_a_resume(tmp_path):
+    """The distill/* parts are averaged over the steps since the last log, counted from where
+    this train() began: after a resume they summed to half the loss, after a second train()
+    on the same trainer to twice it."""
+    rows = _rows_with_ragged_labels() * 2
+    kw = {
+        "per_device_train_batch_size": 2,
+        "learning_rate": 0.01,
+        "optim": "sgd",
+        "logging_steps": 2,
+        "save_strategy": "steps",
+        "save_steps": 2,
+    }
+    out = tmp_path / "run"
+
+    def logs_of(trainer):
+        return [log for log in trainer.state.log_history if "loss" in log]
+
+    first = _trainer(_llama(seed=0), _llama(hidden=24, seed=1), out, max_steps=2, **kw)
+    first.train_dataset, first.data_collator = rows, _stack
+    first.train()
+    resumed = _trainer(_llama(seed=0), _llama(hidden=24, seed=1), out, max_steps=4, **kw)
+    resumed.train_dataset, resumed.data_collator = rows, _stack
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    resumed.train()  # and once more on the same trainer
+    for log in logs_of(first) + logs_of(resumed):
+        parts = sum(v for k, v in log.items() if k.startswith("distill/"))
+        assert parts == pytest.approx(log["loss"], rel=1e-3), log
+
+
+def test_a_batch_without_labels_says_which_setting_drops_them():
+    batch = {k: v for k, v in _batch().items() if k != "labels"}
+    with pytest.raises(ValueError, match="remove_unused_columns=False"):
+        causal_lm_distillation_loss(_llama(seed=0), _llama(seed=1), batch, IKL)

@@ -799,3 +799,16 @@ def test_the_materialised_topk_losses_hold_the_fused_paths_rules(edit, tail, mat
         idx, val = idx[:, :0], val[:, :0]
     with pytest.raises((ValueError, TypeError), match=match):
         topk_kl_loss(zs, idx, val, tail=tail, temperature=1.0)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"reduction": "avg"}, "Unknown reduction 'avg'"),
+        ({"chunk_size": 0}, "Expected chunk_size a positive int, got 0"),
+        ({"impl": "cuda"}, "Unknown impl 'cuda'"),
+    ],
+)
+def test_the_module_checks_its_options_when_built(kw, match):
+    with pytest.raises(ValueError, match=match):
+        FusedLinearIKLLoss(**HP, **kw)

@@ -280,3 +280,12 @@ def test_a_cache_without_token_ids_is_still_read(models_and_cache, tmp_path):
     (old / "meta.json").write_text(json.dumps(meta))
     collate = TopKCollator(_padding_collator("right"), TopKCache(old))
     assert collate(_examples())["teacher_topk_indices"].shape[0] == 4
+
+
+def test_progress_false_draws_no_bar(tmp_path, capsys):
+    ids = torch.randint(0, V, (2, 5))
+    TopKCache.build(
+        tmp_path / "c", [ids], k=3, logits_fn=lambda x: torch.randn(2, 5, V), progress=False
+    )
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""

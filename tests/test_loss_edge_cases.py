@@ -932,3 +932,19 @@ def test_the_kernel_refuses_what_its_float32_sums_cannot_hold():
         impl="triton",
     )
     assert torch.isposinf(ikl_loss(s, t, class_weights=huge))  # the torch path: +inf, exact
+
+
+@pytest.mark.parametrize("loss", ["ikl", "gkl"])
+def test_class_weights_in_rows_outside_the_mask_are_not_read(loss):
+    """Rows outside ``mask`` may hold anything, their class weights too (a NaN weight there
+    was refused): the loss is that of the masked-in rows alone."""
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    cw = torch.rand(3, 4, generator=g)
+    cw[1] = float("nan")
+    cw[1, 0] = -1.0
+    mask = torch.tensor([True, False, True])
+    fn = LOSSES[loss]
+    got = fn(s, t, class_weights=cw, mask=mask)
+    want = fn(s[mask].double(), t[mask].double(), class_weights=cw[mask].double())
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)

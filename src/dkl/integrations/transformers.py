@@ -72,7 +72,7 @@ from dkl.llm import (
 )
 from dkl.llm._chunk import TAILS
 from dkl.llm.onpolicy import GenerateFn, generate_completions, prompts_from_labels
-from dkl.llm.sharded import last_hidden_state, output_head, unwrap_model
+from dkl.llm.sharded import last_hidden_state, logit_transform, output_head, unwrap_model
 
 __all__ = [
     "DistillationArguments",
@@ -193,23 +193,6 @@ class DistillationArguments:
         return {n: getattr(self, n) for n in names}
 
 
-def logit_transform(model: nn.Module) -> dict[str, float | None]:
-    """``{"logit_scale", "softcap"}`` of a Hugging Face model's final logits, from its config.
-
-    >>> from types import SimpleNamespace
-    >>> logit_transform(SimpleNamespace(config=SimpleNamespace(final_logit_softcapping=30.0)))
-    {'logit_scale': 1.0, 'softcap': 30.0}
-    """
-    cfg = getattr(unwrap_model(model), "config", None)
-    scale = 1.0
-    if getattr(cfg, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
-        scale *= float(cfg.logit_scale)
-    if getattr(cfg, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
-        scale /= float(cfg.logits_scaling)
-    softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2 / 3
-    return {"logit_scale": scale, "softcap": float(softcap) if softcap else None}
-
-
 def causal_lm_distillation_loss(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -229,8 +212,10 @@ def causal_lm_distillation_loss(
         labels = inputs.get("labels")
         if labels is None:
             raise ValueError(
-                "Expected the batch to carry labels (next-token targets, -100 where ignored) for "
-                "distillation, got keys " + ", ".join(sorted(inputs))
+                "Expected the batch to carry labels (next-token targets, -100 where ignored) or "
+                "shift_labels for distillation, got keys " + ", ".join(sorted(inputs)) + " (the "
+                "Trainer drops columns the model's forward does not take, shift_labels among "
+                "them, unless TrainingArguments(remove_unused_columns=False))"
             )
         labels = labels[..., 1:]
     model_inputs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
@@ -280,15 +265,35 @@ def causal_lm_distillation_loss(
     return loss, parts, count
 
 
-def first_label_ignored(batch: Any) -> Any:
-    """``batch`` with ``labels[..., 0]`` set to -100 (a copy; position 0 is never a next-token
-    target), unless it carries ``shift_labels``: what the Trainer's token count should see."""
-    labels = batch.get("labels") if isinstance(batch, Mapping) else None
-    if not isinstance(labels, Tensor) or "shift_labels" in batch or labels.shape[-1] == 0:
+def as_counted(batch: Any) -> Any:
+    """What the Trainer's token count should see: ``batch`` with ``labels[..., 0]`` set to -100
+    (a copy; position 0 is never a next-token target); with ``shift_labels``, those as the labels
+    (the Trainer counts nothing in a batch without ``labels``)."""
+    if not isinstance(batch, Mapping):
+        return batch
+    if isinstance(batch.get("shift_labels"), Tensor):
+        return {**batch, "labels": batch["shift_labels"]}
+    labels = batch.get("labels")
+    if not isinstance(labels, Tensor) or labels.shape[-1] == 0:
         return batch
     labels = labels.clone()
     labels[..., 0] = -100
     return {**batch, "labels": labels}
+
+
+class _TrainBegin:
+    """Tells the mixin when train() begins (after a checkpoint's state is loaded)."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._on_train_begin(state.global_step)
+
+    def __getattr__(self, name: str) -> Any:  # every other event: nothing to do
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
 
 
 class DistillationMixin:
@@ -338,6 +343,14 @@ class DistillationMixin:
         self._parts: dict[str, Tensor] = {}
         self._parts_since_step = 0
         self._micro_batches = 0
+        self._timing = _new_timing()
+        self._eval_tokens: list[Tensor] | None = None  # (loss sum, token count) while evaluating
+        self.add_callback(_TrainBegin(self))
+
+    def _on_train_begin(self, global_step: int) -> None:
+        """Each train() (a resumed one too) logs its parts from its own first step on, as the
+        Trainer logs its loss."""
+        self._parts, self._parts_since_step = {}, global_step
         self._timing = _new_timing()
 
     def _check_topk_cache_vocabulary(self) -> None:
@@ -408,6 +421,11 @@ class DistillationMixin:
             rows = inputs["prompts"]
             prompts = [r[pm[j].bool()] if pm is not None else r for j, r in enumerate(rows)]
         else:
+            if "labels" not in inputs:
+                raise ValueError(
+                    "Expected on-policy batches to carry labels (-100 on the prompt) or prompts "
+                    "(TRL's GKD collators), got keys " + ", ".join(sorted(inputs))
+                )
             prompts = prompts_from_labels(
                 inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
             )
@@ -443,12 +461,12 @@ class DistillationMixin:
     # over every label. The loss sums the shifted positions, so the counting sees batches whose
     # first label (never a prediction target) is -100: either rule then counts those positions.
     def _get_num_items_in_batch(self, batch_samples: list, device: Any):  # transformers >= 5
-        batches = [first_label_ignored(b) for b in batch_samples]
+        batches = [as_counted(b) for b in batch_samples]
         return super()._get_num_items_in_batch(batches, device)  # type: ignore[misc]
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, *args: Any, **kwargs: Any):
         if not hasattr(super(), "_get_num_items_in_batch"):  # counted inline on these batches
-            epoch_iterator = map(first_label_ignored, epoch_iterator)
+            epoch_iterator = map(as_counted, epoch_iterator)
         return super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)  # type: ignore[misc]
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
@@ -486,12 +504,38 @@ class DistillationMixin:
                 # num_items_in_batch counts every device's tokens; DDP / FSDP average the grads
                 scale = scale * self.accelerator.num_processes
         loss = total * scale
+        if not model.training and self._eval_tokens is not None:
+            acc = self._eval_tokens  # 0-d CPU tensors: the sums move to the loss's device
+            acc[0], acc[1] = acc[0] + total.detach().double(), acc[1] + count
         if model.training:
             weights = self.distill.part_weights()
             for k, v in parts.items():
                 term = (v * weights.get(k, 1.0) * scale).detach().double()
                 self._parts[k] = self._parts.get(k, 0.0) + term
         return (loss, {"loss": loss.detach()}) if return_outputs else loss
+
+    def evaluation_loop(self, dataloader: Any, description: str, *args: Any, **kwargs: Any):
+        """The Trainer's loop, whose loss is the mean of its batches' losses weighted by their
+        rows, with the loss replaced by the mean over every evaluated token (the training
+        loss's measure; batch size and padding do not change it)."""
+        prefix = kwargs.get("metric_key_prefix", args[2] if len(args) > 2 else "eval")
+        self._eval_tokens = [
+            torch.zeros((), dtype=torch.float64),
+            torch.zeros((), dtype=torch.long),
+        ]
+        try:
+            output = super().evaluation_loop(dataloader, description, *args, **kwargs)  # type: ignore[misc]
+            total, count = self._eval_tokens
+        finally:
+            self._eval_tokens = None
+        if self.accelerator.num_processes > 1:
+            dev = self.accelerator.device
+            pair = torch.stack([total.to(dev), count.to(dev, total.dtype)])
+            total, count = self.accelerator.gather(pair[None]).reshape(-1, 2).sum(0)
+        key = f"{prefix}_loss"
+        if key in output.metrics and int(count) > 0:
+            output.metrics[key] = float(total / count)
+        return output
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._parts and "loss" in logs:

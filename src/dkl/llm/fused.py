@@ -31,6 +31,8 @@ logits are all ``-inf`` for every divergence.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -109,8 +111,7 @@ def _fused_linear(
             f"Expected student_head_weight on {hs.device} (the student's device), "
             f"got {student_head_weight.device}"
         )
-    if impl not in IMPLS:
-        raise ValueError(f"Unknown impl {impl!r}: expected one of {IMPLS}")
+    _check_options(chunk_size, reduction, impl)
     if impl == "triton" and kind not in KERNEL_KINDS:
         raise ValueError(
             f"impl='triton' computes {' and '.join(KERNEL_KINDS)} only, got kind {kind!r}: use "
@@ -177,10 +178,6 @@ def _fused_linear(
                 f"Expected labels in [0, {V}) or equal to ignore_index = {ignore_index}, got "
                 f"values in [{int(labels[valid].min())}, {int(labels[valid].max())}]"
             )
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"Unknown reduction {reduction!r}: expected one of {REDUCTIONS}")
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"Expected chunk_size a positive int, got {chunk_size!r}")
     loss = _FusedLinear.apply(hs, student_head_weight, student_bias, teacher, labels, valid, cfg)
     if reduction == "none":
         loss = loss.reshape(token_shape)
@@ -188,6 +185,15 @@ def _fused_linear(
             parts = cfg["parts_out"]
             parts.update({k: v.to(loss.dtype).reshape(token_shape) for k, v in parts.items()})
     return (loss, cfg["parts_out"]) if return_parts else loss
+
+
+def _check_options(chunk_size: Any, reduction: Any, impl: Any) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"Unknown impl {impl!r}: expected one of {IMPLS}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"Unknown reduction {reduction!r}: expected one of {REDUCTIONS}")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"Expected chunk_size a positive int, got {chunk_size!r}")
 
 
 _SHARED_ARGS_DOC = """
@@ -603,6 +609,7 @@ class FusedLinearIKLLoss(nn.Module):
             ("ce_weight", ce_weight, False),
         ):
             _check_weight(name, v, positive=pos)
+        _check_options(chunk_size, reduction, impl)
         self.alpha, self.beta = alpha, beta
         self.temperature, self.weight_temperature = temperature, weight_temperature
         self.chunk_size, self.ignore_index, self.ce_weight = chunk_size, ignore_index, ce_weight

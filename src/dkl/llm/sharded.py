@@ -41,6 +41,7 @@ __all__ = [
     "gathered_output_head",
     "is_zero3_parameter",
     "last_hidden_state",
+    "logit_transform",
     "output_head",
     "unwrap_model",
 ]
@@ -394,6 +395,23 @@ def _last_position_logits(model: nn.Module) -> Iterator[None]:
 
     with _forward_swapped(head, forward):
         yield
+
+
+def logit_transform(model: nn.Module) -> dict[str, float | None]:
+    """``{"logit_scale", "softcap"}`` of a Hugging Face model's final logits, from its config.
+
+    >>> from types import SimpleNamespace
+    >>> logit_transform(SimpleNamespace(config=SimpleNamespace(final_logit_softcapping=30.0)))
+    {'logit_scale': 1.0, 'softcap': 30.0}
+    """
+    cfg = getattr(unwrap_model(model), "config", None)
+    scale = 1.0
+    if getattr(cfg, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+        scale *= float(cfg.logit_scale)
+    if getattr(cfg, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
+        scale /= float(cfg.logits_scaling)
+    softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2 / 3
+    return {"logit_scale": scale, "softcap": float(softcap) if softcap else None}
 
 
 def last_hidden_state(model: nn.Module, inputs: Mapping[str, Any]) -> Tensor:

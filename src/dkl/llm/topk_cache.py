@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from dkl.llm._checks import _flatten_tokens
 from dkl.llm._chunk import LogitTransform
-from dkl.llm.sharded import gathered_output_head, last_hidden_state
+from dkl.llm.sharded import gathered_output_head, last_hidden_state, logit_transform
 from dkl.llm.topk import topk_logprobs
 
 __all__ = ["TopKCache", "TopKCacheError", "TopKCollator"]
@@ -284,7 +284,7 @@ class TopKCache:
         batch_size: int | None = None,
         pad_token_id: int = 0,
         chunk_size: int = 1024,
-        logit_scale: float = 1.0,
+        logit_scale: float | None = None,
         softcap: float | None = None,
         values_dtype: str = "float32",
         progress: bool = True,
@@ -304,7 +304,11 @@ class TopKCache:
                 ``chunk_size`` tokens at a time, never all at once.
             logits_fn: instead of ``model``, a function ``input_ids -> (B, L, V)`` logits.
             logit_scale, softcap: the teacher's logit transform (as in
-                :func:`~dkl.llm.fused_linear_ikl`), applied before the softmax.
+                :func:`~dkl.llm.fused_linear_ikl`), applied before the softmax. With neither
+                given, a ``model``'s own is read from its config (Gemma-2's
+                ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's
+                ``logits_scaling``), as the distillation trainer reads it; ``logits_fn``'s
+                logits are taken as they are.
             values_dtype: ``"float32"`` or ``"float16"`` on disk.
             progress: a progress bar over the batches (tqdm; drawn on a terminal).
         """
@@ -322,7 +326,10 @@ class TopKCache:
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        tf = LogitTransform(float(logit_scale), softcap)
+        if model is not None and logit_scale is None and softcap is None:
+            found = logit_transform(model)
+            logit_scale, softcap = found["logit_scale"], found["softcap"]
+        tf = LogitTransform(1.0 if logit_scale is None else float(logit_scale), softcap)
         batches = _batched(data, batch_size, pad_token_id) if batch_size else data
         total = None
         if hasattr(data, "__len__"):
@@ -335,8 +342,13 @@ class TopKCache:
                 open(tmp / "tokens.bin", "wb") as f_tok,
                 torch.no_grad(),
             ):
-                bar = tqdm(batches, total=total, desc="top-k cache", unit="batch")
-                bar.disable = bar.disable or not progress
+                bar = tqdm(
+                    batches,
+                    total=total,
+                    desc="top-k cache",
+                    unit="batch",
+                    disable=True if not progress else None,  # None: off where no terminal
+                )
                 for batch in bar:
                     inputs = dict(batch) if isinstance(batch, Mapping) else {"input_ids": batch}
                     idx, val, v = _teacher_topk(inputs, k, model, logits_fn, chunk_size, tf)
@@ -365,7 +377,7 @@ class TopKCache:
                 "indices_dtype": "int32",
                 "values_dtype": values_dtype,
                 "values": "log-probabilities",
-                "logit_scale": float(logit_scale),
+                "logit_scale": tf.scale,
                 "softcap": softcap,
                 "token_ids": True,
             }

@@ -143,6 +143,11 @@ _NOTHING = contextlib.nullcontext()  # reusable: it holds no state
 _autocast_available = functools.lru_cache(maxsize=None)(torch.amp.is_autocast_available)
 
 
+def read_rows(x: Tensor, mask: Tensor | None) -> Tensor:
+    """The rows of ``x`` the loss reads: all, or those in ``mask`` (the rest may hold anything)."""
+    return x if mask is None else x[mask]
+
+
 def valid_rows(mask: Tensor | None, *xs: Tensor | None) -> tuple[Tensor | None, ...]:
     """Rows outside ``mask`` replaced by zeros: nothing they hold (-inf, NaN) reaches the loss or
     its gradient, as in the fused kernel, which never reads them."""

@@ -14,6 +14,7 @@ from dkl.losses._common import (
     compute_dtype,
     nan_where_invalid,
     no_autocast,
+    read_rows,
     reduce,
     valid_rows,
     weights_as,
@@ -161,7 +162,7 @@ def gkl_loss(
     )
     if class_weights is not None:
         check_class_weights(class_weights, input)
-        check_weight_values("class_weights", class_weights)
+        check_weight_values("class_weights", read_rows(class_weights, mask))
     dtype = compute_dtype(input, target)
     with no_autocast(input):
         cw = weights_as("class_weights", class_weights, dtype)

@@ -16,6 +16,7 @@ from dkl.losses._common import (
     fused,
     nan_where_invalid,
     no_autocast,
+    read_rows,
     use_triton,
     valid_rows,
     weights_as,
@@ -197,7 +198,7 @@ def ikl_loss(
     summable = True
     if class_weights is not None:  # the values decide the path too: one host sync
         check_class_weights(class_weights, input)
-        summable = check_weight_values("class_weights", class_weights)
+        summable = check_weight_values("class_weights", read_rows(class_weights, mask))
     temperatures = (hp["temperature"], hp["weight_temperature"])
     if use_triton(impl, input, target, temperatures, summable):
         out = fused(
