@@ -332,3 +332,28 @@ def test_gi_prior_temperature_defaults_to_the_weight_temperature(method):
     assert prior_t(gi=True, temperature=4.0, weight_temperature=1.0, prior_temperature=2.0) == 2.0
     with pytest.raises(ValueError, match="gamma"):
         config_from_dict({"recipe": "distill", "distill": {"method": "gkl", "gamma": -1.0}})
+
+
+def test_a_teacher_read_from_a_dkl_checkpoint_keeps_its_input_normalisation(tmp_path):
+    """A teacher trained with model.normalize=false, named by its checkpoint alone: the student
+    run must build it as it was trained (it got the Normalize wrapper, a different model)."""
+    from dkl.api import make_trainer, train
+    from dkl.config import load_config
+
+    quiet = ["train.progress=false", "train.plot=false", "train.threads=1", "train.device=cpu"]
+    out = [f"train.out_dir={tmp_path}"]
+    steps = ["train.epochs=1", "train.max_steps_per_epoch=3"]
+    teacher_cfg = load_config("kd/digits_teacher", [*quiet, *out, *steps, "model.normalize=false"])
+    train(teacher_cfg, log=lambda m: None)
+    final = teacher_cfg.run_dir / "final.pt"
+    student_cfg = load_config(
+        "kd/digits_kd",
+        [*quiet, *out, *steps, f"distill.teacher.checkpoint={final}", "distill.teacher.name="],
+    )
+    teacher = make_trainer(student_cfg, log=lambda m: None).task.teacher
+    trained = make_trainer(teacher_cfg, log=lambda m: None).raw_model
+    trained.load_state_dict(torch.load(final, weights_only=True)["model"])
+    trained.eval()
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), trained(x))

@@ -8,6 +8,7 @@ targets, empty batches, bad weights) are in ``test_loss_edge_cases.py``.
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import random
@@ -145,6 +146,47 @@ def test_resume_at_an_epoch_boundary_accepts_a_new_batch_size(cfg_file):
     trainer.fit(resume=True)
     assert trainer.history[-1]["epoch"] == 2
     assert trainer.scheduler.last_epoch == 2 * 5  # 5 steps an epoch in either length
+
+
+def _records(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "time"} for r in rows]
+
+
+@pytest.mark.parametrize(
+    ("mode", "cut"),
+    [("iterations", 4), ("iterations", 8), ("iterations", 9), ("epochs", 5), ("epochs", 7)],
+)
+def test_a_run_cut_anywhere_resumes_to_the_same_records_and_model(cfg_file, mode, cut):
+    """Interrupted at an evaluation point, at an epoch's end or mid-epoch, then resumed: every
+    record (losses, accuracies, lr) and the final model equal those of the uninterrupted run.
+    A signal at a step that was due an evaluation lost that evaluation for good (iterations)."""
+    length = (
+        ["train.iterations=10", "train.eval_every=4", "train.max_steps_per_epoch=3"]
+        if mode == "iterations"
+        else ["train.epochs=2"]
+    )
+    ref = _cfg(cfg_file, *length, "name=ref")
+    train(ref, log=lambda m: None)
+    cut_cfg = _cfg(cfg_file, *length, "name=cut")
+    trainer = make_trainer(cut_cfg, log=lambda m: None)
+    _interrupt_after(trainer, cut)
+    with pytest.raises(Interrupted):
+        trainer.fit()
+    train(_cfg(cfg_file, *length, "name=cut"), resume=True, log=lambda m: None)
+    assert _records(cut_cfg.run_dir) == _records(ref.run_dir)
+    want = torch.load(ref.run_dir / "final.pt", weights_only=True)["model"]
+    got = torch.load(cut_cfg.run_dir / "final.pt", weights_only=True)["model"]
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_signal_in_the_last_step_ends_the_run_as_usual(cfg_file):
+    cfg = _cfg(cfg_file, "train.iterations=6", "train.eval_every=4", "train.max_steps_per_epoch=3")
+    trainer = make_trainer(cfg, log=lambda m: None)
+    _interrupt_after(trainer, 6)
+    trainer.fit()
+    assert (cfg.run_dir / "final.pt").is_file()
+    assert [r["step"] for r in _records(cfg.run_dir)] == [4, 6]
 
 
 @pytest.mark.parametrize(
@@ -541,7 +583,8 @@ def test_eval_of_a_config_file_says_it_is_one(cfg_file, capsys):
     ("flag", "expect"),
     [
         (["--n-examples", "0"], "n_examples: expected a number of test points >= 1, got 0"),
-        (["--eps", "-1"], "eps: expected a finite L-inf radius >= 0, got -1.0"),
+        (["--eps", "-1"], "eps: expected an L-inf radius in [0, 1]"),
+        (["--eps", "8"], "on pixels in [0, 1] (8/255 = 0.0314), got 8.0"),
         (["--batch-size", "0"], "batch_size: expected >= 1, got 0"),
     ],
 )

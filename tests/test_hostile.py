@@ -980,3 +980,117 @@ def test_lock_is_released_after_a_failed_run(cfg_file):
     start = time.time()
     _run(cfg_file.parent, "train.overwrite=true")
     assert time.time() - start < 120
+
+
+# --------------------------------------------------------------------------------------------
+# Round 3: numbers YAML 1.1 reads in its own way, data with nothing to test on, devices,
+# options a source, a model or a demo would have dropped, worker tracebacks
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["010", "0755", "1e2", "12:30", "0x10", "1_000"])
+def test_text_keys_keep_what_was_typed(cfg_file, text):
+    """YAML 1.1 reads 010 as octal 8, 12:30 as 750: a run name or a folder given so went
+    elsewhere than typed."""
+    cfg = _cfg(cfg_file, f"name={text}", f"data.root={text}")
+    assert cfg.name == text and cfg.data.root == text
+
+
+@pytest.mark.parametrize(("text", "value"), [("010", 8), ("12:30", 750)])
+def test_numbers_written_as_octal_or_base_60_are_refused(cfg_file, capsys, text, value):
+    code, err = _cli(capsys, "show", cfg_file, f"train.epochs={text}")
+    assert code == 2
+    assert (
+        f"train.epochs: expected a decimal number, got {text} (YAML 1.1 reads it as {value})"
+        in (_line(err))
+    )
+
+
+def test_an_npz_with_nothing_to_test_on_is_one_line_before_training(tmp_path, capsys):
+    x = np.random.default_rng(0).random((20, 1, 8, 8)).astype(np.float32)
+    y = np.arange(20) % 10
+    np.savez(tmp_path / "empty_test.npz", x=x, y=y, x_test=x[:0], y_test=y[:0])
+    np.savez(tmp_path / "one_per_class.npz", x=x[:10], y=y[:10])
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    for name, expect in (
+        ("empty_test", "x_test / y_test hold no images"),
+        ("one_per_class", "too few images per class to hold out data.val_fraction"),
+    ):
+        code, err = _cli(
+            capsys,
+            "train",
+            tmp_path / "tiny.yaml",
+            "data.name=npz",
+            f"data.root={tmp_path / name}.npz",
+            "--out",
+            tmp_path / "r",
+            *QUIET,
+        )
+        assert code == 2 and expect in _line(err)
+
+
+def test_an_npz_label_beyond_int64_is_named_as_it_is(tmp_path):
+    from dkl.data.sources import _labels_from_array
+
+    y = np.array([0, 2**63 + 5], dtype=np.uint64)
+    with pytest.raises(ValueError, match="too large for a class \\(9223372036854775813\\)"):
+        _labels_from_array(y, 2, tmp_path / "x.npz", "y")
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu"])
+def test_a_device_this_machine_lacks_is_one_line(cfg_file, capsys, device):
+    code, err = _cli(capsys, "train", cfg_file, f"train.device={device}", *QUIET)
+    assert code == 2 and f"train.device: '{device}' requested but it is not available" in _line(err)
+
+
+def test_digits_refuses_data_options(cfg_file, capsys):
+    code, err = _cli(capsys, "train", cfg_file, "data.options={foo: 1}", *QUIET)
+    assert code == 2 and "data 'digits' takes no data.options, got ['foo']" in _line(err)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expect"),
+    [
+        ("{hidden: [16.5]}", "Model 'mlp' option hidden: expected a list of ints, got [16.5]"),
+        ("{hidden: [true]}", "Model 'mlp' option hidden: expected a list of ints, got [True]"),
+    ],
+)
+def test_model_options_of_the_wrong_type_are_refused(cfg_file, capsys, kwargs, expect):
+    code, err = _cli(capsys, "train", cfg_file, f"model.kwargs={kwargs}", *QUIET)
+    assert code == 2 and expect in _line(err)
+
+
+def test_a_data_error_in_a_loader_worker_is_its_own_line(tmp_path, capsys):
+    """With data.num_workers >= 1 torch re-raises a worker's error with the worker's whole
+    traceback in its message; the command prints the error's own line."""
+    from PIL import Image
+
+    for split, names in (("train", ("a", "b")), ("val", ("a", "b"))):
+        for c in names:
+            d = tmp_path / "imgs" / split / c
+            d.mkdir(parents=True)
+            for i in range(4):
+                Image.new("L", (8, 8), color=40 * i).save(d / f"{i}.png")
+    (tmp_path / "imgs" / "val" / "a" / "bad.png").write_bytes(PNG)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    code, err = _cli(
+        capsys,
+        "train",
+        tmp_path / "tiny.yaml",
+        "data.name=imagefolder",
+        f"data.root={tmp_path / 'imgs'}",
+        "data.num_workers=1",
+        "data.batch_size=4",
+        "--out",
+        tmp_path / "r",
+        *QUIET,
+    )
+    line = _line(err)
+    assert code == 2 and "bad.png" in line and "Original Traceback" not in line
+
+
+def test_demo_arguments_that_would_be_ignored_are_refused(tmp_path, capsys):
+    code = main(["demo", "--epochs", "0", "--seeds", "1", "--out", str(tmp_path / "kd")])
+    assert code == 2 and "train.epochs: must be >= 1" in capsys.readouterr().err
+    code = main(["demo", "--recipe", "adversarial", "--adv-methods", "", "--out", str(tmp_path)])
+    assert code == 2 and "no method" in capsys.readouterr().out + capsys.readouterr().err

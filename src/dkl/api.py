@@ -164,8 +164,11 @@ def evaluate_run(
     """
     if n_examples is not None and n_examples < 1:
         raise ValueError(f"n_examples: expected a number of test points >= 1, got {n_examples}")
-    if eps is not None and not 0 <= eps < float("inf"):
-        raise ValueError(f"eps: expected a finite L-inf radius >= 0, got {eps}")
+    if eps is not None and not 0 <= eps <= 1:
+        raise ValueError(
+            f"eps: expected an L-inf radius in [0, 1], on pixels in [0, 1] (8/255 = 0.0314), "
+            f"got {eps}"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     path = find_checkpoint(target)

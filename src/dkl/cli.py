@@ -308,8 +308,8 @@ def _user_error(e: BaseException) -> tuple[int, str] | None:
         return 2, f"{e} (an optional dependency: see the README's extras, pip install 'dkl[...]')"
     if isinstance(e, OSError):
         if isinstance(e, (FileNotFoundError, FileExistsError)) and not e.filename:
-            return 2, str(e)
-        reason = e.strerror or str(e)
+            return 2, _without_worker_traceback(str(e))
+        reason = e.strerror or _without_worker_traceback(str(e))
         where = f": '{e.filename}'" if e.filename else ""
         full = e.errno in (errno.ENOSPC, errno.EDQUOT)
         hint = (
@@ -333,8 +333,17 @@ def _user_error(e: BaseException) -> tuple[int, str] | None:
     if isinstance(e, GradientMaskingError):
         return 3, f"gradient masking: {e}"
     if isinstance(e, ValueError):  # our checks of data, checkpoints and arguments
-        return 2, str(e)
+        return 2, _without_worker_traceback(str(e))
     return None
+
+
+def _without_worker_traceback(text: str) -> str:
+    """The error's own message where a DataLoader worker re-raised it with the worker's whole
+    traceback in the text (``data.num_workers >= 1``): its last line, without the type name."""
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 def _out_of_memory(e: BaseException) -> bool:

@@ -102,7 +102,7 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
-        return value
+        return _plain(value)
     if origin in (Union, types.UnionType):
         errors = []
         for arg in typing.get_args(tp):
@@ -128,12 +128,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected bool (true/false), got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            _check_written(value, key)
+            return int(value)
         if isinstance(value, float) and value.is_integer():
             return int(value)
         raise ConfigError(f"{key}: expected int, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            _check_written(value, key)
             return float(value)
         hint = ""
         if isinstance(value, str):
@@ -147,7 +149,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
+            return getattr(value, "source", None) or str(value)  # as written: 010, 1e2
         raise ConfigError(f"{key}: expected str, got {value!r}")
     if tp is list or origin is list:
         if isinstance(value, tuple):
@@ -155,16 +157,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         args = typing.get_args(tp)
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+        if not args:
+            return _plain(value)
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is dict or origin is dict:
         if value is None:
             return {}
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        return _plain(dict(value))
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
-    return value
+    return _plain(value)
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
@@ -370,7 +374,60 @@ def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading ``5e-4`` as a number as YAML 1.2 does (1.1 wants ``5.0e-4``)."""
+    """PyYAML's safe loader, reading ``5e-4`` as a number as YAML 1.2 does (1.1 wants ``5.0e-4``).
+    Numbers keep the text they were written as (:class:`_Int`, :class:`_Float`), for the keys
+    that take text: ``name=010`` is the run ``010``, not ``8`` (YAML 1.1 reads 010 as octal,
+    0x10 as hex, 12:30 as 750)."""
+
+
+class _Int(int):
+    """An int read from YAML, with its text (``source``); made a plain int when coerced."""
+
+
+class _Float(float):
+    """A float read from YAML, with its text (``source``); made a plain float when coerced."""
+
+
+def _sourced(kind: type, construct: Any) -> Any:
+    def constructor(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+        value = kind(construct(loader, node))
+        value.source = str(node.value)
+        return value
+
+    return constructor
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _sourced(_Int, yaml.SafeLoader.construct_yaml_int))
+_Loader.add_constructor(
+    "tag:yaml.org,2002:float", _sourced(_Float, yaml.SafeLoader.construct_yaml_float)
+)
+
+
+_YAML11_NUMBER = re.compile(r"^[-+]?(0[0-7_]+|[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?)$")
+
+
+def _check_written(value: Any, key: str) -> None:
+    """Refuse a number written as YAML 1.1 octal (``010`` = 8) or base 60 (``12:30`` = 750),
+    which nobody means in a config."""
+    source = getattr(value, "source", None)
+    if source is not None and _YAML11_NUMBER.match(source):
+        raise ConfigError(
+            f"{key}: expected a decimal number, got {source} (YAML 1.1 reads it as {value!r}); "
+            f"write {value!r} if that is meant"
+        )
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with the numbers read from YAML made plain ints and floats, all the way down."""
+    if isinstance(value, _Int):
+        return int(value)
+    if isinstance(value, _Float):
+        return float(value)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v) for v in value)
+    return value
 
 
 _Loader.add_implicit_resolver(

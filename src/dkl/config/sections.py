@@ -30,7 +30,8 @@ __all__ = [
 
 @dataclass
 class TeacherConfig:
-    name: str = ""  # model name; empty: read from the checkpoint's config (dkl checkpoints)
+    # model name; empty: name, kwargs and normalize read from the checkpoint's config (dkl's)
+    name: str = ""
     kwargs: dict = field(default_factory=dict)
     checkpoint: str = ""
     normalize: bool = True  # same Normalize(mean, std) wrapper as the student

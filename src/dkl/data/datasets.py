@@ -486,8 +486,17 @@ def _statistics(r: DataRequest, splits: ImageSplits, channels: int, stats_set: A
 # --------------------------------------------------------------------------------------------
 
 
+def no_options(name: str, request: DataRequest) -> None:
+    """A source that takes no ``data.options`` refuses them rather than ignore them."""
+    if request.options:
+        raise ValueError(
+            f"data '{name}' takes no data.options, got {sorted(request.options)}; remove them"
+        )
+
+
 @register_dataset("digits")
 def _digits(request: DataRequest) -> ImageSplits:
+    no_options("digits", request)
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -508,6 +517,7 @@ def _digits(request: DataRequest) -> ImageSplits:
 
 def _cifar(request: DataRequest) -> ImageSplits:
     name, root = request.name, request.root
+    no_options(name, request)
     try:
         from torchvision import datasets
     except ImportError as e:  # pragma: no cover - depends on the install

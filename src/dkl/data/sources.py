@@ -39,7 +39,13 @@ import torch
 
 from dkl._files import sniff
 
-from .datasets import DataRequest, ImageSplits, TensorImageDataset, register_dataset
+from .datasets import (
+    DataRequest,
+    ImageSplits,
+    TensorImageDataset,
+    no_options,
+    register_dataset,
+)
 from .preprocess import as_pixels, stratified_split, to_chw
 
 __all__ = ["FolderImages", "HFImages"]
@@ -52,14 +58,6 @@ _TEST_SPLITS = ("test", "validation", "valid", "val")
 # --------------------------------------------------------------------------------------------
 # imagefolder
 # --------------------------------------------------------------------------------------------
-
-
-def _no_options(name: str, request: DataRequest) -> None:
-    """A source that takes no ``data.options`` refuses them rather than ignore them."""
-    if request.options:
-        raise ValueError(
-            f"data '{name}' takes no data.options, got {sorted(request.options)}; remove them"
-        )
 
 
 def _image_extensions() -> tuple[str, ...]:
@@ -150,7 +148,7 @@ def _imagefolder(request: DataRequest) -> ImageSplits:
     """``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test/``); with no test folder, or
     with class folders directly under ``root``, a fixed stratified ``data.val_fraction`` of the
     images is held out as the test split (the same images for every seed)."""
-    _no_options("imagefolder", request)
+    no_options("imagefolder", request)
     root = Path(request.root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data 'imagefolder': data.root '{root}' is not a folder")
@@ -216,12 +214,14 @@ def _labels_from_array(y: np.ndarray, n: int, path: Path, key: str) -> torch.Ten
         raise ValueError(f"{path}: '{key}' must hold integer labels, got dtype {y.dtype}")
     if len(y) and y.min() < 0:
         raise ValueError(f"{path}: '{key}' holds a negative label ({y.min()})")
+    if len(y) and int(y.max()) > np.iinfo(np.int64).max:  # uint64 would wrap to a negative
+        raise ValueError(f"{path}: '{key}' holds a label too large for a class ({int(y.max())})")
     return torch.as_tensor(y.astype(np.int64))
 
 
 @register_dataset("npz")
 def _npz(request: DataRequest) -> ImageSplits:
-    _no_options("npz", request)
+    no_options("npz", request)
     path = Path(request.root).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"data 'npz': data.root '{path}' is not a file (a numpy .npz)")
@@ -258,8 +258,16 @@ def _npz(request: DataRequest) -> ImageSplits:
                 )
         else:
             tr, te = stratified_split(y.numpy(), request.val_fraction)
+            if len(te) == 0:
+                raise ValueError(
+                    f"data 'npz': '{path}' has no x_test / y_test and too few images per class "
+                    f"to hold out data.val_fraction={request.val_fraction} of them; add a test "
+                    f"split or more images"
+                )
             tr_t, te_t = torch.as_tensor(tr), torch.as_tensor(te)
             x, x_test, y, y_test = x[tr_t], x[te_t], y[tr_t], y[te_t]
+        if len(y_test) == 0:
+            raise ValueError(f"data 'npz': '{path}': x_test / y_test hold no images")
         classes: Any = int(max(int(y.max()), int(y_test.max()) if len(y_test) else 0)) + 1
         if "classes" in keys:
             names = [str(c) for c in f["classes"].tolist()]

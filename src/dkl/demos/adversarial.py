@@ -126,8 +126,9 @@ def main(args: argparse.Namespace) -> int:
     out = args.out if args.out != "runs/demo" else "runs/demo_adversarial"
     methods = [m.strip() for m in args.adv_methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
-    if bad:
-        print(f"dkl: error: unknown method(s) {bad}; expected some of {METHODS}")
+    if bad or not methods:
+        what = f"unknown method(s) {bad}" if bad else "no method"
+        print(f"dkl: error: {what}; expected some of {METHODS}")
         return 2
     run_demo(
         out,

@@ -26,7 +26,7 @@ DEMO_METHODS = ("ce", "kd", "dkd", "ikl")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--epochs", type=int, default=0, help="epochs per run (default: the presets' 30)"
+        "--epochs", type=int, default=None, help="epochs per run (default: the presets' 30)"
     )
 
 
@@ -49,7 +49,7 @@ def run_demo(args) -> int:
         "train.progress=false",
         "train.plot=false",
     ]
-    if getattr(args, "epochs", 0):
+    if getattr(args, "epochs", None) is not None:  # 0 too: the config refuses it in one line
         common.append(f"train.epochs={args.epochs}")
     quiet = lambda msg: None
     t0 = time.time()

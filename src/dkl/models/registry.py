@@ -17,13 +17,16 @@ Nothing is ever downloaded: pretrained weights come from local files through ``c
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import fnmatch
 import inspect
 import math
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -182,6 +185,7 @@ def create_model(
         model = fn(rest, num_classes, **kwargs)
     else:
         entry = model_entry(name)
+        _check_option_types(name, entry.fn, kwargs)
         fits = _fit_input(entry.fn, kwargs, input_shape)
         try:
             model = entry.fn(num_classes, **kwargs)
@@ -199,6 +203,37 @@ def create_model(
 
 
 _INPUT_OPTIONS = ("in_channels", "in_chans", "in_features")
+
+
+def _check_option_types(name: str, fn: Callable, kwargs: dict) -> None:
+    """Options against the constructor's annotations where they are plain (int, float, bool,
+    a sequence of ints): ``hidden=[16.5]`` or ``width=true`` would otherwise build another
+    model than the one asked for, without a word."""
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001  (annotations that do not resolve: nothing to check)
+        return
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key, value in kwargs.items():
+        tp = hints.get(key)
+        if tp is int:
+            ok, want = is_int(value), "an int"
+        elif tp is float:
+            ok, want = is_int(value) or isinstance(value, float), "a number"
+        elif tp is bool:
+            ok, want = isinstance(value, bool), "true or false"
+        elif typing.get_origin(tp) in (collections.abc.Sequence, tuple, list) and (
+            typing.get_args(tp)[:1] == (int,)
+        ):
+            ok = isinstance(value, list | tuple) and all(is_int(v) for v in value)
+            want = "a list of ints"
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"Model {name!r} option {key}: expected {want}, got {value!r}")
 
 
 def _fit_input(fn: Callable, kwargs: dict, input_shape: Sequence[int] | None) -> bool:

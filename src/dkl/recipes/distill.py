@@ -267,7 +267,7 @@ class DistillTask(Task):
             )
         if not Path(t.checkpoint).is_file():
             raise FileNotFoundError(_missing_teacher(t.checkpoint))
-        name, kwargs = t.name, dict(t.kwargs)
+        name, kwargs, normalize = t.name, dict(t.kwargs), t.normalize
         if not name:
             state = load_checkpoint(t.checkpoint)
             mc = (state.get("config") or {}).get("model") if isinstance(state, dict) else None
@@ -275,8 +275,10 @@ class DistillTask(Task):
                 raise ConfigError(
                     f"distill.teacher.name: '{t.checkpoint}' carries no config; name the model"
                 )
+            # the model as that run built it: its name, kwargs and input normalisation
             name, kwargs = mc["name"], mc.get("kwargs") or {}
-        mcfg = ModelConfig(name=name, kwargs=kwargs, normalize=t.normalize, checkpoint=t.checkpoint)
+            normalize = bool(mc.get("normalize", t.normalize))
+        mcfg = ModelConfig(name=name, kwargs=kwargs, normalize=normalize, checkpoint=t.checkpoint)
         teacher = self.ctx.build_model(mcfg)
         teacher.eval()
         for p in teacher.parameters():

@@ -133,8 +133,8 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 def select_device(cfg: TrainConfig, dist: Dist) -> torch.device:
-    t = cfg
     """The run's device (``train.device``; ``cuda`` means this rank's GPU) and its flags."""
+    t = cfg
     want = t.device
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
@@ -143,7 +143,20 @@ def select_device(cfg: TrainConfig, dist: Dist) -> torch.device:
             raise ConfigError(f"train.device: '{want}' requested but CUDA is not available")
         if want == "cuda":
             want = f"cuda:{dist.local_rank if dist.world > 1 else torch.cuda.current_device()}"
-    device = torch.device(want)
+    try:
+        device = torch.device(want)
+    except RuntimeError as e:
+        raise ConfigError(f"train.device: {want!r} is not a device torch knows ({e})") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"train.device: '{want}' requested but this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s)"
+        )
+    if device.type not in ("cpu", "cuda"):
+        backend = getattr(torch.backends, device.type, None) or getattr(torch, device.type, None)
+        available = getattr(backend, "is_available", None)
+        if not (callable(available) and available()):
+            raise ConfigError(f"train.device: '{want}' requested but it is not available here")
     if t.threads > 0:
         torch.set_num_threads(t.threads)
     if device.type == "cuda":

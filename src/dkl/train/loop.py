@@ -252,16 +252,15 @@ class Trainer(TrainingState):
                     bar.update(1)
                     if self.step_in_epoch % max(t.log_every, 1) == 0 or self.step_in_epoch == spe:
                         bar.set_postfix(self._bar_stats(t_start, total), refresh=False)
-                if D.any_rank(self._stop_signal is not None):
-                    self.elapsed = time.time() - t_start
-                    path = self._save_training_state()
-                    raise Interrupted(self._stop_signal or signal.SIGTERM, path)
+                if self.step_in_epoch >= spe:  # the epoch's end: evaluated below
+                    break
+                # an evaluation that is due runs before a signal is honoured: the saved state
+                # is past it, and a resume would not do it again
                 if iterations and (self.global_step % t.eval_every == 0 or self.finished):
-                    if self.step_in_epoch >= spe:  # the epoch's end evaluates below
-                        break
                     self._eval_point(t_start)
                     if self.finished:
                         return
+                self._honour_signal(t_start)
         finally:
             if bar is not None:
                 bar.close()
@@ -270,6 +269,15 @@ class Trainer(TrainingState):
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         if not iterations or self.global_step % t.eval_every == 0 or self.finished:
             self._eval_point(t_start, extra, epoch=self.epoch - 1)
+        if not self.finished:  # a finished run ends as usual (final.pt), signal or not
+            self._honour_signal(t_start)
+
+    def _honour_signal(self, t_start: float) -> None:
+        """Save the training state and stop, if any rank got SIGINT / SIGTERM (a collective)."""
+        if D.any_rank(self._stop_signal is not None):
+            self.elapsed = time.time() - t_start
+            path = self._save_training_state()
+            raise Interrupted(self._stop_signal or signal.SIGTERM, path)
 
     def _step(self, batch: Any, spe: int, total: int) -> None:
         ctx = StepContext(self.epoch, self.step_in_epoch, self.global_step, spe, total)
