@@ -812,3 +812,14 @@ def test_the_materialised_topk_losses_hold_the_fused_paths_rules(edit, tail, mat
 def test_the_module_checks_its_options_when_built(kw, match):
     with pytest.raises(ValueError, match=match):
         FusedLinearIKLLoss(**HP, **kw)
+
+
+def test_torch_func_transforms_get_one_line():
+    p = _problem()
+    ws, ht, wt = p["ws"].detach(), p["ht"], p["wt"]
+    with pytest.raises(RuntimeError, match="does not run under torch.func transforms"):
+        torch.func.grad(lambda h: fused_linear_kl(h, ws, ht, wt, temperature=1.0))(p["hs"].detach())
+    zs, zt = torch.randn(3, 11), torch.randn(3, 11)
+    idx, val = topk_logprobs(zt, 4)
+    with pytest.raises(RuntimeError, match="does not run under torch.func transforms"):
+        torch.func.grad(lambda z: topk_kl_loss(z, idx, val, temperature=1.0))(zs)

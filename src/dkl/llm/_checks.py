@@ -101,6 +101,18 @@ def _use_kernel(impl: str, logits: Tensor, temperatures: tuple[float, ...] = ())
     return True
 
 
+def refuse_functorch(what: str) -> None:
+    """One line instead of torch's own error about ``setup_context``: the chunked losses are
+    autograd functions with closed-form gradients, which ``torch.func`` transforms (``grad``,
+    ``vmap``, ``jacrev``) cannot trace."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise RuntimeError(
+            f"{what} computes its gradient in closed form and does not run under torch.func "
+            "transforms (grad, vmap, jacrev); materialise the logits and use dkl.ikl_loss / "
+            "dkl.kl_loss, which do"
+        )
+
+
 def refuse_double_backward(what: str) -> None:
     """One line instead of a silently wrong second derivative: called at the start of a backward
     written in closed form (grad mode is on there exactly under ``create_graph=True``)."""

@@ -43,6 +43,7 @@ from dkl.llm._checks import (
     _check_mixture,
     _check_weight,
     _flatten_tokens,
+    refuse_functorch,
     valid_token_mask,
 )
 from dkl.llm._chunk import DIVERGENCES, KERNEL_KINDS, LogitTransform, effective_kind
@@ -178,6 +179,7 @@ def _fused_linear(
                 f"Expected labels in [0, {V}) or equal to ignore_index = {ignore_index}, got "
                 f"values in [{int(labels[valid].min())}, {int(labels[valid].max())}]"
             )
+    refuse_functorch("The chunked dkl.llm loss")
     loss = _FusedLinear.apply(hs, student_head_weight, student_bias, teacher, labels, valid, cfg)
     if reduction == "none":
         loss = loss.reshape(token_shape)

@@ -30,7 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dkl.llm._checks import _check_mixture, _check_weight, refuse_double_backward
+from dkl.llm._checks import (
+    _check_mixture,
+    _check_weight,
+    refuse_double_backward,
+    refuse_functorch,
+)
 from dkl.llm._chunk import (
     TAILS,
     chunk_loss,
@@ -139,6 +144,7 @@ def _topk_loss(kind, input, topk_indices, topk_values, *, tail, reduction, mask,
         n = int((unbounded & mask).sum() if mask is not None else unbounded.sum())
         if n:
             raise unbounded_error(n)
+    refuse_functorch("The top-k dkl.llm loss")
     rows = _RowLoss.apply(input, target, mask, cfg)
     if reduction == "none":
         return rows
