@@ -948,3 +948,16 @@ def test_class_weights_in_rows_outside_the_mask_are_not_read(loss):
     got = fn(s, t, class_weights=cw, mask=mask)
     want = fn(s[mask].double(), t[mask].double(), class_weights=cw[mask].double())
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_kl_gradients_at_logits_near_the_float_limit_are_the_float64_ones():
+    """A loss of 2e38 is finite, but the fast form's target gradient p (log p - log q - KL)
+    overflowed to inf · 0 = NaN there: a loss that near overflow takes the exact form."""
+    s = torch.tensor([[-2e38, 0.0, 1.0]])
+    t = torch.tensor([[2e38, 0.0, 1.0]])
+    zs, zt = s.clone().requires_grad_(), t.clone().requires_grad_()
+    got = torch.autograd.grad(kl_loss(zs, zt), (zs, zt))
+    s64, t64 = s.double().requires_grad_(), t.double().requires_grad_()
+    want = torch.autograd.grad(kl_loss(s64, t64), (s64, t64))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-7)

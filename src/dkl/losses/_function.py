@@ -161,12 +161,20 @@ _CPU, _CUDA = torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA
 def _finish(rule: Rule, fast: Tensor, total, s, t, extras) -> tuple[Tensor, bool]:
     """The output (the rows, or their sum ``fast`` times ``total``) and whether the exact form
     had to replace the fast one. No loss row is ``-inf``, so the sum is NaN exactly when a row
-    is."""
+    is. A sum within a factor 2^16 of the float's overflow takes the exact form too: there the
+    fast gradients' intermediates (``log p - log q - KL`` at logits of 2e38) can overflow while
+    the loss does not."""
     summed = fast.sum() if total is None else fast
-    if not math.isnan(summed.item()):
+    value = summed.item()
+    if not (math.isnan(value) or abs(value) > _near_overflow(summed.dtype)):
         return (fast if total is None else summed.mul_(constant(total, summed.dtype))), False
     per_row = rule.exact(s, t, *extras)  # non-finite logits (or an overflow): the exact rules
     return (per_row if total is None else per_row.sum() * total), True
+
+
+@functools.lru_cache(maxsize=8)
+def _near_overflow(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).max / 2**16
 
 
 def loss(
