@@ -225,3 +225,36 @@ def test_evaluate_rejects_bad_input(no_official):
         evaluate_robustness(model, x * 3, y, progress=False, log=None)
     with pytest.raises(TypeError, match="fp32"):
         evaluate_robustness(model.double(), x, y, progress=False, log=None)
+
+
+class _ArgmaxNet(nn.Module):
+    """A classifier whose logits come out of an argmax: no autograd path from input to loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(12, 10)
+
+    def forward(self, x):
+        return 10.0 * torch.nn.functional.one_hot(self.lin(x.flatten(1)).argmax(1), 10).float()
+
+
+@pytest.mark.parametrize("sanity", ["raise", "warn", "off"])
+def test_a_model_without_an_input_gradient_is_flagged_not_a_traceback(no_official, sanity):
+    """An argmax inside: autograd.grad raised 'does not require grad' from the attacks and the
+    check, whatever ``sanity`` said; it is the textbook masked gradient."""
+    x, y = data()
+    with pytest.raises(GradientMaskingError, match="masks gradients|cannot run"):
+        evaluate_robustness(
+            _ArgmaxNet().eval(), x, y, version="fast", sanity=sanity, progress=False, log=None
+        )
+    with pytest.raises(GradientMaskingError, match="input gradients are exactly zero"):
+        check_gradient_masking(_ArgmaxNet().eval(), x, y)
+
+
+def test_evaluating_no_example_is_one_line(no_official):
+    model, (x, y) = linear_model(), data()
+    with pytest.raises(ValueError, match="at least one example"):
+        evaluate_robustness(model, x, y, n_examples=0, progress=False, log=None)
+    with pytest.raises(ValueError, match="at least one example"):
+        evaluate_robustness(model, x[:0], y[:0], progress=False, log=None)

@@ -760,3 +760,25 @@ def test_cifar_preset_path_with_a_tiny_vit_and_usb_weights(one_thread, tmp_path,
     assert lrs == pytest.approx([5e-4 * 0.25, 5e-4 * 0.5, 5e-4])
     assert len(trainer.history) == 1 and trainer.history[0]["step"] == 2
     assert trainer.history[0]["lr"] == pytest.approx(5e-4 * 1 / 5120)  # warm-up step 1 of 5,120
+
+
+def test_the_unsupervised_warm_up_ramps_over_an_epoch_run_too(tmp_path):
+    """semisup.unsup_warmup is a fraction of the run's steps; an epoch run (no iterations)
+    kept λ_u at its full value from the first step."""
+    from dkl.api import make_trainer
+    from dkl.config import load_config
+
+    cfg = load_config(
+        "semisup/digits_meanteacher",
+        [
+            f"train.out_dir={tmp_path}",
+            "train.iterations=0",
+            "train.epochs=2",
+            "train.max_steps_per_epoch=4",
+            "semisup.unsup_warmup=0.5",
+            "train.progress=false",
+        ],
+    )
+    task = make_trainer(cfg, log=lambda m: None).task
+    lam = cfg.semisup.lambda_u
+    assert [task.lambda_u(it) for it in (0, 2, 4, 7)] == pytest.approx([0, lam / 2, lam, lam])

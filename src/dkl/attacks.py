@@ -80,6 +80,16 @@ class eval_mode:
             m.training = mode
 
 
+def input_gradient(loss: Tensor, x: Tensor) -> Tensor:
+    """``d loss / d x``, zero where the loss does not depend on ``x`` at all (a model with an
+    ``argmax`` or a ``detach`` inside): the attack then stands still, and the gradient-masking
+    check names the model, where ``torch.autograd.grad`` raised from deep inside."""
+    if not loss.requires_grad:
+        return torch.zeros_like(x)
+    (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
+    return torch.zeros_like(x) if grad is None else grad
+
+
 def _check_epoch(epoch: int, epochs: int) -> None:
     if not (isinstance(epochs, int) and epochs >= 1):
         raise ValueError(f"Expected epochs >= 1, got {epochs!r}")
@@ -226,7 +236,7 @@ def perturb(
         for _ in range(steps):
             x_adv.requires_grad_(True)
             loss = loss_fn(model(x_adv))
-            (grad,) = torch.autograd.grad(loss, x_adv)
+            grad = input_gradient(loss, x_adv)
             x_adv = _project(x_adv.detach() + step_size * grad.sign(), x, eps)
     return x_adv.detach()
 

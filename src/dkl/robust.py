@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dkl.attacks import eval_mode, fgsm_attack, pgd_attack
+from dkl.attacks import eval_mode, fgsm_attack, input_gradient, pgd_attack
 
 __all__ = [
     "AA_VERSIONS",
@@ -290,7 +290,7 @@ def check_gradient_masking(
     xg = x.detach().clone().requires_grad_(True)
     with eval_mode(model), torch.enable_grad():
         loss = F.cross_entropy(model(xg), y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, xg)
+        grad = input_gradient(loss, xg)
     zero = (grad.flatten(1).abs().amax(1) == 0).float().mean().item()
     if zero > 0.5:
         raise GradientMaskingError(
@@ -360,6 +360,11 @@ def evaluate_robustness(
     say = log or (lambda s: None)
     n_total = len(x)
     n = n_total if n_examples is None else min(int(n_examples), n_total)
+    if n < 1:
+        raise ValueError(
+            f"Expected at least one example to evaluate, got {n_total} inputs and "
+            f"n_examples={n_examples}"
+        )
     x = x[:n].to(device, torch.float32)
     y = y[:n].to(device)
     lo, hi = x.min().item(), x.max().item()
@@ -437,7 +442,16 @@ def evaluate_robustness(
             for i in bar:
                 sel = idx[i : i + batch_size]
                 xb, yb = x[sel], y[sel]
-                x_adv = run(xb, yb).detach().to(device, torch.float32)
+                try:
+                    x_adv = run(xb, yb).detach().to(device, torch.float32)
+                except RuntimeError as e:  # the backends' own autograd.grad on no graph
+                    if "grad" not in str(e):
+                        raise
+                    raise GradientMaskingError(
+                        f"{spec.name} cannot run: the model's output does not depend on its input "
+                        "through autograd (an argmax, detach or non-differentiable layer "
+                        "inside), so gradient attacks do not apply"
+                    ) from None
                 _check_threat_model(x_adv, xb, eps, spec.name)
                 with torch.no_grad():
                     robust[sel] = model(x_adv).argmax(1) == yb

@@ -130,7 +130,7 @@ class SemiSupConfig:
     uratio: int = 1  # unlabeled batch = uratio * labeled batch (data.batch_size)
     threshold: float = 0.95  # confidence mask (USB's p_cutoff)
     lambda_u: float = 1.0
-    unsup_warmup: float = 0.0  # fraction of the iterations over which λ_u ramps up (0: none)
+    unsup_warmup: float = 0.0  # fraction of the run's steps over which λ_u ramps up (0: none)
     hard_label: bool = False  # FixMatch: argmax pseudo-label instead of the soft one
     pl_temperature: float = 1.0  # FixMatch soft pseudo-label σ(z_w / T_pl) (USB in effect: 1)
     alpha: float = 1.0  # IKL: weight of the sCE

@@ -412,7 +412,13 @@ class SemiSupTask(Task):
 
     # step ---------------------------------------------------------------------------------
     def lambda_u(self, it: int) -> float:
-        c, total = self.scfg, self.cfg.train.iterations
+        c, t = self.scfg, self.cfg.train
+        total = t.iterations
+        if total <= 0:  # an epoch run: its steps
+            spe = self.steps_per_epoch()
+            if t.max_steps_per_epoch > 0:
+                spe = min(spe, t.max_steps_per_epoch)
+            total = t.epochs * spe
         if c.unsup_warmup <= 0 or total <= 0:
             return c.lambda_u
         return c.lambda_u * min(max(it / (c.unsup_warmup * total), 0.0), 1.0)
