@@ -83,6 +83,7 @@ def main() -> None:
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_drop_last=True,
+        per_device_eval_batch_size=1,
     )
     student = AutoModelForCausalLM.from_pretrained(f"{args.models}/student", dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(f"{args.models}/teacher", dtype=torch.float32)
@@ -105,6 +106,8 @@ def main() -> None:
 
         def compute_loss(self, model, inputs, *a, **kw):
             loss = super().compute_loss(model, inputs, *a, **kw)
+            if isinstance(loss, tuple):  # evaluate() asks for the outputs too: not recorded
+                return loss
             losses.append(float(loss.detach()))
             seen.append({k: v.detach().cpu() for k, v in inputs.items()})
             return loss
@@ -121,6 +124,10 @@ def main() -> None:
         data_collator=collate,
     )
     trainer.train()
+    # after the step, on 5 examples: the ranks' last batches are evened out with a repeated one
+    # (drop_last would drop the fifth instead)
+    trainer.args.dataloader_drop_last = False
+    eval_loss = trainer.evaluate(examples[:5])["eval_loss"]
     fsdp = bool(getattr(trainer, "is_fsdp_enabled", False))
     # each rank's micro-batch losses add up to (world x) its share of the step's mean
     step_loss = torch.tensor(sum(losses), dtype=torch.float64, device=trainer.args.device)
@@ -154,6 +161,7 @@ def main() -> None:
             {
                 "params": params,
                 "loss": step_loss,
+                "eval_loss": eval_loss,
                 "log": trainer.state.log_history[0],
                 "teacher_type": teacher_engine,
                 "teacher_sharded": all(sharded),

@@ -164,6 +164,21 @@ def _load(saved, lora_dir=None):
     return student, teacher
 
 
+def _check_eval(result, saved):
+    """evaluate() after the step: the mean over the 5 eval examples' tokens, each counted once
+    (DeepSpeed's engine stays in training mode when evaluated, and evening out the ranks'
+    batches repeats an example: both changed eval_loss)."""
+    student, teacher = _load(saved)
+    with torch.no_grad():
+        for n, p in student.named_parameters():
+            p.copy_(result["params"][n])
+    batches = [{k: v[None] for k, v in e.items()} for e in _examples()[:5]]
+    ref = _reference(student, teacher, batches)
+    torch.testing.assert_close(
+        torch.tensor(result["eval_loss"]).double(), ref.detach(), rtol=1e-5, atol=0
+    )
+
+
 def _check_step(result, student, teacher, trainable):
     batches = [b for rank in result["batches"] for b in rank]
     seen = sorted(tuple(ids.tolist()) for b in batches for ids in b["input_ids"])
@@ -197,6 +212,7 @@ def test_deepspeed_zero3_two_ranks_equals_one_process(saved):
     assert result["teacher_sharded"]
     student, teacher = _load(saved)
     _check_step(result, student, teacher, [n for n, _ in student.named_parameters()])
+    _check_eval(result, saved)
 
 
 @pytest.mark.timeout(600)
@@ -228,6 +244,7 @@ def test_ddp_two_ranks_two_micro_batches_logs_token_weighted_parts(saved):
     assert len(result["batches"][0]) == 2  # two micro-batches on each rank
     student, teacher = _load(saved)
     _check_step(result, student, teacher, [n for n, _ in student.named_parameters()])
+    _check_eval(result, saved)
 
 
 @pytest.mark.timeout(600)

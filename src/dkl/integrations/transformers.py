@@ -198,13 +198,16 @@ def causal_lm_distillation_loss(
     teacher: nn.Module | None,
     inputs: dict[str, Any],
     distill: DistillationArguments,
+    *,
+    per_example: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """The summed distillation loss of one batch: ``(loss_sum, parts_sum, valid_token_count)``.
 
     ``inputs`` holds the model inputs (``input_ids``, ``attention_mask``, ...) and ``labels``
     ``(B, L)`` (or ``shift_labels``, already shifted), optionally ``teacher_topk_indices`` /
     ``teacher_topk_values`` ``(B, L, k)``. Divide by a token count to get a mean; the Trainer
-    divides by ``num_items_in_batch``.
+    divides by ``num_items_in_batch``. ``per_example=True``: the loss sums and token counts per
+    example, ``(B,)`` each (the parts stay summed).
     """
     labels = inputs.get("shift_labels")
     shift = labels is None
@@ -228,7 +231,7 @@ def causal_lm_distillation_loss(
     kw: dict[str, Any] = {
         **distill.loss_kwargs(),
         "labels": labels.to(s_hidden.device),
-        "reduction": "sum",
+        "reduction": "none" if per_example else "sum",
         "return_parts": True,
         "student_logit_scale": s_tf["logit_scale"],
         "student_softcap": s_tf["softcap"],
@@ -261,8 +264,10 @@ def causal_lm_distillation_loss(
             return fn(hidden, ws, t_hidden, wt.to(dev), student_bias=bs, teacher_bias=bt, **kw)
 
     loss, parts = call_output_head(student, loss_from_heads, s_hidden)
-    count = (labels != -100).sum()
-    return loss, parts, count
+    valid = labels.to(loss.device) != -100
+    if per_example:  # (B, L) per token, 0 where ignored
+        return loss.sum(-1), {k: v.sum() for k, v in parts.items()}, valid.sum(-1)
+    return loss, parts, valid.sum()
 
 
 def as_counted(batch: Any) -> Any:
@@ -493,10 +498,21 @@ class DistillationMixin:
         return_outputs: bool = False,
         num_items_in_batch: Tensor | int | None = None,
     ):
-        total, parts, count = causal_lm_distillation_loss(model, self.teacher, inputs, self.distill)
+        # the module's own mode: DeepSpeed's engine stays in training mode when evaluated
+        training = unwrap_model(model).training
+        evaluating = not training and self._eval_tokens is not None
+        total, parts, count = causal_lm_distillation_loss(
+            model, self.teacher, inputs, self.distill, per_example=evaluating
+        )
+        if evaluating:  # every rank's examples, each once (the padding evening out ranks dropped)
+            rows = torch.stack([total.detach().double(), count.double()], 1)
+            rows = self.accelerator.gather_for_metrics(rows).sum(0).cpu()
+            acc = self._eval_tokens
+            acc[0], acc[1] = acc[0] + rows[0], acc[1] + rows[1].long()
+            total, count = total.sum(), count.sum()
         if num_items_in_batch is None:
             # the Trainer leaves a loss it calls scaled for accumulation as it is: scale it here
-            accum = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
+            accum = getattr(self, "current_gradient_accumulation_steps", 1) if training else 1
             scale = 1.0 / (count.clamp_min(1) * accum)
         else:
             scale = 1.0 / torch.as_tensor(num_items_in_batch, device=total.device).clamp_min(1)
@@ -504,10 +520,7 @@ class DistillationMixin:
                 # num_items_in_batch counts every device's tokens; DDP / FSDP average the grads
                 scale = scale * self.accelerator.num_processes
         loss = total * scale
-        if not model.training and self._eval_tokens is not None:
-            acc = self._eval_tokens  # 0-d CPU tensors: the sums move to the loss's device
-            acc[0], acc[1] = acc[0] + total.detach().double(), acc[1] + count
-        if model.training:
+        if training:
             weights = self.distill.part_weights()
             for k, v in parts.items():
                 term = (v * weights.get(k, 1.0) * scale).detach().double()
@@ -528,10 +541,6 @@ class DistillationMixin:
             total, count = self._eval_tokens
         finally:
             self._eval_tokens = None
-        if self.accelerator.num_processes > 1:
-            dev = self.accelerator.device
-            pair = torch.stack([total.to(dev), count.to(dev, total.dtype)])
-            total, count = self.accelerator.gather(pair[None]).reshape(-1, 2).sum(0)
         key = f"{prefix}_loss"
         if key in output.metrics and int(count) > 0:
             output.metrics[key] = float(total / count)
