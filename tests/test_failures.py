@@ -140,6 +140,21 @@ def test_resume_new_epoch_starts_the_next_epoch_with_the_new_batch_size(cfg_file
     assert load_checkpoint(run / "last.pt")["config"]["data"]["batch_size"] == 32
 
 
+def test_resume_new_epoch_drops_the_skipped_epochs_partial_metrics(cfg_file):
+    """The epoch after a --new-epoch resume reports its own steps: the skipped epoch's partial
+    running sums (2 steps, under the old settings) were carried into its train_loss."""
+    _cut_mid_epoch(cfg_file)  # epoch 2, step 2 of 5
+    trainer = make_trainer(
+        _cfg(cfg_file, "distill.ce_weight=2", "train.epochs=3"), log=lambda m: None
+    )
+    seen: list[float] = []
+    check = trainer._check_loss
+    trainer._check_loss = lambda value: (seen.append(value), check(value))[1]
+    trainer.fit(resume=True, new_epoch=True)
+    assert len(seen) == 5  # epoch 3 alone
+    assert trainer.history[-1]["train_loss"] == pytest.approx(sum(seen) / len(seen), rel=1e-6)
+
+
 def test_resume_at_an_epoch_boundary_accepts_a_new_batch_size(cfg_file):
     train(_cfg(cfg_file, "train.epochs=1"), log=lambda m: None)
     trainer = make_trainer(_cfg(cfg_file, "data.batch_size=32"), log=lambda m: None)

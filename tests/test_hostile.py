@@ -1094,3 +1094,10 @@ def test_demo_arguments_that_would_be_ignored_are_refused(tmp_path, capsys):
     assert code == 2 and "train.epochs: must be >= 1" in capsys.readouterr().err
     code = main(["demo", "--recipe", "adversarial", "--adv-methods", "", "--out", str(tmp_path)])
     assert code == 2 and "no method" in capsys.readouterr().out + capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["eval", "robust", "demo"])
+def test_commands_that_run_in_one_process_refuse_torchrun(capsys, monkeypatch, command, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, err = _cli(capsys, command, *(["--out", tmp_path] if command == "demo" else [tmp_path]))
+    assert code == 2 and f"dkl {command} runs in one process, got WORLD_SIZE=2" in _line(err)

@@ -203,7 +203,9 @@ def test_resume_after_signal_equals_uninterrupted(tmp_path, teacher, sig):
 
 
 def test_resume_with_fewer_ranks_keeps_the_running_sums(tmp_path):
-    """A checkpoint written by 2 ranks, resumed by 1: the epoch's running sums are merged."""
+    """A checkpoint written by 2 ranks, resumed by 1: the epoch's running sums are merged, the
+    per-step ones (loss, extras, steps) as one rank's: 2 steps of mean loss (1 + 3) / 4 = 1.0
+    each, which the uninterrupted epoch would count as 2 of its steps, not 4."""
     cfg = load_config("kd/digits_ce", [f"train.out_dir={tmp_path}", "train.epochs=1", *QUIET])
     trainer = make_trainer(cfg, log=lambda m: None)
     trainer.scheduler = trainer.task.build_scheduler(trainer.optimizer, 22)  # fit() builds it
@@ -219,11 +221,11 @@ def test_resume_with_fewer_ranks_keeps_the_running_sums(tmp_path):
     trainer.scheduler = trainer.task.build_scheduler(trainer.optimizer, 22)
     trainer.load_state_dict(state)
     assert trainer.running.sums == {
-        "loss": 4.0,
+        "loss": 2.0,
         "correct": 2,
         "seen": 30,
-        "steps": 4,
-        "extra": {"ce": 1.0},
+        "steps": 2,
+        "extra": {"ce": 0.5},
     }
     assert "written by 2 rank(s), this run has 1" in logs[-1]
 
@@ -350,3 +352,41 @@ def test_torchrun_preempted_then_resumed_equals_uninterrupted(tmp_path, teacher,
     pa = load_checkpoint(out / "digits_ikl" / "last.pt")["recipe"]["prior"]["prior"]
     pb = load_checkpoint(ref / "last.pt")["recipe"]["prior"]["prior"]
     assert torch.equal(pa, pb)
+
+
+def test_torchrun_metrics_are_those_of_the_saved_model(tmp_path):
+    """2 ranks, a model with BatchNorm, the adversarial recipe's PGD metric at eps 0 (clean
+    accuracy on the test split's first 101 points): every logged test number is what one
+    process measures on final.pt. Each rank evaluated its own BatchNorm statistics, and the
+    PGD metric was rank 0's shard alone."""
+    from dkl.api import load_run
+    from dkl.train.metrics import evaluate_classifier
+
+    _torchrun(
+        [
+            "train",
+            "adversarial/digits_ikl_at",
+            "model.name=digits_cnn",
+            "model.kwargs={width: 4}",
+            "adversarial.attack.eps=0",
+            "adversarial.eval.pgd_examples=101",
+            "train.epochs=1",
+            "train.max_steps_per_epoch=3",
+            "train.device=cpu",
+            f"train.out_dir={tmp_path}",
+            *QUIET,
+        ]
+    )
+    run = tmp_path / "digits_ikl_at"
+    logged = _records(run)[-1]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["rank_sync"]["buffers_max_abs_diff"] == 0.0
+    trainer, model = load_run(run / "final.pt", [])
+    got = evaluate_classifier(model, trainer.ctx.test_loader(), torch.device("cpu"))
+    assert logged["top1"] == pytest.approx(got["top1"])
+    assert logged["test_loss"] == pytest.approx(got["test_loss"], rel=1e-5)
+    x = torch.stack([trainer.ctx.test_set[i][0] for i in range(101)])
+    y = torch.tensor([int(trainer.ctx.test_set[i][1]) for i in range(101)])
+    with torch.no_grad():
+        first = 100.0 * float((model.eval()(x).argmax(1) == y).float().mean())
+    assert logged["pgd10"] == pytest.approx(first)

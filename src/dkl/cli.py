@@ -136,9 +136,23 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON only")
 
 
+def _one_process(command: str) -> None:
+    """``eval``, ``robust`` and ``demo`` run in one process: under torchrun every rank ran the
+    whole command on its own shard and wrote the same files."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        from dkl.config import ConfigError
+
+        raise ConfigError(
+            f"dkl {command} runs in one process, got WORLD_SIZE={world} (torchrun): run it as "
+            f"`dkl {command} ...` (training is what torchrun distributes)"
+        )
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from dkl.api import evaluate_checkpoint
 
+    _one_process("eval")
     res = evaluate_checkpoint(args.target, args.overrides)
     if args.json:
         print(json.dumps(res, indent=2))
@@ -183,6 +197,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from dkl.demos import demo_module
 
+    _one_process("demo")
     if args.seeds is None:
         args.seeds = 5 if args.recipe == "kd" else 3
     if args.seeds < 1:
@@ -225,6 +240,7 @@ def _run_robust(args: argparse.Namespace) -> int:
     from dkl.api import evaluate_run
     from dkl.robust import format_table
 
+    _one_process("robust")
     res = evaluate_run(
         args.target,
         n_examples=args.n_examples,

@@ -45,6 +45,7 @@ from dkl.losses import gkl_loss, ikl_loss
 from dkl.prior import ClassPrior
 from dkl.recipes import register_recipe
 from dkl.train import StepContext, Task
+from dkl.train.distributed import all_reduce_sum
 
 __all__ = [
     "DEFAULT_ATTACK_LOSS",
@@ -297,9 +298,14 @@ class AdversarialTask(Task):
         return {"eps": self.attack.schedule(ctx.epoch, self.cfg.train.epochs)[2]}
 
     def evaluate(self, loader) -> dict | None:
-        n = self.acfg.eval.pgd_examples
-        if n <= 0:
+        """PGD accuracy on the test split's first ``pgd_examples`` points, over all ranks: this
+        rank's shard holds every ``world``-th point from its rank on, so its first
+        ``ceil((n - rank) / world)`` are its share of those points."""
+        n_all = self.acfg.eval.pgd_examples
+        if n_all <= 0:
             return None
+        rank, world = self.ctx.rank, self.ctx.world
+        n = max(0, -(-(n_all - rank) // world))
         model, device = self.eval_model(), self.ctx.device
         correct = seen = 0
         g = torch.Generator(device=device).manual_seed(self.cfg.seed)
@@ -313,6 +319,7 @@ class AdversarialTask(Task):
                 with torch.no_grad():
                     correct += int((model(x_adv).argmax(1) == yb).sum())
                 seen += len(yb)
+        correct, seen = all_reduce_sum(torch.tensor([correct, seen], dtype=torch.float64)).tolist()
         return {f"pgd{self.acfg.eval.pgd_steps}": 100.0 * correct / max(seen, 1)}
 
     def summary(self, history: list[dict]) -> dict:

@@ -107,6 +107,19 @@ def all_gather_objects(obj: Any) -> list[Any] | None:
     return out
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """``module``'s floating buffers (BatchNorm's running statistics) set to rank 0's, in place.
+    Each rank updates them from its own batches, and DDP copies rank 0's only at the next
+    forward: evaluated as they are, every rank scored another model than the one rank 0 saves."""
+    if not _active():
+        return
+    for b in module.buffers():
+        if b.is_floating_point():
+            t = b.detach().to(_comm_device(b))
+            dist.broadcast(t, 0)
+            b.copy_(t)
+
+
 def max_abs_diff_across_ranks(tensors: list[torch.Tensor]) -> float:
     """``max |t - t_rank0|`` over ranks and elements (how far replicas have drifted apart)."""
     flat = torch.cat([t.detach().flatten().double() for t in tensors])

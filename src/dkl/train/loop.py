@@ -227,8 +227,13 @@ class Trainer(TrainingState):
         self.model = self.task.model = self.raw_model
 
     def evaluate(self) -> dict:
-        """The task's evaluated model on the test split, plus the task's own evaluation."""
-        out = self.ctx.evaluate(self.task.eval_model())
+        """The task's evaluated model on the test split, plus the task's own evaluation: on every
+        rank with rank 0's buffers, so the ranks score the model rank 0 saves."""
+        model = self.task.eval_model()
+        with torch.no_grad():  # the trained model's too: DDP would copy them at the next step
+            for m in {id(m): m for m in (model, self.raw_model)}.values():
+                D.broadcast_buffers(m)
+        out = self.ctx.evaluate(model)
         out.update(self.task.evaluate(self.ctx.test_loader()) or {})
         return out
 
@@ -460,6 +465,9 @@ class Trainer(TrainingState):
         s.update(self.task.summary(self.history))
         if self.world > 1:  # how far the replicas drifted apart (0 when DDP works)
             groups = {"params": list(self.raw_model.parameters())}
+            buffers = [b for b in self.raw_model.buffers() if b.is_floating_point()]
+            if buffers:
+                groups["buffers"] = buffers
             for k, v in self.task.state_dict().items():
                 ts = [x for x in v.values() if torch.is_tensor(x)] if isinstance(v, dict) else []
                 if ts:

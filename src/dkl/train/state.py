@@ -99,6 +99,19 @@ def _model_mismatch(own: dict, saved: dict) -> str:
     return ", ".join(parts) + (f" (e.g. {example[0]})" if example else "")
 
 
+def _per_world(running: dict, factor: float) -> dict:
+    """Running metrics summed over the ranks that wrote them, re-weighted for ``factor`` times
+    as many ranks: each step adds one loss (and one of each extra) per rank, so the steps done
+    before count as ``factor`` times as many rank-steps as they were (their mean stays the mean
+    per step; images, and so the accuracy, add up as they are)."""
+    return {
+        **running,
+        "loss": running["loss"] * factor,
+        "steps": running["steps"] * factor,
+        "extra": {k: v * factor for k, v in running["extra"].items()},
+    }
+
+
 class TrainingState:
     """Mixin of :class:`dkl.train.Trainer`: its ``state_dict`` / ``load_state_dict`` and the
     checkpoint files it writes."""
@@ -175,6 +188,7 @@ class TrainingState:
             total = {k: ranks[0][k] for k in ("running", "recipe")}
             for part in ranks[1:]:
                 total = ckpt.tree_add(total, {k: part[k] for k in ("running", "recipe")})
+            total["running"] = _per_world(total["running"], self.world / len(ranks))
             mine = total if self.rank == 0 else ckpt.tree_zeros(total)
             if self.world == 1:
                 ckpt.set_rng_state(ranks[0]["rng"])
@@ -246,10 +260,14 @@ class TrainingState:
             self.log(f"resume: {k} changed ({a!r} -> {b!r}): applied")
         if other and self.step_in_epoch > 0:
             self.log(
-                f"resume: --new-epoch: the rest of epoch {self.epoch} is skipped; "
-                f"epoch {self.epoch + 1} starts with the new settings"
+                f"resume: --new-epoch: the rest of epoch {self.epoch} is skipped (its partial "
+                f"metrics and running sums with it); epoch {self.epoch + 1} starts with the new "
+                "settings"
             )
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            # the next epoch's record and the prior's next step see that epoch alone
+            self.running.reset()
+            self.task.load_rank_state(ckpt.tree_zeros(ckpt.tree_cpu(self.task.rank_state())))
         recount = any(_matches(k, EPOCH_LENGTH) for k, _, _ in changes)
         self._apply_optimizer_settings(fresh, recount=recount)
         self.log(
