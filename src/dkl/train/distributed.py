@@ -91,11 +91,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on at least one (all ranks stop together)."""
+    return bool(max_over_ranks(float(flag)))
+
+
+def max_over_ranks(value: float) -> float:
+    """The largest ``value`` of all ranks, on every rank."""
     if not _active():
-        return flag
-    t = torch.tensor([float(flag)], device=_comm_device(torch.empty(0)))
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device(torch.empty(0)))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return float(t.item())
 
 
 def all_gather_objects(obj: Any) -> list[Any] | None:

@@ -279,10 +279,12 @@ class Trainer(TrainingState):
 
     def _honour_signal(self, t_start: float) -> None:
         """Save the training state and stop, if any rank got SIGINT / SIGTERM (a collective)."""
-        if D.any_rank(self._stop_signal is not None):
+        # the signal any rank got (torchrun passes one on to every rank; a scheduler may not)
+        signum = int(D.max_over_ranks(float(self._stop_signal or 0)))
+        if signum:
             self.elapsed = time.time() - t_start
             path = self._save_training_state()
-            raise Interrupted(self._stop_signal or signal.SIGTERM, path)
+            raise Interrupted(signal.Signals(signum), path)
 
     def _step(self, batch: Any, spe: int, total: int) -> None:
         ctx = StepContext(self.epoch, self.step_in_epoch, self.global_step, spe, total)
