@@ -1101,3 +1101,66 @@ def test_commands_that_run_in_one_process_refuse_torchrun(capsys, monkeypatch, c
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, err = _cli(capsys, command, *(["--out", tmp_path] if command == "demo" else [tmp_path]))
     assert code == 2 and f"dkl {command} runs in one process, got WORLD_SIZE=2" in _line(err)
+
+
+@pytest.mark.parametrize(
+    ("error", "expect"),
+    [
+        (ImportError("No module named 'transformers'", name="transformers"), "dkl[llm]"),
+        (ImportError("No module named 'tokenizers'", name="tokenizers"), "dkl[llm]"),
+        (ImportError("No module named 'timm'", name="timm"), "dkl[timm]"),
+        (ImportError("No module named 'datasets'", name="datasets"), "dkl[hf]"),
+    ],
+)
+def test_a_missing_optional_module_names_its_extra(error, expect):
+    from dkl.cli import _user_error
+
+    code, line = _user_error(error)
+    assert code == 2 and f"pip install '{expect}'" in line and "[...]" not in line
+
+
+def test_a_message_that_names_its_install_is_not_repeated():
+    from dkl.cli import _user_error
+
+    e = ImportError("data 'hf' needs Hugging Face datasets: pip install 'dkl[hf]'", name="datasets")
+    assert _user_error(e) == (2, str(e))
+
+
+@pytest.mark.parametrize(
+    ("argv", "out"),
+    [
+        (["--recipe", "kd"], "runs/demo"),
+        (["--recipe", "adversarial"], "runs/demo_adversarial"),
+        (["--recipe", "semisup"], "runs/demo_ssl"),
+        (["--recipe", "llm"], "runs/demo_llm"),
+        (["--recipe", "llm", "--llm-mode", "on-policy"], "runs/demo_llm_onpolicy"),
+    ],
+)
+def test_each_demo_has_its_own_default_folder(monkeypatch, argv, out):
+    """`dkl demo` then `dkl demo --recipe llm` wrote the same runs/demo/results.*"""
+    from dkl import cli
+
+    seen = {}
+
+    class Demo:
+        @staticmethod
+        def main(args):
+            seen["out"] = args.out
+            return 0
+
+    args = cli._subparser("demo").parse_intermixed_args(argv)
+    monkeypatch.setattr("dkl.demos.demo_module", lambda name: Demo)
+    assert cli._run_demo(args) == 0 and seen["out"] == out
+
+
+def test_quick_outside_the_on_policy_demo_is_refused(capsys):
+    code, err = _cli(capsys, "demo", "--quick")
+    assert code == 2 and "--quick: only the on-policy LLM demo" in _line(err)
+
+
+@pytest.mark.parametrize(("command", "name"), [("train", "config"), ("eval", "target")])
+def test_a_missing_positional_is_named_alone(capsys, command, name):
+    with pytest.raises(SystemExit) as info:
+        main([command])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.endswith(f"the following arguments are required: {name}\n")

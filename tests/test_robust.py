@@ -258,3 +258,17 @@ def test_evaluating_no_example_is_one_line(no_official):
         evaluate_robustness(model, x, y, n_examples=0, progress=False, log=None)
     with pytest.raises(ValueError, match="at least one example"):
         evaluate_robustness(model, x[:0], y[:0], progress=False, log=None)
+
+
+def test_a_missing_backend_is_reported_before_any_attack(monkeypatch):
+    """No official package and no torchattacks: the error comes before the clean and PGD
+    passes (which on CIFAR take real GPU time), naming both installs."""
+    monkeypatch.setitem(sys.modules, "autoattack", None)
+    monkeypatch.setitem(sys.modules, "torchattacks", None)
+    calls = []
+    model = linear_model()
+    model.register_forward_hook(lambda *a: calls.append(1))
+    x, y = data()
+    with pytest.raises(ImportError, match="--no-deps 'torchattacks>=3.5'"):
+        evaluate_robustness(model, x, y, progress=False, log=None)
+    assert not calls

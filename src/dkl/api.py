@@ -30,7 +30,7 @@ from dkl.config import Config, ConfigError, apply_overrides, config_from_dict, c
 from dkl.config.ranges import check_values
 from dkl.models import unwrap_normalization
 from dkl.recipes import get_recipe
-from dkl.robust import evaluate_robustness
+from dkl.robust import check_backend, evaluate_robustness
 from dkl.train import CheckpointError, Trainer, find_checkpoint, load_checkpoint
 from dkl.train.state import load_model_state
 
@@ -171,6 +171,7 @@ def evaluate_run(
         )
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    check_backend(backend)  # before the run is loaded and attacked
     path = find_checkpoint(target)
     torch.manual_seed(seed)
     trainer, model = load_run(path, overrides)

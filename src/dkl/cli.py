@@ -186,7 +186,12 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     from dkl.demos import DEMOS, demo_module
 
     p.add_argument("--recipe", default="kd", choices=sorted(DEMOS), help="which demo (default kd)")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default runs/demo, runs/demo_adversarial, runs/demo_ssl, "
+        "runs/demo_llm, runs/demo_llm_onpolicy: one per demo, so none replaces another's)",
+    )
     p.add_argument(
         "--seeds", type=int, default=None, help="seeds per method (default: kd 5, others 3)"
     )
@@ -198,6 +203,16 @@ def _run_demo(args: argparse.Namespace) -> int:
     from dkl.demos import demo_module
 
     _one_process("demo")
+    on_policy = args.recipe == "llm" and getattr(args, "llm_mode", "offline") == "on-policy"
+    if getattr(args, "quick", False) and not on_policy:
+        return _fail("--quick: only the on-policy LLM demo has a quick form (--llm-mode on-policy)")
+    if args.out is None:
+        args.out = {
+            "kd": "runs/demo",
+            "adversarial": "runs/demo_adversarial",
+            "semisup": "runs/demo_ssl",
+            "llm": "runs/demo_llm_onpolicy" if on_policy else "runs/demo_llm",
+        }.get(args.recipe, f"runs/demo_{args.recipe}")
     if args.seeds is None:
         args.seeds = 5 if args.recipe == "kd" else 3
     if args.seeds < 1:
@@ -305,8 +320,30 @@ def build_parser() -> argparse.ArgumentParser:
 def _parse(argv: list[str]) -> argparse.Namespace:
     """Options may come anywhere: ``dkl train cfg --resume a=1`` = ``dkl train cfg a=1 --resume``."""
     if argv and argv[0] in _COMMANDS:
-        return _subparser(argv[0]).parse_intermixed_args(argv[1:])
+        p = _subparser(argv[0])
+        # argparse's intermixed parsing calls a missing `overrides` (nargs="*") required too
+        first = next((a for a in p._actions if not a.option_strings and a.nargs is None), None)
+        asks_help = any(a in ("-h", "--help") for a in argv[1:])
+        if first is not None and not asks_help and all(a.startswith("-") for a in argv[1:]):
+            p.error(f"the following arguments are required: {first.dest}")
+        return p.parse_intermixed_args(argv[1:])
     return build_parser().parse_args(argv)  # --help, or an unknown command: argparse says so
+
+
+#: the extra that brings a module dkl imports only where it is used
+_EXTRAS = {
+    "timm": "timm",
+    "datasets": "hf",
+    "transformers": "llm",
+    "tokenizers": "llm",
+    "accelerate": "llm",
+    "trl": "llm",
+    "deepspeed": "deepspeed",
+    "peft": "peft",
+    "tensorboard": "tensorboard",
+    "scipy": "robust",
+    "mkdocs": "docs",
+}
 
 
 def _user_error(e: BaseException) -> tuple[int, str] | None:
@@ -318,10 +355,17 @@ def _user_error(e: BaseException) -> tuple[int, str] | None:
     if isinstance(e, ConfigError):
         return 2, str(e)
     if isinstance(e, ImportError):
-        missing = e.name or ""
-        if missing.split(".")[0] == "dkl":
+        missing = (e.name or "").split(".")[0]
+        if missing == "dkl":
             return None
-        return 2, f"{e} (an optional dependency: see the README's extras, pip install 'dkl[...]')"
+        if "dkl[" in str(e) or "pip install" in str(e):  # the message names its install already
+            return 2, str(e)
+        extra = _EXTRAS.get(missing)
+        how = f"pip install 'dkl[{extra}]'" if extra else f"pip install {missing or '...'}"
+        return (
+            2,
+            f"{e} (an optional dependency: {how}; the extras: docs/getting-started.md#install)",
+        )
     if isinstance(e, OSError):
         if isinstance(e, (FileNotFoundError, FileExistsError)) and not e.filename:
             return 2, _without_worker_traceback(str(e))

@@ -42,6 +42,7 @@ __all__ = [
     "GradientMaskingError",
     "autoattack_specs",
     "build_autoattack",
+    "check_backend",
     "check_gradient_masking",
     "evaluate_robustness",
     "format_table",
@@ -118,14 +119,31 @@ def _official_module():
         return None
 
 
-def _build_torchattacks(model: nn.Module, spec: AttackSpec, num_classes: int):
+def _torchattacks():
     try:
         import torchattacks
-    except ImportError as e:  # pragma: no cover - depends on the environment
+    except ImportError as e:
         raise ImportError(
             "AutoAttack needs the official `autoattack` package or torchattacks "
-            "(pip install 'dkl[robust]')"
+            "(pip install 'dkl[robust]' && pip install --no-deps 'torchattacks>=3.5')"
         ) from e
+    return torchattacks
+
+
+def check_backend(backend: str = "auto") -> None:
+    """Raise now, before any attack has run, if AutoAttack's ``backend`` cannot be imported."""
+    if backend not in ("auto", "official", "torchattacks"):
+        raise ValueError(
+            f"Expected backend in ('auto', 'official', 'torchattacks'), got {backend!r}"
+        )
+    if backend == "official" and _official_module() is None:
+        raise ImportError("backend='official' but the `autoattack` package is not importable")
+    if backend == "torchattacks" or (backend == "auto" and _official_module() is None):
+        _torchattacks()
+
+
+def _build_torchattacks(model: nn.Module, spec: AttackSpec, num_classes: int):
+    torchattacks = _torchattacks()
     s = spec.settings
     if spec.name == "apgd-ce":
         atk = torchattacks.APGD(
@@ -353,6 +371,7 @@ def evaluate_robustness(
         raise ValueError(
             f"Expected x (N, ...) and y (N,), got {tuple(x.shape)} and {tuple(y.shape)}"
         )
+    check_backend(backend)  # before the clean and PGD passes, which take a while
     params = [p for p in model.parameters() if p.is_floating_point()]
     if any(p.dtype != torch.float32 for p in params):
         raise TypeError("evaluate_robustness runs in fp32: convert the model with model.float()")

@@ -123,7 +123,7 @@ def run_demo(
 
 
 def main(args: argparse.Namespace) -> int:
-    out = args.out if args.out != "runs/demo" else "runs/demo_adversarial"
+    out = args.out or "runs/demo_adversarial"
     methods = [m.strip() for m in args.adv_methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:

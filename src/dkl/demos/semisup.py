@@ -125,7 +125,7 @@ def main(args: Any) -> int:
     # The digits models are tiny: one thread is faster than two, and immune to oversubscription.
     torch.set_num_threads(1)
     seeds = int(getattr(args, "seeds", 3))
-    out = Path(getattr(args, "out", "runs/demo"))
+    out = Path(getattr(args, "out", None) or "runs/demo_ssl")
     if out.name == "demo":  # the shared default: keep the SSL runs apart from the KD demo's
         out = out.parent / "demo_ssl"
     overrides = list(getattr(args, "ssl_set", None) or [])
