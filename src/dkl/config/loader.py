@@ -121,7 +121,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(
                 f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}"
             )
-        return value
+        return _plain(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
