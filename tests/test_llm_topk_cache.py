@@ -289,3 +289,13 @@ def test_progress_false_draws_no_bar(tmp_path, capsys):
     )
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""
+
+
+def test_a_negative_cache_index_counts_from_the_end(models_and_cache):
+    """cache[-1] is the last sequence; the token-id check wrapped it too late (it crashed)."""
+    _, _, cache = models_and_cache
+    last = _examples()[-1]
+    collate = TopKCollator(_padding_collator("right"), cache)
+    got = collate([{**last, "cache_index": -1}])
+    want = collate([{**last, "cache_index": len(cache) - 1}])
+    assert torch.equal(got["teacher_topk_indices"], want["teacher_topk_indices"])

@@ -258,6 +258,7 @@ class TopKCache:
         """Batch row ``j``'s tokens at ``where`` against cache sequence ``seq``'s."""
         if input_ids is None or self.token_ids is None:
             return
+        seq %= len(self)  # a negative index, as __getitem__ takes it
         a = int(self.offsets[seq])
         cached = torch.from_numpy(np.array(self.token_ids[a : a + len(where), 0], dtype=np.int64))
         given = input_ids[j].cpu()[where].long()

@@ -49,9 +49,9 @@ class Dist:
 
 def setup(device: str = "auto") -> Dist:
     """Read torchrun's environment and start the process group if there is more than one rank."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)  # set but empty: one process
+    rank = int(os.environ.get("RANK", "0") or 0)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
     if world > 1 and not dist.is_initialized():
         want_cuda = device != "cpu" and torch.cuda.is_available()
         if want_cuda:
