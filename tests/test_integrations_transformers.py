@@ -126,33 +126,35 @@ def test_trainer_step_loss_is_the_mean_over_predicted_tokens(tmp_path, family):
     assert trainer.train().training_loss == pytest.approx(ref, rel=1e-5)
 
 
+def _sgd_step(tmp_path, rows, bs, accum, lr, **args):
+    """One plain SGD step of a fresh student on ``rows``: ``(parameter updates, trainer)``."""
+    student, teacher = _llama(seed=0), _llama(hidden=24, seed=1)
+    start = {n: p.detach().clone() for n, p in student.named_parameters()}
+    trainer = _trainer(
+        student,
+        teacher,
+        tmp_path / f"bs{bs}_accum{accum}",
+        per_device_train_batch_size=bs,
+        gradient_accumulation_steps=accum,
+        max_steps=1,
+        learning_rate=lr,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        **args,
+    )
+    trainer.train_dataset, trainer.data_collator = rows, _stack
+    trainer.train()
+    return {n: p.detach() - start[n] for n, p in student.named_parameters()}, trainer
+
+
 def test_gradient_accumulation_over_4_micro_batches_equals_one_batch(tmp_path):
     data = [{k: v[i] for k, v in _batch(n=8, seed=3).items()} for i in range(8)]
-
-    def collate(features):
-        return {k: torch.stack([f[k] for f in features]) for k in features[0]}
-
     results = []
     for bs, accum in ((8, 1), (2, 4)):
-        student, teacher = _llama(seed=0), _llama(hidden=24, seed=1)
-        start = {n: p.detach().clone() for n, p in student.named_parameters()}
-        trainer = _trainer(
-            student,
-            teacher,
-            tmp_path / f"ga{accum}",
-            per_device_train_batch_size=bs,
-            gradient_accumulation_steps=accum,
-            max_steps=1,
-            learning_rate=0.5,
-            optim="sgd",
-            lr_scheduler_type="constant",
-            weight_decay=0.0,
-            max_grad_norm=0.0,
-            logging_steps=1,
-        )
-        trainer.train_dataset, trainer.data_collator = data, collate
-        trainer.train()
-        results.append({n: p.detach() - start[n] for n, p in student.named_parameters()})
+        update, trainer = _sgd_step(tmp_path, data, bs, accum, 0.5, logging_steps=1)
+        results.append(update)
         logged = trainer.state.log_history[0]
         assert {"distill/wmse", "distill/sce", "distill/ce"} <= set(logged)
     one, four = results
@@ -610,27 +612,10 @@ def test_shift_labels_batches_accumulate_exactly(tmp_path):
     """Batches that carry shift_labels alone: the Trainer counts no tokens in them, so the
     count must come from shift_labels, or accumulation weighs micro-batches wrongly."""
     rows = _shifted(_rows_with_ragged_labels())
-    updates = []
-    for bs, accum in ((4, 1), (1, 4)):
-        student, teacher = _llama(seed=0), _llama(hidden=24, seed=1)
-        start = {n: p.detach().clone() for n, p in student.named_parameters()}
-        trainer = _trainer(
-            student,
-            teacher,
-            tmp_path / f"s{accum}",
-            per_device_train_batch_size=bs,
-            gradient_accumulation_steps=accum,
-            max_steps=1,
-            learning_rate=1.0,
-            optim="sgd",
-            lr_scheduler_type="constant",
-            weight_decay=0.0,
-            max_grad_norm=0.0,
-            remove_unused_columns=False,
-        )
-        trainer.train_dataset, trainer.data_collator = rows, _stack
-        trainer.train()
-        updates.append({n: p.detach() - start[n] for n, p in student.named_parameters()})
+    updates = [
+        _sgd_step(tmp_path, rows, bs, accum, 1.0, remove_unused_columns=False)[0]
+        for bs, accum in ((4, 1), (1, 4))
+    ]
     for n in updates[0]:
         torch.testing.assert_close(updates[1][n], updates[0][n], rtol=1e-4, atol=1e-7, msg=n)
 
