@@ -243,14 +243,9 @@ def build_autoattack(
     ``backend``: ``"auto"`` (official if importable, else torchattacks), ``"official"`` or
     ``"torchattacks"``.
     """
-    if backend not in ("auto", "official", "torchattacks"):
-        raise ValueError(
-            f"Expected backend in ('auto', 'official', 'torchattacks'), got {backend!r}"
-        )
+    check_backend(backend)
     specs = autoattack_specs(version, eps=eps, num_classes=num_classes, seed=seed)
     module = _official_module() if backend in ("auto", "official") else None
-    if backend == "official" and module is None:
-        raise ImportError("backend='official' but the `autoattack` package is not importable")
     if module is not None:
         runs = _build_official(module, model, specs, eps, seed)
         return "autoattack (official)", [(s, runs[s.name], None) for s in specs]
