@@ -139,7 +139,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def _one_process(command: str) -> None:
     """``eval``, ``robust`` and ``demo`` run in one process: under torchrun every rank ran the
     whole command on its own shard and wrote the same files."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    from dkl.train.distributed import env_world_size
+
+    world = env_world_size()
     if world > 1:
         from dkl.config import ConfigError
 

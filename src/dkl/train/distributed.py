@@ -47,9 +47,15 @@ class Dist:
         return self.rank == 0
 
 
+def env_world_size() -> int:
+    """The number of ranks torchrun's environment announces (1 when ``WORLD_SIZE`` is unset or
+    empty)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def setup(device: str = "auto") -> Dist:
     """Read torchrun's environment and start the process group if there is more than one rank."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)  # set but empty: one process
+    world = env_world_size()
     rank = int(os.environ.get("RANK", "0") or 0)
     local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
     if world > 1 and not dist.is_initialized():
