@@ -72,7 +72,7 @@ from dkl.llm import (
 )
 from dkl.llm._chunk import TAILS
 from dkl.llm.onpolicy import GenerateFn, generate_completions, prompts_from_labels
-from dkl.llm.sharded import last_hidden_state, logit_transform, output_head, unwrap_model
+from dkl.llm.sharded import last_hidden_state, logit_transform, output_head_shape, unwrap_model
 
 __all__ = [
     "DistillationArguments",
@@ -366,8 +366,7 @@ class DistillationMixin:
         collator = getattr(self, "data_collator", None)
         if not isinstance(collator, TopKCollator) or not collator.cache.vocab_size:
             return
-        weight = output_head(self.model).weight
-        V = weight.ds_shape[0] if hasattr(weight, "ds_shape") else weight.shape[0]
+        V = output_head_shape(self.model)[0]
         if collator.cache.vocab_size < V:
             raise ValueError(
                 f"Expected a top-k cache from a teacher vocabulary at least as large as the "

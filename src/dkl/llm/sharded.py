@@ -43,6 +43,7 @@ __all__ = [
     "last_hidden_state",
     "logit_transform",
     "output_head",
+    "output_head_shape",
     "unwrap_model",
 ]
 
@@ -65,6 +66,12 @@ def output_head(model: nn.Module) -> nn.Module:
             f"{type(inner).__name__}"
         )
     return head
+
+
+def output_head_shape(model: nn.Module) -> tuple[int, int]:
+    """The output head's full ``(V, H)``, also while ZeRO-3 holds only a partition of it."""
+    weight = output_head(model).weight
+    return tuple(weight.ds_shape if is_zero3_parameter(weight) else weight.shape)  # type: ignore[return-value]
 
 
 def is_zero3_parameter(p: Any) -> bool:
@@ -299,7 +306,7 @@ def deepspeed_inference_engine(teacher: nn.Module, config: Mapping[str, Any]) ->
     inner = unwrap_model(teacher)
     cfg = getattr(inner, "config", None)
     cfg = getattr(cfg, "text_config", None) or cfg
-    hidden = getattr(cfg, "hidden_size", None) or output_head(inner).weight.ds_shape[1]
+    hidden = getattr(cfg, "hidden_size", None) or output_head_shape(inner)[1]
     engine, *_ = deepspeed.initialize(model=teacher, config=_resolve_auto(dict(config), hidden))
     engine.eval()
     return engine
