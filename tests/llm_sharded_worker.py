@@ -31,6 +31,28 @@ def _ds_config(stage: int) -> dict:
     }
 
 
+def _fsdp_on_cpu() -> None:
+    """Let accelerate run its FSDP path on CPU ranks (gloo).
+
+    accelerate keeps FSDP for accelerator devices and trains with DDP on CPU; ``fully_shard``
+    itself runs on CPU with gloo. When the Trainer asks for FSDP, this turns the CPU state into
+    accelerate's FSDP state after its own set-up, so its real FSDP2 preparation runs here.
+    """
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+
+    def patched(self, *a, fsdp_plugin=None, **kw):
+        init(self, *a, fsdp_plugin=fsdp_plugin, **kw)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            type(self)._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = patched
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", required=True, help="folder with student/ and teacher/")
@@ -57,7 +79,9 @@ def main() -> None:
     engine_args: dict = {"use_cpu": not cuda}
     if args.engine == "zero3":
         engine_args["deepspeed"] = _ds_config(3)
-    elif args.engine == "fsdp2":  # on CPU accelerate trains with DDP instead: a GPU run only
+    elif args.engine == "fsdp2":
+        if not cuda:
+            _fsdp_on_cpu()
         engine_args["fsdp"] = "full_shard"
         engine_args["fsdp_config"] = {
             "fsdp_version": 2,

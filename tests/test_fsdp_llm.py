@@ -7,8 +7,7 @@ the gathered student gradients must equal one unsharded process on the whole bat
 case (the root keeps the head unsharded after forward) and an explicitly resharded head (gathered
 by :func:`dkl.llm.gathered_output_head`) are checked. With transformers installed, a Hugging Face
 Llama teacher is sharded by :func:`dkl.llm.fully_shard_teacher`, the function the Trainer
-integration calls under FSDP2 (on CPU accelerate does not enable FSDP, so the Trainer itself is checked on
-a GPU by ``benchmarks/gpu_check``).
+integration calls under FSDP2 (the Trainer itself is checked in ``tests/test_llm_sharding.py``).
 """
 
 from __future__ import annotations

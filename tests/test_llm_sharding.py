@@ -7,8 +7,10 @@
   gradient must reach its partitioned parameter and the teacher must run as an inference engine.
 - the same with a LoRA (PEFT) student;
 - DDP with 2 micro-batches per step, for the logged parts under accumulation and across ranks;
-- FSDP2 (``fully_shard``) through the Trainer, teacher sharded the same way: only on a GPU
-  (on CPU accelerate does not enable FSDP: it trains with DDP), where ``make gpu-check`` runs this file with one rank.
+- FSDP2 (``fully_shard``) through the Trainer, teacher sharded the same way. accelerate keeps FSDP
+  for accelerator devices (on CPU it trains with DDP), so on CPU the worker switches accelerate's
+  state to FSDP after its set-up and accelerate's own FSDP2 preparation runs on gloo;
+  ``make gpu-check`` runs this file with one rank per GPU, unpatched.
 
 Each compares the step's loss and each trainable parameter's change (= its gradient) with the
 materialised loss of one float64 process over the same examples (pairwise wMSE, as the paper
@@ -248,17 +250,14 @@ def test_ddp_two_ranks_two_micro_batches_logs_token_weighted_parts(saved):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.skipif(
-    not CUDA,
-    reason="accelerate does not enable FSDP on CPU (it trains with DDP); make gpu-check runs it",
-)
 def test_fsdp2_trainer_shards_the_teacher(saved):
     result = _torchrun(saved, "fsdp2")
-    assert result["fsdp"]  # on CPU accelerate silently trains with DDP instead
+    assert result["fsdp"]
     assert result["teacher_sharded"]  # fully_shard on every teacher parameter
     assert result["teacher_device"] == result["student_device"]
     student, teacher = _load(saved)
     _check_step(result, student, teacher, [n for n, _ in student.named_parameters()])
+    _check_eval(result, saved)
 
 
 @pytest.mark.timeout(600)
