@@ -230,3 +230,24 @@ def test_bad_arguments():
         gkl_loss(z, z, class_weights=-torch.ones(2, 3))
     with pytest.raises(ValueError, match=r"Unknown reduction 'batchmean'"):
         GKLLoss(reduction="batchmean")
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e36])
+def test_gradients_at_huge_finite_logits_equal_the_pairwise_form(scale):
+    """float32 logits of 1e20 and 1e36 whose loss is finite: value and student gradient equal
+    the float64 pairwise form (the gradient was NaN at 1e36 where the loss is 3e36)."""
+    zs, zt, _ = make(B=3, C=6, seed=5)
+    kw = {"alpha": 1.0, "beta": 1.0, "gamma": 0.5}
+    s32 = (zs.detach() * scale).float().requires_grad_()
+    t32 = (zt.detach() * scale).float()
+    got = gkl_loss(s32, t32, temperature=1.0, **kw)
+    s64 = s32.detach().double().requires_grad_()
+    want = pairwise_gkl(s64, t32.double(), T=1.0, T2=1.0, **kw)
+    assert torch.isfinite(want)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0.0)
+    (got_g,) = grads(got, s32)
+    (want_g,) = grads(want, s64)
+    assert torch.isfinite(got_g).all()
+    torch.testing.assert_close(
+        got_g.double(), want_g, rtol=1e-5, atol=1e-6 * want_g.abs().max().item()
+    )

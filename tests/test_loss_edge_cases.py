@@ -961,3 +961,36 @@ def test_kl_gradients_at_logits_near_the_float_limit_are_the_float64_ones():
     want = torch.autograd.grad(kl_loss(s64, t64), (s64, t64))
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e36])
+@pytest.mark.parametrize("config", ["kl", "dkl", "ikl", "ikl_t2"])
+def test_gradients_and_hessian_products_at_huge_finite_logits(config, scale):
+    """Finite float32 logits of 1e20 and 1e36 whose loss is finite: value, both gradients and a
+    Hessian-vector product equal the float64 pairwise oracle. The exact form scales rows down and
+    multiplies the scales back last, and its backward multiplied by them first: in float32 that
+    overflowed (IKL's gradient was NaN at 1e36 where the loss is 1.2e36). (With given class
+    weights the loss grows as the logits squared and overflows first.)"""
+    g = torch.Generator().manual_seed(4)
+    base_s = torch.randn(3, 6, generator=g, dtype=torch.float64) * scale
+    base_t = torch.randn(3, 6, generator=g, dtype=torch.float64) * scale
+    cw = torch.rand(3, 6, generator=g, dtype=torch.float64) + 0.1
+    kind, kw = _split(config, cw)
+    zs, zt = base_s.float().requires_grad_(), base_t.float().requires_grad_()
+    kw32 = {k: (v.float() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    got = LOSSES[kind](zs, zt, **kw32, reduction="sum")
+    s64, t64 = zs.detach().double().requires_grad_(), zt.detach().double().requires_grad_()
+    want = finite_class_oracle(s64, t64, kind, **kw).sum()
+    assert torch.isfinite(want)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0.0)
+    got_g = torch.autograd.grad(got, (zs, zt), create_graph=True)
+    want_g = torch.autograd.grad(want, (s64, t64), create_graph=True)
+    for a, b in zip(got_g, want_g):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+    v = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    got_h = torch.autograd.grad((got_g[0] * v.float()).sum(), zs)[0]
+    want_h = torch.autograd.grad((want_g[0] * v).sum(), s64)[0]
+    assert torch.isfinite(got_h).all()
+    tol = 1e-6 * want_h.abs().max().item()
+    torch.testing.assert_close(got_h.double(), want_h, rtol=1e-5, atol=tol)

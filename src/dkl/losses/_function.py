@@ -31,7 +31,8 @@ a retained graph computes them again, to the same bits). A loss that nobody diff
 Second derivatives: a backward that runs under ``create_graph=True`` (grad mode on) rebuilds the
 loss with the exact form from the saved inputs and differentiates it with autograd, so the
 gradient it returns is itself differentiable (gradient penalties, meta-learning, Hessian-vector
-products). The first-order path never pays for this.
+products). The first-order path never pays for this. In eager mode the exact form runs in float64
+for narrower inputs (:func:`wide_exact`): its rescaled backward needs the range.
 """
 
 from __future__ import annotations
@@ -168,8 +169,27 @@ def _finish(rule: Rule, fast: Tensor, total, s, t, extras) -> tuple[Tensor, bool
     value = summed.item()
     if not (math.isnan(value) or abs(value) > _near_overflow(summed.dtype)):
         return (fast if total is None else summed.mul_(constant(total, summed.dtype))), False
-    per_row = rule.exact(s, t, *extras)  # non-finite logits (or an overflow): the exact rules
+    per_row = wide_exact(rule, s, t, extras)  # non-finite logits (or an overflow): the exact rules
     return (per_row if total is None else per_row.sum() * total), True
+
+
+_WIDENED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def wide_exact(rule: Rule, s: Tensor, t: Tensor, extras) -> Tensor:
+    """The exact form in float64 for narrower floats, its rows in the input's dtype.
+
+    The exact form scales rows by their largest logit, gap and weight so that its value never
+    overflows, and multiplies the scales back last; its backward then multiplies by those
+    scales first and divides later, and in float32 that product overflows for logits beyond
+    about 1e18 (IKL's gradient at logits of 1e36 was NaN where the loss is finite). float64
+    holds every such product of float32 numbers. Used where eager code asks for the exact form
+    (non-finite or near-overflow inputs, second derivatives); under ``torch.compile`` and
+    ``torch.func`` the exact form runs in the input's dtype."""
+    if s.dtype not in _WIDENED:
+        return rule.exact(s, t, *extras)
+    wide = [x.double() if x is not None and x.is_floating_point() else x for x in extras]
+    return rule.exact(s.double(), t.double(), *wide).to(s.dtype)
 
 
 @functools.lru_cache(maxsize=8)
@@ -205,7 +225,7 @@ def exact_grads(
         s = s.detach().requires_grad_(need_s)
         t = t.detach().requires_grad_(need_t)
     with torch.enable_grad():
-        out = rule.exact(s, t, *extras)
+        out = wide_exact(rule, s, t, extras)
         if total is not None:
             out = out.sum() * total
         wanted = [x for x, need in ((s, need_s), (t, need_t)) if need]
