@@ -458,3 +458,65 @@ def test_forward_mode_ad():
         out = ikl_loss(fwAD.make_dual(zs, v), zt.detach(), beta=2.0, reduction="sum")
         got = fwAD.unpack_dual(out).tangent
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def _hvp_of(loss, x, other, v):
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    return torch.autograd.grad((g * v).sum(), other)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["identical", "shifted", "zeros"])
+@pytest.mark.parametrize("kind", ["dkl", "ikl", "gkl_cw", "weighted_mse"])
+def test_hessians_where_every_gap_of_a_row_is_equal(kind, case, dtype):
+    """A student equal to its teacher (an EMA teacher at step 0, self-distillation), or off by a
+    constant, has equal gaps in a row: the wMSE is 0 there but its Hessian is not. The exact
+    form scaled the gaps by their largest (then 1e-38) and the backward multiplied by that
+    square first: the block came out 0, and NaN for all-zero logits."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    if case == "zeros":
+        base = torch.zeros_like(base)
+    offset = 1.0 if case == "shifted" else 0.0
+    cw = torch.rand(3, 5, generator=g, dtype=torch.float64) + 0.1
+    v = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    kw = {"alpha": 1.0, "beta": 2.0, "temperature": 2.0}
+
+    def library(zs, zt):
+        if kind == "weighted_mse":
+            return weighted_mse(zt, zs, cw.to(dtype)).sum()
+        if kind == "gkl_cw":
+            return gkl_loss(zs, zt, class_weights=cw.to(dtype), gamma=0.5, **kw)
+        return {"dkl": dkl_loss, "ikl": ikl_loss}[kind](zs, zt, **kw, reduction="sum")
+
+    def reference(zs, zt):
+        if kind == "weighted_mse":
+            return pairwise_wmse(zt, zs, cw).sum()
+        if kind == "gkl_cw":
+            return ref_gkl(zs, zt, gamma=0.5, T=2.0, cw=cw, alpha=1.0, beta=2.0)
+        return ref_rows(kind, zs, zt, alpha=1.0, beta=2.0, T=2.0).sum()
+
+    for wrt in ("student", "teacher"):
+        zs = base.clone().to(dtype).requires_grad_()
+        zt = (base + offset).to(dtype).requires_grad_()
+        s64, t64 = base.clone().requires_grad_(), (base + offset).requires_grad_()
+        x, x64 = (zs, s64) if wrt == "student" else (zt, t64)
+        got = _hvp_of(library(zs, zt), x, x, v.to(dtype))
+        want = _hvp_of(reference(s64, t64), x64, x64, v)
+        assert torch.isfinite(got).all(), (wrt, got)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6, msg=wrt)
+
+
+@pytest.mark.parametrize("loss", ["ikl", "gkl"])
+def test_torch_func_gradients_at_logits_of_1e20_in_float32(loss):
+    """torch.func runs the exact form in the input's dtype: its scales (logits of 1e20 squared)
+    overflowed float32 in the backward, and the gradient was NaN where eager's is right."""
+    g = torch.Generator().manual_seed(5)
+    zs = torch.randn(2, 5, generator=g, dtype=torch.float64) * 1e20
+    zt = torch.randn(2, 5, generator=g, dtype=torch.float64) * 1e20
+    cw = torch.full((2, 5), 0.2, dtype=torch.float64)
+    fn = {"ikl": ikl_loss, "gkl": gkl_loss}[loss]
+    got = torch.func.grad(lambda t: fn(zs.float(), t, class_weights=cw.float()))(zt.float())
+    want = torch.func.grad(lambda t: fn(zs, t, class_weights=cw))(zt)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6 * want.abs().max().item())

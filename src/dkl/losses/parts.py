@@ -142,39 +142,51 @@ def wmse_exact(a: Tensor, b: Tensor, w: Tensor, kept: Tensor) -> tuple[Tensor, T
     finite ones), and the rows where ``b`` is ``-inf`` on a kept class (their loss is ``+inf``;
     the caller adds it once).
 
-    Nothing overflows that the value itself does not: the weights are divided by their row's
-    largest, both logit rows by a power of 2 at least their largest magnitude (exact), and the
-    gaps so formed by their own largest, with all three factors multiplied back into the value
-    last. Weights near the float limit, logits of 2e38 and gaps near the limit (logits over a
-    tiny temperature) thus give the correctly rounded value instead of NaN. The gaps are taken
-    around their weighted mean (:func:`raw_gaps`' reason): no offset between the two sides'
-    levels rounds them."""
+    Nothing overflows that the value itself does not. Rows whose logits reach 2^124 are divided
+    by a power of 2 first (their gaps could overflow), and weights above 1 by a power of 2 at
+    least their largest; both divisions are exact, and their squares are multiplied back into
+    the value last. Each term is formed as ``(w_j c_j) c_j``, which overflows only where the
+    term does. Logits of 2e38 and weights near the float limit thus give the correctly rounded
+    value instead of NaN. Nothing is ever scaled *up*: the backward multiplies by the scales
+    before it divides by them, and factors below 1 (a row whose gaps are all equal, as when the
+    student equals the teacher) would underflow there and drop the second derivative. The gaps
+    are taken around their weighted mean (:func:`raw_gaps`' reason): no offset between the two
+    sides' levels rounds them."""
     finfo = torch.finfo(w.dtype)
     w = torch.where(kept, w, w.new_zeros(()))
     missed = kept & torch.isneginf(b)
     valid = kept & ~missed
-    w_top = w.amax(dim=1, keepdim=True).clamp_min(finfo.tiny)
+    w_top = _power_of_two_above(w.amax(dim=1, keepdim=True), 0)
     w = w / w_top
     big = torch.maximum(a.detach().abs(), b.detach().abs())
     big = torch.where(valid, big, big.new_zeros(())).amax(dim=1, keepdim=True)
-    lowest, highest = math.log2(finfo.tiny), math.floor(math.log2(finfo.max))  # -126, 127
-    power = torch.log2(big.clamp_min(finfo.tiny)).ceil().clamp(lowest, highest)
-    k = torch.where(torch.isfinite(power), torch.exp2(power), power.new_ones(()))
+    k = _power_of_two_above(big, _LOGIT_ROOM)
     a, b = a / k, b / k
     naive = torch.where(valid, a.detach() - b.detach(), a.new_zeros(()))
     shift = rowdot(w, naive) / w.sum(dim=1).clamp_min(finfo.tiny)
     shift = torch.where(torch.isfinite(shift), shift, shift.new_zeros(())).unsqueeze(1)
     e = torch.where(valid, (a - shift) - b, a.new_zeros(()))
-    e_top = e.detach().abs().amax(dim=1, keepdim=True).clamp_min(finfo.tiny)
-    e = e / e_top
     total = w.sum(dim=1)
     mean = rowdot(w, e) / total.clamp_min(finfo.tiny)
     centred = e - mean.unsqueeze(1)
     value = 0.5 * total * rowdot(w * centred, centred)
     # one at a time: 0 stays 0, a huge product is inf
-    for top in (w_top, e_top, k, w_top, e_top, k):
+    for top in (w_top, k, w_top, k):
         value = value * top.squeeze(1)
     return value, missed.any(dim=1)
+
+
+# logits up to 2^124 are taken as they are: their gaps stay below 2^125, inside float32
+_LOGIT_ROOM = 124
+
+
+def _power_of_two_above(x: Tensor, room: int) -> Tensor:
+    """``2^(ceil(log2 x) - room)`` where ``x`` exceeds ``2^room``, else 1: the exact divisor that
+    brings ``x`` to at most ``2^room`` (NaN and inf give 1)."""
+    highest = math.floor(math.log2(torch.finfo(x.dtype).max))  # 2^highest is finite
+    power = (torch.log2(x.clamp_min(1.0)).ceil() - room).clamp(0.0, highest)
+    power = torch.where(torch.isfinite(power), power, power.new_zeros(()))
+    return torch.exp2(power)
 
 
 def sce_exact(log_q: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
