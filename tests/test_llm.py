@@ -272,3 +272,40 @@ def test_example_runs():
         sys.modules.pop("distill_causal_lm", None)
     assert all(math.isfinite(x) for x in result["losses"])
     assert result["losses"]
+
+
+def _relative(got, want):
+    return float((got.double() - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("mode", ["float16", "autocast"])
+def test_float16_gradients_under_a_loss_scale_are_those_of_the_materialised_loss(mode):
+    """GradScaler multiplies the loss by 2^16 (inf in float16) and divides the gradients after:
+    the fused path's gradients, formed in forward, must be as exact as the materialised path's.
+    They were inf (the scale cast to float16) and, at 16k tokens, 10x less exact (each token's
+    gradient divided by the token count in float16, before the scale came)."""
+    N, scale = 16384, 65536.0
+    p = _problem(N=N, Hs=8, Ht=8, V=32, Vt=32, dtype=torch.float64)
+    _, (want_h, want_w) = _reference(p)
+    errors = {}
+    for path in ("fused", "materialised"):
+        dtype = torch.float16 if mode == "float16" else torch.float32
+        hs = p["hs"].detach().to(dtype).requires_grad_()
+        ws = p["ws"].detach().to(dtype).requires_grad_()
+        ht, wt = p["ht"].to(dtype), p["wt"].to(dtype)
+        autocast = torch.autocast("cpu", dtype=torch.float16, enabled=mode == "autocast")
+        with autocast:
+            if path == "fused":
+                loss = fused_linear_ikl(hs, ws, ht, wt, labels=p["labels"], chunk_size=4096, **HP)
+            else:
+                zs, zt = (hs @ ws.T).float(), (ht @ wt.T).float()
+                mask = p["labels"] != -100
+                loss = dkl.ikl_loss(zs, zt, mask=mask, impl="torch", **HP)
+        (loss * scale).backward()
+        assert torch.isfinite(hs.grad).all() and torch.isfinite(ws.grad).all(), (mode, path)
+        errors[path] = (
+            _relative(hs.grad.double() / scale, want_h),
+            _relative(ws.grad.double() / scale, want_w),
+        )
+    for got, reference in zip(errors["fused"], errors["materialised"]):
+        assert got < 2 * reference + 1e-4, errors

@@ -39,10 +39,13 @@ def _sweep(
     row_scale: Tensor | None,
     need: tuple[bool, bool, bool],
     keep_rows: bool,
+    weight_scale: float = 1.0,
 ) -> dict:
     """One pass over the token chunks.
 
-    ``row_scale`` ``(N,)`` multiplies each token's gradient (``None``: no gradients at all).
+    ``row_scale`` ``(N,)`` multiplies each token's gradient (``None``: no gradients at all);
+    ``weight_scale`` multiplies the head weight's gradient once more, inside its matmul (before
+    it is rounded to the weight's dtype).
     Returns the summed loss, optionally the ``(N,)`` per-token losses, the summed parts, the
     gradients asked for in ``need`` (hidden, weight, bias), the count of valid tokens whose
     teacher logits are all ``-inf`` and that of valid tokens whose reverse KL is ``+inf``.
@@ -130,7 +133,7 @@ def _sweep(
         if need_w:
             if mask is not None:  # ignored tokens' g rows are 0, and 0 · NaN would not be
                 h = torch.where(mask.unsqueeze(1), h, h.new_zeros(()))
-            out["grad_w"].addmm_(g_lin.t().to(ws.dtype), h.to(ws.dtype))
+            out["grad_w"].addmm_(g_lin.t().to(ws.dtype), h.to(ws.dtype), alpha=weight_scale)
         if need_b:
             out["grad_b"] += g.sum(0, dtype=cdt)
         del g, g_lin, res
@@ -167,6 +170,17 @@ def _raise_bad_rows(out: dict) -> None:
         raise unbounded_error(n)
 
 
+def _matmul_dtype(hidden: Tensor) -> torch.dtype:
+    """The dtype the head's matmuls give: autocast's where it is on for ``hidden``'s device."""
+    kind = hidden.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        get = getattr(torch, "get_autocast_dtype", None)  # torch >= 2.4
+        if get is not None:
+            return get(kind)
+        return torch.get_autocast_gpu_dtype() if kind == "cuda" else torch.get_autocast_cpu_dtype()
+    return hidden.dtype
+
+
 class _FusedLinear(torch.autograd.Function):
     """``mean`` / ``sum``: gradients in forward, scaled in backward. ``none``: recomputed."""
 
@@ -181,6 +195,12 @@ class _FusedLinear(torch.autograd.Function):
         else:
             scale = torch.ones((), device=s_hidden.device, dtype=sdt)
         need = ctx.needs_input_grad[:3]
+        # float16 holds numbers down to 6e-8 only: each token's gradient divided by the token
+        # count (and by nothing yet of a loss scale, which comes in backward) would lose its
+        # small entries at a few thousand tokens. There the hidden states' and the bias's
+        # gradients are kept per token (order 1) and divided in backward, in float32 with the
+        # upstream gradient; the weight's, a sum over the tokens, is divided inside its matmul.
+        deferred = _matmul_dtype(s_hidden) == torch.float16 and not per_token and any(need)
         out = _sweep(
             s_hidden,
             s_weight,
@@ -189,10 +209,14 @@ class _FusedLinear(torch.autograd.Function):
             labels,
             valid,
             cfg,
-            row_scale=None if per_token else scale.expand(N),
+            row_scale=None
+            if per_token
+            else (torch.ones_like(scale) if deferred else scale).expand(N),
             need=need,
             keep_rows=per_token,
+            weight_scale=float(scale) if deferred else 1.0,
         )
+        ctx.deferred = scale if deferred else None
         _raise_bad_rows(out)
         if cfg["parts_out"] is not None:
             cfg["parts_out"].update({k: (v * scale).detach() for k, v in out["parts"].items()})
@@ -237,11 +261,15 @@ class _FusedLinear(torch.autograd.Function):
             )
         ctx.used = True
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        g = grad_output.detach()
+        # the upstream gradient stays float32 (a loss scale of 2^16 is inf in float16, and
+        # 1 / 3 of gradient accumulation is 0.4 % off in bfloat16): each product is formed in
+        # float32 and rounded once
+        g = grad_output.detach().float() if grad_output.dtype != torch.float64 else grad_output
+        per_token = g if ctx.deferred is None else g * ctx.deferred
         if grad_h is not None:
-            grad_h.mul_(g.to(grad_h.dtype))
+            grad_h.mul_(per_token)
         if grad_w is not None:
-            grad_w.mul_(g.to(grad_w.dtype))
+            grad_w.mul_(g)
         if grad_b is not None:
-            grad_b = (grad_b * g).to(ctx.bias_dtype)
+            grad_b = (grad_b * per_token).to(ctx.bias_dtype)
         return (grad_h, grad_w, grad_b, *nones)
