@@ -62,3 +62,22 @@ def _numeric_state_is_left_alone():
             "the test left process-wide numeric settings changed (restored now): "
             + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
         )
+
+
+@pytest.fixture(autouse=True)
+def _accelerate_state_is_per_test():
+    """accelerate keeps one process-wide state, and transformers < 5 writes the precision of its
+    TrainingArguments into ``ACCELERATE_MIXED_PRECISION``: a TRL ``SFTConfig`` (``bf16=True`` by
+    default in TRL 0.25) left bf16 autocast on for the plain Trainers of the tests that followed
+    it. Each test starts from a fresh state and the environment it found."""
+    environ = dict(os.environ)
+    yield
+    import sys
+
+    if os.environ != environ:
+        os.environ.clear()
+        os.environ.update(environ)
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state()
+        state.GradientState._reset_state()

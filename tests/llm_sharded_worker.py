@@ -82,11 +82,16 @@ def main() -> None:
     elif args.engine == "fsdp2":
         if not cuda:
             _fsdp_on_cpu()
+        os.environ["FSDP_VERSION"] = "2"  # transformers < 5 does not pass fsdp_version on
         engine_args["fsdp"] = "full_shard"
         engine_args["fsdp_config"] = {
             "fsdp_version": 2,
             "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
             "reshard_after_forward": True,
+            # transformers < 5 asks FSDP to broadcast rank 0's weights, which it refuses on CPU
+            # (the ranks load the same weights anyway)
+            "sync_module_states": False,
+            "cpu_ram_efficient_loading": False,
         }
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_device = len(examples) // (world * args.accum)
@@ -132,8 +137,14 @@ def main() -> None:
             loss = super().compute_loss(model, inputs, *a, **kw)
             if isinstance(loss, tuple):  # evaluate() asks for the outputs too: not recorded
                 return loss
-            losses.append(float(loss.detach()))
             seen.append({k: v.detach().cpu() for k, v in inputs.items()})
+            return loss
+
+        def training_step(self, *a, **kw):
+            # what backward was given (transformers < 5 divides some losses by the accumulation
+            # steps after compute_loss)
+            loss = super().training_step(*a, **kw)
+            losses.append(float(loss))
             return loss
 
     def collate(features):

@@ -48,6 +48,14 @@ def _batch(n=4, length=9, seed=0):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def _training_step(trainer, model, batch):
+    """One ``training_step`` outside ``train()`` (transformers < 5 sets the accumulation count it
+    reads only inside ``train()``)."""
+    if not hasattr(trainer, "current_gradient_accumulation_steps"):
+        trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
+    return trainer.training_step(model, batch)
+
+
 def _ikl_rows(zs, zt, alpha, beta, temperature, weight_temperature):
     """Per-token IKL, pairwise wMSE form, float64."""
     w = torch.softmax(zt / weight_temperature, 1)
@@ -417,7 +425,7 @@ def test_on_policy_step_generates_masks_the_prompt_and_matches_a_reference(tmp_p
     batch = _prompted_batch()
     seen, modes = _records(trainer)
     torch.manual_seed(0)
-    loss = trainer.training_step(student.train(), dict(batch))
+    loss = _training_step(trainer, student.train(), dict(batch))
     (generated,) = seen
     assert modes and not modes[0] and modes[-1]  # generated in eval mode, trained in train mode
     assert student.training
@@ -438,7 +446,7 @@ def test_sequence_level_kd_uses_the_teachers_completions(tmp_path):
     distill = DistillationArguments(**{**IKL.__dict__, "seq_kd": True, "max_new_tokens": 4})
     trainer = _trainer(student, teacher, tmp_path, distill=distill, max_steps=1)
     seen, modes = _records(trainer)
-    trainer.training_step(student.train(), dict(_prompted_batch()))
+    _training_step(trainer, student.train(), dict(_prompted_batch()))
     assert modes == [True]  # the student ran only its training forward (no sampling)
     assert seen[0]["input_ids"].shape[1] <= 3 + 4
     with pytest.raises(ValueError, match="Expected lmbda in \\[0, 1\\], got 1.5"):
@@ -665,3 +673,64 @@ def test_a_batch_without_labels_says_which_setting_drops_them():
     batch = {k: v for k, v in _batch().items() if k != "labels"}
     with pytest.raises(ValueError, match="remove_unused_columns=False"):
         causal_lm_distillation_loss(_llama(seed=0), _llama(seed=1), batch, IKL)
+
+
+def test_a_resumed_run_draws_the_completion_sources_of_the_uninterrupted_one(tmp_path):
+    """The draw is keyed by the seed, the step and the micro-batch's place in it: a trainer
+    built afresh at step 3 (a resume) draws what the one that ran from step 0 drew there."""
+    distill = DistillationArguments(loss="kl", temperature=1.0, lmbda=0.5)
+
+    def draws(steps):
+        trainer = _trainer(_llama(), _llama(seed=1), tmp_path, distill=distill)
+        trainer.args.gradient_accumulation_steps = 2
+        out = []
+        for step in steps:
+            trainer.state.global_step = step
+            out.append([trainer._completion_source() for _ in range(2)])
+        return out
+
+    whole = draws(range(12))
+    assert {s for step in whole for s in step} == {"student", None}  # both sources occur
+    assert draws(range(3, 12)) == whole[3:]
+
+
+def test_seq_kd_with_a_padded_teacher_vocabulary_samples_only_student_ids(tmp_path):
+    """A teacher whose head has rows past the student's vocabulary (padding) must not sample
+    them: the student could not read the completion (a raw IndexError in its embedding)."""
+    student, teacher = _llama(seed=0), _llama(vocab=V + 200, hidden=24, seed=1)
+    with torch.no_grad():
+        teacher.lm_head.weight[V:] *= 30  # the padding rows would win most draws
+    distill = DistillationArguments(loss="kl", temperature=1.0, seq_kd=True, max_new_tokens=6)
+    trainer = _trainer(student, teacher, tmp_path, distill=distill, max_steps=1)
+    seen, _ = _records(trainer)
+    torch.manual_seed(0)
+    loss = _training_step(trainer, student.train(), dict(_prompted_batch()))
+    assert torch.isfinite(loss)
+    completion = seen[0]["input_ids"][:, 3:]
+    assert completion.numel() and int(completion.max()) < V
+
+
+def test_completions_past_a_learned_position_table_are_refused_before_generating(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    gpt2 = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=V, n_positions=10)
+    teacher = GPT2LMHeadModel(gpt2)
+    distill = DistillationArguments(loss="kl", temperature=1.0, lmbda=1.0, max_new_tokens=8)
+    trainer = _trainer(_llama(seed=0), teacher, tmp_path, distill=distill, max_steps=1)
+    with pytest.raises(ValueError, match=r"within the teacher's 10 positions, got 11 tokens"):
+        _training_step(trainer, trainer.model.train(), dict(_prompted_batch()))
+
+
+def test_a_generate_fn_completion_past_the_readers_vocabulary_is_refused():
+    from dkl.llm.onpolicy import generate_completions
+
+    prompts = [torch.tensor([1, 2, 3]), torch.tensor([4, 5])]
+    batch, _ = generate_completions(
+        None, prompts, max_new_tokens=3, generate_fn=lambda p: [[7, 8], [9]], vocab_size=V
+    )
+    assert batch["input_ids"][0].tolist() == [1, 2, 3, 7, 8]
+    with pytest.raises(ValueError, match=f"below the reading model's vocab_size {V}, got {V + 1}"):
+        generate_completions(
+            None, prompts, max_new_tokens=3, generate_fn=lambda p: [[7], [V + 1]], vocab_size=V
+        )

@@ -42,6 +42,13 @@ WORKER = Path(__file__).with_name("llm_sharded_worker.py")
 # ranks: 2 CPU processes here; benchmarks/gpu_check runs this file with 1 per GPU
 NPROC = int(os.environ.get("DKL_SHARDED_NPROC", "2"))
 CUDA = torch.cuda.is_available()
+# transformers 4.x's own Trainer fails its first scheduler step with a LoRA model under ZeRO-3
+# on torch 2.14 (LRScheduler's zip(strict=True): the optimizer has fewer parameter groups than
+# the scheduler's learning rates), with or without dkl (checked with a plain Trainer, 4.57.6)
+OLD_TRAINER_LORA_ZERO3 = pytest.mark.skipif(
+    int(transformers.__version__.split(".")[0]) < 5,
+    reason="a LoRA student under ZeRO-3 fails in transformers 4.x's own Trainer on this torch",
+)
 
 
 def _llama(vocab, hidden, layers, seed):
@@ -218,6 +225,7 @@ def test_deepspeed_zero3_two_ranks_equals_one_process(saved):
 
 
 @pytest.mark.timeout(600)
+@OLD_TRAINER_LORA_ZERO3
 def test_deepspeed_zero3_lora_student(saved):
     pytest.importorskip("deepspeed")
     peft = pytest.importorskip("peft")
@@ -261,6 +269,7 @@ def test_fsdp2_trainer_shards_the_teacher(saved):
 
 
 @pytest.mark.timeout(600)
+@OLD_TRAINER_LORA_ZERO3
 def test_lora_zero3_example_on_two_ranks(tmp_path):
     pytest.importorskip("deepspeed")
     pytest.importorskip("peft")

@@ -71,8 +71,19 @@ from dkl.llm import (
     gathered_output_head,
 )
 from dkl.llm._chunk import TAILS
-from dkl.llm.onpolicy import GenerateFn, generate_completions, prompts_from_labels
-from dkl.llm.sharded import last_hidden_state, logit_transform, output_head_shape, unwrap_model
+from dkl.llm.onpolicy import (
+    GenerateFn,
+    generate_completions,
+    position_limit,
+    prompts_from_labels,
+)
+from dkl.llm.sharded import (
+    NOT_MODEL_INPUTS,
+    last_hidden_state,
+    logit_transform,
+    output_head_shape,
+    unwrap_model,
+)
 
 __all__ = [
     "DistillationArguments",
@@ -84,9 +95,6 @@ __all__ = [
 ]
 
 LOSSES = DIVERGENCES
-_NOT_MODEL_INPUTS = frozenset(
-    {"labels", "shift_labels", "teacher_topk_indices", "teacher_topk_values"}
-)
 
 
 @dataclass
@@ -221,7 +229,7 @@ def causal_lm_distillation_loss(
                 "them, unless TrainingArguments(remove_unused_columns=False))"
             )
         labels = labels[..., 1:]
-    model_inputs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
+    model_inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
 
     def cut(x: Tensor) -> Tensor:  # position i predicts token i + 1: drop the last position
         return x[:, :-1] if shift else x
@@ -286,6 +294,15 @@ def as_counted(batch: Any) -> Any:
     return {**batch, "labels": labels}
 
 
+def _trainer_reads_scaled_flag(trainer: Any) -> bool:
+    """Whether the Trainer under the mixin reads ``loss_is_scaled_for_ga`` (transformers >= 5);
+    before it, a loss computed without ``num_items_in_batch`` is always divided by the
+    accumulation steps in ``training_step``."""
+    bases = type(trainer).__mro__
+    start = bases.index(DistillationMixin) + 1 if DistillationMixin in bases else 0
+    return any("loss_is_scaled_for_ga" in vars(c) for c in bases[start:])
+
+
 class _TrainBegin:
     """Tells the mixin when train() begins (after a checkpoint's state is loaded)."""
 
@@ -347,7 +364,7 @@ class DistillationMixin:
         self.generate_fn = generate_fn
         self._parts: dict[str, Tensor] = {}
         self._parts_since_step = 0
-        self._micro_batches = 0
+        self._draw_step, self._draw_index = -1, 0
         self._timing = _new_timing()
         self._eval_tokens: list[Tensor] | None = None  # (loss sum, token count) while evaluating
         self.add_callback(_TrainBegin(self))
@@ -394,7 +411,9 @@ class DistillationMixin:
                 raise ValueError(
                     "Distillation under FSDP needs FSDP2 (fully_shard): the student head's "
                     "gradient is formed outside its forward, which FSDP1 cannot take. Set "
-                    "fsdp_version: 2 in the accelerate / TrainingArguments fsdp_config"
+                    "fsdp_version: 2 in the accelerate / TrainingArguments fsdp_config "
+                    "(transformers < 5 reads it from accelerate's config or FSDP_VERSION=2 in "
+                    "the environment)"
                 )
             mesh = getattr(accelerator, "torch_device_mesh", None)
             layers = getattr(plugin, "transformer_cls_names_to_wrap", None)
@@ -408,12 +427,18 @@ class DistillationMixin:
 
     def _completion_source(self) -> str | None:
         """``"student"``, ``"teacher"`` or ``None`` (the data) for the next micro-batch. The draw
-        depends only on the seed, the step and the micro-batch, so every rank draws the same."""
+        depends only on the seed, the step and the micro-batch's place in it, so every rank draws
+        the same, and so does a resumed run."""
         d = self.distill
         if not d.generates:
             return None
-        self._micro_batches += 1
-        key = f"{self.args.seed}:{self.state.global_step}:{self._micro_batches}"
+        # the micro-batch's place in its step, counted afresh each step: a resumed run (which
+        # starts at a step's first micro-batch) draws what the uninterrupted one drew
+        step = self.state.global_step
+        if self._draw_step != step:
+            self._draw_step, self._draw_index = step, 0
+        self._draw_index += 1
+        key = f"{self.args.seed}:{step}:{self._draw_index}"
         if d.lmbda > 0 and random.Random(key).random() < d.lmbda:
             return "student"
         return "teacher" if d.seq_kd else None
@@ -434,6 +459,15 @@ class DistillationMixin:
                 inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
             )
         generator = model if source == "student" else self.teacher
+        longest = max(len(p) for p in prompts) + self.distill.max_new_tokens
+        for role, reader in (("student", model), ("teacher", self.teacher)):
+            limit = position_limit(reader) if reader is not None else None
+            if limit is not None and longest > limit:
+                raise ValueError(
+                    f"Expected prompts + max_new_tokens within the {role}'s {limit} positions, "
+                    f"got {longest} tokens (the longest prompt and max_new_tokens="
+                    f"{self.distill.max_new_tokens}): lower max_new_tokens or truncate the prompts"
+                )
         cfg = getattr(unwrap_model(generator), "generation_config", None)
         tok = getattr(self, "processing_class", None)
         eos = getattr(cfg, "eos_token_id", None)
@@ -455,6 +489,7 @@ class DistillationMixin:
             pad_token_id=pad,
             generate_fn=self.generate_fn if source == "student" else None,
             device=inputs["input_ids"].device,
+            vocab_size=output_head_shape(model)[0],
         )
         self._timing["generation_s"] += seconds
         self._timing["on_policy"] += source == "student"
@@ -510,8 +545,11 @@ class DistillationMixin:
             acc[0], acc[1] = acc[0] + rows[0], acc[1] + rows[1].long()
             total, count = total.sum(), count.sum()
         if num_items_in_batch is None:
-            # the Trainer leaves a loss it calls scaled for accumulation as it is: scale it here
-            accum = getattr(self, "current_gradient_accumulation_steps", 1) if training else 1
+            # transformers >= 5 leaves a loss that says it is scaled for accumulation as it is:
+            # scale it here; earlier ones divide such a loss by the accumulation steps themselves
+            accum = 1
+            if training and _trainer_reads_scaled_flag(self):
+                accum = getattr(self, "current_gradient_accumulation_steps", 1)
             scale = 1.0 / (count.clamp_min(1) * accum)
         else:
             scale = 1.0 / torch.as_tensor(num_items_in_batch, device=total.device).clamp_min(1)

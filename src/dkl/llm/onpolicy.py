@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dkl.llm.sharded import unwrap_model
+from dkl.llm.sharded import output_head_shape, unwrap_model
 
 __all__ = ["generate_completions", "prompts_from_labels"]
 
@@ -78,6 +78,7 @@ def generate_completions(
     pad_token_id: int = 0,
     generate_fn: GenerateFn | None = None,
     device: torch.device | str | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[dict[str, Tensor], float]:
     """Sample a completion for each prompt: ``(batch, seconds)``.
 
@@ -93,6 +94,9 @@ def generate_completions(
         temperature: sampling temperature (0: greedy).
         generate_fn: instead of ``model.generate``, a function from the prompts (lists of ids)
             to their completions (lists of ids), e.g. served by vLLM.
+        vocab_size: the vocabulary of the model that will read the batch: a model with a larger
+            one (a teacher whose vocabulary is padded) never samples the ids past it, and a
+            ``generate_fn`` completion that holds one is refused.
     """
     if not prompts:
         raise ValueError("Expected at least one prompt")
@@ -116,9 +120,32 @@ def generate_completions(
     else:
         if model is None:
             raise ValueError("Expected a model or a generate_fn")
+        limit = position_limit(model)
+        longest = max(len(p) for p in prompts) + max_new_tokens
+        if limit is not None and longest > limit:
+            raise ValueError(
+                f"Expected prompts + max_new_tokens within the generating model's {limit} "
+                f"positions, got {longest} tokens (the longest prompt and {max_new_tokens} new "
+                "ones): lower max_new_tokens or truncate the prompts"
+            )
         completions = _generate(
-            model, prompts, max_new_tokens, temperature, top_p, top_k, eos, pad_token_id
+            model,
+            prompts,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            eos,
+            pad_token_id,
+            vocab_size,
         )
+    if vocab_size is not None:
+        for j, c in enumerate(completions):
+            if len(c) and int(torch.as_tensor(c).max()) >= vocab_size:
+                raise ValueError(
+                    f"Expected completion token ids below the reading model's vocab_size "
+                    f"{vocab_size}, got {int(torch.as_tensor(c).max())} in completion {j}"
+                )
     rows = []
     for prompt, completion in zip(prompts, completions, strict=True):
         completion = completion.to(prompt.device)
@@ -140,7 +167,23 @@ def generate_completions(
     return batch, time.perf_counter() - t0
 
 
-def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, eos, pad) -> list[Tensor]:
+def position_limit(model: nn.Module) -> int | None:
+    """How many positions a model with a learned position table can read (GPT-2's ``wpe``,
+    OPT's ``embed_positions``); ``None`` for rotary or relative positions, which have no table
+    to run past."""
+    for name, module in unwrap_model(model).named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in _POSITION_TABLES and isinstance(module, nn.Embedding):
+            return module.num_embeddings - int(getattr(module, "offset", 0))
+    return None
+
+
+_POSITION_TABLES = frozenset({"wpe", "embed_positions", "position_embeddings"})
+
+
+def _generate(
+    model, prompts, max_new_tokens, temperature, top_p, top_k, eos, pad, vocab_size
+) -> list[Tensor]:
     """The model's own ``generate`` on the left-padded prompts; the completions, unpadded."""
     inner = unwrap_model(model)
     dev = next(inner.parameters()).device
@@ -158,6 +201,9 @@ def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, eos, pa
         kw.update(temperature=temperature, top_p=top_p, top_k=top_k)
     if eos:
         kw["eos_token_id"] = sorted(eos)
+    own = output_head_shape(inner)[0]
+    if vocab_size is not None and own > vocab_size:  # ids the reading model has no row for
+        kw["suppress_tokens"] = list(range(vocab_size, own))
     was_training = inner.training
     inner.eval()
     try:

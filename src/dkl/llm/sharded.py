@@ -421,6 +421,12 @@ def logit_transform(model: nn.Module) -> dict[str, float | None]:
     return {"logit_scale": scale, "softcap": float(softcap) if softcap else None}
 
 
+# batch keys a distillation batch carries for the loss, never for the model's forward
+NOT_MODEL_INPUTS = frozenset(
+    {"labels", "shift_labels", "teacher_topk_indices", "teacher_topk_values"}
+)
+
+
 def last_hidden_state(model: nn.Module, inputs: Mapping[str, Any]) -> Tensor:
     """The hidden states the output head reads, ``(B, L, H)``, from one forward of ``model``.
 
@@ -428,8 +434,10 @@ def last_hidden_state(model: nn.Module, inputs: Mapping[str, Any]) -> Tensor:
     ``output_hidden_states=True``. Only the last position's logits are formed: ``logits_to_keep=1``
     where the forward (or the model a PEFT / DDP / DeepSpeed wrapper holds) accepts it, and the
     head is applied to the last position in any case. The last entry of ``hidden_states`` is the
-    final normalised state in Hugging Face decoders.
+    final normalised state in Hugging Face decoders. The loss's own keys (:data:`NOT_MODEL_INPUTS`)
+    are not passed on.
     """
+    inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
     with _last_position_logits(model):
         out = model(**inputs, output_hidden_states=True, **_forward_kwargs(model))
     hidden = out.hidden_states if hasattr(out, "hidden_states") else out["hidden_states"]
