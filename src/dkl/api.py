@@ -32,6 +32,7 @@ from dkl.models import unwrap_normalization
 from dkl.recipes import get_recipe
 from dkl.robust import check_backend, evaluate_robustness
 from dkl.train import CheckpointError, Trainer, find_checkpoint, load_checkpoint
+from dkl.train.checkpoint import data_changes, saved_normalization
 from dkl.train.state import load_model_state
 
 __all__ = ["evaluate_checkpoint", "evaluate_run", "load_run", "make_trainer", "train"]
@@ -105,13 +106,21 @@ def load_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Trainer, 
             f"'{p}' is not a dkl checkpoint (no config and model inside); evaluate plain weights "
             f"with a config: dkl eval CONFIG model.checkpoint={p}"
         )
-    cfg = config_from_dict(apply_overrides(state["config"], ["train.progress=false", *overrides]))
+    # the model's input normalisation as it was trained, whatever data it is evaluated on
+    # (the data's own statistics would quietly adapt the model to it)
+    own = saved_normalization(state)
+    given = {o.split("=", 1)[0].strip() for o in overrides if "=" in o}
+    fixed = [
+        f"data.{k}={list(own[k])}" for k in ("mean", "std") if own and f"data.{k}" not in given
+    ]
+    cfg = config_from_dict(
+        apply_overrides(state["config"], ["train.progress=false", *fixed, *overrides])
+    )
     trainer = make_trainer(cfg, log=lambda m: None, eval_only=True)
     saved = state.get("data")
     if isinstance(saved, dict):  # written with a record of its data: is this the same?
         now = trainer._data_fingerprint()
-        diffs = [f"{k.replace('_', ' ')} {saved[k]} -> {now[k]}"
-                 for k in ("num_classes", "input_shape") if k in saved and saved[k] != now[k]]  # fmt: skip
+        diffs = data_changes(saved, now, ("num_classes", "input_shape", "classes"))
         if diffs:
             d = cfg.data
             raise CheckpointError(

@@ -35,6 +35,7 @@ teacher's top class stands in.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,7 @@ from dkl.losses import GKLLoss, IKLLoss, KLLoss, kl_loss
 from dkl.prior import ClassPrior
 from dkl.recipes import register_recipe
 from dkl.train import StepContext, Task, load_checkpoint
+from dkl.train.checkpoint import data_changes, saved_normalization
 
 __all__ = [
     "METHODS",
@@ -268,8 +270,9 @@ class DistillTask(Task):
         if not Path(t.checkpoint).is_file():
             raise FileNotFoundError(_missing_teacher(t.checkpoint))
         name, kwargs, normalize = t.name, dict(t.kwargs), t.normalize
+        state = load_checkpoint(t.checkpoint)
+        self._check_teacher_classes(state, t.checkpoint)
         if not name:
-            state = load_checkpoint(t.checkpoint)
             mc = (state.get("config") or {}).get("model") if isinstance(state, dict) else None
             if not mc:
                 raise ConfigError(
@@ -279,11 +282,30 @@ class DistillTask(Task):
             name, kwargs = mc["name"], mc.get("kwargs") or {}
             normalize = bool(mc.get("normalize", t.normalize))
         mcfg = ModelConfig(name=name, kwargs=kwargs, normalize=normalize, checkpoint=t.checkpoint)
-        teacher = self.ctx.build_model(mcfg)
+        # a dkl teacher normalises its inputs as it was trained to, not with this data's numbers
+        teacher = self.ctx.build_model(mcfg, stats=saved_normalization(state))
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
         return teacher
+
+    def _check_teacher_classes(self, state: Any, path: str) -> None:
+        """A dkl teacher trained on other classes (names, not only their number) would be read
+        in this data's class order: refused."""
+        saved = state.get("data") if isinstance(state, dict) else None
+        if not isinstance(saved, dict):
+            return
+        info = self.ctx.info
+        now = {"num_classes": int(info.num_classes)}
+        if info.classes:
+            now["classes"] = [str(c) for c in info.classes]
+        diffs = data_changes(saved, now)
+        if diffs:
+            raise ConfigError(
+                f"distill.teacher.checkpoint: '{path}' was trained on other classes than this "
+                f"data's ({diffs[0]}): a teacher must predict the student's classes, in the same "
+                f"order. Distil from a teacher trained on this data's classes"
+            )
 
     def train_batches(self, epoch: int, start: int):
         if self.labeled_idx is None:

@@ -41,11 +41,13 @@ __all__ = [
     "HASH_KEY",
     "CheckpointError",
     "config_changes",
+    "data_changes",
     "find_checkpoint",
     "load_checkpoint",
     "remove_stale_temporaries",
     "rng_state",
     "save_checkpoint",
+    "saved_normalization",
     "set_rng_state",
     "tree_add",
     "tree_cpu",
@@ -115,6 +117,40 @@ def find_checkpoint(target: str | Path) -> Path:
 # --------------------------------------------------------------------------------------------
 # Random-generator states (stored as tensors and lists: loadable with weights_only=True)
 # --------------------------------------------------------------------------------------------
+
+
+def saved_normalization(state: Any) -> dict | None:
+    """The input normalisation a dkl checkpoint's models were built with: its record, or (older
+    checkpoints) the lists its config gave; ``None`` when neither says."""
+    if not isinstance(state, dict):
+        return None
+    rec = state.get("normalization")
+    if isinstance(rec, dict) and {"mean", "std"} <= set(rec):
+        return {"mean": tuple(rec["mean"]), "std": tuple(rec["std"])}
+    data = (state.get("config") or {}).get("data") or {}
+    mean, std = data.get("mean"), data.get("std")
+    if isinstance(mean, list | tuple) and isinstance(std, list | tuple):
+        return {"mean": tuple(mean), "std": tuple(std)}
+    return None
+
+
+def data_changes(saved: dict, now: dict, keys: Any = None) -> list[str]:
+    """How the data a checkpoint records (``saved``, its ``"data"``) differs from ``now``, one
+    phrase per key both have (``keys``: those only); class lists show their first difference."""
+    out = []
+    for k in now if keys is None else keys:
+        if k not in saved or k not in now or saved[k] == now[k]:
+            continue
+        if k == "classes":
+            old, new = list(saved[k]), list(now[k])
+            i = next(
+                (j for j, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new))
+            )
+            first = f"class {i}: {old[i] if i < len(old) else None!r} -> {new[i] if i < len(new) else None!r}"
+            out.append(f"class names ({len(old)} -> {len(new)}, {first})")
+        else:
+            out.append(f"{k.replace('_', ' ')} {saved[k]} -> {now[k]}")
+    return out
 
 
 def _to_lists(x: Any) -> Any:

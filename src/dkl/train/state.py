@@ -151,6 +151,7 @@ class TrainingState:
             "config": config_to_dict(self.cfg),
             "made_from": self.sources,
             "data": self._data_fingerprint(),
+            "normalization": self._normalization(),
         }
         if ranks is not None:
             state["ranks"] = ranks
@@ -278,28 +279,37 @@ class TrainingState:
     def _data_fingerprint(self) -> dict:
         """What the model was made for: classes, input shape and split sizes of the data."""
         info = self.ctx.info
-        return {
+        out = {
             "num_classes": int(info.num_classes),
             "input_shape": list(info.input_shape),
             "train_images": len(self.ctx.train_set),  # type: ignore[arg-type]
             "test_images": len(self.ctx.test_set),  # type: ignore[arg-type]
         }
+        if info.classes:
+            out["classes"] = [str(c) for c in info.classes]
+        return out
+
+    def _normalization(self) -> dict:
+        """The input normalisation the run's models were built with (their ``Normalize``
+        buffers are not in the state dict): a teacher or an evaluation built from the
+        checkpoint on other data must use these, not that data's statistics."""
+        info = self.ctx.info
+        return {"mean": [float(v) for v in info.mean], "std": [float(v) for v in info.std]}
 
     def _check_data(self, saved: dict | None, last: Path, new_epoch: bool) -> None:
         """Refuse to resume on data other than the run's (older checkpoints record none)."""
         if not isinstance(saved, dict):
             return
         now = self._data_fingerprint()
-        diffs = [
-            f"{k.replace('_', ' ')} {saved[k]} -> {now[k]}"
-            for k in now
-            if k in saved and saved[k] != now[k]
-        ]
+        diffs = ckpt.data_changes(saved, now)
         if not diffs:
             return
         d = self.cfg.data
         what = f"data.name={d.name!r}, data.root={d.root!r}: {'; '.join(diffs)}"
-        model_fits = all(saved.get(k) == now[k] for k in ("num_classes", "input_shape"))
+        model_fits = all(
+            saved.get(k, now.get(k)) == now.get(k)
+            for k in ("num_classes", "input_shape", "classes")
+        )
         if model_fits and new_epoch:
             self.log(f"resume: --new-epoch: the data changed ({what}): applied")
             return
@@ -379,6 +389,7 @@ class TrainingState:
             "metrics": self.history[-1] if self.history else {},
             "made_from": self.sources,
             "data": self._data_fingerprint(),
+            "normalization": self._normalization(),
         }
 
     def _save_training_state(self) -> Path:

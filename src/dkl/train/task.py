@@ -114,9 +114,16 @@ class RunContext:
         """The sum of ``t`` over ranks, in float64 (``t`` itself for one process)."""
         return all_reduce_sum(t)
 
-    def build_model(self, mcfg: ModelConfig, *, normalize: bool | None = None) -> nn.Module:
-        """``create_model`` + optional initial weights + the data set's normalisation wrapper, on
-        the run's device. Weights load into the bare model (mdistiller / torchvision key names)."""
+    def build_model(
+        self,
+        mcfg: ModelConfig,
+        *,
+        normalize: bool | None = None,
+        stats: dict | None = None,
+    ) -> nn.Module:
+        """``create_model`` + optional initial weights + the normalisation wrapper (the data set's
+        mean and std, or ``stats``' own: those a teacher was trained with), on the run's device.
+        Weights load into the bare model (mdistiller / torchvision key names)."""
         from dkl import models
 
         try:
@@ -134,7 +141,8 @@ class RunContext:
                         f"of a diverged run? Use an earlier checkpoint"
                     )
         if mcfg.normalize if normalize is None else normalize:
-            m = models.with_normalization(m, self.info.mean, self.info.std)
+            mean, std = (stats["mean"], stats["std"]) if stats else (self.info.mean, self.info.std)
+            m = models.with_normalization(m, mean, std)
         return m.to(self.device)
 
     def make_loader(self, dataset: Dataset, batch_sampler: Iterable) -> DataLoader:
