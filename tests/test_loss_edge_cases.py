@@ -994,3 +994,63 @@ def test_gradients_and_hessian_products_at_huge_finite_logits(config, scale):
     assert torch.isfinite(got_h).all()
     tol = 1e-6 * want_h.abs().max().item()
     torch.testing.assert_close(got_h.double(), want_h, rtol=1e-5, atol=tol)
+
+
+@pytest.mark.parametrize("loss", ["kl", "dkl", "ikl", "gkl"])
+def test_fullgraph_compile_takes_a_changing_temperature(loss):
+    """A temperature schedule under torch.compile(fullgraph=True): the hyper-parameter check
+    called math.isfinite, which Dynamo refuses on the second temperature (a symbolic float)."""
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    fn = LOSSES[loss]
+    torch._dynamo.reset()
+    step = torch.compile(lambda a, b, T: fn(a, b, temperature=T), fullgraph=True)
+    for T in (3.0, 4.0, 5.5):
+        torch.testing.assert_close(step(s, t, T), fn(s, t, temperature=T), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["ikl", "gkl"])
+def test_vmap_over_class_weights_equals_a_loop_and_marks_bad_rows(loss):
+    """vmap over per-task class weights raised functorch's data-dependent-control-flow error
+    from the weights' value check; inside a transform a bad weight makes its row NaN, as under
+    torch.compile."""
+    g = torch.Generator().manual_seed(4)
+    S, T = torch.randn(3, 2, 5, generator=g), torch.randn(3, 2, 5, generator=g)
+    W = torch.rand(3, 2, 5, generator=g) + 0.1
+    fn = LOSSES[loss]
+    got = torch.func.vmap(lambda s, t, w: fn(s, t, class_weights=w, reduction="none"))(S, T, W)
+    want = torch.stack([fn(S[i], T[i], class_weights=W[i], reduction="none") for i in range(3)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    W[1, 0, 2] = -1.0
+    got = torch.func.vmap(lambda s, t, w: fn(s, t, class_weights=w, reduction="none"))(S, T, W)
+    assert (
+        torch.isnan(got[1, 0]) and torch.isfinite(got[[0, 2]]).all() and torch.isfinite(got[1, 1])
+    )
+
+
+@quiet_interpreter
+def test_the_kernel_under_torch_func_is_refused_in_one_line():
+    """impl="triton" under torch.func or forward-mode AD gave PyTorch's "must override the
+    setup_context staticmethod" / "implement the jvp function" from deep inside."""
+    _kernel_or_skip()
+    s, t = torch.randn(2, 5), torch.randn(2, 5)
+    message = r"impl='triton' cannot run under torch.func transforms"
+    with pytest.raises(RuntimeError, match=message):
+        torch.func.grad(lambda a: ikl_loss(a, t, impl="triton"))(s)
+    with pytest.raises(RuntimeError, match=message):
+        torch.func.vmap(lambda a, b: kl_loss(a[None], b[None], impl="triton"))(s, t)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(s, torch.ones_like(s))
+        with pytest.raises(RuntimeError, match=message):
+            dkl_loss(dual, t, impl="triton")
+
+
+def test_a_mean_of_finite_rows_whose_sum_overflows_is_finite():
+    """Rows of 2.3e38 and 1.5e38: their mean fits float32, their sum does not (it was inf: the
+    exact form summed the rows before dividing by B)."""
+    s = torch.tensor([[-2.3e38, 0.0, 1.0], [-1.5e38, 0.0, 1.0]])
+    t = torch.tensor([[2e37, 0.0, 1.0], [1e37, 0.0, 1.0]])
+    rows = kl_loss(s, t, reduction="none")
+    assert torch.isfinite(rows).all() and rows.double().sum() > torch.finfo(torch.float32).max
+    want = kl_loss(s.double(), t.double())
+    torch.testing.assert_close(kl_loss(s, t).double(), want, rtol=1e-6, atol=0.0)

@@ -20,6 +20,12 @@ def is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def values_unreadable(t: Tensor) -> bool:
+    """Whether ``t``'s values cannot be read into Python: while ``torch.compile`` traces, or
+    inside a ``torch.func`` transform (``vmap``, ``grad``) that wraps it."""
+    return is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def as_number(name: str, value: Any, what: str) -> float:
     """``value`` as a float if it is a real number: a Python or NumPy int / float (also a 0-d
     NumPy array), or a 0-d tensor without a gradient; anything else (a string, None, a bool, a
@@ -64,7 +70,7 @@ def check_positive(name: str, value: Any, minimum: float = 0.0) -> float:
     value = x if isinstance(value, Tensor) else value
     if not x > 0:
         raise ValueError(f"Expected {name} > 0, got {value}")
-    if not math.isfinite(x):
+    if not -math.inf < x < math.inf:  # (not math.isfinite: torch.compile traces this)
         raise ValueError(f"Expected a finite {name} > 0, got {value}")
     if x < minimum:
         raise ValueError(
@@ -80,7 +86,7 @@ def check_non_negative_scalar(name: str, value: Any) -> float:
     value = x if isinstance(value, Tensor) else value
     if not x >= 0:
         raise ValueError(f"Expected {name} >= 0, got {value}")
-    if not math.isfinite(x):
+    if not -math.inf < x < math.inf:
         raise ValueError(f"Expected a finite {name} >= 0, got {value}")
     return x
 
@@ -158,9 +164,9 @@ def check_class_weights(class_weights: Any, input: Tensor) -> None:
 def check_weight_values(name: str, t: Tensor) -> bool:
     """Every entry finite and non-negative; returns whether their sum is finite too (the fused
     kernel needs it). It reads the values (one host sync on CUDA), so each loss call runs it
-    once; skipped while compiling. Two reductions decide the usual case (a NaN makes the minimum
+    once; skipped while compiling and under ``torch.func`` transforms. Two reductions decide the usual case (a NaN makes the minimum
     NaN, an inf the sum); the element-wise look is only on the way to an error."""
-    if is_compiling() or t.numel() == 0:
+    if values_unreadable(t) or t.numel() == 0:
         return True
     if bool((t.amin() >= 0) & torch.isfinite(t.sum())):
         return True

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 from dkl._checks import (
     KERNEL_MIN_TEMPERATURE,
@@ -17,6 +18,7 @@ from dkl._checks import (
     check_positive,
     check_row_mask,
     is_compiling,
+    values_unreadable,
 )
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -117,10 +119,11 @@ def weights_as(name: str, weights: Tensor | None, dtype: torch.dtype) -> Tensor 
 def nan_where_invalid(
     out: Tensor, weights: Tensor | None, reduction: str = "none", mask: Tensor | None = None
 ) -> Tensor:
-    """Under ``torch.compile`` the weights' values are not read (a graph has no host sync to
-    raise from): the loss of a row with a negative, NaN or infinite weight is NaN instead, and so
-    is a reduced loss over it, where eager mode raises. Outside compilation ``out`` as it is."""
-    if weights is None or not is_compiling():
+    """Under ``torch.compile`` and ``torch.func`` transforms the weights' values are not read (a
+    graph has no host sync to raise from): the loss of a row with a negative, NaN or infinite
+    weight is NaN instead, and so is a reduced loss over it, where eager mode raises. Elsewhere
+    ``out`` as it is."""
+    if weights is None or not values_unreadable(weights):
         return out
     bad = ~(torch.isfinite(weights) & (weights >= 0)).all(dim=1)
     if mask is not None:
@@ -185,10 +188,17 @@ def use_triton(
     check_impl(impl)
     if impl == "torch":
         return False
+    transformed = not is_compiling() and _in_transform(input, target)
+    if impl == "triton" and transformed:
+        raise RuntimeError(
+            "impl='triton' cannot run under torch.func transforms (grad, vmap, hessian, jvp) or "
+            "forward-mode AD: the fused kernel has no rule for them. Use impl='torch' or 'auto'"
+        )
     if impl == "auto" and (
         not input.is_cuda
         or input.dtype == torch.float64
         or is_compiling()
+        or transformed
         or min(temperatures, default=1.0) < KERNEL_MIN_TEMPERATURE
         or not weights_summable
     ):
@@ -199,6 +209,11 @@ def use_triton(
     if impl == "triton" and reason is not None:
         raise RuntimeError(f"impl='triton' cannot run: {reason}. Use impl='torch' or 'auto'.")
     return reason is None
+
+
+def _in_transform(input: Tensor, target: Tensor) -> bool:
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return forward_ad._current_level >= 0 or wrapped(input) or wrapped(target)
 
 
 def fused(

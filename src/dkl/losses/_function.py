@@ -170,7 +170,7 @@ def _finish(rule: Rule, fast: Tensor, total, s, t, extras) -> tuple[Tensor, bool
     if not (math.isnan(value) or abs(value) > _near_overflow(summed.dtype)):
         return (fast if total is None else summed.mul_(constant(total, summed.dtype))), False
     per_row = wide_exact(rule, s, t, extras)  # non-finite logits (or an overflow): the exact rules
-    return (per_row if total is None else per_row.sum() * total), True
+    return (per_row if total is None else (per_row * total).sum()), True
 
 
 _WIDENED = (torch.float32, torch.float16, torch.bfloat16)
@@ -227,7 +227,7 @@ def exact_grads(
     with torch.enable_grad():
         out = wide_exact(rule, s, t, extras)
         if total is not None:
-            out = out.sum() * total
+            out = (out * total).sum()
         wanted = [x for x, need in ((s, need_s), (t, need_t)) if need]
         found = torch.autograd.grad(out, wanted, g, create_graph=create, allow_unused=True)
     found = [torch.zeros_like(x) if d is None else d for x, d in zip(wanted, found)]
@@ -251,7 +251,7 @@ def row_loss(
         or _is_wrapped(t)
     ):
         out = rule.exact(s, t, *extras)
-        return out if total is None else out.sum() * total
+        return out if total is None else (out * total).sum()
     grad = torch.is_grad_enabled()
     need_s, need_t = grad and s.requires_grad, grad and t.requires_grad
     if not (need_s or need_t):  # nothing to differentiate: no graph, no gradient computed
