@@ -5,6 +5,7 @@ the acceptance run (summary.json's accuracy = final.pt re-evaluated by hand)."""
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -482,6 +483,240 @@ def test_a_folder_without_a_test_split_holds_out_a_fixed_stratified_share(tmp_pa
     assert held == [b[1].source.describe(i) for i in range(len(b[1]))]  # whatever the seed
     seen = {train.source.describe(i) for i in range(len(train))}
     assert not seen & set(held)
+
+
+# --------------------------------------------------------------------------------------------
+# Data as users have it: other split names, links, hidden files, run folders, changed images
+# --------------------------------------------------------------------------------------------
+
+SOURCES_LOG = "dkl.data.sources"
+
+
+@pytest.mark.parametrize("name", ["val", "validation", "valid", "test"])
+def test_a_folder_test_split_under_any_common_name_is_used_and_named(tmp_path, caplog, name):
+    root = write_folder(tmp_path, {"train": 4, name: 2})
+    with caplog.at_level(logging.INFO, logger=SOURCES_LOG):
+        train, test, _ = build_datasets("imagefolder", root=str(root), mean=[0.5], std=[0.5])
+    assert (len(train), len(test)) == (12, 6)  # nothing held out of train
+    assert test.source.describe(0) == f"image '{root / name / 'a' / '000.png'}'"
+    assert f"test split '{root / name}'" in caplog.text
+
+
+def test_the_first_of_the_test_split_names_wins_and_the_others_are_named(tmp_path, caplog):
+    root = write_folder(tmp_path, {"train": 4, "validation": 2, "test": 1})
+    with caplog.at_level(logging.WARNING, logger=SOURCES_LOG):
+        _, test, _ = build_datasets("imagefolder", root=str(root), mean=[0.5], std=[0.5])
+    assert len(test) == 6
+    assert f"test split '{root / 'validation'}'; left out '{root / 'test'}'" in caplog.text
+
+
+def test_a_held_out_test_split_is_a_warning(tmp_path, caplog):
+    root = write_folder(tmp_path, {"train": 10})
+    with caplog.at_level(logging.WARNING, logger=SOURCES_LOG):
+        build_datasets("imagefolder", root=str(root), mean=[0.5], std=[0.5])
+    assert (
+        f"no test split (no val/, validation/, valid/, test/ folder in '{root}'); holding out "
+        f"data.val_fraction=0.2 of the training images (6 of 30)"
+    ) in caplog.text
+
+
+@pytest.mark.parametrize("name", ["val", "validation", "valid", "test"])
+def test_npz_test_split_keys_follow_the_same_names(tmp_path, caplog, name):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (12, 4, 4), dtype=np.uint8)
+    path = tmp_path / "d.npz"
+    np.savez(path, x=x, y=np.arange(12) % 3, **{f"x_{name}": x[:5], f"y_{name}": np.arange(5) % 3})
+    with caplog.at_level(logging.INFO, logger=SOURCES_LOG):
+        train, test, _ = build_datasets("npz", root=str(path))
+    assert (len(train), len(test)) == (12, 5)
+    assert f"test split x_{name} / y_{name}" in caplog.text
+    np.savez(path, x=x, y=np.arange(12) % 3, **{f"x_{name}": x[:5]})
+    with pytest.raises(ValueError, match=rf"holds one of x_{name} / y_{name}, not both"):
+        build_datasets("npz", root=str(path))
+
+
+def test_images_in_a_linked_sub_folder_are_read_once_like_torchvision(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    root = write_folder(tmp_path / "d", {"train": 3, "val": 1})
+    extra = write_folder(tmp_path / "extra", {"more": 2}, seed=1) / "more" / "a"
+    (root / "train" / "a" / "more").symlink_to(extra, target_is_directory=True)
+    assert len(ImageFolder(str(root / "train"))) == 11
+    (extra / "loop").symlink_to(root / "train" / "a", target_is_directory=True)  # a link cycle
+    train, _, _ = build_datasets("imagefolder", root=str(root), mean=[0.5], std=[0.5])
+    seen = [train.source.describe(i) for i in range(len(train))]
+    assert len(seen) == 11 and f"image '{root / 'train' / 'a' / 'more' / '001.png'}'" in seen
+
+
+def test_hidden_files_and_folders_in_class_folders_are_skipped(tmp_path):
+    root = write_folder(tmp_path, {"train": 3, "val": 1})
+    a = root / "train" / "a"
+    (a / ".ipynb_checkpoints").mkdir()
+    (a / ".ipynb_checkpoints" / "000-checkpoint.png").write_bytes((a / "000.png").read_bytes())
+    (a / "._000.png").write_bytes(b"\x00\x05\x16\x07 macOS AppleDouble")  # not an image
+    (root / "val" / "b" / "._000.png").write_bytes(b"\x00\x05\x16\x07")
+    train, test, _ = build_datasets("imagefolder", root=str(root))
+    assert (len(train), len(test)) == (9, 3)
+
+
+def test_run_folders_inside_the_data_are_no_class_and_no_images(tmp_path, caplog):
+    root = write_folder(tmp_path, {"train": 10})
+    for c in ("a", "b", "c"):  # the flat layout, root/<class>/*
+        (root / "train" / c).rename(root / c)
+    (root / "train").rmdir()
+    run = root / "runs" / "t1"  # `dkl train` run from inside the data folder
+    run.mkdir(parents=True)
+    Image.new("L", (12, 12)).save(run / "curves.png")
+    (run / "summary.json").write_text("{}")
+    (run / "final.pt").write_bytes(b"")
+    nested = root / "a" / "runs" / "t2"  # a run inside a class folder: its plot is no image
+    nested.mkdir(parents=True)
+    Image.new("L", (12, 12)).save(nested / "curves.png")
+    (nested / "metrics.jsonl").write_text("")
+    with caplog.at_level(logging.WARNING, logger=SOURCES_LOG):
+        train, test, info = build_datasets("imagefolder", root=str(root), mean=[0.5], std=[0.5])
+    assert info.classes == ("a", "b", "c") and len(train) + len(test) == 30
+    assert "left out 2 dkl run folder(s)" in caplog.text and "(a/runs/t2, runs/t1)" in caplog.text
+
+
+def test_cached_mean_std_follow_the_images_not_their_count(tmp_path):
+    root = write_folder(tmp_path / "d", {"train": 3, "val": 1})
+    cache = str(tmp_path / "run")
+    first = build_datasets("imagefolder", root=str(root), mean="auto", cache_dir=cache)[2].mean
+    for path in (root / "train").rglob("*.png"):  # every image replaced by its negative
+        Image.fromarray(255 - np.asarray(Image.open(path))).save(path)
+    again = build_datasets("imagefolder", root=str(root), mean="auto", cache_dir=cache)[2].mean
+    assert again[0] == pytest.approx(1 - first[0], abs=1e-6)
+    # an .npz rewritten with other pixels, the same shape
+    path, x = tmp_path / "d.npz", np.zeros((12, 4, 4), np.uint8)
+    np.savez(path, x=x, y=np.arange(12) % 3)
+    assert build_datasets("npz", root=str(path), mean="auto", cache_dir=cache)[2].mean == (0.0,)
+    np.savez(path, x=x + 255, y=np.arange(12) % 3)
+    assert build_datasets("npz", root=str(path), mean="auto", cache_dir=cache)[2].mean == (1.0,)
+
+
+def test_npz_uint16_images_are_scaled_like_16_bit_pngs(tmp_path):
+    x = np.random.default_rng(0).integers(0, 65536, (12, 5, 5), dtype=np.uint16)
+    path = tmp_path / "d.npz"
+    np.savez(path, x=x, y=np.arange(12) % 3, x_test=x[:3], y_test=np.arange(3))
+    train, _, _ = build_datasets("npz", root=str(path), mean=[0.5], std=[0.5])
+    np.testing.assert_allclose(train[4][0].numpy()[0], x[4] / 65535, atol=1e-6)
+    png = tmp_path / "f" / "train" / "a" / "000.png"  # the folder source reads a 16-bit PNG so
+    png.parent.mkdir(parents=True)
+    Image.fromarray(x[4]).save(png)
+    with Image.open(png) as img:
+        from dkl.data.preprocess import _convert
+
+        assert torch.equal(_convert(img, 1, "png")[0], train[4][0][0])
+
+
+def test_an_image_over_pils_pixel_limit_is_one_line_naming_it(tmp_path, monkeypatch):
+    root = write_folder(tmp_path, {"train": 2, "val": 1})
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30)  # 12×12 = 144 > 2 × 30: a "bomb"
+    first = root / "train" / "a" / "000.png"
+    with pytest.raises(ValueError) as err:
+        build_datasets("imagefolder", root=str(root))
+    msg = str(err.value)
+    assert msg.startswith(f"cannot read image '{first}': Image size (144 pixels) exceeds limit")
+    assert "PIL.Image.MAX_IMAGE_PIXELS = None" in msg and "\n" not in msg
+
+
+def test_npz_class_names_as_bytes_or_objects(tmp_path):
+    path = tmp_path / "d.npz"
+    x, y = np.zeros((6, 4, 4), np.uint8), np.arange(6) % 3
+    np.savez(path, x=x, y=y, x_test=x, y_test=y, classes=np.array([b"a", b"b", "é".encode()]))
+    assert build_datasets("npz", root=str(path), mean=[0.5], std=[0.5])[2].classes == (
+        "a", "b", "é",
+    )  # fmt: skip
+    np.savez(path, x=x, y=y, x_test=x, y_test=y, classes=np.array(["a", "b", None], dtype=object))
+    with pytest.raises(ValueError, match=r"'classes' is an object array, which only pickle can "
+                                         r"read .*expected \(K,\) class names as strings"):  # fmt: skip
+        build_datasets("npz", root=str(path))
+
+
+def _hf_split(datasets, images, labels, names=None, image_key="image"):
+    if names is None:
+        return datasets.Dataset.from_dict({image_key: images, "label": labels})
+    features = datasets.Features(
+        {image_key: datasets.Image(), "label": datasets.ClassLabel(names=names)}
+    )
+    return datasets.Dataset.from_dict({image_key: images, "label": labels}, features)
+
+
+def test_hf_test_labels_are_matched_to_the_training_classes_by_name(tmp_path, hf_rows):
+    datasets = pytest.importorskip("datasets")
+    images, labels = hf_rows
+    names = ["x", "y", "z"]
+    dd = datasets.DatasetDict(
+        train=_hf_split(datasets, images[:9], labels[:9], names),
+        test=_hf_split(datasets, images[9:], [2 - v for v in labels[9:]], names[::-1]),
+    )
+    dd.save_to_disk(str(tmp_path / "reordered"))
+    _, test, info = build_datasets("hf", root=str(tmp_path / "reordered"))
+    assert info.classes == ("x", "y", "z")
+    assert [test[i][1] for i in range(3)] == labels[9:]  # the name each image was given
+    # encoded on its own (class_encode_column): a test split without class y numbers z as 1
+    keep = [i for i in range(9, 12) if labels[i] != 1]
+    dd["test"] = _hf_split(datasets, [images[i] for i in keep], [labels[i] // 2 for i in keep],
+                           ["x", "z"])  # fmt: skip
+    dd.save_to_disk(str(tmp_path / "encoded"))
+    _, test, _ = build_datasets("hf", root=str(tmp_path / "encoded"))
+    assert [test[i][1] for i in range(len(test))] == [labels[i] for i in keep]
+    dd["test"] = _hf_split(datasets, images[9:], [0, 1, 2], ["x", "y", "w"])
+    dd.save_to_disk(str(tmp_path / "other"))
+    with pytest.raises(ValueError, match=r"^data 'hf': split 'test', column 'label': classes "
+                                         r"\['w'\] of its ClassLabel are not in the training "
+                                         r"split's \(\['x', 'y', 'z'\]\)$"):  # fmt: skip
+        build_datasets("hf", root=str(tmp_path / "other"))
+
+
+def test_hf_string_labels_are_classes_in_sorted_order(tmp_path, hf_rows):
+    datasets = pytest.importorskip("datasets")
+    images, labels = hf_rows
+    words = ["cat", "ant", "bee"]  # label 0 is "cat": sorted, it is class 2
+    dd = datasets.DatasetDict(
+        train=_hf_split(datasets, images[:9], [words[v] for v in labels[:9]]),
+        test=_hf_split(datasets, images[9:], [words[v] for v in labels[9:]]),
+    )
+    dd.save_to_disk(str(tmp_path / "s"))
+    train, test, info = build_datasets("hf", root=str(tmp_path / "s"))
+    assert info.classes == ("ant", "bee", "cat")
+    assert train[0][1] == 2 and [test[i][1] for i in range(3)] == [2, 0, 1]
+    dd["test"] = _hf_split(datasets, images[9:], ["cat", "ant", "dog"])
+    dd.save_to_disk(str(tmp_path / "t"))
+    with pytest.raises(ValueError, match=r"split 'test', column 'label': labels \['dog'\] are not "
+                                         r"classes of the training split"):  # fmt: skip
+        build_datasets("hf", root=str(tmp_path / "t"))
+
+
+def test_hf_missing_images_and_columns_are_one_line(tmp_path, hf_rows):
+    datasets = pytest.importorskip("datasets")
+    images, labels = hf_rows
+    train = _hf_split(datasets, images[:8] + [None], labels[:9], ["x", "y", "z"])
+    dd = datasets.DatasetDict(train=train, test=_hf_split(datasets, images[9:], labels[9:]))
+    dd["test"] = dd["test"].remove_columns("label")
+    dd.save_to_disk(str(tmp_path / "a"))
+    with pytest.raises(ValueError, match=r"^data 'hf': split 'test' has no column 'label', which "
+                                         r"split 'train' has \(its columns: \['image'\]\)$"):  # fmt: skip
+        build_datasets("hf", root=str(tmp_path / "a"))
+    dd["test"] = _hf_split(datasets, images[9:], labels[9:], ["x", "y", "z"])
+    dd.save_to_disk(str(tmp_path / "b"))
+    with pytest.raises(ValueError, match=r"^data 'hf': row 8 of split 'train' has no image "
+                                         r"\(column 'image' is None\)"):  # fmt: skip
+        build_datasets("hf", root=str(tmp_path / "b"))  # the channel probe reads it
+
+
+def test_hf_uint16_pixel_lists_are_scaled_like_16_bit_pngs(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    x = np.random.default_rng(0).integers(0, 65536, (6, 4, 4), dtype=np.uint16)
+    features = datasets.Features(
+        {"pixels": datasets.Array2D((4, 4), "uint16"), "label": datasets.Value("int64")}
+    )
+    ds = datasets.Dataset.from_dict({"pixels": x, "label": np.arange(6) % 2}, features)
+    datasets.DatasetDict(train=ds, test=ds).save_to_disk(str(tmp_path / "u16"))
+    train, _, _ = build_datasets("hf", root=str(tmp_path / "u16"), mean=[0.5], std=[0.5],
+                                 options={"image_key": "pixels"})  # fmt: skip
+    np.testing.assert_allclose(train[3][0].numpy()[0], x[3] / 65535, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------

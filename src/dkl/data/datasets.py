@@ -28,6 +28,7 @@ what makes resume exact.
 from __future__ import annotations
 
 import difflib
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,7 +224,9 @@ class ImageSplits:
     array or tensor ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` (uint8 0..255 or float in [0, 1]).
     ``classes``: the class names, or their number. ``mean`` / ``std``: the data set's published
     statistics (used for ``mean: default``; ``None``: computed). ``augment``: the policy
-    ``augment: default`` means.
+    ``augment: default`` means. A split may have a ``fingerprint()`` method returning a cheap
+    digest of its content (file sizes and times): the computed statistics are cached under it, so
+    a split whose images changed gets them computed again.
     """
 
     train: Any
@@ -438,7 +441,10 @@ def prepare_images(splits: ImageSplits, request: DataRequest) -> tuple[Dataset, 
         test = PreparedImages(splits.test, eval_tf, channels=channels, size=check)
         stats_set = PreparedImages(splits.train, eval_tf, channels=channels, size=check)
     root = r.root if not r.root else str(Path(r.root).expanduser().resolve())
-    key = f"{r.name}|{root}|{len(stats_set)}|{eval_tf!r}"
+
+    def key() -> str:  # only built when the statistics are computed or read back
+        return f"{r.name}|{root}|{len(stats_set)}|{_fingerprint(splits.train)}|{eval_tf!r}"
+
     mean, std = _statistics(r, splits, channels, stats_set, key)
     info = DataInfo(r.name, num_classes, (channels, *size), mean, std, classes)
     return train, test, info
@@ -467,7 +473,37 @@ def _fixed(key: str, value: Any, channels: int) -> tuple[float, ...] | None:
     return values
 
 
-def _statistics(r: DataRequest, splits: ImageSplits, channels: int, stats_set: Any, key: str):
+def _fingerprint(split: Any) -> str:
+    """A cheap digest of a raw split's content, part of the key of the cached mean / std: the
+    split's own ``fingerprint()`` (folders: each file's size and modification time), else a hash
+    of its in-memory images and labels; ``""`` when it has neither (a list of items).
+
+    >>> x = TensorImageDataset(torch.zeros(2, 1, 2, 2), torch.tensor([0, 1]))
+    >>> _fingerprint(x) == _fingerprint(TensorImageDataset(torch.ones(2, 1, 2, 2), x.labels))
+    False
+    """
+    own = getattr(split, "fingerprint", None)
+    if callable(own):
+        return str(own())
+    if isinstance(split, TensorImageDataset):
+        arrays = (split.images, split.labels)
+    elif isinstance(getattr(split, "data", None), (np.ndarray, torch.Tensor)):
+        arrays = (split.data, getattr(split, "targets", None))  # torchvision's CIFAR
+    else:
+        return ""
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        if a is None:
+            continue
+        t = torch.as_tensor(np.asarray(a) if isinstance(a, list) else a).detach().cpu()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _statistics(
+    r: DataRequest, splits: ImageSplits, channels: int, stats_set: Any, key: Callable[[], str]
+):
     out = {}
     for name, value, known in (("mean", r.mean, splits.mean), ("std", r.std, splits.std)):
         fixed = _fixed(name, value, channels)
@@ -475,7 +511,7 @@ def _statistics(r: DataRequest, splits: ImageSplits, channels: int, stats_set: A
             fixed = tuple(known)
         out[name] = fixed
     if out["mean"] is None or out["std"] is None:
-        mean, std = cached_stats(stats_set, key, r.cache_dir)
+        mean, std = cached_stats(stats_set, key(), r.cache_dir)
         out["mean"] = out["mean"] or mean
         out["std"] = out["std"] or std
     return out["mean"], out["std"]

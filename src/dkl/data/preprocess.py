@@ -119,9 +119,9 @@ def image_transforms(
 def to_chw(x: Any, *, what: str = "image") -> Tensor:
     """A ``(C, H, W)`` tensor from one image: a torch tensor ``(C, H, W)`` or ``(H, W)``, or an
     array (NumPy, nested lists) ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` (C in 1, 3, 4; for
-    arrays channels last wins when both ends could be channels). uint8 stays uint8, other
-    integers (0..255) become uint8, floats become float32 and must lie in [0, 1]; a 4th (alpha)
-    channel is dropped.
+    arrays channels last wins when both ends could be channels). uint8 stays uint8, uint16
+    becomes float32 divided by 65535, other integers (0..255) become uint8, floats become float32
+    and must lie in [0, 1]; a 4th (alpha) channel is dropped.
 
     >>> to_chw(np.zeros((5, 6, 3), np.uint8)).shape
     torch.Size([3, 5, 6])
@@ -168,19 +168,27 @@ def check_finite(t: Tensor, what: str = "images") -> None:
 
 
 def as_pixels(t: Tensor, what: str = "image") -> Tensor:
-    """``t`` as uint8 (uint8 and integers 0..255) or float32 (finite floats in [0, 1]); anything
-    else, a NaN or inf pixel or a value out of range, is a ``ValueError`` naming ``what`` (and
-    the index of the first bad pixel)."""
+    """``t`` as uint8 (uint8 and integers 0..255) or float32 (finite floats in [0, 1], and uint16
+    divided by 65535, as 16-bit PNGs are read); anything else, a NaN or inf pixel or a value out
+    of range, is a ``ValueError`` naming ``what`` (and the index of the first bad pixel).
+
+    >>> as_pixels(torch.tensor([0, 65535], dtype=torch.uint16))
+    tensor([0., 1.])
+    """
     if t.dtype == torch.uint8:
         return t.contiguous()
+    if t.dtype == torch.uint16:  # 16-bit images: the 0..65535 scale
+        return t.to(torch.float32).div_(65535.0).contiguous()
     if t.dtype == torch.bool or t.is_complex():
         raise ValueError(f"{what}: expected uint8, integer or float pixels, got {t.dtype}")
     if not t.is_floating_point():  # integers: the 0..255 scale of 8-bit images
         if t.numel() == 0:
             return t.to(torch.uint8).contiguous()
-        lo, hi = int(t.min()), int(t.max())
+        a = t.detach().cpu().numpy()  # NumPy: torch has no min / max for uint32 and uint64
+        lo, hi = int(a.min()), int(a.max())
         if lo < 0 or hi > 255:
-            raise ValueError(f"{what}: integer pixels must lie in 0..255, got {lo}..{hi}")
+            wide = "; 16-bit images: store them as uint16" if 0 <= lo and hi < 65536 else ""
+            raise ValueError(f"{what}: integer pixels must lie in 0..255, got {lo}..{hi}{wide}")
         return t.to(torch.uint8).contiguous()
     t = t.float()
     if t.numel() == 0:
@@ -358,8 +366,9 @@ def cached_stats(
     dataset: Dataset, key: str, cache_dir: str | os.PathLike | None
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """:func:`channel_stats`, read from / written to ``<cache_dir>/data_stats.json`` when the
-    file was written for the same ``key`` (data set, root, length, evaluation transform). A
-    channel that is constant over the training images gets std 1."""
+    file was written for the same ``key`` (:func:`~dkl.data.prepare_images` makes it of the data
+    set, its root, length and content fingerprint, and the evaluation transform). A channel that
+    is constant over the training images gets std 1."""
     path = Path(cache_dir) / "data_stats.json" if cache_dir else None
     if path is not None and path.is_file():
         try:
