@@ -12,6 +12,7 @@ import importlib.util
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -309,3 +310,18 @@ def test_float16_gradients_under_a_loss_scale_are_those_of_the_materialised_loss
         )
     for got, reference in zip(errors["fused"], errors["materialised"]):
         assert got < 2 * reference + 1e-4, errors
+
+
+def test_a_teacher_that_requires_grad_is_warned_that_it_gets_none():
+    """dkl.ikl_loss moves the teacher too (its wMSE has no stop-gradient); the fused losses do
+    not, and said nothing: a teacher that requires grad silently got no gradient."""
+    p = _problem()
+    ht = p["ht"].clone().requires_grad_()
+    with pytest.warns(UserWarning, match="teacher_hidden require grad, but the fused"):
+        fused_linear_ikl(p["hs"], p["ws"], ht, p["wt"], labels=p["labels"], **HP).backward()
+    assert ht.grad is None
+    with torch.no_grad():
+        teacher_hidden = ht * 1.0  # the usual way: computed without a graph
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_linear_ikl(p["hs"], p["ws"], teacher_hidden, p["wt"], labels=p["labels"], **HP)

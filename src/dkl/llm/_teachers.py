@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +72,22 @@ def _dense_teacher(hidden, weight, bias, token_shape, V, device, tf) -> _DenseTe
     for name, x in (("teacher_hidden", ht), ("teacher_head_weight", weight)):
         if x.device != device:
             raise ValueError(f"Expected {name} on {device} (the student's device), got {x.device}")
+    if torch.is_grad_enabled():
+        moving = [
+            n for n, x in _teacher_parts(hidden, weight, bias) if x is not None and x.requires_grad
+        ]
+        if moving:
+            warnings.warn(
+                f"{' and '.join(moving)} require grad, but the fused dkl.llm losses treat the "
+                "teacher as a fixed target and give it no gradient; compute the teacher under "
+                "torch.no_grad(), or train it through dkl.ikl_loss on materialised logits",
+                stacklevel=4,
+            )
     return _DenseTeacher(ht, weight, bias, V, tf)
+
+
+def _teacher_parts(hidden, weight, bias):
+    return (("teacher_hidden", hidden), ("teacher_head_weight", weight), ("teacher_bias", bias))
 
 
 def _topk_teacher(topk, tail, token_shape, V, device, tf, valid=None) -> _TopKTeacher:
