@@ -589,9 +589,34 @@ def test_an_unreadable_image_is_one_line(tmp_path, capsys):
     assert code == 2 and f"cannot read image '{bad}'" in line
 
 
-def test_eval_of_a_config_file_says_it_is_one(cfg_file, capsys):
+def test_eval_of_a_config_file_asks_for_the_weights(cfg_file, capsys):
     code, err = _cli(capsys, "eval", cfg_file)
-    assert code == 2 and "is a config file, not a checkpoint" in _one_error_line(err)
+    assert code == 2 and "is a config file: give the weights" in _one_error_line(err)
+
+
+def test_eval_of_plain_weights_with_a_config_equals_the_runs_own(tmp_path, capsys):
+    """The advice for a plain state dict (dkl eval CONFIG model.checkpoint=FILE) was refused:
+    'is a config file, not a checkpoint'."""
+    import json
+
+    from dkl.api import train
+    from dkl.config import load_config
+
+    quiet = ["train.progress=false", "train.plot=false", "train.threads=1", "train.device=cpu"]
+    cfg = load_config(
+        "kd/digits_teacher",
+        [*quiet, "train.epochs=1", "train.max_steps_per_epoch=3", f"train.out_dir={tmp_path}"],
+    )
+    train(cfg, log=lambda m: None)
+    raw = tmp_path / "raw.pt"
+    torch.save(torch.load(cfg.run_dir / "final.pt", weights_only=True)["model"], raw)
+    code = main(["eval", str(cfg.run_dir), "--json"])
+    own = json.loads(capsys.readouterr().out)
+    code = main(["eval", str(cfg.run_dir / "config.yaml"), f"model.checkpoint={raw}", "--json"])
+    plain = json.loads(capsys.readouterr().out)
+    assert code == 0 and (plain["top1"], plain["test_loss"]) == pytest.approx(
+        (own["top1"], own["test_loss"]), rel=1e-6
+    )
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,14 @@ import torch.distributed as dist
 from torch import nn
 
 from dkl._files import atomic_write
-from dkl.config import Config, ConfigError, apply_overrides, config_from_dict, config_to_dict
+from dkl.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+)
 from dkl.config.ranges import check_values
 from dkl.models import unwrap_normalization
 from dkl.recipes import get_recipe
@@ -93,13 +100,19 @@ def train(
 
 def load_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Trainer, nn.Module]:
     """An evaluation-only trainer rebuilt from a checkpoint's own config, and the model the run
-    reports (the task's ``eval_model()``, e.g. an EMA, for a full training state)."""
+    reports (the task's ``eval_model()``, e.g. an EMA, for a full training state). A config file
+    with ``model.checkpoint=FILE`` evaluates that file's plain weights (a torchvision / timm /
+    mdistiller state dict) as the config builds the model."""
     p = find_checkpoint(path)
     if p.suffix.lower() in (".yaml", ".yml", ".json"):
-        raise CheckpointError(
-            f"'{p}' is a config file, not a checkpoint: evaluate the run it makes (dkl train "
-            f"{p}, then dkl eval runs/<name>) or a checkpoint file"
-        )
+        cfg = load_config(p, ["train.progress=false", *overrides])
+        if not cfg.model.checkpoint:
+            raise CheckpointError(
+                f"'{p}' is a config file: give the weights to evaluate with it (dkl eval {p} "
+                f"model.checkpoint=FILE), or evaluate a run folder or dkl checkpoint"
+            )
+        trainer = make_trainer(cfg, log=lambda m: None, eval_only=True)
+        return trainer, trainer.raw_model
     state = load_checkpoint(p)
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise CheckpointError(

@@ -283,7 +283,14 @@ class DistillTask(Task):
             normalize = bool(mc.get("normalize", t.normalize))
         mcfg = ModelConfig(name=name, kwargs=kwargs, normalize=normalize, checkpoint=t.checkpoint)
         # a dkl teacher normalises its inputs as it was trained to, not with this data's numbers
-        teacher = self.ctx.build_model(mcfg, stats=saved_normalization(state))
+        try:
+            teacher = self.ctx.build_model(mcfg, stats=saved_normalization(state))
+        except ValueError as e:  # the loader's hint (replace_classifier) is for a student
+            found = str(e).split(" | only the classifier")[0]
+            raise ConfigError(
+                f"distill.teacher.checkpoint: {found} | a teacher loads whole and must predict "
+                f"this data's {self.ctx.info.num_classes} classes"
+            ) from None
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
