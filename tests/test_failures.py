@@ -632,3 +632,36 @@ def test_robust_arguments_are_checked_before_anything_runs(cfg_file, capsys, fla
     train(_cfg(cfg_file, "train.epochs=1"), log=lambda m: None)
     code, err = _cli(capsys, "robust", cfg_file.parent / "runs" / "tiny", *flag)
     assert code == 2 and expect in _one_error_line(err)
+
+
+def test_eval_creates_no_folder_where_it_is_run(tmp_path, monkeypatch):
+    """A checkpoint whose config's out_dir is relative (runs/) and that records no
+    normalisation (written before it did) wrote runs/<name>/data_stats.json into whatever folder
+    dkl eval was run from."""
+    from dkl.api import evaluate_checkpoint, train
+    from dkl.config import load_config
+    from dkl.train.checkpoint import load_checkpoint, save_checkpoint
+
+    quiet = ["train.progress=false", "train.plot=false", "train.threads=1", "train.device=cpu"]
+    cfg = load_config(
+        "kd/digits_teacher",
+        [
+            *quiet,
+            "train.epochs=1",
+            "train.max_steps_per_epoch=2",
+            f"train.out_dir={tmp_path}",
+            "data.mean=auto",
+            "data.std=auto",
+        ],
+    )
+    train(cfg, log=lambda m: None)
+    state = load_checkpoint(cfg.run_dir / "final.pt")
+    del state["normalization"]
+    state["config"]["train"]["out_dir"] = "runs"
+    moved = tmp_path / "moved.pt"
+    save_checkpoint(state, moved)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    res = evaluate_checkpoint(moved)
+    assert 0 <= res["top1"] <= 100 and list(elsewhere.iterdir()) == []

@@ -81,10 +81,11 @@ class Trainer(TrainingState):
         D.seed_all(cfg.seed)
         d = cfg.data
         options = {**d.dataset_options(), "download": d.download and self.rank == 0}
-        try:  # an `auto` mean / std is cached in the run folder
-            train_set, test_set, info = build_datasets(
-                **options, seed=cfg.seed, cache_dir=str(cfg.run_dir)
-            )
+        # an `auto` mean / std is cached in the run folder; an evaluation creates no folder (its
+        # config's out_dir is relative to wherever the run was trained)
+        cache = None if eval_only and not cfg.run_dir.is_dir() else str(cfg.run_dir)
+        try:
+            train_set, test_set, info = build_datasets(**options, seed=cfg.seed, cache_dir=cache)
         except UnknownDatasetError as e:
             raise ConfigError(f"data.name: {e}") from None
         if self.world > 1:
