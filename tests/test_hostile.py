@@ -1164,3 +1164,30 @@ def test_a_missing_positional_is_named_alone(capsys, command, name):
         main([command])
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.endswith(f"the following arguments are required: {name}\n")
+
+
+def test_a_killed_runs_orphaned_workers_are_waited_for(tmp_path):
+    """After kill -9 of a run with loader workers, the workers hold the inherited lock for a
+    second or two: a resume then was refused as 'in use by a live process (pid <dead pid>)'."""
+    from dkl.train.rundir import RunLock
+
+    run = tmp_path / "run"
+    holder = textwrap.dedent(
+        f"""
+        import os, sys, time
+        sys.path.insert(0, {SRC!r})
+        from dkl.train.rundir import RunLock
+        lock = RunLock({str(run)!r}).acquire()
+        if os.fork() == 0:  # the worker: keeps the lock's file open, outlives its parent
+            time.sleep(1.5)
+            os._exit(0)
+        print(os.getpid(), flush=True)
+        os._exit(0)  # the run, killed: no clean-up
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    pid = int(proc.stdout.readline())
+    proc.wait()
+    assert (run / ".lock").read_text().strip() == str(pid)
+    lock = RunLock(run).acquire()  # waits for the orphan, then takes the lock
+    lock.release()

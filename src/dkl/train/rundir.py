@@ -15,6 +15,7 @@ run was made from.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -67,6 +68,34 @@ def _same_file(f: IO[str], path: Path) -> bool:
         return False
 
 
+_ORPHAN_WAIT = 10.0  # seconds
+
+
+def _gone(owner: str) -> bool:
+    """Whether the process ``owner`` (a pid as text) has exited."""
+    try:
+        os.kill(int(owner), 0)
+    except (ValueError, OverflowError):
+        return False
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
+def _busy(folder: Path, owner: str) -> str:
+    if _gone(owner):
+        return (
+            f"run folder '{folder}' is still locked by the worker processes of run pid {owner}, "
+            f"which has exited: wait for them to end (or end them), then resume"
+        )
+    return (
+        f"run folder '{folder}' is in use by a live process (pid {owner}): another run of the "
+        f"same name? Wait for it to end, or choose another name=... or --out"
+    )
+
+
 class RunLock:
     """Hold ``folder/.lock`` for the life of a run (a context manager, or acquire / release).
 
@@ -83,17 +112,19 @@ class RunLock:
         self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOCK_NAME
+        waited = 0.0
         for _ in range(10):
             f = open(path, "a+")  # noqa: SIM115  (held open: it is the lock)
-            if not _lock(f):
+            while not _lock(f):
                 f.seek(0)
                 owner = f.read().strip() or "unknown"
-                f.close()
-                raise RunFolderBusy(
-                    f"run folder '{self.folder}' is in use by a live process (pid {owner}): "
-                    f"another run of the same name? Wait for it to end, or choose another "
-                    f"name=... or --out"
-                )
+                # a run killed outright (kill -9) leaves its DataLoader workers holding the lock
+                # they inherited for a second or two, until they see their parent gone
+                if not _gone(owner) or waited >= _ORPHAN_WAIT:
+                    f.close()
+                    raise RunFolderBusy(_busy(self.folder, owner))
+                time.sleep(0.2)
+                waited += 0.2
             if _same_file(f, path):
                 break
             f.close()  # a run that was leaving removed the file we locked: lock the new one
