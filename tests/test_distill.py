@@ -418,3 +418,20 @@ def test_a_teacher_of_other_classes_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"other classes than this data's \(class names .*"
                        r"class 3: 'cat' -> '3'\)"):  # fmt: skip
         make_trainer(cfg, log=lambda m: None)
+
+
+def test_a_teacher_from_a_safetensors_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from dkl.api import make_trainer
+    from dkl.config import load_config
+
+    _, final, base = _teacher_run(tmp_path, "name=t")
+    weights = torch.load(final, weights_only=True)["model"]
+    path = tmp_path / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
+    cfg = load_config("kd/digits_kd", [*base, f"distill.teacher.checkpoint={path}"])
+    teacher = make_trainer(cfg, log=lambda m: None).task.teacher
+    inner = teacher.model if hasattr(teacher, "model") else teacher
+    for k, v in weights.items():
+        assert torch.equal(inner.state_dict()[k], v), k

@@ -834,3 +834,22 @@ def test_unwrap_normalization_strips_every_wrapper():
     wrapped = nn.DataParallel(with_normalization(inner, (0.0,), (1.0,)))
     assert unwrap_normalization(wrapped) is inner
     assert unwrap_normalization(inner) is inner
+
+
+def test_safetensors_weights_load_like_a_torch_file(tmp_path):
+    """timm and the Hugging Face hub publish .safetensors: they were refused as 'not a torch
+    checkpoint', a teacher included, though the docs say any torchvision or timm file loads."""
+    from safetensors.torch import save_file
+
+    from dkl.models import create_model, load_weights
+    from dkl.train import CheckpointError
+
+    src = create_model("resnet8", 10)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    dst = load_weights(create_model("resnet8", 10), path)
+    for (k, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        assert torch.equal(a, b), k
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"cannot load weight file '{path}'"):
+        load_weights(create_model("resnet8", 10), path)

@@ -782,3 +782,31 @@ def test_the_unsupervised_warm_up_ramps_over_an_epoch_run_too(tmp_path):
     task = make_trainer(cfg, log=lambda m: None).task
     lam = cfg.semisup.lambda_u
     assert [task.lambda_u(it) for it in (0, 2, 4, 7)] == pytest.approx([0, lam / 2, lam, lam])
+
+
+@pytest.mark.parametrize("source", ["npz", "imagefolder"])
+def test_semisup_on_own_data_is_one_line_naming_the_data_sets_it_takes(tmp_path, source):
+    """It was refused with two different messages, one naming an internal class."""
+    import numpy as np
+    from PIL import Image
+
+    from dkl.api import make_trainer
+    from dkl.config import ConfigError, load_config
+
+    if source == "npz":
+        root = tmp_path / "d.npz"
+        np.savez(root, x=np.zeros((20, 8, 8), np.uint8), y=np.arange(20) % 2)
+    else:
+        root = tmp_path / "d"
+        for split in ("train", "val"):
+            for c in ("a", "b"):
+                (root / split / c).mkdir(parents=True)
+                for i in range(3):
+                    Image.new("L", (8, 8), i * 40).save(root / split / c / f"{i}.png")
+    cfg = load_config(
+        "semisup/digits_fixmatch_ikl",
+        [f"data.name={source}", f"data.root={root}", "train.progress=false", "data.image_size=8"],
+    )
+    with pytest.raises(ConfigError, match=rf"recipe semisup: runs on digits, cifar10, cifar100 .* "
+                       rf"got data.name='{source}'"):  # fmt: skip
+        make_trainer(cfg, log=lambda m: None)

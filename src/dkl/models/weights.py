@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dkl._files import load_torch_file
+from dkl._files import CheckpointError, load_torch_file
 
 from .normalize import NormalizedModel
 
@@ -102,6 +102,22 @@ def _classifier_to_replace(
     return keys
 
 
+def _read_safetensors(path: Path) -> dict:
+    """A ``.safetensors`` file's tensors (the format timm and the Hugging Face hub publish)."""
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ImportError(
+            f"'{path}' is a safetensors file: pip install safetensors to read it"
+        ) from None
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        text = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load weight file '{path}': {text}") from None
+
+
 def load_weights(
     model: nn.Module,
     path: str | os.PathLike,
@@ -112,7 +128,7 @@ def load_weights(
     """Load the weight file ``path`` into ``model`` in place and return ``model``.
 
     The file is read with ``torch.load(weights_only=True, map_location="cpu")`` (it cannot run
-    code) and may be a raw state_dict or hold one under ``"model"`` (mdistiller), ``"state_dict"``
+    code), or as safetensors when its name ends in ``.safetensors``, and may be a raw state_dict or hold one under ``"model"`` (mdistiller), ``"state_dict"``
     or ``"net"``; a ``module.`` prefix is stripped. A :class:`NormalizedModel` given a bare-model
     checkpoint (no ``model.`` keys) loads it into its inner ``.model``.
 
@@ -132,7 +148,9 @@ def load_weights(
     if not path.is_file():
         raise FileNotFoundError(f"Weight file not found: {path}")
     # one-line errors for an empty, truncated, damaged (content hash) or foreign file
-    obj = load_torch_file(path, what="weight file")
+    obj = _read_safetensors(path) if path.suffix == ".safetensors" else None
+    if obj is None:
+        obj = load_torch_file(path, what="weight file")
     sd = extract_state_dict(obj, source=str(path))
 
     target = model

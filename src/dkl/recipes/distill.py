@@ -270,7 +270,9 @@ class DistillTask(Task):
         if not Path(t.checkpoint).is_file():
             raise FileNotFoundError(_missing_teacher(t.checkpoint))
         name, kwargs, normalize = t.name, dict(t.kwargs), t.normalize
-        state = load_checkpoint(t.checkpoint)
+        # plain safetensors weights carry no dkl record (no config, classes or normalisation)
+        plain = Path(t.checkpoint).suffix == ".safetensors"
+        state = {} if plain else load_checkpoint(t.checkpoint)
         self._check_teacher_classes(state, t.checkpoint)
         if not name:
             mc = (state.get("config") or {}).get("model") if isinstance(state, dict) else None

@@ -296,6 +296,10 @@ def param_groups(
 _PL_KEYS = ("pl_correct", "pl_count", "pl_correct_all", "unl_count")
 
 
+#: the data sets semi-supervised runs build weak / strong views for
+SEMISUP_DATA = ("digits", "cifar10", "cifar100")
+
+
 @register_recipe("semisup", config=SemiSupConfig)
 class SemiSupTask(Task):
     """``recipe: semisup``: FixMatch / MeanTeacher (± IKL) and the supervised baseline.
@@ -318,6 +322,12 @@ class SemiSupTask(Task):
         super().__init__(cfg, ctx)
         s: SemiSupConfig = cfg.semisup
         self.scfg = s
+        if cfg.data.name not in SEMISUP_DATA:
+            raise ConfigError(
+                f"recipe semisup: runs on {', '.join(SEMISUP_DATA)} (its weak and strong views "
+                f"are those data sets' own, as USB builds them), got data.name={cfg.data.name!r}; "
+                f"on your own images use recipe distill or adversarial"
+            )
         try:
             images, labels = raw_images(ctx.train_set)
             weak, strong = build_views(
