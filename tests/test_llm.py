@@ -196,7 +196,8 @@ def test_teacher_gets_no_gradient_and_module_form():
     p["ht"].requires_grad_(True)
     crit = FusedLinearIKLLoss(chunk_size=7, ce_weight=0.2, **HP)
     assert "chunk_size=7" in repr(crit)
-    loss = crit(p["hs"], p["ws"], p["ht"], p["wt"], labels=p["labels"])
+    with pytest.warns(UserWarning, match="give it no gradient"):
+        loss = crit(p["hs"], p["ws"], p["ht"], p["wt"], labels=p["labels"])
     loss.backward()
     assert p["wt"].grad is None and p["ht"].grad is None
     ref = _reference(_problem(seed=6), ce_weight=0.2)
