@@ -503,11 +503,18 @@ def test_a_folder_test_split_under_any_common_name_is_used_and_named(tmp_path, c
 
 
 def test_the_first_of_the_test_split_names_wins_and_the_others_are_named(tmp_path, caplog):
+    """The name each source always read comes first (a folder's val/ then test/, an npz file's
+    x_test): data holding several is scored on the same split as before."""
     root = write_folder(tmp_path, {"train": 4, "validation": 2, "test": 1})
     with caplog.at_level(logging.WARNING, logger=SOURCES_LOG):
         _, test, _ = build_datasets("imagefolder", root=str(root), mean=[0.5], std=[0.5])
-    assert len(test) == 6
-    assert f"test split '{root / 'validation'}'; left out '{root / 'test'}'" in caplog.text
+    assert len(test) == 3
+    assert f"test split '{root / 'test'}'; left out '{root / 'validation'}'" in caplog.text
+    x = np.random.default_rng(0).integers(0, 256, (12, 4, 4), dtype=np.uint8)
+    path = tmp_path / "d.npz"
+    y = np.arange(12) % 3
+    np.savez(path, x=x, y=y, x_val=x[:4], y_val=y[:4], x_test=x[:5], y_test=y[:5])
+    assert len(build_datasets("npz", root=str(path))[1]) == 5
 
 
 def test_a_held_out_test_split_is_a_warning(tmp_path, caplog):
@@ -515,7 +522,7 @@ def test_a_held_out_test_split_is_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger=SOURCES_LOG):
         build_datasets("imagefolder", root=str(root), mean=[0.5], std=[0.5])
     assert (
-        f"no test split (no val/, validation/, valid/, test/ folder in '{root}'); holding out "
+        f"no test split (no val/, test/, validation/, valid/ folder in '{root}'); holding out "
         f"data.val_fraction=0.2 of the training images (6 of 30)"
     ) in caplog.text
 

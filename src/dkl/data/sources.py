@@ -2,13 +2,14 @@
 
 Each builder reads raw ``(image, label)`` items; :func:`~dkl.data.prepare_images` then applies the
 run's channels, size, augmentation policy and mean / std like for every other data set. The test
-split is the first of :data:`TEST_SPLITS` the source has (a folder, an ``x_<name>`` / ``y_<name>``
-pair, a split), the same names for every source; without one a fixed stratified
-``data.val_fraction`` of the training images is held out, and a warning says so.
+split is the first of the source's :data:`TEST_SPLITS` it has (a folder, an ``x_<name>`` /
+``y_<name>`` pair, a split): ``val``, ``validation``, ``valid`` and ``test`` for each, the name
+each source has always read first; without one a fixed stratified ``data.val_fraction`` of the
+training images is held out, and a warning says so.
 
 ``imagefolder`` (``data.root`` = a folder)
-    ``root/train/<class>/<image>`` and ``root/<split>/<class>/<image>``, ``<split>`` being
-    ``val``, ``validation``, ``valid`` or ``test``; classes are the sorted folder names, which
+    ``root/train/<class>/<image>`` and ``root/<split>/<class>/<image>``, ``<split>`` the first
+    of ``val``, ``test``, ``validation``, ``valid``; classes are the sorted folder names, which
     must be the same in both; images are the files torchvision's ``ImageFolder`` reads
     (``.png``, ``.jpg``, ...), found recursively, following folder links as it does (a link back
     up the tree is read once). Names starting with ``.`` (``.ipynb_checkpoints``, macOS ``._``
@@ -19,8 +20,8 @@ pair, a split), the same names for every source; without one a fixed stratified
     ``x``: images ``(N, H, W)`` (grey), ``(N, H, W, C)`` or ``(N, C, H, W)`` with C in 1, 3, 4
     (channels last wins when both could be channels; a 4th channel, alpha, is dropped), uint8
     0..255, uint16 0..65535 (scaled by 1/65535, as 16-bit PNGs are) or float in [0, 1]; ``y``:
-    ``(N,)`` integer labels 0..K-1. Optional: the test split as ``x_val`` / ``y_val`` (or
-    ``_validation``, ``_valid``, ``_test``; without one a fixed stratified ``data.val_fraction``
+    ``(N,)`` integer labels 0..K-1. Optional: the test split as ``x_test`` / ``y_test`` (or
+    ``_val``, ``_validation``, ``_valid``, the first found; without one a fixed stratified ``data.val_fraction``
     of ``x`` is held out, the same for every seed, see :func:`~dkl.data.stratified_split`) and
     ``classes`` (K names, a string or bytes array).
 
@@ -29,7 +30,7 @@ pair, a split), the same names for every source; without one a fixed stratified
     ``load_from_disk``), or local files read with ``datasets.load_dataset(builder,
     data_dir=root)``, ``builder`` being ``data.options.builder`` or, when not set, ``parquet`` if
     the folder holds ``.parquet`` files and ``imagefolder`` otherwise. Splits: ``train`` and the
-    first of ``val``, ``validation``, ``valid``, ``test`` (else ``data.val_fraction`` of train,
+    first of ``test``, ``validation``, ``valid``, ``val`` (else ``data.val_fraction`` of train,
     as for ``npz``); ``data.options`` may name ``train_split`` / ``test_split``. Columns: the
     image column is ``options.image_key`` or the first ``Image`` feature (else a column named
     ``image``, ``img``, ``x`` or ``pixel_values``); the label column ``options.label_key`` or the
@@ -67,9 +68,15 @@ _log = logging.getLogger(__name__)  # without a logging setup, Python prints a w
 
 _IMAGE_COLUMNS = ("image", "img", "x", "pixel_values")
 _LABEL_COLUMNS = ("label", "labels", "y", "target")
-#: names of the test split, in the order a source looks for them (folders, npz keys, hf splits);
-#: a validation split comes first: the run also picks its best checkpoint on this split
-TEST_SPLITS = ("val", "validation", "valid", "test")
+#: names of the test split, in the order each source looks for them (folders, npz keys, hf
+#: splits): the name each source has always read comes first (a folder's ``val/``, then
+#: ``test/``; an npz file's ``x_test``; a Hugging Face set's ``test``), so that data holding
+#: several keeps being scored on the same one; the other names follow
+TEST_SPLITS = {
+    "imagefolder": ("val", "test", "validation", "valid"),
+    "npz": ("test", "val", "validation", "valid"),
+    "hf": ("test", "validation", "valid", "val"),
+}
 #: files only dkl writes, into a run folder (dkl.train.rundir.RESULT_FILES less the common names,
 #: and the statistics cache): a folder holding one is a run's output, never images
 _RUN_FILES = frozenset(("final.pt", "last.pt", "best.pt", "metrics.jsonl", "data_stats.json"))
@@ -81,7 +88,7 @@ def _choice(source: str, found: list[str], what: str) -> None:
         _log.warning(
             f"data '{source}': test split {what.format(found[0])}; left out "
             f"{', '.join(what.format(f) for f in found[1:])} (the first of "
-            f"{', '.join(TEST_SPLITS)} is the test split)"
+            f"{', '.join(TEST_SPLITS[source])} is the test split)"
         )
     else:
         _log.info(f"data '{source}': test split {what.format(found[0])}")
@@ -250,15 +257,15 @@ def _held_out(
             f"hold out data.val_fraction={fraction} of them; add {root}/val/<class>/ "
             f"or more images"
         )
-    looked_for = f"no {', '.join(f'{s}/' for s in TEST_SPLITS)} folder in '{root}'"
+    looked_for = f"no {', '.join(f'{s}/' for s in TEST_SPLITS['imagefolder'])} folder in '{root}'"
     _holding_out("imagefolder", looked_for, fraction, len(te), len(images))
     return _Part(images, tr), _Part(images, te)
 
 
 @register_dataset("imagefolder")
 def _imagefolder(request: DataRequest) -> ImageSplits:
-    """``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``validation/``, ``valid/``,
-    ``test/``); with no test folder, or with class folders directly under ``root``, a fixed
+    """``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test/``, ``validation/``,
+    ``valid/``); with no test folder, or with class folders directly under ``root``, a fixed
     stratified ``data.val_fraction`` of the images is held out as the test split (the same images
     for every seed)."""
     no_options("imagefolder", request)
@@ -266,7 +273,7 @@ def _imagefolder(request: DataRequest) -> ImageSplits:
     if not root.is_dir():
         raise FileNotFoundError(f"data 'imagefolder': data.root '{root}' is not a folder")
     train_dir = root / "train"
-    found = [s for s in TEST_SPLITS if (root / s).is_dir()]
+    found = [s for s in TEST_SPLITS["imagefolder"] if (root / s).is_dir()]
     test_dir = root / found[0] if found else None
     if not train_dir.is_dir():
         if test_dir is not None or not _class_folders(root):
@@ -386,15 +393,15 @@ def _npz(request: DataRequest) -> ImageSplits:
         keys = set(f.files)
         if not {"x", "y"} <= keys:
             raise ValueError(f"data 'npz': '{path}' must hold arrays x and y, found {sorted(keys)}")
-        for s in TEST_SPLITS:
+        for s in TEST_SPLITS["npz"]:
             if (f"x_{s}" in keys) != (f"y_{s}" in keys):
                 raise ValueError(f"data 'npz': '{path}' holds one of x_{s} / y_{s}, not both")
-        found = [s for s in TEST_SPLITS if f"x_{s}" in keys]
+        found = [s for s in TEST_SPLITS["npz"] if f"x_{s}" in keys]
         x = _images_from_array(_array(f, "x", path), path, "x")
         if len(x) == 0:
             raise ValueError(f"data 'npz': '{path}': 'x' holds no images (shape {tuple(x.shape)})")
         y = _labels_from_array(_array(f, "y", path), len(x), path, "y")
-        pairs = ", ".join(f"x_{s} / y_{s}" for s in TEST_SPLITS)
+        pairs = ", ".join(f"x_{s} / y_{s}" for s in TEST_SPLITS["npz"])
         if found:
             xk, yk = f"x_{found[0]}", f"y_{found[0]}"
             _choice("npz", found, "x_{0} / y_{0}")
@@ -623,7 +630,7 @@ def _hf(request: DataRequest) -> ImageSplits:
     train_name = opts.get("train_split", "train")
     if train_name not in splits:
         raise ValueError(f"data 'hf': no split {train_name!r} in '{root}' (splits: {list(splits)})")
-    found = [s for s in TEST_SPLITS if s in splits and s != train_name]
+    found = [s for s in TEST_SPLITS["hf"] if s in splits and s != train_name]
     test_name = opts.get("test_split") or (found[0] if found else None)
     if test_name is not None and test_name not in splits:
         raise ValueError(f"data 'hf': no split {test_name!r} in '{root}' (splits: {list(splits)})")
@@ -647,7 +654,7 @@ def _hf(request: DataRequest) -> ImageSplits:
         test = HFImages(test_ds, image_key, label_key, targets=test_targets, split=test_name)
     else:
         tr, te = stratified_split(np.asarray(targets, dtype=np.int64), request.val_fraction)
-        looked_for = f"no split {', '.join(TEST_SPLITS)} in '{root}'"
+        looked_for = f"no split {', '.join(TEST_SPLITS['hf'])} in '{root}'"
         _holding_out("hf", looked_for, request.val_fraction, len(te), len(targets))
         train = HFImages(train_ds, image_key, label_key, tr.tolist(),
                          targets=[targets[i] for i in tr], split=train_name)  # fmt: skip
