@@ -32,7 +32,8 @@ Second derivatives: a backward that runs under ``create_graph=True`` (grad mode 
 loss with the exact form from the saved inputs and differentiates it with autograd, so the
 gradient it returns is itself differentiable (gradient penalties, meta-learning, Hessian-vector
 products). The first-order path never pays for this. In eager mode the exact form runs in float64
-for narrower inputs (:func:`wide_exact`): its rescaled backward needs the range.
+for narrower inputs whose logits reach 2^100 (:func:`wide_exact`): its rescaled backward needs
+the range there.
 """
 
 from __future__ import annotations
@@ -174,22 +175,34 @@ def _finish(rule: Rule, fast: Tensor, total, s, t, extras) -> tuple[Tensor, bool
 
 
 _WIDENED = (torch.float32, torch.float16, torch.bfloat16)
+# finite logits past 2^100 (a gap past 2^124 is scaled down in the exact form, and its backward
+# multiplies by that scale squared) take the exact form in float64
+_WIDE_LOGITS = 2.0**100
 
 
 def wide_exact(rule: Rule, s: Tensor, t: Tensor, extras) -> Tensor:
-    """The exact form in float64 for narrower floats, its rows in the input's dtype.
+    """The exact form, in float64 for narrower inputs whose finite logits reach 2^100, its rows
+    in the input's dtype.
 
-    The exact form scales rows by their largest logit, gap and weight so that its value never
-    overflows, and multiplies the scales back last; its backward then multiplies by those
-    scales first and divides later, and in float32 that product overflows for logits beyond
-    about 1e18 (IKL's gradient at logits of 1e36 was NaN where the loss is finite). float64
-    holds every such product of float32 numbers. Used where eager code asks for the exact form
-    (non-finite or near-overflow inputs, second derivatives); under ``torch.compile`` and
-    ``torch.func`` the exact form runs in the input's dtype."""
-    if s.dtype not in _WIDENED:
+    The exact form divides rows whose logits could make their gaps overflow by a power of 2 and
+    multiplies its square back into the value last; its backward multiplies by that square
+    first, which a float32 gradient cannot hold (IKL at logits of 2e38). float64 holds every
+    such product of float32 numbers. Only eager code comes here (non-finite or near-overflow
+    inputs, second derivatives), so the look at the logits is one more reduction; other inputs
+    keep their dtype (float64 doubled the time and memory of every Hessian-vector product)."""
+    if s.dtype not in _WIDENED or not _reach(s, t, _WIDE_LOGITS):
         return rule.exact(s, t, *extras)
     wide = [x.double() if x is not None and x.is_floating_point() else x for x in extras]
     return rule.exact(s.double(), t.double(), *wide).to(s.dtype)
+
+
+def _reach(s: Tensor, t: Tensor, limit: float) -> bool:
+    """Whether a finite entry of ``s`` or ``t`` reaches ``limit`` in magnitude."""
+    for x in (s, t):
+        big = x.detach().abs().nan_to_num(nan=0.0, posinf=0.0).amax() if x.numel() else 0.0
+        if float(big) >= limit:
+            return True
+    return False
 
 
 @functools.lru_cache(maxsize=8)
