@@ -294,13 +294,19 @@ def as_counted(batch: Any) -> Any:
     return {**batch, "labels": labels}
 
 
-def _trainer_reads_scaled_flag(trainer: Any) -> bool:
-    """Whether the Trainer under the mixin reads ``loss_is_scaled_for_ga`` (transformers >= 5);
-    before it, a loss computed without ``num_items_in_batch`` is always divided by the
-    accumulation steps in ``training_step``."""
+def _trainer_divides_unscaled_loss(trainer: Any) -> bool:
+    """Whether the Trainer's ``training_step`` divides a loss computed without
+    ``num_items_in_batch`` by the accumulation steps itself. transformers >= 5 reads
+    ``loss_is_scaled_for_ga`` (the mixin sets it: no); 4.53 to 4.x always do; before 4.53 only
+    for models that take no loss kwargs, and the mixin says its model does (no)."""
     bases = type(trainer).__mro__
     start = bases.index(DistillationMixin) + 1 if DistillationMixin in bases else 0
-    return any("loss_is_scaled_for_ga" in vars(c) for c in bases[start:])
+    if any("loss_is_scaled_for_ga" in vars(c) for c in bases[start:]):
+        return False
+    import transformers
+
+    release = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
+    return release >= (4, 53)
 
 
 class _TrainBegin:
@@ -545,11 +551,15 @@ class DistillationMixin:
             acc[0], acc[1] = acc[0] + rows[0], acc[1] + rows[1].long()
             total, count = total.sum(), count.sum()
         if num_items_in_batch is None:
-            # transformers >= 5 leaves a loss that says it is scaled for accumulation as it is:
-            # scale it here; earlier ones divide such a loss by the accumulation steps themselves
+            # each micro-batch its own token mean, divided by the accumulation steps here unless
+            # the Trainer does it (which transformers versions do: see the function)
             accum = 1
-            if training and _trainer_reads_scaled_flag(self):
-                accum = getattr(self, "current_gradient_accumulation_steps", 1)
+            if training and not _trainer_divides_unscaled_loss(self):
+                accum = getattr(
+                    self,
+                    "current_gradient_accumulation_steps",
+                    self.args.gradient_accumulation_steps,
+                )
             scale = 1.0 / (count.clamp_min(1) * accum)
         else:
             scale = 1.0 / torch.as_tensor(num_items_in_batch, device=total.device).clamp_min(1)
