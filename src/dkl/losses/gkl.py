@@ -138,7 +138,7 @@ def gkl_loss(
 
     Shape:
         ``(B,)`` for ``reduction="none"``, else a scalar; float32 for half inputs, otherwise the
-        input dtype.
+        wider of the two dtypes.
 
     Example:
         >>> z_s = torch.tensor([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]], requires_grad=True)
