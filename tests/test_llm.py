@@ -318,11 +318,12 @@ def test_a_teacher_that_requires_grad_is_warned_that_it_gets_none():
     not, and said nothing: a teacher that requires grad silently got no gradient."""
     p = _problem()
     ht = p["ht"].clone().requires_grad_()
-    with pytest.warns(UserWarning, match="teacher_hidden require grad, but the fused"):
+    with pytest.warns(UserWarning, match="teacher_hidden requires grad, but the fused"):
         fused_linear_ikl(p["hs"], p["ws"], ht, p["wt"], labels=p["labels"], **HP).backward()
     assert ht.grad is None
     with torch.no_grad():
         teacher_hidden = ht * 1.0  # the usual way: computed without a graph
+    head = torch.nn.Parameter(p["wt"].clone())  # an unfrozen teacher's head: no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fused_linear_ikl(p["hs"], p["ws"], teacher_hidden, p["wt"], labels=p["labels"], **HP)
+        fused_linear_ikl(p["hs"], p["ws"], teacher_hidden, head, labels=p["labels"], **HP)

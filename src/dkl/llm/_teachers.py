@@ -72,22 +72,16 @@ def _dense_teacher(hidden, weight, bias, token_shape, V, device, tf) -> _DenseTe
     for name, x in (("teacher_hidden", ht), ("teacher_head_weight", weight)):
         if x.device != device:
             raise ValueError(f"Expected {name} on {device} (the student's device), got {x.device}")
-    if torch.is_grad_enabled():
-        moving = [
-            n for n, x in _teacher_parts(hidden, weight, bias) if x is not None and x.requires_grad
-        ]
-        if moving:
-            warnings.warn(
-                f"{' and '.join(moving)} require grad, but the fused dkl.llm losses treat the "
-                "teacher as a fixed target and give it no gradient; compute the teacher under "
-                "torch.no_grad(), or train it through dkl.ikl_loss on materialised logits",
-                stacklevel=4,
-            )
+    # a teacher's hidden states computed with a graph: their owner expects the teacher to
+    # learn (its head's parameters alone require grad whenever the model is not frozen)
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        warnings.warn(
+            "teacher_hidden requires grad, but the fused dkl.llm losses treat the teacher as a "
+            "fixed target and give it no gradient; compute the teacher under torch.no_grad(), or "
+            "train it through dkl.ikl_loss on materialised logits",
+            stacklevel=4,
+        )
     return _DenseTeacher(ht, weight, bias, V, tf)
-
-
-def _teacher_parts(hidden, weight, bias):
-    return (("teacher_hidden", hidden), ("teacher_head_weight", weight), ("teacher_bias", bias))
 
 
 def _topk_teacher(topk, tail, token_shape, V, device, tf, valid=None) -> _TopKTeacher:
