@@ -272,3 +272,56 @@ def test_a_missing_backend_is_reported_before_any_attack(monkeypatch):
     with pytest.raises(ImportError, match="--no-deps 'torchattacks>=3.5'"):
         evaluate_robustness(model, x, y, progress=False, log=None)
     assert not calls
+
+
+def test_a_model_with_nan_outputs_is_refused_not_scored(no_official, monkeypatch):
+    """NaN logits make every prediction class 0: AutoAttack then 'kept' the clean accuracy
+    (8 % on digits, the share of class 0), and the sanity check passed it."""
+    model, (x, y) = linear_model(), data()
+    with torch.no_grad():
+        model[-1].weight.fill_(float("nan"))
+    with pytest.raises(GradientMaskingError, match="outputs are NaN or inf for 16 of 16 points"):
+        evaluate_robustness(model, x, y, version="fast", progress=False, log=None)
+    with pytest.raises(GradientMaskingError, match="outputs are NaN or inf"):
+        check_gradient_masking(model, x, y)
+
+
+def test_too_few_classes_for_autoattack_is_refused_before_the_attacks(no_official, monkeypatch):
+    """With 3 classes the clean, FGSM and PGD passes ran first, then APGD-T refused."""
+    from dkl import robust
+
+    model, (x, y) = linear_model(c=3), data(c=3)
+
+    def no_pass(*a, **kw):
+        raise AssertionError("an attack pass ran before the class count was checked")
+
+    monkeypatch.setattr(robust, "_predict", no_pass)
+    with pytest.raises(ValueError, match=r"needs >= 4 classes, got 3"):
+        evaluate_robustness(model, x, y, version="fast", progress=False, log=None)
+
+
+def test_plain_weights_through_a_runs_config_do_not_write_into_that_run(tmp_path, no_official):
+    """`dkl robust RUN/config.yaml model.checkpoint=OTHER.pt` wrote the other weights' result
+    into the run's robust.json and summary.json, recorded as the run's."""
+    import json
+
+    from dkl.api import evaluate_run, train
+    from dkl.config import load_config
+
+    quiet = ["train.progress=false", "train.plot=false", "train.threads=1", "train.device=cpu"]
+    cfg = load_config(
+        "kd/digits_teacher",
+        [*quiet, "train.epochs=1", "train.max_steps_per_epoch=2", f"train.out_dir={tmp_path}"],
+    )
+    train(cfg, log=lambda m: None)
+    other = tmp_path / "other" / "weights.pt"
+    other.parent.mkdir()
+    torch.save(torch.load(cfg.run_dir / "final.pt", weights_only=True)["model"], other)
+    res = evaluate_run(
+        cfg.run_dir / "config.yaml", n_examples=8, version="fast", progress=False, log=None,
+        overrides=[f"model.checkpoint={other}"],
+    )  # fmt: skip
+    assert res["checkpoint"] == str(other)
+    assert json.loads((other.parent / "robust.json").read_text())["checkpoint"] == str(other)
+    assert not (cfg.run_dir / "robust.json").exists()
+    assert "robust" not in json.loads((cfg.run_dir / "summary.json").read_text())

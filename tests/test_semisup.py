@@ -83,8 +83,12 @@ def test_split_picks_the_images_usb_picks(seed):
 
 
 def test_split_errors_name_the_problem():
-    with pytest.raises(ValueError, match="class 1 has 5 samples"):
+    with pytest.raises(ValueError, match="class 1, the smallest, has 5 samples.*at most 4"):
         split_labeled(_labels(), 5)
+    # the smallest class is named, not the first that fails (class 0 has 8, class 1 has 3)
+    y = torch.tensor([0] * 8 + [1] * 3 + [2] * 6)
+    with pytest.raises(ValueError, match=r"class 1, the smallest, has 3 samples.*at most 2$"):
+        split_labeled(y, 7)
     with pytest.raises(ValueError, match="num_labels_per_class >= 1"):
         split_labeled(_labels(), 0)
     with pytest.raises(ValueError, match="1-D integer"):

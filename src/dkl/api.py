@@ -182,7 +182,8 @@ def evaluate_run(
     The model is the one the run exports (``final.pt``: the EMA for adversarial runs). ``eps``
     defaults to the run's ``adversarial.attack.eps`` (8/255 for other recipes). With ``write``,
     the result goes to ``robust.json`` beside the checkpoint and under ``"robust"`` in its
-    ``summary.json``.
+    ``summary.json``; for plain weights given through a config (``model.checkpoint=FILE``), to
+    ``robust.json`` beside that file alone.
     """
     if n_examples is not None and n_examples < 1:
         raise ValueError(f"n_examples: expected a number of test points >= 1, got {n_examples}")
@@ -226,11 +227,18 @@ def evaluate_run(
     res["n_total"] = n_total
     res["checkpoint"] = str(path)
     res["run"] = cfg.name
+    # plain weights evaluated through a config are not that run's model: their result goes
+    # beside the weights file, and no run's summary is touched
+    plain = path.suffix.lower() in (".yaml", ".yml", ".json")
+    if plain:
+        res["checkpoint"] = str(cfg.model.checkpoint)
+        res["config"] = str(path)
+    out = Path(cfg.model.checkpoint).parent if plain else path.parent
     if write:  # each file replaced whole or not at all (a full disk keeps the old one)
         text = (json.dumps(res, indent=2) + "\n").encode()
-        atomic_write(path.parent / "robust.json", lambda f: f.write(text), "robust.json")
+        atomic_write(out / "robust.json", lambda f: f.write(text), "robust.json")
         summary = path.parent / "summary.json"
-        if summary.is_file():
+        if not plain and summary.is_file():
             data = json.loads(summary.read_text())
             data["robust"] = res
             text = (json.dumps(data, indent=2) + "\n").encode()

@@ -292,6 +292,7 @@ def check_gradient_masking(
         raise GradientMaskingError(
             f"Expected model outputs of shape (B, C), got {tuple(out.shape)}"
         )
+    _check_finite(out, "")
     row_sums = out.sum(1)
     if bool((out >= 0).all()) and bool(
         torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-3)
@@ -304,6 +305,12 @@ def check_gradient_masking(
     with eval_mode(model), torch.enable_grad():
         loss = F.cross_entropy(model(xg), y, reduction="sum")
         grad = input_gradient(loss, xg)
+    broken = (~torch.isfinite(grad.flatten(1))).any(1).float().mean().item()
+    if broken > 0:
+        raise GradientMaskingError(
+            f"input gradients are NaN or inf for {100 * broken:.0f}% of the points: gradient "
+            "attacks cannot follow them, and the robust accuracy would be overstated"
+        )
     zero = (grad.flatten(1).abs().amax(1) == 0).float().mean().item()
     if zero > 0.5:
         raise GradientMaskingError(
@@ -322,6 +329,18 @@ def check_gradient_masking(
                 "correct): a sign of gradient masking; the robust accuracy would be overstated"
             )
     return info
+
+
+def _check_finite(out: Tensor, where: str) -> None:
+    """Non-finite logits make every prediction the argmax of NaN (class 0): an accuracy that
+    no attack can lower, for no reason of robustness."""
+    bad = (~torch.isfinite(out)).any(1)
+    if bool(bad.any()):
+        raise GradientMaskingError(
+            f"the model's outputs are NaN or inf for {int(bad.sum())} of {len(out)} points"
+            f"{' ' + where if where else ''}: a diverged or damaged model (its accuracy would be "
+            "that of always predicting class 0, and no attack could lower it)"
+        )
 
 
 def _check_threat_model(x_adv: Tensor, x: Tensor, eps: float, name: str) -> None:
@@ -409,6 +428,9 @@ def evaluate_robustness(
         with torch.no_grad():
             out0 = model(x[: min(n, batch_size)])
         num_classes = out0.shape[1]
+        _check_finite(out0, "on the first test batch")
+        # AutoAttack's own requirements, before the clean and PGD passes that take a while
+        autoattack_specs(version, eps=eps, num_classes=num_classes, seed=seed)
         clean_pred = _predict(model, x, batch_size)
         clean_ok = clean_pred == y
         result["clean"] = _pct(clean_ok)

@@ -70,15 +70,18 @@ def split_labeled(
     y = _as_label_tensor(labels).numpy()
     if num_labels_per_class < 1:
         raise ValueError(f"Expected num_labels_per_class >= 1, got {num_labels_per_class}")
+    classes, counts = np.unique(y, return_counts=True)
+    if counts.size and counts.min() <= num_labels_per_class:
+        smallest = int(counts.argmin())
+        raise ValueError(
+            f"num_labels_per_class={num_labels_per_class}: class {classes[smallest]}, the "
+            f"smallest, has {counts[smallest]} samples, and each class keeps at least one "
+            f"unlabeled; expected at most {counts[smallest] - 1}"
+        )
     rng = np.random.RandomState(seed)  # = np.random.seed(seed) without touching the global one
     labeled: list[int] = []
-    for c in np.unique(y).tolist():  # shuffles of absent classes would draw nothing
+    for c in classes.tolist():  # shuffles of absent classes would draw nothing
         idx = np.where(y == c)[0]
-        if len(idx) <= num_labels_per_class:
-            raise ValueError(
-                f"class {c} has {len(idx)} samples; expected more than "
-                f"num_labels_per_class={num_labels_per_class}"
-            )
         rng.shuffle(idx)
         labeled.extend(idx[:num_labels_per_class].tolist())
     labeled.sort()
