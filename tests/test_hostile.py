@@ -258,6 +258,17 @@ def test_a_combination_that_cannot_reach_its_target_warns_naming_the_keys(
     [
         ("distill", ["distill.method=kd", "distill.gi=true"], ["distill.gi", "method=kd"]),
         ("semisup", ["semisup.threshold=1"], ["semisup.threshold=1", "fixmatch_ikl"]),
+        # an iteration run: a shorter epoch or fewer epochs ran the full 2,000 iterations
+        (
+            "semisup",
+            ["train.iterations=2000", "train.epochs=1"],
+            ["train.epochs=1 does not shorten the run", "train.iterations=2000"],
+        ),
+        (
+            "semisup",
+            ["train.iterations=2000", "train.max_steps_per_epoch=3"],
+            ["train.max_steps_per_epoch=3 does not shorten the run"],
+        ),
     ],
 )
 def test_a_setting_that_would_be_ignored_warns(recipe, overrides, keys):

@@ -279,6 +279,15 @@ def config_warnings(cfg: Config, steps_per_epoch: int | None = None) -> list[str
             out.append(
                 f"sched.milestones {late} lie at or after the end of the run ({run}): never applied"
             )
+    if iterations:
+        unused_epochs = t.epochs != type(t).__dataclass_fields__["epochs"].default
+        if unused_epochs or t.max_steps_per_epoch > 0:
+            given = "train.epochs" if unused_epochs else "train.max_steps_per_epoch"
+            value = t.epochs if unused_epochs else t.max_steps_per_epoch
+            out.append(
+                f"{given}={value} does not shorten the run: {run} sets its length (an iteration "
+                f"run); set train.iterations=N for a shorter one"
+            )
     d = cfg.distill
     if d is not None and d.gi and d.method not in ("ikl", "gkl"):
         out.append(
