@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 
 def is_compiling() -> bool:
@@ -20,10 +21,19 @@ def is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def values_unreadable(t: Tensor) -> bool:
     """Whether ``t``'s values cannot be read into Python: while ``torch.compile`` traces, or
     inside a ``torch.func`` transform (``vmap``, ``grad``) that wraps it."""
-    return is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t)
+    return is_compiling() or _wrapped(t)
+
+
+def in_transform(*xs: Tensor) -> bool:
+    """Whether forward-mode AD is on or a ``torch.func`` transform wraps one of ``xs`` (not to be
+    asked while ``torch.compile`` traces: Dynamo cannot trace the look)."""
+    return forward_ad._current_level >= 0 or any(map(_wrapped, xs))
 
 
 def as_number(name: str, value: Any, what: str) -> float:
@@ -164,8 +174,9 @@ def check_class_weights(class_weights: Any, input: Tensor) -> None:
 def check_weight_values(name: str, t: Tensor) -> bool:
     """Every entry finite and non-negative; returns whether their sum is finite too (the fused
     kernel needs it). It reads the values (one host sync on CUDA), so each loss call runs it
-    once; skipped while compiling and under ``torch.func`` transforms. Two reductions decide the usual case (a NaN makes the minimum
-    NaN, an inf the sum); the element-wise look is only on the way to an error."""
+    once; skipped while compiling and under ``torch.func`` transforms. Two reductions decide the
+    usual case (a NaN makes the minimum NaN, an inf the sum); the element-wise look is only on
+    the way to an error."""
     if values_unreadable(t) or t.numel() == 0:
         return True
     if bool((t.amin() >= 0) & torch.isfinite(t.sum())):

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd import forward_ad
 
 from dkl._checks import (
     KERNEL_MIN_TEMPERATURE,
@@ -17,6 +16,7 @@ from dkl._checks import (
     check_non_negative_scalar,
     check_positive,
     check_row_mask,
+    in_transform,
     is_compiling,
     values_unreadable,
 )
@@ -188,7 +188,7 @@ def use_triton(
     check_impl(impl)
     if impl == "torch":
         return False
-    transformed = not is_compiling() and _in_transform(input, target)
+    transformed = not is_compiling() and in_transform(input, target)
     if impl == "triton" and transformed:
         raise RuntimeError(
             "impl='triton' cannot run under torch.func transforms (grad, vmap, hessian, jvp) or "
@@ -209,11 +209,6 @@ def use_triton(
     if impl == "triton" and reason is not None:
         raise RuntimeError(f"impl='triton' cannot run: {reason}. Use impl='torch' or 'auto'.")
     return reason is None
-
-
-def _in_transform(input: Tensor, target: Tensor) -> bool:
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return forward_ad._current_level >= 0 or wrapped(input) or wrapped(target)
 
 
 def fused(

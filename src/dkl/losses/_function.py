@@ -45,9 +45,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 from torch._C import _functorch
-from torch.autograd import forward_ad
 
-from dkl._checks import is_compiling
+from dkl._checks import in_transform, is_compiling
 from dkl.losses._common import reduce
 
 # Elements per block of rows and CPU thread: a few (rows, C) float32 temporaries of 128 KiB per
@@ -256,13 +255,8 @@ def row_loss(
     order. Under ``torch.compile``, ``torch.func`` transforms (``grad``, ``hessian``, ``vmap``) and
     forward-mode AD the exact form alone: plain torch operations, which they all understand (and
     the NaN look would break a compiled graph)."""
-    if (  # under torch.compile, a torch.func transform or forward-mode AD, or meta tensors
-        is_compiling()
-        or forward_ad._current_level >= 0
-        or s.is_meta
-        or _is_wrapped(s)
-        or _is_wrapped(t)
-    ):
+    # under torch.compile, a torch.func transform or forward-mode AD, or meta tensors
+    if is_compiling() or s.is_meta or in_transform(s, t):
         out = rule.exact(s, t, *extras)
         return out if total is None else (out * total).sum()
     grad = torch.is_grad_enabled()
@@ -271,9 +265,6 @@ def row_loss(
         fast = fast_rows(rule, s, t, extras, False, False, rows=total is None)[0]
         return _finish(rule, fast, total, s, t, extras)[0]
     return _RowLoss.apply(rule, total, need_s, need_t, s, t, *extras)
-
-
-_is_wrapped = _functorch.is_functorch_wrapped_tensor
 
 
 def log_softmax_backward(grad: Tensor, log_q: Tensor, out: Tensor) -> Tensor:
