@@ -47,7 +47,7 @@ from dkl.losses import GKLLoss, IKLLoss, KLLoss, kl_loss
 from dkl.prior import ClassPrior
 from dkl.recipes import register_recipe
 from dkl.train import StepContext, Task, load_checkpoint
-from dkl.train.checkpoint import data_changes, saved_normalization
+from dkl.train.checkpoint import class_record, data_changes, saved_normalization
 
 __all__ = [
     "METHODS",
@@ -304,11 +304,7 @@ class DistillTask(Task):
         saved = state.get("data") if isinstance(state, dict) else None
         if not isinstance(saved, dict):
             return
-        info = self.ctx.info
-        now = {"num_classes": int(info.num_classes)}
-        if info.classes:
-            now["classes"] = [str(c) for c in info.classes]
-        diffs = data_changes(saved, now)
+        diffs = data_changes(saved, class_record(self.ctx.info))
         if diffs:
             raise ConfigError(
                 f"distill.teacher.checkpoint: '{path}' was trained on other classes than this "
@@ -320,9 +316,7 @@ class DistillTask(Task):
         if self.labeled_idx is None:
             return super().train_batches(epoch, start)
         # the labeled stream goes on across epochs: its position is the number of steps done
-        spe = self.steps_per_epoch()
-        if self.cfg.train.max_steps_per_epoch > 0:
-            spe = min(spe, self.cfg.train.max_steps_per_epoch)
+        spe = self.steps_run_per_epoch()
         idx = self.labeled_idx
         keys = InfiniteBatchSampler(
             len(idx),

@@ -404,8 +404,7 @@ class SemiSupTask(Task):
         if not self._wrote_indices and ctx.is_main:
             self.write_labeled_indices(ctx.run_dir)
             self._wrote_indices = True
-        spe, cap = self.steps_per_epoch(), self.cfg.train.max_steps_per_epoch
-        spe = min(spe, cap) if cap > 0 else spe
+        spe = self.steps_run_per_epoch()
         loader = SemiSupLoader(
             self.labeled_set,
             self.unlabeled_set if self.scfg.uses_unlabeled else None,
@@ -425,10 +424,7 @@ class SemiSupTask(Task):
         c, t = self.scfg, self.cfg.train
         total = t.iterations
         if total <= 0:  # an epoch run: its steps
-            spe = self.steps_per_epoch()
-            if t.max_steps_per_epoch > 0:
-                spe = min(spe, t.max_steps_per_epoch)
-            total = t.epochs * spe
+            total = t.epochs * self.steps_run_per_epoch()
         if c.unsup_warmup <= 0 or total <= 0:
             return c.lambda_u
         return c.lambda_u * min(max(it / (c.unsup_warmup * total), 0.0), 1.0)

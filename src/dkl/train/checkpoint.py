@@ -40,6 +40,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "HASH_KEY",
     "CheckpointError",
+    "class_record",
     "config_changes",
     "data_changes",
     "find_checkpoint",
@@ -134,6 +135,15 @@ def saved_normalization(state: Any) -> dict | None:
     return None
 
 
+def class_record(info: Any) -> dict:
+    """What a checkpoint records of a data set's classes (a :class:`~dkl.data.DataInfo`): their
+    number, and their names where the data has them."""
+    out: dict[str, Any] = {"num_classes": int(info.num_classes)}
+    if info.classes:
+        out["classes"] = [str(c) for c in info.classes]
+    return out
+
+
 def data_changes(saved: dict, now: dict, keys: Any = None) -> list[str]:
     """How the data a checkpoint records (``saved``, its ``"data"``) differs from ``now``, one
     phrase per key both have (``keys``: those only); class lists show their first difference."""
@@ -146,8 +156,8 @@ def data_changes(saved: dict, now: dict, keys: Any = None) -> list[str]:
             i = next(
                 (j for j, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new))
             )
-            first = f"class {i}: {old[i] if i < len(old) else None!r} -> {new[i] if i < len(new) else None!r}"
-            out.append(f"class names ({len(old)} -> {len(new)}, {first})")
+            was, now_ = (names[i] if i < len(names) else None for names in (old, new))
+            out.append(f"class names ({len(old)} -> {len(new)}, class {i}: {was!r} -> {now_!r})")
         else:
             out.append(f"{k.replace('_', ' ')} {saved[k]} -> {now[k]}")
     return out

@@ -138,9 +138,7 @@ class Trainer(TrainingState):
         :meth:`_resume`) are refused unless ``new_epoch``, which applies them from the next epoch.
         """
         cfg, t = self.cfg, self.cfg.train
-        spe = self.task.steps_per_epoch()
-        if t.max_steps_per_epoch > 0:
-            spe = min(spe, t.max_steps_per_epoch)
+        spe = self.task.steps_run_per_epoch()
         if spe <= 0:
             raise ConfigError(
                 f"data.batch_size: {cfg.data.batch_size} leaves no full batch per epoch"

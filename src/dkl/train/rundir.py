@@ -75,11 +75,9 @@ def _gone(owner: str) -> bool:
     """Whether the process ``owner`` (a pid as text) has exited."""
     try:
         os.kill(int(owner), 0)
-    except (ValueError, OverflowError):
-        return False
     except ProcessLookupError:
         return True
-    except OSError:  # alive, another user's
+    except (ValueError, OverflowError, OSError):  # no pid, or alive and another user's
         return False
     return False
 

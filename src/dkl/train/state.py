@@ -279,15 +279,12 @@ class TrainingState:
     def _data_fingerprint(self) -> dict:
         """What the model was made for: classes, input shape and split sizes of the data."""
         info = self.ctx.info
-        out = {
-            "num_classes": int(info.num_classes),
+        return {
+            **ckpt.class_record(info),
             "input_shape": list(info.input_shape),
             "train_images": len(self.ctx.train_set),  # type: ignore[arg-type]
             "test_images": len(self.ctx.test_set),  # type: ignore[arg-type]
         }
-        if info.classes:
-            out["classes"] = [str(c) for c in info.classes]
-        return out
 
     def _normalization(self) -> dict:
         """The input normalisation the run's models were built with (their ``Normalize``

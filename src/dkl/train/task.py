@@ -256,6 +256,12 @@ class Task:
     def steps_per_epoch(self) -> int:
         return self.ctx.batch_sampler(len(self.train_set)).batches_per_epoch()  # type: ignore[arg-type]
 
+    def steps_run_per_epoch(self) -> int:
+        """The steps an epoch runs: :meth:`steps_per_epoch`, cut to
+        ``train.max_steps_per_epoch`` where that is set."""
+        spe, cap = self.steps_per_epoch(), self.cfg.train.max_steps_per_epoch
+        return min(spe, cap) if cap > 0 else spe
+
     def train_batches(self, epoch: int, start: int) -> Iterable:
         sampler = self.ctx.batch_sampler(len(self.train_set))  # type: ignore[arg-type]
         sampler.set_position(epoch, start)
