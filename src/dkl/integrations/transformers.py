@@ -73,8 +73,8 @@ from dkl.llm import (
 from dkl.llm._chunk import TAILS
 from dkl.llm.onpolicy import (
     GenerateFn,
+    check_position_room,
     generate_completions,
-    position_limit,
     prompts_from_labels,
 )
 from dkl.llm.sharded import (
@@ -465,15 +465,9 @@ class DistillationMixin:
                 inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
             )
         generator = model if source == "student" else self.teacher
-        longest = max(len(p) for p in prompts) + self.distill.max_new_tokens
-        for role, reader in (("student", model), ("teacher", self.teacher)):
-            limit = position_limit(reader) if reader is not None else None
-            if limit is not None and longest > limit:
-                raise ValueError(
-                    f"Expected prompts + max_new_tokens within the {role}'s {limit} positions, "
-                    f"got {longest} tokens (the longest prompt and max_new_tokens="
-                    f"{self.distill.max_new_tokens}): lower max_new_tokens or truncate the prompts"
-                )
+        for role, reader in (("student", model), ("teacher", self.teacher)):  # both read it
+            if reader is not None:
+                check_position_room(reader, role, prompts, self.distill.max_new_tokens)
         cfg = getattr(unwrap_model(generator), "generation_config", None)
         tok = getattr(self, "processing_class", None)
         eos = getattr(cfg, "eos_token_id", None)

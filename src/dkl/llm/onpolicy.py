@@ -120,14 +120,7 @@ def generate_completions(
     else:
         if model is None:
             raise ValueError("Expected a model or a generate_fn")
-        limit = position_limit(model)
-        longest = max(len(p) for p in prompts) + max_new_tokens
-        if limit is not None and longest > limit:
-            raise ValueError(
-                f"Expected prompts + max_new_tokens within the generating model's {limit} "
-                f"positions, got {longest} tokens (the longest prompt and {max_new_tokens} new "
-                "ones): lower max_new_tokens or truncate the prompts"
-            )
+        check_position_room(model, "generating model", prompts, max_new_tokens)
         completions = _generate(
             model,
             prompts,
@@ -141,10 +134,11 @@ def generate_completions(
         )
     if vocab_size is not None:
         for j, c in enumerate(completions):
-            if len(c) and int(torch.as_tensor(c).max()) >= vocab_size:
+            top = int(torch.as_tensor(c).max()) if len(c) else -1
+            if top >= vocab_size:
                 raise ValueError(
                     f"Expected completion token ids below the reading model's vocab_size "
-                    f"{vocab_size}, got {int(torch.as_tensor(c).max())} in completion {j}"
+                    f"{vocab_size}, got {top} in completion {j}"
                 )
     rows = []
     for prompt, completion in zip(prompts, completions, strict=True):
@@ -179,6 +173,21 @@ def position_limit(model: nn.Module) -> int | None:
 
 
 _POSITION_TABLES = frozenset({"wpe", "embed_positions", "position_embeddings"})
+
+
+def check_position_room(
+    model: nn.Module, who: str, prompts: Sequence[Tensor], max_new_tokens: int
+) -> None:
+    """Refuse completions that would run past ``model``'s learned position table (a raw
+    ``IndexError`` deep in its embedding otherwise); ``who`` names the model in the message."""
+    limit = position_limit(model)
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    if limit is not None and longest > limit:
+        raise ValueError(
+            f"Expected prompts + max_new_tokens within the {who}'s {limit} positions, got "
+            f"{longest} tokens (the longest prompt and max_new_tokens={max_new_tokens}): lower "
+            "max_new_tokens or truncate the prompts"
+        )
 
 
 def _generate(
