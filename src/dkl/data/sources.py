@@ -21,9 +21,9 @@ training images is held out, and a warning says so.
     (channels last wins when both could be channels; a 4th channel, alpha, is dropped), uint8
     0..255, uint16 0..65535 (scaled by 1/65535, as 16-bit PNGs are) or float in [0, 1]; ``y``:
     ``(N,)`` integer labels 0..K-1. Optional: the test split as ``x_test`` / ``y_test`` (or
-    ``_val``, ``_validation``, ``_valid``, the first found; without one a fixed stratified ``data.val_fraction``
-    of ``x`` is held out, the same for every seed, see :func:`~dkl.data.stratified_split`) and
-    ``classes`` (K names, a string or bytes array).
+    ``_val``, ``_validation``, ``_valid``, the first found; without one a fixed stratified
+    ``data.val_fraction`` of ``x`` is held out, the same for every seed, see
+    :func:`~dkl.data.stratified_split`) and ``classes`` (K names, a string or bytes array).
 
 ``hf`` (``data.root`` = a folder)
     A ``datasets.DatasetDict`` or ``Dataset`` saved with ``save_to_disk`` (read with

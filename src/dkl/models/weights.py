@@ -128,8 +128,9 @@ def load_weights(
     """Load the weight file ``path`` into ``model`` in place and return ``model``.
 
     The file is read with ``torch.load(weights_only=True, map_location="cpu")`` (it cannot run
-    code), or as safetensors when its name ends in ``.safetensors``, and may be a raw state_dict or hold one under ``"model"`` (mdistiller), ``"state_dict"``
-    or ``"net"``; a ``module.`` prefix is stripped. A :class:`NormalizedModel` given a bare-model
+    code), or as safetensors when its name ends in ``.safetensors``, and may be a raw state_dict
+    or hold one under ``"model"`` (mdistiller), ``"state_dict"`` or ``"net"``; a ``module.``
+    prefix is stripped. A :class:`NormalizedModel` given a bare-model
     checkpoint (no ``model.`` keys) loads it into its inner ``.model``.
 
     ``replace_classifier=True`` starts a model for new classes from a file trained on others (a
@@ -148,8 +149,9 @@ def load_weights(
     if not path.is_file():
         raise FileNotFoundError(f"Weight file not found: {path}")
     # one-line errors for an empty, truncated, damaged (content hash) or foreign file
-    obj = _read_safetensors(path) if path.suffix == ".safetensors" else None
-    if obj is None:
+    if path.suffix == ".safetensors":
+        obj = _read_safetensors(path)
+    else:
         obj = load_torch_file(path, what="weight file")
     sd = extract_state_dict(obj, source=str(path))
 
