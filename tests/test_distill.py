@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from run_helpers import tiny_overrides, tiny_run
 
 from dkl.config import Config, ModelConfig
 from dkl.data import DataInfo
@@ -337,18 +338,12 @@ def test_gi_prior_temperature_defaults_to_the_weight_temperature(method):
 def test_a_teacher_read_from_a_dkl_checkpoint_keeps_its_input_normalisation(tmp_path):
     """A teacher trained with model.normalize=false, named by its checkpoint alone: the student
     run must build it as it was trained (it got the Normalize wrapper, a different model)."""
-    from dkl.api import make_trainer, train
+    from dkl.api import make_trainer
     from dkl.config import load_config
 
-    quiet = ["train.progress=false", "train.plot=false", "train.threads=1", "train.device=cpu"]
-    out = [f"train.out_dir={tmp_path}"]
-    steps = ["train.epochs=1", "train.max_steps_per_epoch=3"]
-    teacher_cfg = load_config("kd/digits_teacher", [*quiet, *out, *steps, "model.normalize=false"])
-    train(teacher_cfg, log=lambda m: None)
-    final = teacher_cfg.run_dir / "final.pt"
+    teacher_cfg, final, base = _teacher_run(tmp_path, "model.normalize=false")
     student_cfg = load_config(
-        "kd/digits_kd",
-        [*quiet, *out, *steps, f"distill.teacher.checkpoint={final}", "distill.teacher.name="],
+        "kd/digits_kd", [*base, f"distill.teacher.checkpoint={final}", "distill.teacher.name="]
     )
     teacher = make_trainer(student_cfg, log=lambda m: None).task.teacher
     trained = make_trainer(teacher_cfg, log=lambda m: None).raw_model
@@ -360,14 +355,9 @@ def test_a_teacher_read_from_a_dkl_checkpoint_keeps_its_input_normalisation(tmp_
 
 
 def _teacher_run(tmp_path, *extra):
-    from dkl.api import train
-    from dkl.config import load_config
-
-    quiet = ["train.progress=false", "train.plot=false", "train.threads=1", "train.device=cpu"]
-    steps = ["train.epochs=1", "train.max_steps_per_epoch=3", f"train.out_dir={tmp_path}"]
-    cfg = load_config("kd/digits_teacher", [*quiet, *steps, *extra])
-    train(cfg, log=lambda m: None)
-    return cfg, cfg.run_dir / "final.pt", [*quiet, *steps]
+    """A tiny teacher run: its config, its final.pt and the overrides a student run reuses."""
+    cfg = tiny_run(tmp_path, *extra, steps=3)
+    return cfg, cfg.run_dir / "final.pt", tiny_overrides(tmp_path, steps=3)
 
 
 def _normalize_buffers(model):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from run_helpers import plain_weights, tiny_run
 
 from dkl.api import make_trainer, train
 from dkl.cli import main
@@ -597,19 +598,8 @@ def test_eval_of_a_config_file_asks_for_the_weights(cfg_file, capsys):
 def test_eval_of_plain_weights_with_a_config_equals_the_runs_own(tmp_path, capsys):
     """The advice for a plain state dict (dkl eval CONFIG model.checkpoint=FILE) was refused:
     'is a config file, not a checkpoint'."""
-    import json
-
-    from dkl.api import train
-    from dkl.config import load_config
-
-    quiet = ["train.progress=false", "train.plot=false", "train.threads=1", "train.device=cpu"]
-    cfg = load_config(
-        "kd/digits_teacher",
-        [*quiet, "train.epochs=1", "train.max_steps_per_epoch=3", f"train.out_dir={tmp_path}"],
-    )
-    train(cfg, log=lambda m: None)
-    raw = tmp_path / "raw.pt"
-    torch.save(torch.load(cfg.run_dir / "final.pt", weights_only=True)["model"], raw)
+    cfg = tiny_run(tmp_path, steps=3)
+    raw = plain_weights(cfg, tmp_path / "raw.pt")
     code = main(["eval", str(cfg.run_dir), "--json"])
     own = json.loads(capsys.readouterr().out)
     code = main(["eval", str(cfg.run_dir / "config.yaml"), f"model.checkpoint={raw}", "--json"])
@@ -638,23 +628,10 @@ def test_eval_creates_no_folder_where_it_is_run(tmp_path, monkeypatch):
     """A checkpoint whose config's out_dir is relative (runs/) and that records no
     normalisation (written before it did) wrote runs/<name>/data_stats.json into whatever folder
     dkl eval was run from."""
-    from dkl.api import evaluate_checkpoint, train
-    from dkl.config import load_config
+    from dkl.api import evaluate_checkpoint
     from dkl.train.checkpoint import load_checkpoint, save_checkpoint
 
-    quiet = ["train.progress=false", "train.plot=false", "train.threads=1", "train.device=cpu"]
-    cfg = load_config(
-        "kd/digits_teacher",
-        [
-            *quiet,
-            "train.epochs=1",
-            "train.max_steps_per_epoch=2",
-            f"train.out_dir={tmp_path}",
-            "data.mean=auto",
-            "data.std=auto",
-        ],
-    )
-    train(cfg, log=lambda m: None)
+    cfg = tiny_run(tmp_path, "data.mean=auto", "data.std=auto")
     state = load_checkpoint(cfg.run_dir / "final.pt")
     del state["normalization"]
     state["config"]["train"]["out_dir"] = "runs"

@@ -7,6 +7,7 @@ import types
 
 import pytest
 import torch
+from run_helpers import plain_weights, tiny_run
 from torch import nn
 
 from dkl.robust import (
@@ -305,18 +306,10 @@ def test_plain_weights_through_a_runs_config_do_not_write_into_that_run(tmp_path
     into the run's robust.json and summary.json, recorded as the run's."""
     import json
 
-    from dkl.api import evaluate_run, train
-    from dkl.config import load_config
+    from dkl.api import evaluate_run
 
-    quiet = ["train.progress=false", "train.plot=false", "train.threads=1", "train.device=cpu"]
-    cfg = load_config(
-        "kd/digits_teacher",
-        [*quiet, "train.epochs=1", "train.max_steps_per_epoch=2", f"train.out_dir={tmp_path}"],
-    )
-    train(cfg, log=lambda m: None)
-    other = tmp_path / "other" / "weights.pt"
-    other.parent.mkdir()
-    torch.save(torch.load(cfg.run_dir / "final.pt", weights_only=True)["model"], other)
+    cfg = tiny_run(tmp_path)
+    other = plain_weights(cfg, tmp_path / "other" / "weights.pt")
     res = evaluate_run(
         cfg.run_dir / "config.yaml", n_examples=8, version="fast", progress=False, log=None,
         overrides=[f"model.checkpoint={other}"],
