@@ -223,6 +223,111 @@ def test_gemma2_soft_capping_is_read_from_the_config():
     torch.testing.assert_close(got, student.lm_head.weight.grad, rtol=1e-4, atol=1e-6)
 
 
+def _tiny_causal_lm(model_type, seed=0, **config):
+    """A tiny randomly initialised causal LM of ``model_type`` (weights wide enough that a
+    logit transform changes the distribution)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = {
+        "vocab_size": V,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "max_position_embeddings": 64,
+    }
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**base, **config}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+# output transforms under other config keys: each model's own forward is the oracle
+OUTPUT_TRANSFORMS = {
+    "falcon_h1 lm_head_multiplier": (
+        "falcon_h1",
+        {
+            "lm_head_multiplier": 0.25,
+            "mamba_d_ssm": 32,
+            "mamba_n_heads": 4,
+            "mamba_d_head": 8,
+            "mamba_d_state": 8,
+            "mamba_chunk_size": 8,
+        },
+    ),
+    "hyperclovax logits_scaling (multiplied)": ("hyperclovax", {"logits_scaling": 0.25}),
+    "granite logits_scaling (divided)": ("granite", {"logits_scaling": 4.0}),
+    "cohere logit_scale": ("cohere", {"logit_scale": 0.37}),
+    "recurrent_gemma logits_soft_cap": (
+        "recurrent_gemma",
+        {
+            "logits_soft_cap": 2.0,
+            "lru_width": 32,
+            "attention_window_size": 16,
+            "num_hidden_layers": 3,
+            "num_key_value_heads": 1,
+        },
+    ),
+    # MPT's config has a logit_scale that transformers' MPT forward does not apply
+    "mpt logit_scale (unused by its forward)": (
+        "mpt",
+        {"d_model": 32, "n_heads": 4, "n_layers": 2, "logit_scale": 2.0, "max_seq_len": 64},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTPUT_TRANSFORMS))
+def test_output_transforms_match_the_models_own_logits(case):
+    from dkl.integrations.transformers import logit_transform
+    from dkl.llm._chunk import LogitTransform
+    from dkl.llm.sharded import last_hidden_state, output_head
+
+    model_type, config = OUTPUT_TRANSFORMS[case]
+    model = _tiny_causal_lm(model_type, **config)
+    ids = _batch(n=2, length=8, seed=3)["input_ids"]
+    with torch.no_grad():
+        own = model(input_ids=ids).logits
+        tf = logit_transform(model)
+        hidden = last_hidden_state(model, {"input_ids": ids})
+        ours = LogitTransform(tf["logit_scale"], tf["softcap"])(output_head(model)(hidden))[0]
+    torch.testing.assert_close(ours, own, rtol=1e-5, atol=1e-5)
+    teacher = _tiny_causal_lm(model_type, seed=1, **config)
+    args = DistillationArguments(loss="kl", temperature=1.0)
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    loss, _, count = causal_lm_distillation_loss(model, teacher, batch, args)
+    with torch.no_grad():  # KL on the logits the models output, in float64
+        s = model(input_ids=ids).logits[:, :-1].double().log_softmax(-1)
+        t = teacher(input_ids=ids).logits[:, :-1].double().log_softmax(-1)
+    ref = (t.exp() * (t - s)).sum(-1).mean()
+    torch.testing.assert_close((loss / count).double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_an_unknown_output_transform_is_refused():
+    from transformers import LlamaForCausalLM
+
+    class Scaled(LlamaForCausalLM):  # an architecture whose forward scales its logits
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 3.0
+            return out
+
+    llama = _llama()
+    model = Scaled(llama.config)
+    model.load_state_dict(llama.state_dict())
+    batch = _batch()
+    with pytest.raises(ValueError, match=r"Scaled's logits are not its output head's values"):
+        causal_lm_distillation_loss(model, _llama(seed=1), dict(batch), IKL)
+    # a transform passed explicitly is checked the same way, and accepted where it is right
+    from dkl.llm.sharded import last_hidden_state
+
+    last_hidden_state(model, {"input_ids": batch["input_ids"]}, transform={"logit_scale": 3.0})
+
+
 def test_arguments_are_checked():
     with pytest.raises(ValueError, match="needs alpha, beta, weight_temperature"):
         DistillationArguments(loss="ikl", temperature=1.0)

@@ -234,8 +234,8 @@ def causal_lm_distillation_loss(
     def cut(x: Tensor) -> Tensor:  # position i predicts token i + 1: drop the last position
         return x[:, :-1] if shift else x
 
-    s_hidden = cut(last_hidden_state(student, model_inputs))
     s_tf = logit_transform(student)
+    s_hidden = cut(last_hidden_state(student, model_inputs, transform=s_tf))
     kw: dict[str, Any] = {
         **distill.loss_kwargs(),
         "labels": labels.to(s_hidden.device),
@@ -257,9 +257,10 @@ def causal_lm_distillation_loss(
                 "Expected a teacher_model, or batches carrying teacher_topk_indices / "
                 "teacher_topk_values"
             )
-        with torch.no_grad():
-            t_hidden = cut(last_hidden_state(teacher, model_inputs)).to(s_hidden.device)
         t_tf = logit_transform(teacher)
+        with torch.no_grad():
+            t_hidden = last_hidden_state(teacher, model_inputs, transform=t_tf)
+            t_hidden = cut(t_hidden).to(s_hidden.device)
         kw.update(teacher_logit_scale=t_tf["logit_scale"], teacher_softcap=t_tf["softcap"])
 
     def loss_from_heads(ws: Tensor, bs: Tensor | None, hidden: Tensor):

@@ -32,7 +32,10 @@ import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+
+from dkl.llm._chunk import LogitTransform
 
 __all__ = [
     "call_output_head",
@@ -387,9 +390,10 @@ def _forward_kwargs(model: nn.Module) -> dict:
 
 
 @contextlib.contextmanager
-def _last_position_logits(model: nn.Module) -> Iterator[None]:
+def _last_position_logits(model: nn.Module, raw: list[Tensor]) -> Iterator[None]:
     """The output head applied to the last position only, whatever the wrappers pass on: the
-    (N, V) logits of a forward run for its hidden states are never formed."""
+    (N, V) logits of a forward run for its hidden states are never formed. Each output the head
+    gives is appended to ``raw`` (detached)."""
     try:
         head = output_head(model)
     except TypeError:
@@ -398,27 +402,107 @@ def _last_position_logits(model: nn.Module) -> Iterator[None]:
     original = head.forward
 
     def forward(hidden: Tensor, *args: Any, **kwargs: Any) -> Any:
-        return original(hidden[..., -1:, :], *args, **kwargs)
+        out = original(hidden[..., -1:, :], *args, **kwargs)
+        if isinstance(out, Tensor):
+            raw.append(out.detach())
+        return out
 
     with _forward_swapped(head, forward):
         yield
 
 
+# How Hugging Face causal LMs turn the output head's values into their logits, as their forwards
+# do it: (config key, how it is applied, the model types whose forward applies it; None: all).
+_SCALES = (
+    ("logit_scale", "times", ("cohere",)),  # Cohere, Cohere2: logits * logit_scale
+    ("logits_scaling", "times", ("hyperclovax",)),  # HyperCLOVA X multiplies by it
+    ("logits_scaling", "divided by", None),  # Granite, MiniCPM3 divide by it
+    ("lm_head_multiplier", "times", ("falcon_h1",)),
+    ("output_multiplier", "times", ("muse_",)),  # before the soft cap
+)
+_SOFTCAPS = (
+    ("final_logit_softcapping", None),  # Gemma 2 / 3 / 4 and others
+    ("logits_soft_cap", ("recurrent_gemma",)),
+)
+
+
+def _config_value(configs: list[Any], key: str) -> Any:
+    for cfg in configs:
+        value = getattr(cfg, key, None)
+        if value is not None:
+            return value
+    return None
+
+
 def logit_transform(model: nn.Module) -> dict[str, float | None]:
-    """``{"logit_scale", "softcap"}`` of a Hugging Face model's final logits, from its config.
+    """``{"logit_scale", "softcap"}`` of a Hugging Face model's final logits, from its config
+    (and its text config in a multimodal model): the scale and soft cap its forward applies to the
+    output head's values.
 
     >>> from types import SimpleNamespace
     >>> logit_transform(SimpleNamespace(config=SimpleNamespace(final_logit_softcapping=30.0)))
     {'logit_scale': 1.0, 'softcap': 30.0}
     """
     cfg = getattr(unwrap_model(model), "config", None)
-    scale = 1.0
-    if getattr(cfg, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
-        scale *= float(cfg.logit_scale)
-    if getattr(cfg, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
-        scale /= float(cfg.logits_scaling)
-    softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2 / 3
-    return {"logit_scale": scale, "softcap": float(softcap) if softcap else None}
+    configs = [cfg]
+    get_text = getattr(cfg, "get_text_config", None)
+    if callable(get_text):
+        text = get_text(decoder=True)
+        if text is not None and text is not cfg:
+            configs.append(text)
+    types = tuple(str(getattr(c, "model_type", "") or "") for c in configs)
+
+    def applies(owners: tuple[str, ...] | None) -> bool:
+        return owners is None or any(t.startswith(o) for t in types for o in owners)
+
+    scale, used = 1.0, set()
+    for key, how, owners in _SCALES:
+        value = _config_value(configs, key)
+        if value is None or key in used or not applies(owners):
+            continue
+        used.add(key)
+        scale = scale * float(value) if how == "times" else scale / float(value)
+    softcap = None
+    for key, owners in _SOFTCAPS:
+        value = _config_value(configs, key)
+        if value and applies(owners):
+            softcap = float(value)
+            break
+    return {"logit_scale": scale, "softcap": softcap}
+
+
+def _check_transform(model: nn.Module, raw: list[Tensor], out: Any, transform: Mapping) -> None:
+    """Refuse a model whose own last-position logits are not ``transform`` of its output head's
+    values: the losses form logits from the head with that transform, and would leave out the
+    architecture's own (a scale or cap under another config key)."""
+    logits = getattr(out, "logits", None) if not isinstance(out, Mapping) else out.get("logits")
+    if len(raw) != 1 or not isinstance(logits, Tensor) or logits.shape != raw[0].shape:
+        return  # no single head call to compare (a wrapper's head, extra heads): nothing to check
+    scale, softcap = transform.get("logit_scale"), transform.get("softcap")
+    tf = LogitTransform(1.0 if scale is None else float(scale), softcap)
+    with torch.no_grad():
+        got = logits.detach().float()
+        expected = tf(raw[0].float())[0]
+        both = torch.isfinite(got) & torch.isfinite(expected)
+        if not bool(both.any()):
+            return
+        size = torch.maximum(got[both].abs().amax(), expected[both].abs().amax())
+        error = (got - expected)[both].abs().amax()
+        if not bool(error > 1e-2 * size):
+            return
+    name = type(unwrap_model(model)).__name__
+    described = f"times {tf.scale:g}" + (f", soft-capped at {softcap:g}" if softcap else "")
+    raise ValueError(
+        f"{name}'s logits are not its output head's values {described} (the transform dkl read "
+        f"from its config): they differ by up to {float(error):.3g} at the last position, where "
+        f"the logits reach {float(size):.3g}. dkl reads final_logit_softcapping, "
+        "logits_soft_cap (RecurrentGemma), logit_scale (Cohere), logits_scaling (Granite, "
+        "MiniCPM3: divided; HyperCLOVA X: multiplied), lm_head_multiplier (Falcon-H1) and "
+        "output_multiplier (MuseSpark); this architecture applies another transform, which "
+        "the losses would leave out. Pass the scale and cap yourself where the API takes them "
+        "(student_logit_scale / student_softcap, teacher_logit_scale / teacher_softcap, "
+        "TopKCache.build(logit_scale=, softcap=))"
+    )
 
 
 # batch keys a distillation batch carries for the loss, never for the model's forward
@@ -427,7 +511,9 @@ NOT_MODEL_INPUTS = frozenset(
 )
 
 
-def last_hidden_state(model: nn.Module, inputs: Mapping[str, Any]) -> Tensor:
+def last_hidden_state(
+    model: nn.Module, inputs: Mapping[str, Any], *, transform: Mapping[str, Any] | None = None
+) -> Tensor:
     """The hidden states the output head reads, ``(B, L, H)``, from one forward of ``model``.
 
     The model is called as a whole (so sharding wrappers gather what they must) with
@@ -436,10 +522,17 @@ def last_hidden_state(model: nn.Module, inputs: Mapping[str, Any]) -> Tensor:
     head is applied to the last position in any case. The last entry of ``hidden_states`` is the
     final normalised state in Hugging Face decoders. The loss's own keys (:data:`NOT_MODEL_INPUTS`)
     are not passed on.
+
+    The model's own last-position logits are checked to be ``transform`` (``{"logit_scale",
+    "softcap"}``; default: :func:`logit_transform` of the model) of its output head's values, so
+    an architecture with a final-logit transform dkl does not know is refused, not distilled
+    without it.
     """
     inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
-    with _last_position_logits(model):
+    raw: list[Tensor] = []
+    with _last_position_logits(model, raw):
         out = model(**inputs, output_hidden_states=True, **_forward_kwargs(model))
+    _check_transform(model, raw, out, logit_transform(model) if transform is None else transform)
     hidden = out.hidden_states if hasattr(out, "hidden_states") else out["hidden_states"]
     if not hidden:
         raise RuntimeError(f"{type(unwrap_model(model)).__name__} returned no hidden states")
