@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -106,6 +107,31 @@ def test_errors():
         ClassPrior(4).load_state_dict(state)
     with pytest.raises(ValueError, match=r"Expected a prior of shape \(3, 3\), got \(4, 4\)"):
         ClassPrior(3).load_state_dict(ClassPrior(4).state_dict())
+    state = ClassPrior(4).state_dict()
+    state["prior"][1, 2] = -0.5
+    with pytest.raises(ValueError, match=r"negative values in 'prior' .*, down to -0.5"):
+        ClassPrior(4).load_state_dict(state)
+    with pytest.raises(TypeError, match=r"Expected num_classes an integer >= 2, got 3.0"):
+        ClassPrior(3.0)
+    assert ClassPrior(np.int64(10)).num_classes == 10  # a NumPy integer is an integer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_cast_module_keeps_float64_running_sums(dtype):
+    """A model holding a prior cast with ``.half()`` / ``.to(bfloat16)``: the running sums and
+    counts stay float64 (update raised a dtype error, and float16 counts stop at 2048), so the
+    prior equals the class means computed by hand; the prior itself takes the dtype."""
+    prior = ClassPrior(3).to(dtype)
+    assert prior.prior.dtype == dtype
+    assert prior.sums.dtype == prior.counts.dtype == torch.float64
+    logits = torch.randn(3000, 3, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(3000) % 3
+    prior.update(logits.to(dtype), labels)
+    assert prior.counts.tolist() == [1000.0, 1000.0, 1000.0]
+    probs = torch.softmax(logits.to(dtype).double(), 1)
+    want = torch.stack([probs[labels == c].mean(0) for c in range(3)])
+    prior.step()
+    torch.testing.assert_close(prior.prior.double(), want.to(dtype).double())
 
 
 def test_neg_inf_logits_are_zero_probability_classes_and_empty_batches_are_no_ops():

@@ -15,6 +15,8 @@ same prior. Sums are kept in float64: the result does not depend on how the data
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -53,7 +55,10 @@ class ClassPrior(nn.Module):
 
     def __init__(self, num_classes: int, *, temperature: float = 1.0, momentum: float = 1.0):
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 2:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+            raise TypeError(f"Expected num_classes an integer >= 2, got {num_classes!r}")
+        num_classes = int(num_classes)  # a NumPy integer too
+        if num_classes < 2:
             raise ValueError(f"Expected num_classes >= 2, got {num_classes!r}")
         # the losses' rule: a finite number, and 1 / T finite in float32 (inf would freeze the
         # prior at uniform rows)
@@ -140,6 +145,18 @@ class ClassPrior(nn.Module):
                 )
             buf.copy_(value)
 
+    def _apply(self, fn, recurse=True):
+        # The running sums stay float64 when the module is cast (``model.half()``): the prior
+        # must not depend on how the data was split, and counts in float16 stop at 2048. Their
+        # float64 values follow the device only.
+        running = {name: self._buffers[name] for name in ("sums", "counts")}
+        super()._apply(fn, recurse)
+        for name, before in running.items():
+            after = self._buffers[name]
+            if after is not None and after.dtype != torch.float64:
+                self._buffers[name] = before.to(after.device)
+        return self
+
     def weights(self, labels: Tensor) -> Tensor:
         """Rows of the prior for ``labels``: ``(B, C)`` class weights for :func:`dkl.ikl_loss`."""
         self._check_labels(labels)
@@ -160,4 +177,9 @@ class ClassPrior(nn.Module):
                 )
             if not torch.isfinite(value).all():
                 raise ValueError("ClassPrior state_dict holds non-finite values in 'prior'")
+            if (value < 0).any():
+                raise ValueError(
+                    "ClassPrior state_dict holds negative values in 'prior' (its rows are "
+                    f"class-mean probabilities), down to {value.min().item():.3g}"
+                )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
