@@ -669,7 +669,7 @@ def test_float64_weights_that_do_not_fit_float32_logits_are_refused():
     cw = torch.full((2, 3), 1e300, dtype=torch.float64)
     match = r"Expected class_weights that fit torch.float32 \(the logits' dtype\), got entries up to 1e\+300"
     _one_line_error(ValueError, match, ikl_loss, z, z, class_weights=cw)
-    _one_line_error(ValueError, match, gkl_loss, z, z, class_weights=cw)
+    # (GKL does not depend on the weights' scale: it takes them, see below)
     _one_line_error(ValueError, r"Expected weights that fit", dkl.weighted_mse, z, z, cw)
     # weights that fit are cast, and the loss keeps the logits' dtype
     assert ikl_loss(z, z, class_weights=cw / 1e300).dtype == torch.float32
@@ -839,6 +839,20 @@ def test_gkl_does_not_depend_on_the_class_weights_scale(scale, gamma):
     cw = torch.rand(4, 6, generator=g) + 0.1
     got = gkl_loss(zs, zt, beta=2.0, gamma=gamma, temperature=2.0, class_weights=cw * scale)
     want = _pairwise_gkl64(zs, zt, cw, gamma, 2.0, 2.0)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e-50, 1e300])
+def test_gkl_float64_class_weights_beyond_float32_with_float32_logits(scale):
+    """float64 weights of 1e-50 (or 1e300) with float32 logits: cast to float32 first they were
+    all 0 and GKL silently dropped its wMSE (2.26 for 5.05); GKL does not depend on their
+    scale, so they give the unscaled weights' float64 value."""
+    g = torch.Generator().manual_seed(1)
+    zs, zt = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g) * 2
+    cw = torch.rand(4, 6, generator=g, dtype=torch.float64) + 0.1
+    got = gkl_loss(zs, zt, beta=2.0, temperature=2.0, class_weights=cw * scale)
+    assert got.dtype == torch.float32
+    want = _pairwise_gkl64(zs, zt, cw, 1.0, 2.0, 2.0)
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
 
 
@@ -1054,3 +1068,96 @@ def test_a_mean_of_finite_rows_whose_sum_overflows_is_finite():
     assert torch.isfinite(rows).all() and rows.double().sum() > torch.finfo(torch.float32).max
     want = kl_loss(s.double(), t.double())
     torch.testing.assert_close(kl_loss(s, t).double(), want, rtol=1e-6, atol=0.0)
+
+
+# --------------------------------------------------------------------------- masked classes
+MASKED_CONFIGS = {
+    "kl T=3": ("kl", {"temperature": 3.0}),
+    "dkl T=3": ("dkl", {"alpha": 1.0, "beta": 2.0, "temperature": 3.0}),
+    "ikl T=3": ("ikl", {"alpha": 1.0, "beta": 4.0, "temperature": 3.0, "weight_temperature": 3.0}),
+    "ikl T=20": (
+        "ikl",
+        {"alpha": 1.0, "beta": 4.0, "temperature": 20.0, "weight_temperature": 1.0},
+    ),
+    "ikl GI": ("ikl", {"alpha": 1.0, "beta": 2.0, "temperature": 3.0, "class_weights": True}),
+    "gkl T=3": ("gkl", {"alpha": 1.0, "beta": 1.0, "temperature": 3.0}),
+}
+
+
+def _masked_oracle(zs, zt, kind, kw):
+    """The loss of float64 logits, written out with the pairwise wMSE (GKL: its batch value,
+    with weights σ(z_t) and the sCE's target detached)."""
+    if kind != "gkl":
+        return finite_class_oracle(zs, zt, kind, **kw)
+    T, p = kw["temperature"], F.softmax(zt.detach(), dim=1)
+    pn = p[:, :, None] * p[:, None, :]
+    d = (zt[:, :, None] - zt[:, None, :]) - (zs[:, :, None] - zs[:, None, :])
+    wmse = 0.25 * (pn * d**2).sum() / pn.sum()
+    sce = -(F.softmax(zt.detach() / T, 1) * F.log_softmax(zs / T, 1)).sum(1).mean()
+    return kw["beta"] * wmse + kw["alpha"] * sce
+
+
+# a student logit of -3.4e38 on a kept class makes the float32 loss inf: not among the cases
+MASKED_CASES = [
+    (config, side, fill)
+    for config in MASKED_CONFIGS
+    for side in ("target", "both", "input")
+    for fill in (-1e9, torch.finfo(torch.float32).min)
+    if not (side == "input" and fill < -1e30)
+]
+
+
+@pytest.mark.parametrize(("config", "side", "fill"), MASKED_CASES)
+def test_a_masked_first_class_rounds_no_other(config, side, fill):
+    """A class masked with a large finite logit (``masked_fill(-1e9)`` or the float's minimum)
+    in column 0, in float32: the fast forms took each row relative to its first entry, so every
+    other entry was rounded to ulp(1e9) = 64 (KL rows of 0 for 0.1 to 0.35, IKL rows of 3e10
+    for 3). Each row now leans on its largest entry and its largest weight. Class weights (GI)
+    are 0 on a class the teacher masks, as a prior made from the teacher's softmax is."""
+    kind, kw = MASKED_CONFIGS[config]
+    kw = dict(kw)
+    g = torch.Generator().manual_seed(4)
+    zs = torch.randn(4, 10, generator=g, dtype=torch.float64) * 2
+    zt = torch.randn(4, 10, generator=g, dtype=torch.float64) * 2 + 0.5
+    if side in ("target", "both"):
+        zt[:, 0] = fill
+    if side in ("input", "both"):
+        zs[:, 0] = fill
+    if kw.pop("class_weights", False):
+        cw = torch.rand(4, 10, generator=g, dtype=torch.float64)
+        kw["class_weights"] = torch.where(zt > -1e8, cw, 0.0)
+    zs32 = zs.float().requires_grad_()
+    zt32 = zt.float().requires_grad_()
+    kw32 = {k: (v.float() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    reduction = "mean" if kind == "gkl" else "none"
+    got = LOSSES[kind](zs32, zt32, reduction=reduction, **kw32)
+    zs64 = zs32.detach().double().requires_grad_()
+    zt64 = zt32.detach().double().requires_grad_()
+    want = _masked_oracle(zs64, zt64, kind, kw)
+    torch.testing.assert_close(got.double(), want.detach(), rtol=3e-6, atol=1e-6)
+    g_got, g_want = _grads(got, zs32, zt32), _grads(want, zs64, zt64)
+    for a, b in zip(g_got, g_want):
+        scale = b.abs().max().item()
+        assert (a.double() - b).abs().max().item() <= 3e-6 * scale + 1e-7
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_a_target_made_under_inference_mode_trains_the_input(config):
+    """Teacher logits made under ``torch.inference_mode()`` (a common way to run a frozen
+    teacher), the student trained outside it: autograd refuses to save an inference tensor, so
+    the losses copy it; the gradient is the float64 oracle's (``F.kl_div`` accepts such a target
+    too)."""
+    g = torch.Generator().manual_seed(9)
+    zs = (torch.randn(4, 7, generator=g) * 2).requires_grad_()
+    cw = torch.rand(4, 7, generator=g)
+    with torch.inference_mode():
+        zt = torch.randn(4, 7, generator=g) * 2
+        cw_inf = cw.clone()
+    kind, kw = _split(config, cw_inf)
+    got = torch.autograd.grad(LOSSES[kind](zs, zt, **kw), zs)[0]
+    zs64 = zs.detach().double().requires_grad_()
+    kw64 = {k: (cw.double() if k == "class_weights" else v) for k, v in kw.items()}
+    want = finite_class_oracle(zs64, zt.clone().double(), kind, **kw64).mean()
+    torch.testing.assert_close(
+        got.double(), torch.autograd.grad(want, zs64)[0], rtol=1e-5, atol=1e-7
+    )

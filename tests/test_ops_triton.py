@@ -282,6 +282,39 @@ def test_class_weighted_gaps_keep_float32_precision_at_different_levels():
 
 
 @needs_kernel
+@pytest.mark.parametrize("side", ["target", "both"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_masked_leading_classes_round_no_other(config, side):
+    """Classes masked with a finite -1e9 (``masked_fill``'s usual value) in the first columns, at
+    T = 1, 3 and 20: the kernel's reference column is the first block's largest target, so no
+    other class's gap is rounded to ulp(1e9) = 64 (taken from the first column, IKL rows were
+    off by 1e4 and DKL rows by 2e3)."""
+    cfg = CONFIGS[config]
+    g = torch.Generator().manual_seed(21)
+    s = torch.randn(4, 100, generator=g) * 2
+    t = torch.randn(4, 100, generator=g) * 2 + 0.5
+    t[:, :3] = -1e9
+    if side == "both":
+        s[:, :3] = -1e9
+    weights = None
+    if cfg.get("class_weights"):  # 0 on the masked classes, as in a prior from the teacher
+        weights = torch.where(t > -1e8, torch.rand(4, 100, generator=g), 0.0).to(DEVICE)
+    for temperature in (1.0, 3.0, 20.0):
+        kw = {**_kwargs(cfg, weights), "temperature": temperature}
+        if cfg["kind"] == "ikl" and "class_weights" not in kw:
+            kw["weight_temperature"] = temperature
+        si = s.to(DEVICE).requires_grad_(True)
+        ti = t.to(DEVICE).requires_grad_(True)
+        out = ops.fused_divergence(si, ti, _block=16, **kw)
+        got = torch.autograd.grad(out.sum(), (si, ti))
+        ref = oracle(si, ti, **kw)
+        want = torch.autograd.grad(ref.sum(), (si, ti))
+        _close(out, ref, 2e-6, f"loss at T={temperature}", atol=LOSS_ATOL)
+        for a, b, what in zip(got, want, ("grad input", "grad target")):
+            _close(a, b, 2e-6, f"{what} at T={temperature}", atol=1e-8)
+
+
+@needs_kernel
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("ce", [False, True])
 def test_many_blocks_large_offsets_and_the_hard_ce_against_the_oracle(config, ce):
@@ -587,3 +620,17 @@ def test_kl_with_huge_logits_keeps_float32_accuracy():
     got = ops.fused_divergence(s, t, kind="kl")
     want = oracle(s, t, kind="kl")
     _close(got, want, 1e-5, "KL at huge logits", atol=1e-6)
+
+
+@needs_kernel
+def test_a_target_made_under_inference_mode():
+    """The kernel's autograd function saves its inputs for backward: an inference tensor (a
+    teacher run under ``torch.inference_mode()``) is copied, not refused."""
+    g = torch.Generator().manual_seed(3)
+    s = (torch.randn(3, 50, generator=g) * 2).to(DEVICE).requires_grad_()
+    with torch.inference_mode():
+        t = (torch.randn(3, 50, generator=g) * 2).to(DEVICE)
+    kw = CONFIGS["ikl"]
+    got = torch.autograd.grad(ops.fused_divergence(s, t, **kw).sum(), s)[0]
+    want = torch.autograd.grad(oracle(s, t.clone(), **kw).sum(), s)[0]
+    _close(got, want, 1e-5, "grad input")

@@ -36,6 +36,15 @@ def in_transform(*xs: Tensor) -> bool:
     return forward_ad._current_level >= 0 or any(map(_wrapped, xs))
 
 
+def savable(*xs: Any) -> tuple[Any, ...]:
+    """``xs`` as a custom autograd function may save them for backward: an inference tensor
+    (made under ``torch.inference_mode``, as a teacher's logits often are) is copied, as autograd
+    refuses to save one; other values pass unchanged."""
+    if torch.is_inference_mode_enabled():
+        return xs
+    return tuple(x.clone() if isinstance(x, Tensor) and x.is_inference() else x for x in xs)
+
+
 def as_number(name: str, value: Any, what: str) -> float:
     """``value`` as a float if it is a real number: a Python or NumPy int / float (also a 0-d
     NumPy array), or a 0-d tensor without a gradient; anything else (a string, None, a bool, a

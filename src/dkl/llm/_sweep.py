@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dkl._checks import savable
 from dkl.llm._checks import _use_kernel, refuse_double_backward
 from dkl.llm._chunk import (
     KERNEL_KINDS,
@@ -224,7 +225,7 @@ class _FusedLinear(torch.autograd.Function):
         ctx.bias_dtype = s_bias.dtype if s_bias is not None else None
         ctx.used = False
         if per_token:
-            ctx.save_for_backward(s_hidden, s_weight, s_bias, labels, valid)
+            ctx.save_for_backward(*savable(s_hidden, s_weight, s_bias, labels, valid))
             return out["rows"].to(
                 torch.float32 if s_hidden.dtype != torch.float64 else s_hidden.dtype
             )

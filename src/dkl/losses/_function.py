@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 from torch._C import _functorch
 
-from dkl._checks import in_transform, is_compiling
+from dkl._checks import in_transform, is_compiling, savable
 from dkl.losses._common import reduce
 
 # Elements per block of rows and CPU thread: a few (rows, C) float32 temporaries of 128 KiB per
@@ -123,7 +123,7 @@ class _RowLoss(torch.autograd.Function):
         ctx.grads = None if ctx.exact else (gs, gt)
         ctx.rule, ctx.total, ctx.need = rule, total, (need_s, need_t)
         ctx.no_extras = (None,) * len(extras)
-        ctx.save_for_backward(s, t, *extras)
+        ctx.save_for_backward(*savable(s, t, *extras))
         return out
 
     @staticmethod

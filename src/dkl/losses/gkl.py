@@ -36,6 +36,16 @@ def _power(weights: Tensor, gamma: float) -> Tensor:
     return weights.pow(gamma) if gamma > 0 else (weights > 0).to(weights.dtype)
 
 
+def _unit_scale(weights: Tensor | None) -> Tensor | None:
+    """Detached weights divided by their largest, in their own dtype: GKL does not depend on
+    their scale, and float64 weights of 1e-50 (or 1e300) would become 0 (or inf) in the
+    logits' float32 before :func:`_power` could divide them."""
+    if weights is None or not weights.numel():
+        return weights
+    weights = weights.detach()
+    return weights / weights.amax().clamp_min(torch.finfo(weights.dtype).tiny)
+
+
 class _GKL(_IKL):
     r"""IKL with weights :math:`w^\gamma` and the wMSE divided by the mean over the valid rows of
     :math:`W_i^2` (``extras``: the row mask)."""
@@ -165,7 +175,7 @@ def gkl_loss(
         check_weight_values("class_weights", read_rows(class_weights, mask))
     dtype = compute_dtype(input, target)
     with no_autocast(input):
-        cw = weights_as("class_weights", class_weights, dtype)
+        cw = weights_as("class_weights", _unit_scale(valid_rows(mask, class_weights)[0]), dtype)
         zs, zt, cw = valid_rows(mask, as_dtype(input, dtype), as_dtype(target, dtype), cw)
         out = loss(_GKL(**hp), zs, zt, cw, mask, reduction=reduction, mask=mask)
     return nan_where_invalid(out, class_weights, reduction, mask)

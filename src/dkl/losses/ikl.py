@@ -87,11 +87,13 @@ class _IKL:
         w, unit_total = self.block_weights(t, consts, p)
         # the wMSE is ½ c Σ w (e - ē)², its gradient with respect to the target c w (e - ē):
         # c = β for softmax weights, β W per row otherwise. The gaps e come in units of T as
-        # T (log p - log q) at moderate T (free, and e up to a per-row shift), else raw
-        if T <= GAP_TEMPERATURE:
+        # T (log p - log q) at moderate T for softmax weights (free, and e up to a per-row
+        # shift), else raw: a class far below the others (masked at -1e9 on both sides) has
+        # log-probabilities rounded to ulp(1e9 / T), which only a softmax weight makes harmless
+        if T <= GAP_TEMPERATURE and unit_total:
             gaps, unit = log_p.sub_(log_q), T
         else:
-            gaps, unit = raw_gaps(t, s), 1.0
+            gaps, unit = raw_gaps(t, s, w), 1.0
         if unit_total:
             wmse, wc = wmse_unit(gaps, w, rows)
             coef = self.fast_beta * unit

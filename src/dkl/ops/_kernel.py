@@ -42,6 +42,7 @@ WMODE_WEIGHT_SOFTMAX = 1  # softmax(target / T2) with T2 != T (IKL only)
 WMODE_CLASS_WEIGHTS = 2  # explicit non-negative (B, C) weights (IKL only)
 
 # per-row statistics saved between the passes: lse_s, lse_t, lse_w (or W), mean(e - e_ref)
+# (e_ref: the gap at a reference column, which pass 2 finds again)
 N_STATS = 4
 
 
@@ -67,6 +68,20 @@ def _finite_or_zero(x):
 def _shift(m):
     """The shift used with a running maximum ``m``: ``m``, or 0 while ``m`` is still -inf."""
     return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _references(s_row, t_row, n_cols, offs, BLOCK: tl.constexpr):
+    """``(s_j, t_j)`` at the column ``j`` of the largest finite target entry in the row's first
+    block (non-finite entries there give 0; ``(0, 0)`` when that block has no finite target)."""
+    inb = offs < n_cols
+    t = tl.load(t_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
+    t = tl.where(inb & (tl.abs(t) < float("inf")), t, float("-inf"))
+    top = tl.max(t, axis=0)
+    at = tl.argmax(t, axis=0)
+    s = tl.load(s_row + at, mask=n_cols > 0, other=0.0).to(tl.float32)
+    found = top > float("-inf")
+    return tl.where(found, _finite_or_zero(s), 0.0), tl.where(found, top, 0.0)
 
 
 @triton.jit
@@ -120,16 +135,16 @@ def _divergence_kernel(
     # Masked rows run no column loop in pass 1 and read nothing in pass 2 (masked loads).
     n_cols = tl.where(row_on, C, 0)
 
-    # The row's first entries are references: e is accumulated as e - e_ref and sum p_t u_s as
-    # sum p_t (u_s - ref_s), so no running sum carries the logits' common offset (whose rounding
-    # would otherwise cancel against the log-sum-exps at the end). A non-finite first entry
-    # (a ruled-out class) is replaced by 0: only accuracy at large offsets depends on it.
-    s0 = _finite_or_zero(tl.load(s_row).to(tl.float32))
-    t0 = _finite_or_zero(tl.load(t_row).to(tl.float32))
-    ref_s = s0 * inv_T
-    ref_t = t0 * inv_T
+    # References: e is accumulated as e - e_ref and sum p_t u_s as sum p_t (u_s - ref_s), so no
+    # running sum carries the logits' common offset (whose rounding would otherwise cancel
+    # against the log-sum-exps at the end). They are the entries of the column where the first
+    # block's target is largest (its largest weight): a masked class (a logit of -1e9) is never
+    # one, and with no finite target there they are 0.
+    s_top, t_top = _references(s_row, t_row, n_cols, offs, BLOCK)
+    ref_s = s_top * inv_T
+    ref_t = t_top * inv_T
     if KIND == 2:
-        e_ref = t0 - s0
+        e_ref = t_top - s_top
     else:
         e_ref = ref_t - ref_s
     if HAS_CE:

@@ -28,6 +28,7 @@ from dkl._checks import (
     check_positive,
     check_row_mask,
     check_weight_values,
+    savable,
 )
 
 __all__ = [
@@ -314,7 +315,7 @@ class _FusedDivergence(torch.autograd.Function):
             block=block,
             **params,
         )
-        ctx.save_for_backward(input, target, class_weights, row_mask, stats)
+        ctx.save_for_backward(*savable(input, target, class_weights, row_mask), stats)
         ctx.params = params
         ctx.block = block
         return loss
