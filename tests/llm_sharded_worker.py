@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--engine", choices=("ddp", "zero3", "fsdp2"), default="zero3")
     parser.add_argument("--lora", default=None, help="a saved PEFT adapter to train")
+    parser.add_argument("--lora-targets", default=None, help="a new LoRA on these modules")
     parser.add_argument("--accum", type=int, default=1)
     parser.add_argument(
         "--distill",
@@ -120,6 +121,12 @@ def main() -> None:
         from peft import PeftModel
 
         student = PeftModel.from_pretrained(student, args.lora, is_trainable=True)
+    if args.lora_targets:
+        import peft
+
+        targets = args.lora_targets.split(",")
+        cfg = peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=targets)
+        student = peft.get_peft_model(student, cfg)
 
     losses: list[float] = []
     seen: list[dict] = []

@@ -8,7 +8,9 @@ micro-batches and one with a single batch 4 times larger.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 
 import pytest
 import torch
@@ -561,6 +563,34 @@ def test_sequence_level_kd_uses_the_teachers_completions(tmp_path):
         _trainer(student, teacher, tmp_path, distill=on)._complete(student, _batch(), "student")
 
 
+def test_on_policy_refuses_packed_batches_and_a_missing_teacher(tmp_path):
+    """A packed micro-batch (DataCollatorWithFlattening, TRL's padding_free) holds several
+    prompts per row; on-policy took the first document's alone and generated for it (one prompt
+    for four), so it is refused. lmbda > 0 without a teacher_model (batches with cached top-k
+    entries) failed only when a generated micro-batch came, without its entries."""
+    from transformers import DataCollatorWithFlattening
+
+    from dkl.llm._checks import packed_batch
+
+    student, teacher = _llama(seed=0), _llama(hidden=24, seed=1)
+    examples = [([11, 12, 13], [21, 22]), ([31, 32], [5, 6, 7]), ([8, 9, 10, 14], [15])]
+    features = [{"input_ids": p + c, "labels": [-100] * len(p) + c} for p, c in examples]
+    packed = DataCollatorWithFlattening(return_tensors="pt")(features)
+    assert packed["input_ids"].shape[0] == 1  # three documents in one row
+    distill = DistillationArguments(**{**IKL.__dict__, "lmbda": 1.0, "max_new_tokens": 3})
+    trainer = _trainer(student, teacher, tmp_path, distill=distill, max_steps=1)
+    with pytest.raises(ValueError, match=r"packed batch \(its position_ids restart inside a row"):
+        _training_step(trainer, student.train(), dict(packed))
+    # left padding's positions restart after the padding only: not a packed batch
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    positions = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
+    assert packed_batch({"position_ids": positions, "attention_mask": mask}) is None
+    assert packed_batch({"cu_seq_lens_q": torch.tensor([0, 3])}) == "it carries 'cu_seq_lens_q'"
+    with pytest.raises(ValueError, match=r"lmbda=0.5 needs a teacher_model"):
+        on = DistillationArguments(**{**IKL.__dict__, "lmbda": 0.5})
+        _trainer(student, None, tmp_path, distill=on)
+
+
 @pytest.mark.parametrize("loss, beta", [("jsd", 0.5), ("jsd", 0.0), ("reverse_kl", None)])
 def test_trainer_divergences_match_materialised_references(tmp_path, loss, beta):
     """TRL's generalised JSD and the reverse KL, written out in float64 from full logits."""
@@ -681,6 +711,35 @@ def test_a_topk_cache_from_a_smaller_teacher_vocabulary_is_refused(tmp_path):
             args=args,
             data_collator=TopKCollator(lambda rows: rows, cache),
         )
+
+
+def test_a_teacher_model_beside_a_topk_collator_is_named(tmp_path):
+    """Batches with cached top-k entries take them instead of a teacher_model: a teacher passed
+    as well is never run (off-policy) and only holds memory, which a warning says."""
+    from transformers import Trainer, TrainingArguments
+
+    from dkl.llm import TopKCache
+    from dkl.llm.topk_cache import TopKCollator
+
+    ids = torch.randint(0, V, (2, 5))
+    cache = TopKCache.build(
+        tmp_path / "c", [ids], k=4, logits_fn=lambda x: torch.randn(2, 5, V), progress=False
+    )
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[])
+    build = functools.partial(
+        with_distillation(Trainer),
+        model=_llama(seed=0),
+        args=args,
+        data_collator=TopKCollator(lambda rows: rows, cache),
+    )
+    with pytest.warns(UserWarning, match="the teacher is never run"):
+        build(
+            teacher_model=_llama(seed=1), distill=DistillationArguments(loss="kl", temperature=1.0)
+        )
+    with warnings.catch_warnings():  # on-policy runs the teacher on the generated batches
+        warnings.simplefilter("error")
+        on = DistillationArguments(loss="kl", temperature=1.0, lmbda=0.5)
+        build(teacher_model=_llama(seed=1), distill=on)
 
 
 def test_a_topk_cache_of_a_gemma2_teacher_holds_its_capped_log_probabilities(tmp_path):

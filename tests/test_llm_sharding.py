@@ -249,6 +249,29 @@ def test_deepspeed_zero3_lora_student(saved):
 
 
 @pytest.mark.timeout(600)
+def test_deepspeed_zero3_lora_on_the_head_is_refused_when_the_trainer_is_built(saved):
+    """A LoRA adapter on lm_head under ZeRO-3 (which the fused loss cannot fold into the
+    partitioned head) is refused in the trainer's constructor, not after both engines are made
+    and the first step has run (minutes of loading with a real model)."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("peft")
+    out = saved / "refused.pt"
+    res = _run(
+        _launch(
+            WORKER,
+            f"--models={saved / 'models'}",
+            f"--data={saved / 'data.pt'}",
+            f"--out={out}",
+            "--engine=zero3",
+            "--lora-targets=q_proj,lm_head",
+        )
+    )
+    assert res.returncode != 0 and not out.exists()
+    assert "A LoRA adapter on the output head under DeepSpeed ZeRO-3 is not supported" in res.stderr
+    assert "_check_student_head" in res.stderr and "trainer.train()" not in res.stderr
+
+
+@pytest.mark.timeout(600)
 def test_ddp_two_ranks_two_micro_batches_logs_token_weighted_parts(saved):
     result = _torchrun(saved, "ddp", "--accum=2")
     assert len(result["batches"][0]) == 2  # two micro-batches on each rank

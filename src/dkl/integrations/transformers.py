@@ -70,6 +70,7 @@ from dkl.llm import (
     fused_linear_divergence,
     gathered_output_head,
 )
+from dkl.llm._checks import packed_batch
 from dkl.llm._chunk import TAILS
 from dkl.llm.onpolicy import (
     GenerateFn,
@@ -79,8 +80,11 @@ from dkl.llm.onpolicy import (
 )
 from dkl.llm.sharded import (
     NOT_MODEL_INPUTS,
+    ZERO3_HEAD_LORA,
     last_hidden_state,
     logit_transform,
+    lora_adapters,
+    output_head,
     output_head_shape,
     unwrap_model,
 )
@@ -365,9 +369,23 @@ class DistillationMixin:
         # micro-batches and leave the loss it returns unscaled (compute_loss divides by it).
         self.model_accepts_loss_kwargs = True
         self._check_topk_cache_vocabulary()
+        self._check_student_head()
         self.teacher = self._prepare_teacher(teacher_model) if teacher_model is not None else None
         if self.distill.seq_kd and self.teacher is None:
             raise ValueError("seq_kd=True needs a teacher_model to generate the completions")
+        if self.distill.lmbda > 0 and self.teacher is None:
+            raise ValueError(
+                f"lmbda={self.distill.lmbda:g} needs a teacher_model: the student's own "
+                "completions have no top-k teacher entries in the batches (a cache holds the "
+                "data's tokens only)"
+            )
+        if self.teacher is not None and not self.distill.generates and self._topk_collator():
+            warnings.warn(
+                "the batches carry top-k teacher entries (TopKCollator), which the loss takes "
+                "instead of teacher_model: the teacher is never run and only holds memory; "
+                "pass teacher_model=None",
+                stacklevel=2,
+            )
         self.generate_fn = generate_fn
         self._parts: dict[str, Tensor] = {}
         self._parts_since_step = 0
@@ -382,13 +400,18 @@ class DistillationMixin:
         self._parts, self._parts_since_step = {}, global_step
         self._timing = _new_timing()
 
-    def _check_topk_cache_vocabulary(self) -> None:
-        """A top-k cache from a teacher whose vocabulary is smaller than the student's would
-        leave student classes no teacher ever scored (a dense teacher is refused for that)."""
+    def _topk_collator(self) -> Any:
+        """The Trainer's data collator if it is a :class:`~dkl.llm.TopKCollator`, else None."""
         from dkl.llm.topk_cache import TopKCollator
 
         collator = getattr(self, "data_collator", None)
-        if not isinstance(collator, TopKCollator) or not collator.cache.vocab_size:
+        return collator if isinstance(collator, TopKCollator) else None
+
+    def _check_topk_cache_vocabulary(self) -> None:
+        """A top-k cache from a teacher whose vocabulary is smaller than the student's would
+        leave student classes no teacher ever scored (a dense teacher is refused for that)."""
+        collator = self._topk_collator()
+        if collator is None or not collator.cache.vocab_size:
             return
         V = output_head_shape(self.model)[0]
         if collator.cache.vocab_size < V:
@@ -396,6 +419,17 @@ class DistillationMixin:
                 f"Expected a top-k cache from a teacher vocabulary at least as large as the "
                 f"student's V = {V}, got a cache with vocab_size = {collator.cache.vocab_size}"
             )
+
+    def _check_student_head(self) -> None:
+        """What the fused loss cannot do with the student's head, refused when the trainer is
+        built rather than at the first step (after the engines are made): a LoRA adapter on a
+        head DeepSpeed ZeRO-3 partitions."""
+        if not getattr(self, "is_deepspeed_enabled", False):
+            return
+        config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        stage = (config.get("zero_optimization") or {}).get("stage")
+        if stage == 3 and lora_adapters(output_head(self.model)):
+            raise NotImplementedError(ZERO3_HEAD_LORA)
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         """The frozen teacher sharded or placed like the student.
@@ -512,6 +546,13 @@ class DistillationMixin:
     def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
         if not self.distill.generates:
             return super().training_step(model, inputs, *args, **kwargs)
+        packed = packed_batch(inputs)
+        if packed:  # one prompt per row would be taken, the other sequences' lost
+            raise ValueError(
+                f"on-policy distillation (lmbda > 0 or seq_kd) got a packed batch ({packed}): "
+                "each row must hold one prompt and its completion; turn packing / padding-free "
+                "collation off"
+            )
         t0 = time.perf_counter()
         source = self._completion_source()
         if source is not None:

@@ -4,6 +4,7 @@ and what came."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -28,6 +29,29 @@ def valid_token_mask(labels: Tensor, ignore_index: int = -100) -> Tensor:
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"Expected ignore_index an int, got {ignore_index!r}")
     return labels != ignore_index
+
+
+# keys of a packed batch (several sequences in one row), as flash-attention collators name them
+PACKED_KEYS = ("seq_lengths", "cu_seq_lens_q", "cu_seqlens", "packed_seq_lens")
+
+
+def packed_batch(batch: Any) -> str | None:
+    """What shows that ``batch`` packs several sequences into a row (a packed-sequence key, or
+    ``position_ids`` that restart between two attended tokens of a row, as
+    ``DataCollatorWithFlattening`` gives; left padding's positions restart after the padding
+    only), or ``None``."""
+    if not isinstance(batch, Mapping):
+        return None
+    for key in PACKED_KEYS:
+        if key in batch:
+            return f"it carries {key!r}"
+    pos, mask = batch.get("position_ids"), batch.get("attention_mask")
+    if not isinstance(pos, Tensor) or pos.dim() < 1 or pos.shape[-1] < 2:
+        return None
+    restart = pos[..., 1:] <= pos[..., :-1]
+    if isinstance(mask, Tensor) and mask.shape == pos.shape:
+        restart &= (mask[..., 1:] != 0) & (mask[..., :-1] != 0)
+    return "its position_ids restart inside a row" if bool(restart.any()) else None
 
 
 def _flatten_tokens(x: Any, name: str) -> Tensor:

@@ -289,7 +289,7 @@ def dense_from_topk(
     teacher is its top-k renormalised; ``values`` may be logits or log-probabilities (a per-row
     shift changes neither the softmax nor the wMSE). ``tail="uniform"``: ``values`` are
     log-probabilities of the full distribution, and the missing mass
-    :math:`m = 1 - \sum_k e^{v_k}` is spread evenly over the student's other classes, each getting
+    :math:`m = 1 - \sum_k e^{v_k}` (formed in float64) is spread evenly over the student's other classes, each getting
     the log-probability :math:`\log(m / (V - k'))` (``-inf`` when :math:`m = 0`).
 
     Entries with an index ``>= V`` (a teacher vocabulary larger than the student's) are dropped,
@@ -302,8 +302,10 @@ def dense_from_topk(
     inside = indices < vocab
     dense = values.new_full((n, vocab + 1), -math.inf)  # column V collects the dropped entries
     if tail == "uniform":
-        mass = (1.0 - values.exp().sum(1)).clamp_min(0.0)
+        # 1 - Σ e^v in float64 as -expm1(logsumexp v): a confident teacher's missing mass
+        # (1e-8) is below float32's rounding of a sum near 1, which made it 0 or 3x too large
+        mass = (-torch.expm1(torch.logsumexp(values.double(), 1))).clamp_min(0.0)
         others = (vocab - inside.sum(1)).clamp_min(1)
-        dense[:, :vocab] = torch.log(mass / others).unsqueeze(1)
+        dense[:, :vocab] = torch.log(mass / others).to(dtype).unsqueeze(1)
     dense.scatter_(1, torch.where(inside, indices, vocab), values)
     return dense[:, :vocab]

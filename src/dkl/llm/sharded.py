@@ -112,6 +112,12 @@ def _fsdp1_owner(model: nn.Module, head: nn.Module) -> nn.Module | None:
     return owner
 
 
+ZERO3_HEAD_LORA = (
+    "A LoRA adapter on the output head under DeepSpeed ZeRO-3 is not supported by the fused "
+    "loss; leave lm_head out of target_modules (or use modules_to_save=['lm_head'])"
+)
+
+
 @contextlib.contextmanager
 def gathered_output_head(
     model: nn.Module, *, grad: bool = True
@@ -137,10 +143,7 @@ def gathered_output_head(
     head = output_head(model)
     adapters = lora_adapters(head)
     if adapters and any(is_zero3_parameter(p) for p in head.parameters()):
-        raise NotImplementedError(
-            "A LoRA adapter on the output head under DeepSpeed ZeRO-3 is not supported by the "
-            "fused loss; leave lm_head out of target_modules (or use modules_to_save=['lm_head'])"
-        )
+        raise NotImplementedError(ZERO3_HEAD_LORA)
     with _gathered_base(model, head, grad) as (weight, bias):
         for adapter in adapters:  # W + s B A (and the adapter's bias s b_B), differentiable
             weight = weight + head.get_delta_weight(adapter).to(weight.dtype)

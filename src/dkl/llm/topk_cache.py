@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dkl.llm._checks import _flatten_tokens
+from dkl.llm._checks import _flatten_tokens, packed_batch
 from dkl.llm._chunk import LogitTransform
 from dkl.llm.sharded import gathered_output_head, last_hidden_state, logit_transform
 from dkl.llm.topk import topk_logprobs
@@ -46,8 +46,6 @@ _META_KEYS = {
     "values_dtype": str,
 }
 _DTYPES = {"indices_dtype": ("int32", "int64"), "values_dtype": ("float32", "float16")}
-# keys of a packed batch (several sequences in one row): the cache holds one sequence per row
-_PACKED_KEYS = ("seq_lengths", "cu_seq_lens_q", "cu_seqlens", "packed_seq_lens")
 
 
 class TopKCacheError(ValueError):
@@ -467,11 +465,11 @@ class TopKCollator:
         batch = dict(
             self.collator([{k: v for k, v in f.items() if k != self.index_key} for f in features])
         )
-        packed = [k for k in _PACKED_KEYS if k in batch]
+        packed = packed_batch(batch)
         if packed:
             raise TopKCacheError(
-                f"a packed batch (it carries {packed[0]!r}) cannot take a top-k cache, which "
-                "holds one sequence per example: turn packing off (e.g. SFTConfig(packing=False))"
+                f"a packed batch ({packed}) cannot take a top-k cache, which holds one "
+                "sequence per example: turn packing off (e.g. SFTConfig(packing=False))"
             )
         mask = batch.get("attention_mask")
         if mask is None:
