@@ -21,8 +21,9 @@ authors' code does) gives the same numbers at one extra forward per step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -195,6 +196,16 @@ def _check_images(x: Tensor) -> None:
             )
 
 
+def _draw(fn: Callable[..., Tensor], x: Tensor, generator: Any) -> Tensor:
+    """``fn`` (``torch.rand`` / ``torch.randn``) of ``x``'s shape, from one generator or one per row."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return fn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"Expected one generator per row ({x.shape[0]}), got {len(generator)}")
+    rows = [fn(x.shape[1:], generator=g, dtype=x.dtype) for g in generator]
+    return torch.stack(rows).to(x.device) if rows else fn(x.shape, device=x.device, dtype=x.dtype)
+
+
 def perturb(
     model: nn.Module,
     x: Tensor,
@@ -205,7 +216,7 @@ def perturb(
     loss_fn: Callable[[Tensor], Tensor],
     init: str = "normal",
     init_std: float = 0.001,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> Tensor:
     """Generic L∞ signed-gradient ascent on ``loss_fn(model(x_adv))``; returns a detached ``x_adv``.
 
@@ -213,6 +224,8 @@ def perturb(
     (``x + init_std·N(0,1)``, as in the TRADES and IKL-AT code), ``"uniform"`` (``U(-ε, ε)``) or
     ``"none"``. The normal start is not projected before the first step (as in the TRADES and
     IKL-AT code); the uniform one is. With ``steps = 0`` the projected start point is returned.
+    ``generator``: one for the batch, or one (CPU) generator per row of ``x``, whose start then
+    depends on that generator alone, not on the batch the row is in (nor on the rank).
     """
     _check_images(x)
     if init not in _INITS:
@@ -223,10 +236,10 @@ def perturb(
         raise ValueError(f"Expected eps >= 0 and step_size >= 0, got {eps}, {step_size}")
     x = x.detach()
     if init == "normal":
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = _draw(torch.randn, x, generator)
         x_adv = x + init_std * noise
     elif init == "uniform":
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = _draw(torch.rand, x, generator)
         x_adv = _project(x + eps * (2 * noise - 1), x, eps)
     else:
         x_adv = x.clone()
@@ -349,7 +362,7 @@ def pgd_attack(
     steps: int = 20,
     step_size: float | None = None,
     random_start: bool = True,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> Tensor:
     """PGD-k evaluation attack: CE, uniform random start, step ``eps/4`` (2/255 at 8/255) by default."""
     step_size = eps / 4 if step_size is None else step_size

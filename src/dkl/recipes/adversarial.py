@@ -40,6 +40,7 @@ from dkl.attacks import TrainAttack, eval_mode, pgd_attack
 from dkl.awp import AWP
 from dkl.config import AdversarialConfig, ConfigError
 from dkl.data import with_second_view
+from dkl.data.seeding import mix_seed
 from dkl.ema import ModelEMA
 from dkl.losses import gkl_loss, ikl_loss
 from dkl.prior import ClassPrior
@@ -183,6 +184,10 @@ def training_attack(cfg: AdversarialConfig) -> TrainAttack | None:
 # --------------------------------------------------------------------------------------------
 
 
+# the stream of mix_seed that keys the test points' PGD random starts
+_PGD_STARTS = 31
+
+
 @register_recipe("adversarial", config=AdversarialConfig)
 class AdversarialTask(Task):
     """Adversarial training (``standard``, ``pgd_at``, ``trades``, ``ikl_at``, ``gkl_at``), see above.
@@ -308,14 +313,18 @@ class AdversarialTask(Task):
         n = max(0, -(-(n_all - rank) // world))
         model, device = self.eval_model(), self.ctx.device
         correct = seen = 0
-        g = torch.Generator(device=device).manual_seed(self.cfg.seed)
         with eval_mode(model):
             for xb, yb in loader:
                 if seen >= n:
                     break
                 xb, yb = xb[: n - seen].to(device), yb[: n - seen].to(device)
+                # each point's random start from its own generator, keyed by its place in the
+                # test split: the same start on any number of ranks and in any batch
+                points = range(rank + world * seen, rank + world * (seen + len(yb)), world)
+                starts = [torch.Generator().manual_seed(mix_seed(self.cfg.seed, _PGD_STARTS, i))
+                          for i in points]  # fmt: skip
                 x_adv = pgd_attack(model, xb, yb, eps=self.acfg.attack.eps,
-                                   steps=self.acfg.eval.pgd_steps, generator=g)  # fmt: skip
+                                   steps=self.acfg.eval.pgd_steps, generator=starts)  # fmt: skip
                 with torch.no_grad():
                     correct += int((model(x_adv).argmax(1) == yb).sum())
                 seen += len(yb)
