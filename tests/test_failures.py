@@ -642,3 +642,151 @@ def test_eval_creates_no_folder_where_it_is_run(tmp_path, monkeypatch):
     monkeypatch.chdir(elsewhere)
     res = evaluate_checkpoint(moved)
     assert 0 <= res["top1"] <= 100 and list(elsewhere.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# final.pt is never lost; a real file-size limit is one line; wrapped weights; eval of a preset
+# --------------------------------------------------------------------------------------------
+
+
+class _Killed(BaseException):
+    """As if the process died here (SIGKILL, OOM killer, power loss): nothing after it runs."""
+
+
+def _models_equal(a: Path, b: Path) -> bool:
+    want = torch.load(a, weights_only=True)["model"]
+    got = torch.load(b, weights_only=True)["model"]
+    return set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_kill_while_final_pt_is_written_still_ends_with_the_final_model(cfg_file, monkeypatch):
+    """last.pt was written finished before final.pt: a kill between them left no final.pt, and
+    --resume said "done" without writing it (a student pointed at it failed later)."""
+    ref = _cfg(cfg_file, "name=ref")
+    train(ref, log=lambda m: None)
+    save = ckpt.save_checkpoint
+
+    def dies_writing_final(obj, path):
+        if Path(path).name == "final.pt":
+            raise _Killed
+        save(obj, path)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", dies_writing_final)
+    cut = _cfg(cfg_file, "name=cut")
+    with pytest.raises(_Killed):
+        train(cut, log=lambda m: None)
+    monkeypatch.setattr(ckpt, "save_checkpoint", save)
+    train(_cfg(cfg_file, "name=cut"), resume=True, log=lambda m: None)
+    assert _models_equal(ref.run_dir / "final.pt", cut.run_dir / "final.pt")
+    assert _records(cut.run_dir) == _records(ref.run_dir)
+
+
+def test_resuming_a_finished_run_without_final_pt_writes_it(cfg_file):
+    cfg = _cfg(cfg_file)
+    train(cfg, log=lambda m: None)
+    final = cfg.run_dir / "final.pt"
+    kept = cfg.run_dir.parent / "final_before.pt"
+    final.rename(kept)  # what a kill during its write by an older dkl left
+    logs: list[str] = []
+    train(_cfg(cfg_file), resume=True, log=logs.append)
+    assert _models_equal(kept, final)
+    assert load_checkpoint(final)["metrics"] == load_checkpoint(kept)["metrics"]
+    assert any("wrote the missing" in m for m in logs)
+
+
+def test_a_real_file_size_limit_inside_torch_save_is_one_line(cfg_file):
+    """torch.save's zip writer turns EFBIG (ulimit -f, a quota) into a RuntimeError with the
+    OSError only as its context: the command printed a 40-line traceback."""
+    import hashlib
+    import resource
+    import subprocess
+    import sys
+
+    out = cfg_file.parent / "runs"
+    wide = ["model.kwargs={hidden: [256]}", "--out", str(out), *QUIET]  # checkpoints ~200 kB
+    train(_cfg(cfg_file, "train.epochs=1", *wide[:1]), log=lambda m: None)
+    last = out / "tiny" / "last.pt"
+    before = hashlib.sha256(last.read_bytes()).hexdigest()
+    assert last.stat().st_size > 100_000
+
+    def limit():  # ulimit -f: no file written beyond 100 kB (config.yaml, metrics.jsonl fit)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    res = subprocess.run(
+        [sys.executable, "-m", "dkl", "train", str(cfg_file), *wide, "--resume"],
+        capture_output=True, text=True, timeout=300, preexec_fn=limit, check=False,
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    line = _one_error_line(res.stderr)
+    assert "could not write checkpoint" in line and "File too large" in line
+    assert "is intact" in line
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == before
+    assert not list(last.parent.glob(".*tmp*"))
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_weights_of_a_compiled_or_parallel_model_load(tmp_path, prefix):
+    from dkl.models import load_weights
+
+    torch.manual_seed(0)
+    saved = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+    path = tmp_path / "w.pt"
+    torch.save({prefix + k: v for k, v in saved.state_dict().items()}, path)
+    model = load_weights(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8)), path)
+    want = saved.state_dict()
+    assert all(torch.equal(model.state_dict()[k], want[k]) for k in want)
+
+
+def test_weights_under_an_unknown_shared_prefix_name_it(tmp_path):
+    from dkl.models import load_weights
+
+    path = tmp_path / "w.pt"
+    torch.save(
+        {f"module.model.{k}": v for k, v in torch.nn.Linear(4, 3).state_dict().items()}, path
+    )
+    with pytest.raises(ValueError, match=r"every unexpected key starts with 'model\.'") as e:
+        load_weights(torch.nn.Linear(4, 3), path)
+    assert "\n" not in str(e.value)
+
+
+def test_eval_takes_a_preset_name_as_train_does(tmp_path, capsys):
+    """The plain-weights error says `dkl eval CONFIG model.checkpoint=...`; a preset name as
+    CONFIG was 'no such run folder or checkpoint'."""
+    cfg = tiny_run(tmp_path, steps=3)
+    raw = plain_weights(cfg, tmp_path / "raw.pt")
+    assert main(["eval", str(cfg.run_dir), "--json"]) == 0
+    own = json.loads(capsys.readouterr().out)
+    assert main(["eval", "kd/digits_teacher", f"model.checkpoint={raw}", "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert (plain["top1"], plain["test_loss"]) == pytest.approx(
+        (own["top1"], own["test_loss"]), rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("bad", ["truncated", "odd size"])
+def test_a_bad_test_image_stops_the_run_before_training_and_keeps_the_previous_run(
+    tmp_path, capsys, monkeypatch, bad
+):
+    """A bad image in val/ was found at the first evaluation, after a whole epoch, with nothing
+    saved; under train.overwrite=true the previous run's checkpoints were already deleted."""
+    from PIL import Image
+
+    from dkl.train import Trainer
+
+    root = _image_folder(tmp_path / "d")
+    run = _folder_run(tmp_path, root)
+    assert main(["train", str(run), "--out", str(tmp_path), *QUIET]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "tiny").glob("*.pt")}
+    target = root / "val" / "b" / "1.png"
+    if bad == "truncated":
+        target.write_bytes(target.read_bytes()[:40])
+    else:  # the others are 8x8 and data.image_size is 0: all must be one size
+        Image.new("L", (9, 9)).save(target)
+    steps: list[int] = []
+    step = Trainer._step
+    monkeypatch.setattr(Trainer, "_step", lambda self, *a: (steps.append(1), step(self, *a))[1])
+    code, err = _cli(capsys, "train", run, "train.overwrite=true", "--out", tmp_path, *QUIET)
+    line = _one_error_line(err)
+    assert code == 2 and str(target) in line and not steps
+    assert {p.name: p.read_bytes() for p in (tmp_path / "tiny").glob("*.pt")} == before

@@ -78,13 +78,33 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], what: str 
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            reason = os.strerror(e.errno) if e.errno else (str(e) or type(e).__name__)
-            full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
+        failed = _write_error(e)
+        if failed is not None:
+            code, reason = failed
+            full = code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
             hint = " (free some space and resume)" if full else ""
             kept = f"; the previous '{path.name}' is intact" if path.exists() else ""
-            raise OSError(e.errno, f"could not write {what} '{path}': {reason}{kept}{hint}") from e
+            msg = f"could not write {what} '{path}': {reason}{kept}{hint}"
+            raise (OSError(code, msg) if code else OSError(msg)) from e
         raise
+
+
+def _write_error(e: BaseException) -> tuple[int | None, str] | None:
+    """``(errno, reason)`` of the file system's error behind a failed write: ``e`` or the first
+    ``OSError`` it was raised from; ``None`` for any other error. torch.save's zip writer turns a
+    full disk or a file-size limit (``OSError`` ENOSPC, EFBIG) into ``RuntimeError: [enforce fail
+    at inline_container.cc] unexpected pos ...``, with the ``OSError`` only as its context."""
+    seen: set[int] = set()
+    node: BaseException | None = e
+    while node is not None and id(node) not in seen:
+        if isinstance(node, OSError):
+            code = node.errno or None
+            return code, os.strerror(code) if code else (str(node) or type(node).__name__)
+        seen.add(id(node))
+        node = node.__cause__ or node.__context__
+    if isinstance(e, RuntimeError) and "unexpected pos" in str(e):  # torch's, with no OSError
+        return None, f"the write stopped short ({str(e).strip().splitlines()[0]})"
+    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -160,6 +160,12 @@ class Trainer(TrainingState):
             raise busy or rundir.RunFolderBusy(f"run folder '{cfg.run_dir}' is in use")
         try:
             self._start(resume, new_epoch)
+            final = cfg.run_dir / "final.pt"
+            if self.finished and self.rank == 0 and not final.is_file():
+                # a finished last.pt without final.pt (killed between the two by an older dkl, or
+                # final.pt deleted): last.pt holds the model final.pt is exported from
+                ckpt.save_checkpoint(self._export(), final)
+                self.log(f"resume: the run had finished; wrote the missing {final}")
             total = t.iterations if t.iterations > 0 else t.epochs * spe
             self.log(
                 f"run '{cfg.name}': recipe={cfg.recipe} data={cfg.data.name} "
@@ -438,10 +444,12 @@ class Trainer(TrainingState):
         self._writer.scalars(record)
         if improved and t.keep_best:
             ckpt.save_checkpoint(self._export(), self.cfg.run_dir / "best.pt")
-        if save_last:
-            ckpt.save_checkpoint(self.state_dict(ranks), self.cfg.run_dir / "last.pt")
+        # final.pt before the finished last.pt: a kill between the two leaves a last.pt that a
+        # resume continues (and so writes final.pt), never a finished one without final.pt
         if self.finished:
             ckpt.save_checkpoint(self._export(), self.cfg.run_dir / "final.pt")
+        if save_last:
+            ckpt.save_checkpoint(self.state_dict(ranks), self.cfg.run_dir / "last.pt")
 
     def _summary(self) -> dict:
         last = self.history[-1] if self.history else {}
