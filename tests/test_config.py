@@ -267,3 +267,62 @@ def test_fragments_are_hidden_from_the_preset_list_but_still_load():
     assert all(not n.split("/")[-1].startswith("_") for n in shown)
     # kd/digits_ikl reaches kd/_digits_student and kd/_digits_base through _base_
     assert load_config("kd/digits_ikl").data.name == "digits"
+
+
+# A mapping given for a section merges into it (as _base_ does); null for a section is refused
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "changes"),
+    [
+        ("distill={beta: 2}", {"beta": 2.0}),
+        ("distill={}", {}),
+        ("distill={teacher: {checkpoint: t.pt}, alpha: 0.5}", {"alpha": 0.5}),
+    ],
+)
+def test_a_mapping_override_changes_only_the_keys_it_gives(override, changes):
+    """``distill={beta: 2}`` replaced the whole section: the IKL preset trained plain CE."""
+    expected = load_config("kd/digits_ikl")
+    for key, value in changes.items():
+        setattr(expected.distill, key, value)
+    if "teacher" in override:
+        expected.distill.teacher.checkpoint = "t.pt"
+    cfg = load_config("kd/digits_ikl", [override])
+    assert cfg == expected
+    assert cfg.distill.method == "ikl" and cfg.distill.teacher.name == "digits_cnn"
+
+
+@pytest.mark.parametrize(
+    ("override", "example"),
+    [
+        ("distill=null", "distill.temperature=..."),
+        ("data=null", "data.name=..."),
+        ("model=null", "model.name=..."),
+        ("distill.teacher=null", "distill.teacher.name=..."),
+        ("distill={teacher: null}", "distill.teacher.name=..."),
+    ],
+)
+def test_null_for_a_whole_section_is_refused(override, example):
+    with pytest.raises(ConfigError, match="null would reset every") as info:
+        load_config("kd/digits_ikl", [override])
+    assert str(info.value).startswith(f"override '{override}'") and example in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_yaml_section_merges_and_null_is_refused_as_on_the_command_line(tmp_path):
+    (tmp_path / "run.yaml").write_text("_base_: kd/digits_ikl\ndistill: {beta: 2}\n")
+    assert load_config(str(tmp_path / "run.yaml")) == load_config(
+        "kd/digits_ikl", ["distill={beta: 2}", "name=run"]
+    )
+    (tmp_path / "bad.yaml").write_text("_base_: kd/digits_ikl\ndistill:\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml': distill: null would reset every"):
+        load_config(str(tmp_path / "bad.yaml"))
+
+
+def test_a_mapping_value_is_replaced_whole_not_merged():
+    """``model.kwargs`` is a value (the options of model.name), not a section of settings: a
+    new model's options replace the old model's, and null clears them."""
+    cfg = load_config("kd/digits_ikl", ["model.name=digits_cnn", "model.kwargs={width: 4}"])
+    assert cfg.model.kwargs == {"width": 4}
+    assert load_config("kd/digits_ikl", ["model.kwargs=null"]).model.kwargs == {}

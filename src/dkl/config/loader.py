@@ -55,6 +55,7 @@ __all__ = [
     "list_presets",
     "load_config",
     "preset_description",
+    "preset_file",
     "preset_for_run",
     "register_recipe_config",
     "save_config",
@@ -301,6 +302,12 @@ def preset_for_run(run_name: str) -> str | None:
     return None
 
 
+def preset_file(name: str) -> Path | None:
+    """The YAML file of the bundled preset ``name`` (``kd/digits_teacher``), or ``None``."""
+    path = PRESET_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    return path.resolve() if path.is_file() else None
+
+
 def _resolve_preset(ref: str, relative_to: Path | None = None) -> Path:
     candidates = []
     p = Path(ref)
@@ -308,22 +315,48 @@ def _resolve_preset(ref: str, relative_to: Path | None = None) -> Path:
     if relative_to is not None and not p.is_absolute():
         candidates += [relative_to / p, relative_to / f"{name}.yaml"]
     candidates.append(p)
-    candidates.append(PRESET_DIR / f"{name}.yaml")
     for c in candidates:
         if c.is_file():
             return c.resolve()
+    preset = preset_file(ref)
+    if preset is not None:
+        return preset
     raise ConfigError(
         f"config '{ref}': no such file or preset (looked in {PRESET_DIR}; try `dkl list`)"
     )
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def _is_section(path: tuple) -> bool:
+    """Whether the dotted ``path`` (``("distill",)``, ``("distill", "teacher")``) names a section
+    of settings (a dataclass), rather than a value (``model.kwargs`` is a value: a free mapping)."""
+    sections = {**COMMON_SECTIONS, **{k: v for k, v in _RECIPE_SECTIONS.items() if v}}
+    tp = sections.get(path[0]) if path else None
+    for name in path[1:]:
+        tp = typing.get_type_hints(tp).get(name) if dataclasses.is_dataclass(tp) else None
+    return dataclasses.is_dataclass(tp)
+
+
+def _deep_merge(base: dict, over: dict, where: str = "", path: tuple = ()) -> dict:
+    """``over`` laid over ``base``. A mapping given for a section (``distill: {beta: 2}``) merges
+    into it key by key, at any depth, keeping the settings it does not name; anything else
+    replaces, a mapping value too (``model.kwargs``, ``data.options``: the options of one model
+    or source). ``null`` for a whole section that holds settings would silently reset them all:
+    a ConfigError."""
     out = dict(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
+        old, here = out.get(k), (*path, k)
+        if isinstance(v, dict) and isinstance(old, dict) and (not path or _is_section(here)):
+            out[k] = _deep_merge(old, v, where, here)
+            continue
+        if v is None and isinstance(old, dict) and old and _is_section(here):
+            key = ".".join(map(str, here))
+            leaf = next((n for n, x in old.items() if not isinstance(x, dict)), next(iter(old)))
+            raise ConfigError(
+                f"{where}: {key}: null would reset every {key} setting given "
+                f"({', '.join(map(str, old))}) to its default; set the keys to change one at a "
+                f"time (e.g. {key}.{leaf}=...)"
+            )
+        out[k] = v
     return out
 
 
@@ -483,8 +516,9 @@ def _load_yaml(path: Path, stack: tuple[Path, ...] = ()) -> dict:
         )
     merged: dict = {}
     for b in bases:
-        merged = _deep_merge(merged, _load_yaml(_resolve_preset(b, path.parent), (*stack, path)))
-    return _deep_merge(merged, data)
+        base = _load_yaml(_resolve_preset(b, path.parent), (*stack, path))
+        merged = _deep_merge(merged, base, f"config '{path}'")
+    return _deep_merge(merged, data, f"config '{path}'")
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -537,7 +571,9 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
                 raise ConfigError(f"override '{key}': '{p}' is not a section")
             node[p] = child = dict(child)
             node = child
-        node[parts[-1]] = value
+        # a mapping merges into a section as a _base_ does; null for a section is refused
+        merged = _deep_merge(node, {parts[-1]: value}, f"override '{item}'", tuple(parts[:-1]))
+        node[parts[-1]] = merged[parts[-1]]
     return data
 
 

@@ -35,6 +35,7 @@ from dkl._files import (
     content_sha256,
     load_torch_file,
 )
+from dkl.config import preset_file
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -103,7 +104,9 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
 
 def find_checkpoint(target: str | Path) -> Path:
     """The file a run folder stands for (``final.pt``, else ``last.pt``, else ``best.pt``), or
-    ``target`` itself when it is a file. Pass ``runs/x/best.pt`` to pick the best epoch's model."""
+    ``target`` itself when it is a file, or the YAML file of a bundled preset named as ``dkl
+    train`` takes it (``kd/digits_teacher``, to evaluate ``model.checkpoint=FILE`` with). Pass
+    ``runs/x/best.pt`` to pick the best epoch's model."""
     p = Path(target)
     if p.is_dir():
         for name in RUN_FILES:
@@ -111,7 +114,10 @@ def find_checkpoint(target: str | Path) -> Path:
                 return p / name
         raise FileNotFoundError(f"no {', '.join(RUN_FILES)} in run folder '{p}'")
     if not p.is_file():
-        raise FileNotFoundError(f"no such run folder or checkpoint: '{p}'")
+        preset = preset_file(str(target))
+        if preset is None:
+            raise FileNotFoundError(f"no such run folder or checkpoint: '{p}'")
+        return preset
     return p
 
 
