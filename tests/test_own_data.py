@@ -841,3 +841,70 @@ def test_rgb_224_example_teacher_from_imagenet_weights_then_a_small_student(
     with open("runs/photos_student/metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert rows and "train_kd" in rows[-1]  # the teacher's term was trained on
+
+
+# ------------------------------------------------------------------ EXIF orientation, caches
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_folder_images_are_read_upright_by_their_exif_orientation(tmp_path, fmt):
+    """A phone stores a portrait on its side with EXIF Orientation=6 (turn 90° clockwise to
+    view): dkl read it as stored, rotated, like torchvision's ImageFolder."""
+    rng = np.random.default_rng(0)
+    upright = {}
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(2):
+                img = rng.integers(0, 60, (12, 16)).astype(np.uint8)  # 12 high, 16 wide
+                img[:3] = 255  # a bright band along the top
+                exif = Image.Exif()
+                exif[0x0112] = 6
+                path = tmp_path / split / c / f"{i}.{fmt}"
+                stored = Image.fromarray(img).rotate(90, expand=True)  # 16 high, 12 wide
+                stored.save(path, exif=exif, quality=100)
+                upright[path] = img / 255.0
+    train, test, info = build_datasets("imagefolder", root=str(tmp_path), mean=[0.5], std=[0.5])
+    assert info.input_shape == (1, 12, 16)
+    tol = 1e-7 if fmt == "png" else 12 / 255  # JPEG's loss
+    for split in (train, test):
+        for k, (path, _) in enumerate(split.source.samples):
+            np.testing.assert_allclose(split[k][0].numpy()[0], upright[path], atol=tol)
+
+
+def test_folder_fingerprint_changed_with_the_exif_orientation(tmp_path):
+    """Statistics cached before dkl applied the orientation are keyed by the old fingerprint
+    (each file's path, label, size and time): that key must not come back."""
+    import hashlib
+    import os
+
+    from dkl.data.sources import FolderImages
+
+    root = write_folder(tmp_path, {"train": 2})
+    images = FolderImages(root / "train", ["a", "b", "c"])
+    old = hashlib.blake2b(digest_size=16)
+    for path, label in images.samples:
+        st = os.stat(path)
+        rel = os.fsencode(os.path.relpath(path, root / "train"))
+        old.update(b"%s\0%d\0%d\0%d\n" % (rel, label, st.st_size, st.st_mtime_ns))
+    assert images.fingerprint() != old.hexdigest()
+
+
+def test_cached_mean_std_follow_the_channel_count(tmp_path):
+    """An overwrite with another data.channels read the 1-channel mean back for 3 channels:
+    'Expected input of shape (B, 1, H, W), got (64, 3, 8, 8)'."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (12, 4, 4, 3), dtype=np.uint8)
+    x[..., 2] //= 4  # three channels with three means
+    path, cache = tmp_path / "d.npz", str(tmp_path / "run")
+    np.savez(path, x=x, y=np.arange(12) % 3, x_test=x[:3], y_test=np.arange(3))
+    grey = build_datasets("npz", root=str(path), channels=1, mean="auto", cache_dir=cache)[2]
+    rgb = build_datasets("npz", root=str(path), channels=3, mean="auto", cache_dir=cache)[2]
+    assert len(grey.mean) == 1
+    np.testing.assert_allclose(rgb.mean, (x / 255).mean((0, 1, 2)), rtol=1e-6)
+    # a cache entry under the right key but with another number of values is stale
+    stats = tmp_path / "run" / "data_stats.json"
+    saved = json.loads(stats.read_text())
+    stats.write_text(json.dumps({**saved, "mean": [0.5], "std": [0.25]}))
+    again = build_datasets("npz", root=str(path), channels=3, mean="auto", cache_dir=cache)[2]
+    np.testing.assert_allclose(again.mean, (x / 255).mean((0, 1, 2)), rtol=1e-6)

@@ -439,11 +439,16 @@ def prepare_images(splits: ImageSplits, request: DataRequest) -> tuple[Dataset, 
         prepared = PreparedImages(splits.train, train_tf, channels=channels, size=check)
         train = prepared if policy == "none" else SeededDataset(prepared, r.seed)
         test = PreparedImages(splits.test, eval_tf, channels=channels, size=check)
+        # a bad test image would otherwise stop the run at its first evaluation, after a whole
+        # epoch and before anything of it is saved: read them all now, as training reads its own
+        test.check()
         stats_set = PreparedImages(splits.train, eval_tf, channels=channels, size=check)
     root = r.root if not r.root else str(Path(r.root).expanduser().resolve())
 
     def key() -> str:  # only built when the statistics are computed or read back
-        return f"{r.name}|{root}|{len(stats_set)}|{_fingerprint(splits.train)}|{eval_tf!r}"
+        return (
+            f"{r.name}|{root}|{channels}|{len(stats_set)}|{_fingerprint(splits.train)}|{eval_tf!r}"
+        )
 
     mean, std = _statistics(r, splits, channels, stats_set, key)
     info = DataInfo(r.name, num_classes, (channels, *size), mean, std, classes)
@@ -511,7 +516,7 @@ def _statistics(
             fixed = tuple(known)
         out[name] = fixed
     if out["mean"] is None or out["std"] is None:
-        mean, std = cached_stats(stats_set, key(), r.cache_dir)
+        mean, std = cached_stats(stats_set, key(), r.cache_dir, channels=channels)
         out["mean"] = out["mean"] or mean
         out["std"] = out["std"] or std
     return out["mean"], out["std"]

@@ -35,6 +35,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +289,21 @@ class PreparedImages(Dataset):
         image, label = self.raw(i)
         return self.transform(image), label
 
+    def check(self) -> None:
+        """Read every item as :meth:`raw` does (the file, its channels, its size), so that an
+        unreadable or odd-sized image is an error now rather than when it is first used: the
+        first bad one in order, read on a pool of threads (decoding releases the GIL, and
+        ImageNet's 50,000 validation images would take minutes one by one)."""
+        n = len(self)
+        threads = min(16, os.cpu_count() or 1)
+        if threads == 1 or n < 256 or self.data is not None:  # arrays in memory: no files
+            for i in range(n):
+                self.raw(i)
+            return
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in pool.map(self.raw, range(n)):
+                pass
+
     @property
     def data(self) -> Any:
         return getattr(self.source, "data", None)
@@ -363,19 +379,20 @@ def channel_stats(
 
 
 def cached_stats(
-    dataset: Dataset, key: str, cache_dir: str | os.PathLike | None
+    dataset: Dataset, key: str, cache_dir: str | os.PathLike | None, *, channels: int = 0
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """:func:`channel_stats`, read from / written to ``<cache_dir>/data_stats.json`` when the
     file was written for the same ``key`` (:func:`~dkl.data.prepare_images` makes it of the data
-    set, its root, length and content fingerprint, and the evaluation transform). A channel that
-    is constant over the training images gets std 1."""
+    set, its root, channel count, length and content fingerprint, and the evaluation transform)
+    and, with ``channels``, holds one value per channel. A channel that is constant over the
+    training images gets std 1."""
     path = Path(cache_dir) / "data_stats.json" if cache_dir else None
     if path is not None and path.is_file():
         try:
             saved = json.loads(path.read_text())
             mean, std = tuple(map(float, saved["mean"])), tuple(map(float, saved["std"]))
             usable = (
-                len(mean) == len(std) > 0
+                len(mean) == len(std) == (channels or len(mean)) > 0
                 and all(math.isfinite(v) for v in (*mean, *std))
                 and min(std) > 0
             )

@@ -166,6 +166,10 @@ def _classes(folder: Path) -> dict[str, list[Path]]:
     return found
 
 
+#: how :class:`FolderImages` decodes a file (part of its fingerprint): EXIF orientation applied
+_DECODING = b"exif-orientation-applied"
+
+
 class FolderImages:
     """The images under ``folder/<class>/`` as ``(PIL image, label)``, read on access.
 
@@ -197,8 +201,10 @@ class FolderImages:
 
     def fingerprint(self) -> str:
         """A digest of every file's path, label, size and modification time: it changes when an
-        image is replaced, added or removed (the key of the cached mean / std)."""
-        h = hashlib.blake2b(digest_size=16)
+        image is replaced, added or removed (the key of the cached mean / std). It starts with
+        how files are decoded, so statistics cached before the EXIF orientation was applied are
+        not reused."""
+        h = hashlib.blake2b(_DECODING, digest_size=16)
         for path, label in self.samples:
             st = os.stat(path)
             rel = os.fsencode(os.path.relpath(path, self.folder))
@@ -206,12 +212,15 @@ class FolderImages:
         return h.hexdigest()
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image, ImageOps, UnidentifiedImageError
 
         path, label = self.samples[i]
         try:
             with Image.open(path) as img:
                 img.load()
+                # upright as a viewer shows it (a phone's portrait is stored on its side with
+                # an EXIF Orientation tag); torchvision's ImageFolder reads it as stored
+                ImageOps.exif_transpose(img, in_place=True)
         except Image.DecompressionBombError as e:
             raise ValueError(
                 f"cannot read image '{path}': {str(e).rstrip('.')}; if you trust the file, raise "

@@ -17,15 +17,19 @@ from .normalize import NormalizedModel
 __all__ = ["extract_state_dict", "load_weights", "output_layer"]
 
 _CONTAINER_KEYS = ("model", "state_dict", "net")
+#: prefixes of wrapped models, stripped while every key has one: DataParallel / DDP's
+#: ``module.``, torch.compile's ``_orig_mod.`` (in either order: a compiled DDP model)
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _log = logging.getLogger(__name__)  # without a logging setup, Python prints a warning as one line
 _SHOW = 5  # keys listed in an error message
 
 
 def extract_state_dict(obj: object, *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The state_dict inside ``obj``: ``{"model": sd}``, ``{"state_dict": sd}``, ``{"net": sd}``
-    or ``sd`` itself, with a ``module.`` prefix (DataParallel/DDP) stripped when every key has it.
+    or ``sd`` itself, with the prefixes of wrapped models stripped while every key has one:
+    ``module.`` (DataParallel / DDP) and ``_orig_mod.`` (torch.compile), in any order.
 
-    >>> sd = {"module.fc.weight": torch.zeros(2, 3)}
+    >>> sd = {"module._orig_mod.fc.weight": torch.zeros(2, 3)}
     >>> list(extract_state_dict({"model": sd}))
     ['fc.weight']
     """
@@ -45,9 +49,19 @@ def extract_state_dict(obj: object, *, source: str = "checkpoint") -> dict[str, 
             f"{list(_CONTAINER_KEYS)}); top-level keys: {list(obj)[:10]}"
             + (f"; non-tensor entries: {others}" if others else "")
         )
-    if all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
+    while prefix := next(
+        (p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in tensors)), None
+    ):
+        tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
     return tensors
+
+
+def _shared_prefix(keys: list[str]) -> str:
+    """The dotted prefix every key starts with (``"model."``), ``""`` when they share none."""
+    if not keys:
+        return ""
+    common = os.path.commonprefix(keys)
+    return common[: common.rfind(".") + 1]
 
 
 def _listing(keys: list[str]) -> str:
@@ -189,6 +203,13 @@ def load_weights(
         problems.append(f"{len(missing)} missing key(s): {_listing(missing)}")
     if strict and unexpected:
         problems.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
+        prefix = _shared_prefix(unexpected)
+        if prefix and {k[len(prefix) :] for k in unexpected} & set(missing):
+            problems.append(
+                f"every unexpected key starts with '{prefix}', and without it they are the "
+                f"model's keys (a wrapper's prefix): strip '{prefix}' from the keys, or save the "
+                f"inner model's state_dict"
+            )
     if problems:
         head = output_layer(target)
         hint = ""
