@@ -128,6 +128,27 @@ def test_view_dataset_is_deterministic_per_draw_and_leaves_global_rng_alone():
     assert a[2].item() == labels[1].item() and a[3].item() == 1  # label and original index
 
 
+def test_a_samples_views_do_not_depend_on_its_batch():
+    """Digits views are drawn batched; each image's randomness comes from its own draw number,
+    so a sample's views are the same alone, in any batch and at any place in it: what a run on
+    1 or 2 ranks (batches of 64 or 32) gives it. Seeded by the batch's first draw, 15 of 16
+    labeled images and 48 of 64 unlabeled ones were augmented differently on 2 ranks."""
+    images, labels = torch.rand(10, 1, 8, 8), torch.arange(10) % 3
+    ds = ViewDataset(images, labels, list(range(10)), [DigitsWeak(), DigitsStrong()], seed=5)
+    keys = [(p, 100 + p) for p in range(8)]
+    whole = ds.__getitems__(keys)
+    halves = [ds.__getitems__(keys[0::2]), ds.__getitems__(keys[1::2])]  # two ranks' shares
+    for j, key in enumerate(keys):
+        alone = ds[key]
+        half = halves[j % 2]
+        for v, view in enumerate(alone[:2]):
+            assert torch.equal(whole[v][j], view)
+            assert torch.equal(half[v][j // 2], view)
+        assert int(alone[3]) == key[0] and int(alone[2]) == int(labels[key[0]])
+    reversed_batch = ds.__getitems__(keys[::-1])
+    assert torch.equal(reversed_batch[1].flip(0), whole[1])
+
+
 def test_infinite_sampler_epochs_are_permutations_and_resume_exactly():
     s = InfiniteBatchSampler(7, 3, seed=2)
     it = iter(s)

@@ -141,7 +141,15 @@ class ViewDataset(Dataset):
             return Image.fromarray(arr)
         return img
 
+    @property
+    def _batched(self) -> bool:
+        """Tensor images with batch-capable transforms (digits)."""
+        return not self._pil and all(getattr(t, "batched", False) for t in self.transforms)
+
     def __getitem__(self, key: tuple[int, int] | int):
+        if self._batched:  # the batched path, so a sample is the same alone or in a batch
+            *views, label, index = self.__getitems__([key])
+            return (*(v[0] for v in views), label[0], index[0])
         pos, draw = key if isinstance(key, tuple) else (key, key)
         i = self.indices[pos]
         img = self._load(i)
@@ -151,15 +159,16 @@ class ViewDataset(Dataset):
         return (*views, self.labels[i], torch.tensor(i))
 
     def __getitems__(self, keys: list) -> Any:
-        # Tensor images with batch-capable transforms (digits): augment the whole batch at once,
-        # from a generator seeded by the batch's first draw (draw numbers are unique per batch).
-        if self._pil or not all(getattr(t, "batched", False) for t in self.transforms):
+        # Tensor images with batch-capable transforms: the whole batch augmented at once, each
+        # image from a generator seeded by its own draw, so its views do not depend on the batch
+        # it is in (its size changes with the number of ranks) or on its place there.
+        if not self._batched:
             return [self[k] for k in keys]
         keys = [k if isinstance(k, tuple) else (k, k) for k in keys]
         idx = torch.tensor([self.indices[p] for p, _ in keys], dtype=torch.long)
-        g = torch.Generator().manual_seed(mix_seed(self.seed, self.stream, keys[0][1]))
+        rows = [torch.Generator().manual_seed(mix_seed(self.seed, self.stream, d)) for _, d in keys]
         x = self.images[idx]
-        views = [t(x, generator=g) for t in self.transforms]
+        views = [t(x, generator=rows) for t in self.transforms]
         return (*views, self.labels[idx], idx)
 
 

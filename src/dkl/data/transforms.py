@@ -25,6 +25,7 @@ torchvision is imported only when a CIFAR transform is built (``pip install 'dkl
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -72,11 +73,22 @@ def _check_digits(x: Tensor) -> Tensor:
     return x[None] if x.ndim == 3 else x
 
 
+def _draw(fn: Callable[..., Tensor], n: int, shape: tuple[int, ...], generator: Any) -> Tensor:
+    """``(n, *shape)`` values of ``fn(size, generator=...)`` (``torch.rand`` and the like): from
+    one generator (or torch's global RNG), or one generator per row, whose values then depend on
+    that generator alone, not on the batch the row is in."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return fn((n, *shape), generator=generator)
+    if len(generator) != n:
+        raise ValueError(f"Expected one generator per image ({n}), got {len(generator)}")
+    return torch.stack([fn(shape, generator=g) for g in generator]) if n else fn((0, *shape))
+
+
 class DigitsWeak:
     """Random shift by up to ``max_shift`` pixels in each direction, zero fill.
 
     Works on one image ``(C, H, W)`` or a batch ``(N, C, H, W)`` (one shift per image), drawing
-    from ``generator`` (default: torch's global RNG).
+    from ``generator`` (default: torch's global RNG), or from one generator per image.
 
     >>> x = torch.arange(9.0).reshape(1, 3, 3)
     >>> DigitsWeak()(x, generator=torch.Generator().manual_seed(0)).shape
@@ -88,13 +100,14 @@ class DigitsWeak:
     def __init__(self, max_shift: int = 1) -> None:
         self.max_shift = int(max_shift)
 
-    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, x: Tensor, generator: Any = None) -> Tensor:
         single = x.ndim == 3
         xb = _check_digits(x)
         s = self.max_shift
         n, _, h, w = xb.shape
         padded = F.pad(xb, (s, s, s, s))
-        dy, dx = torch.randint(0, 2 * s + 1, (2, n), generator=generator)
+        randint = functools.partial(torch.randint, 0, 2 * s + 1)
+        dy, dx = _draw(randint, n, (2,), generator).T
         rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (N, 1, H, 1)
         cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # (N, 1, 1, W)
         out = padded[
@@ -125,11 +138,11 @@ class DigitsStrong:
         self.weak = DigitsWeak(max_shift)
         self.degrees, self.scale, self.erase, self.noise = float(degrees), scale, int(erase), noise
 
-    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, x: Tensor, generator: Any = None) -> Tensor:
         single = x.ndim == 3
         xb = self.weak(_check_digits(x), generator=generator)
         n, c, h, w = xb.shape
-        u = torch.rand(2, n, generator=generator, dtype=xb.dtype)
+        u = _draw(functools.partial(torch.rand, dtype=xb.dtype), n, (2,), generator).T
         angle = (u[0] * 2 - 1) * math.radians(self.degrees)
         s = self.scale[0] + u[1] * (self.scale[1] - self.scale[0])
         cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
@@ -140,14 +153,15 @@ class DigitsStrong:
         grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
         xb = F.grid_sample(xb, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if self.erase > 0:
-            i = torch.randint(0, h - self.erase + 1, (n,), generator=generator)
-            j = torch.randint(0, w - self.erase + 1, (n,), generator=generator)
+            i = _draw(functools.partial(torch.randint, 0, h - self.erase + 1), n, (), generator)
+            j = _draw(functools.partial(torch.randint, 0, w - self.erase + 1), n, (), generator)
             r, q = torch.arange(h), torch.arange(w)
             in_r = (r[None] >= i[:, None]) & (r[None] < i[:, None] + self.erase)  # (N, H)
             in_c = (q[None] >= j[:, None]) & (q[None] < j[:, None] + self.erase)  # (N, W)
             xb = xb.masked_fill((in_r[:, :, None] & in_c[:, None, :])[:, None], 0.0)
         if self.noise > 0:
-            xb = xb + self.noise * torch.randn(xb.shape, generator=generator, dtype=xb.dtype)
+            randn = functools.partial(torch.randn, dtype=xb.dtype)
+            xb = xb + self.noise * _draw(randn, n, tuple(xb.shape[1:]), generator)
         xb = xb.clamp(0.0, 1.0)
         return xb[0] if single else xb
 
