@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -399,3 +400,60 @@ def test_torchrun_metrics_are_those_of_the_saved_model(tmp_path):
             correct += int(model(x_adv).argmax(1) == y)
     assert logged["pgd10"] == pytest.approx(100.0 * correct / 101)
     assert logged["pgd10"] < logged["top1"]  # the attack moved something
+
+
+def test_ranks_launched_with_other_settings_are_refused(tmp_path, teacher):
+    """Each node of a multi-node job types its own command: a rank with its own seed trained
+    silently (rank 0's weights, but each rank's data order and labeled subset: 26 of 100 samples
+    seen twice in an epoch). Every rank now refuses, naming the setting; paths may differ."""
+    script = tmp_path / "per_rank.py"
+    script.write_text(
+        "import os, sys\nfrom dkl.cli import main\n"
+        "rank = int(os.environ['RANK'])\n"
+        "sys.exit(main(sys.argv[1:] + [f'seed={rank}', f'data.root=/data/node{rank}']))\n"
+    )
+    res = subprocess.run(
+        [*_TORCHRUN, str(script), *_ddp_args(teacher, tmp_path / "out")],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=180, env=_clean_env(),
+    )  # fmt: skip
+    assert res.returncode != 0
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("dkl: error:")]
+    assert errors and all("launched with other settings" in ln for ln in errors), res.stderr[-2000:]
+    assert any("seed = 1 there, 0 here" in ln or "seed = 0 there, 1 here" in ln for ln in errors)
+    assert not any("data.root" in ln for ln in errors)  # a path may differ per machine
+    assert not (tmp_path / "out" / "digits_ikl" / "last.pt").exists()
+
+
+def test_a_hung_rank_stops_the_others_after_train_dist_timeout(tmp_path, teacher):
+    """A rank that stops answering (SIGSTOP: a hung GPU, a stalled node) left the others waiting
+    silently for torch's 30 minutes. train.dist_timeout sets the wait; the rank that gave up says
+    in one line what happened and how to go on."""
+    script = tmp_path / "slow_dkl.py"
+    script.write_text(_SLOW_STEPS)
+    steps = tmp_path / "steps.txt"
+    env = {**_clean_env(), "DKL_TEST_STEPS": str(steps)}
+    args = [*_ddp_args(teacher, tmp_path / "out"), "train.dist_timeout=0.1"]
+    proc = subprocess.Popen(
+        [*_TORCHRUN, str(script), *args],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if steps.exists() and steps.read_text().strip() not in ("", "0", "1", "2"):
+            break
+        time.sleep(0.02)
+    found = subprocess.run(
+        ["pgrep", "-f", str(script)], check=False, capture_output=True, text=True
+    )
+    workers = [int(p) for p in found.stdout.split() if int(p) != proc.pid]
+    rank1 = [p for p in workers if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()]
+    assert rank1, workers
+    os.kill(rank1[0], signal.SIGSTOP)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # torchrun may have killed it already
+            os.kill(rank1[0], signal.SIGCONT)
+        proc.kill()
+    lost = [ln for ln in err.splitlines() if ln.startswith("dkl: error: lost contact")]
+    assert lost and "--resume" in lost[0], err[-3000:]

@@ -380,6 +380,12 @@ def _user_error(e: BaseException) -> tuple[int, str] | None:
             else ""
         )
         return (1 if full else 2), f"{reason}{where}{hint}"
+    if _lost_rank(e):
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return 1, (
+            f"lost contact with another rank ({first}): a rank stopped, was killed or hung past "
+            "train.dist_timeout; the last checkpoint is intact, run again with --resume"
+        )
     if _out_of_memory(e):
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         return 1, (
@@ -406,6 +412,19 @@ def _without_worker_traceback(text: str) -> str:
         return text
     last = text.strip().splitlines()[-1]
     return last.split(": ", 1)[1] if ": " in last else last
+
+
+def _lost_rank(e: BaseException) -> bool:
+    """A collective that failed because another rank went away or timed out (gloo's "Connection
+    closed by peer", a timeout, NCCL's errors): torch raises DistError or RuntimeError."""
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("gloo/transport", "Connection closed by peer", "NCCL error")
+    )
 
 
 def _out_of_memory(e: BaseException) -> bool:

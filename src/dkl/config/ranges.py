@@ -120,6 +120,7 @@ RANGES: dict[str, Range] = {
     "train.log_every": NON_NEGATIVE,
     "train.max_steps_per_epoch": NON_NEGATIVE,
     "train.divergence_factor": NON_NEGATIVE,
+    "train.dist_timeout": NON_NEGATIVE,
     "distill.temperature": TEMPERATURE,
     "distill.weight_temperature": TEMPERATURE,
     "distill.prior_temperature": Range(1e-3, 1e4, zero="distill.weight_temperature"),

@@ -194,6 +194,9 @@ class TrainConfig:
     overwrite: bool = False  # allow a new run to replace runs/<name>/ (otherwise: --resume)
     # stop when a step's loss exceeds this many times the median of the last 50 (0 = off)
     divergence_factor: float = 1.0e4
+    # minutes a rank waits for the others in a collective before the run stops (0 = torch's
+    # default: 30 on CPU / gloo, 10 on CUDA / NCCL); a hung rank stops the others after it
+    dist_timeout: float = 0.0
 
 
 @dataclass

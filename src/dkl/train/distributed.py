@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -53,8 +54,9 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
-def setup(device: str = "auto") -> Dist:
-    """Read torchrun's environment and start the process group if there is more than one rank."""
+def setup(device: str = "auto", timeout_minutes: float = 0.0) -> Dist:
+    """Read torchrun's environment and start the process group if there is more than one rank
+    (``timeout_minutes``: how long a collective waits for every rank; 0 = torch's default)."""
     world = env_world_size()
     rank = int(os.environ.get("RANK", "0") or 0)
     local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
@@ -62,10 +64,44 @@ def setup(device: str = "auto") -> Dist:
         want_cuda = device != "cpu" and torch.cuda.is_available()
         if want_cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if want_cuda else "gloo")
+        timeout = {"timeout": timedelta(minutes=timeout_minutes)} if timeout_minutes > 0 else {}
+        dist.init_process_group("nccl" if want_cuda else "gloo", **timeout)
     if dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
     return Dist(rank, world, local_rank)
+
+
+# settings that may differ between ranks: where each machine keeps its files
+_PER_MACHINE = ("root", "dir", "checkpoint", "path", "device", "threads", "num_workers")
+
+
+def check_same_config(settings: dict) -> None:
+    """Refuse ranks launched with different settings (a node's own ``seed=`` or ``lr=``): DDP
+    would still train, with rank 0's weights but each rank's data order, labeled subset and
+    schedule. Paths, devices and thread counts may differ per machine."""
+    if not _active():
+        return
+    mine = {k: v for k, v in _flat(settings).items() if not k.endswith(_PER_MACHINE)}
+    for rank, theirs in enumerate(all_gather_objects(mine) or []):
+        differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        if differ:
+            key = differ[0]
+            raise ConfigError(
+                f"rank {rank} was launched with other settings than rank {dist.get_rank()}: "
+                f"{key} = {theirs.get(key)!r} there, {mine.get(key)!r} here"
+                + (f" (and {len(differ) - 1} more)" if len(differ) > 1 else "")
+                + "; launch every rank with the same config and overrides"
+            )
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def is_main_process() -> bool:

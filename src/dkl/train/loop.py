@@ -73,8 +73,9 @@ class Trainer(TrainingState):
     ) -> None:
         self.cfg = cfg
         self.log = log or (lambda msg: print(msg, flush=True) if D.is_main_process() else None)
-        self.dist = D.setup(cfg.train.device)
+        self.dist = D.setup(cfg.train.device, cfg.train.dist_timeout)
         self.rank, self.world = self.dist.rank, self.dist.world
+        D.check_same_config(config_to_dict(cfg))
         self.device = D.select_device(cfg.train, self.dist)
         # every rank builds its models from the same seed (identical init; DDP also broadcasts
         # rank 0's weights); the data order is sharded by rank, not by seed

@@ -28,6 +28,7 @@ SAFE_TO_CHANGE = (
     "train.device", "train.threads", "train.deterministic", "train.out_dir", "train.overwrite",
     "train.save_every", "train.keep_best", "train.progress", "train.tensorboard",
     "train.log_every", "train.plot", "train.grad_clip", "train.divergence_factor",
+    "train.dist_timeout",
     "optim.lr", "optim.weight_decay", "optim.momentum", "optim.nesterov", "optim.betas", "sched.",
     "data.root", "data.download", "data.eval_batch_size", "data.num_workers",
 )  # fmt: skip
