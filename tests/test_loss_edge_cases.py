@@ -1112,8 +1112,8 @@ def test_a_masked_first_class_rounds_no_other(config, side, fill):
     """A class masked with a large finite logit (``masked_fill(-1e9)`` or the float's minimum)
     in column 0, in float32: the fast forms took each row relative to its first entry, so every
     other entry was rounded to ulp(1e9) = 64 (KL rows of 0 for 0.1 to 0.35, IKL rows of 3e10
-    for 3). Each row now leans on its largest entry and its largest weight. Class weights (GI)
-    are 0 on a class the teacher masks, as a prior made from the teacher's softmax is."""
+    for 3). Each row now leans on its largest entry and its largest weight, and with class
+    weights (GI) each gap subtracts the nearer of the two first."""
     kind, kw = MASKED_CONFIGS[config]
     kw = dict(kw)
     g = torch.Generator().manual_seed(4)
@@ -1123,9 +1123,10 @@ def test_a_masked_first_class_rounds_no_other(config, side, fill):
         zt[:, 0] = fill
     if side in ("input", "both"):
         zs[:, 0] = fill
-    if kw.pop("class_weights", False):
-        cw = torch.rand(4, 10, generator=g, dtype=torch.float64)
-        kw["class_weights"] = torch.where(zt > -1e8, cw, 0.0)
+    if kw.pop("class_weights", False):  # a class only the teacher masks weighs 0, as in a
+        # prior from its softmax; one both sides mask keeps a weight (its gap 0 must stay 0)
+        cw = torch.rand(4, 10, generator=g, dtype=torch.float64) + 0.05
+        kw["class_weights"] = torch.where((zt > -1e8) | (zs < -1e8), cw, 0.0)
     zs32 = zs.float().requires_grad_()
     zt32 = zt.float().requires_grad_()
     kw32 = {k: (v.float() if torch.is_tensor(v) else v) for k, v in kw.items()}

@@ -297,8 +297,9 @@ def test_masked_leading_classes_round_no_other(config, side):
     if side == "both":
         s[:, :3] = -1e9
     weights = None
-    if cfg.get("class_weights"):  # 0 on the masked classes, as in a prior from the teacher
-        weights = torch.where(t > -1e8, torch.rand(4, 100, generator=g), 0.0).to(DEVICE)
+    if cfg.get("class_weights"):  # 0 where only the teacher masks, as in a prior from it
+        w = torch.rand(4, 100, generator=g) + 0.05
+        weights = torch.where((t > -1e8) | (s < -1e8), w, 0.0).to(DEVICE)
     for temperature in (1.0, 3.0, 20.0):
         kw = {**_kwargs(cfg, weights), "temperature": temperature}
         if cfg["kind"] == "ikl" and "class_weights" not in kw:

@@ -93,7 +93,7 @@ class _IKL:
         if T <= GAP_TEMPERATURE and unit_total:
             gaps, unit = log_p.sub_(log_q), T
         else:
-            gaps, unit = raw_gaps(t, s, w), 1.0
+            gaps, unit = raw_gaps(t, s, w, pairs=not unit_total), 1.0
         if unit_total:
             wmse, wc = wmse_unit(gaps, w, rows)
             coef = self.fast_beta * unit

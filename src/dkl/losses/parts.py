@@ -103,16 +103,25 @@ def plus_inf(rows: Tensor, per_row: Tensor) -> Tensor:
 GAP_TEMPERATURE = 16.0
 
 
-def raw_gaps(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
+def raw_gaps(a: Tensor, b: Tensor, w: Tensor, pairs: bool = False) -> Tensor:
     """``e = a - b`` up to a per-row shift (a fresh tensor), taken around each row's entries at
     its largest weight ``w``: ``(a - (a_k - b_k)) - b``. Logits of very different levels
     (``z_t = z_s + 1000``) would otherwise round every gap to the offset's ulp (6e-5 at 1000)
     before the centring; here the first subtraction takes the offset out while the levels are
     alike, exactly. The column of the largest weight is the one the centring leans on most; an
     arbitrary one (the first) could be a masked class (-1e9 on one side), whose gap would
-    round all the others."""
+    round all the others.
+
+    ``pairs``: each entry subtracts first whichever of ``b`` and ``a_k - b_k`` is nearer to it,
+    for weights that may be positive on a class both sides mask (-1e9 in each: its gap ``0``
+    would otherwise be rounded to ulp(1e9)); softmax weights are 0 there."""
     top = w.argmax(dim=1, keepdim=True)
-    return torch.sub(a, a.gather(1, top) - b.gather(1, top)).sub_(b)
+    shift = a.gather(1, top) - b.gather(1, top)
+    around = torch.sub(a, shift)
+    if not pairs:
+        return around.sub_(b)
+    direct = torch.sub(a, b)
+    return torch.where(direct.abs() <= around.abs(), direct.sub_(shift), around.sub_(b))
 
 
 def wmse_fast(e: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -215,7 +224,7 @@ class _WeightedMSE:
 
     def fast(self, t, s, consts, gt, gs, rows):
         (w,) = consts
-        per_row, wc, total = wmse_fast(raw_gaps(t, s, w), w)
+        per_row, wc, total = wmse_fast(raw_gaps(t, s, w, pairs=True), w)
         for out in (gt, gs):
             if out is not None:
                 torch.mul(wc, total.unsqueeze(1), out=out)

@@ -85,6 +85,18 @@ def _references(s_row, t_row, n_cols, offs, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _raw_gap(t, s, e_ref, PAIRS: tl.constexpr):
+    """``t - s - e_ref``: around the reference gap first (logits of different levels keep
+    their digits), or, with ``PAIRS`` (class weights, which may weigh a class both sides mask at
+    -1e9), subtracting first whichever of ``s`` and ``e_ref`` is nearer to ``t``."""
+    around = t - e_ref
+    if PAIRS:
+        direct = t - s
+        return tl.where(tl.abs(direct) <= tl.abs(around), direct - e_ref, around - s)
+    return around - s
+
+
+@triton.jit
 def _divergence_kernel(
     s_ptr,  # (B, C) input logits (the side being trained), fp32 / bf16 / fp16
     t_ptr,  # (B, C) target logits, fp32 / bf16 / fp16
@@ -220,7 +232,7 @@ def _divergence_kernel(
                 w_sum = w_sum * r_w + tl.sum(wb, axis=0)
             else:
                 if KIND == 2:
-                    e = (t - e_ref) - s  # IKL: wMSE on raw logits
+                    e = _raw_gap(t, s, e_ref, WMODE == 2)  # IKL: wMSE on raw logits
                 else:
                     e = (ut - e_ref) - us
                 e = tl.where(kept, e, 0.0)
@@ -338,7 +350,7 @@ def _divergence_kernel(
             ps = _exp(us - lse_s)
             pt = _exp(ut - lse_t)  # 0 on ruled-out classes
             if KIND == 2:
-                e = (t - e_ref) - s
+                e = _raw_gap(t, s, e_ref, WMODE == 2)
             else:
                 e = (ut - e_ref) - us
             e = tl.where(kept, e, 0.0)
