@@ -326,3 +326,14 @@ def test_a_mapping_value_is_replaced_whole_not_merged():
     cfg = load_config("kd/digits_ikl", ["model.name=digits_cnn", "model.kwargs={width: 4}"])
     assert cfg.model.kwargs == {"width": 4}
     assert load_config("kd/digits_ikl", ["model.kwargs=null"]).model.kwargs == {}
+
+
+def test_a_yaml_file_keeps_its_bases_other_model_options(tmp_path):
+    """A YAML file over its _base_ that changes one model option keeps the base's others (it
+    merged before; dropping them would silently build the model at its default width)."""
+    (tmp_path / "base.yaml").write_text(
+        "_base_: kd/digits_ikl\nmodel: {kwargs: {hidden: [32, 16], dropout: 0.1}}\n"
+    )
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\nmodel: {kwargs: {dropout: 0.2}}\n")
+    cfg = load_config(str(tmp_path / "child.yaml"))
+    assert cfg.model.kwargs == {"hidden": [32, 16], "dropout": 0.2}

@@ -336,17 +336,22 @@ def _is_section(path: tuple) -> bool:
     return dataclasses.is_dataclass(tp)
 
 
-def _deep_merge(base: dict, over: dict, where: str = "", path: tuple = ()) -> dict:
+def _deep_merge(
+    base: dict, over: dict, where: str = "", path: tuple = (), *, values: bool = True
+) -> dict:
     """``over`` laid over ``base``. A mapping given for a section (``distill: {beta: 2}``) merges
-    into it key by key, at any depth, keeping the settings it does not name; anything else
-    replaces, a mapping value too (``model.kwargs``, ``data.options``: the options of one model
-    or source). ``null`` for a whole section that holds settings would silently reset them all:
-    a ConfigError."""
+    into it key by key, at any depth, keeping the settings it does not name. A mapping that is a
+    value (``model.kwargs``, ``data.options``: the options of one model or source) merges too
+    with ``values`` (a YAML file over its ``_base_``, which may change one option of several),
+    and replaces the old one otherwise (a command-line override: ``model.name=X
+    model.kwargs={...}`` gives the new model its own options). ``null`` for a whole section that
+    holds settings would silently reset them all: a ConfigError."""
     out = dict(base)
     for k, v in over.items():
         old, here = out.get(k), (*path, k)
-        if isinstance(v, dict) and isinstance(old, dict) and (not path or _is_section(here)):
-            out[k] = _deep_merge(old, v, where, here)
+        merge = values or not path or _is_section(here)
+        if isinstance(v, dict) and isinstance(old, dict) and merge:
+            out[k] = _deep_merge(old, v, where, here, values=values)
             continue
         if v is None and isinstance(old, dict) and old and _is_section(here):
             key = ".".join(map(str, here))
@@ -572,7 +577,9 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             node[p] = child = dict(child)
             node = child
         # a mapping merges into a section as a _base_ does; null for a section is refused
-        merged = _deep_merge(node, {parts[-1]: value}, f"override '{item}'", tuple(parts[:-1]))
+        merged = _deep_merge(
+            node, {parts[-1]: value}, f"override '{item}'", tuple(parts[:-1]), values=False
+        )
         node[parts[-1]] = merged[parts[-1]]
     return data
 
