@@ -149,6 +149,26 @@ def test_a_samples_views_do_not_depend_on_its_batch():
     assert torch.equal(reversed_batch[1].flip(0), whole[1])
 
 
+def test_row_streams_are_uniform_normal_and_independent_of_nearby_seeds():
+    """The per-image streams behind the batched digits views: uniform and normal moments of
+    200,000 draws, integers in range and even, and consecutive seeds (consecutive draw numbers)
+    neither equal nor shifted copies of each other."""
+    from dkl.data.transforms import RowStreams
+
+    rows = RowStreams(torch.arange(400))
+    u = rows.rand((500,), torch.float64)
+    assert abs(float(u.mean()) - 0.5) < 3e-3 and abs(float(u.var()) - 1 / 12) < 1e-3
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    z = rows.randn((500,), torch.float64)
+    assert abs(float(z.mean())) < 1e-2 and abs(float(z.std()) - 1.0) < 1e-2
+    k = rows.randint(3, (500,))
+    counts = torch.bincount(k.flatten(), minlength=3).double() / k.numel()
+    assert int(k.min()) == 0 and int(k.max()) == 2 and float((counts - 1 / 3).abs().max()) < 5e-3
+    corr = torch.corrcoef(u[:50])[~torch.eye(50, dtype=torch.bool)]
+    assert float(corr.abs().max()) < 0.25  # 50 x 49 pairs of 500 draws: |r| ~ 0.045
+    assert not torch.equal(u[0, 1:], u[1, :-1])
+
+
 def test_infinite_sampler_epochs_are_permutations_and_resume_exactly():
     s = InfiniteBatchSampler(7, 3, seed=2)
     it = iter(s)

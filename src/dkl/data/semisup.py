@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from .collate import collate
 from .samplers import InfiniteBatchSampler
 from .seeding import mix_seed
+from .transforms import RowStreams
 
 __all__ = ["SemiSupLoader", "ViewDataset", "split_labeled"]
 
@@ -160,13 +161,14 @@ class ViewDataset(Dataset):
 
     def __getitems__(self, keys: list) -> Any:
         # Tensor images with batch-capable transforms: the whole batch augmented at once, each
-        # image from a generator seeded by its own draw, so its views do not depend on the batch
+        # image from a stream seeded by its own draw, so its views do not depend on the batch
         # it is in (its size changes with the number of ranks) or on its place there.
         if not self._batched:
             return [self[k] for k in keys]
         keys = [k if isinstance(k, tuple) else (k, k) for k in keys]
         idx = torch.tensor([self.indices[p] for p, _ in keys], dtype=torch.long)
-        rows = [torch.Generator().manual_seed(mix_seed(self.seed, self.stream, d)) for _, d in keys]
+        seeds = [mix_seed(self.seed, self.stream, d) for _, d in keys]
+        rows = RowStreams(torch.tensor(seeds, dtype=torch.int64))
         x = self.images[idx]
         views = [t(x, generator=rows) for t in self.transforms]
         return (*views, self.labels[idx], idx)

@@ -25,7 +25,6 @@ torchvision is imported only when a CIFAR transform is built (``pip install 'dkl
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -73,22 +72,92 @@ def _check_digits(x: Tensor) -> Tensor:
     return x[None] if x.ndim == 3 else x
 
 
-def _draw(fn: Callable[..., Tensor], n: int, shape: tuple[int, ...], generator: Any) -> Tensor:
-    """``(n, *shape)`` values of ``fn(size, generator=...)`` (``torch.rand`` and the like): from
-    one generator (or torch's global RNG), or one generator per row, whose values then depend on
-    that generator alone, not on the batch the row is in."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return fn((n, *shape), generator=generator)
-    if len(generator) != n:
-        raise ValueError(f"Expected one generator per image ({n}), got {len(generator)}")
-    return torch.stack([fn(shape, generator=g) for g in generator]) if n else fn((0, *shape))
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN, _MIX1, _MIX2 = (
+    _signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+)
+
+
+def _shr(z: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 (torch's ``>>`` keeps the sign)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(z: Tensor) -> Tensor:
+    """splitmix64's finaliser on int64 (wrapping)."""
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+class RowStreams:
+    """One random stream per image, vectorised over the batch: the ``k``-th number of an image
+    is splitmix64 of its (mixed) seed and ``k`` (counter-based), so it depends on that seed alone, not
+    on the batch the image is in, its place there or the batch's size. One ``torch.Generator``
+    per image did the same at 2-5x the cost of a digits batch.
+
+    >>> a = RowStreams(torch.tensor([7, 8])).rand((3,))
+    >>> torch.equal(a[1], RowStreams(torch.tensor([8])).rand((3,))[0])
+    True
+    """
+
+    def __init__(self, seeds: Tensor) -> None:
+        # each seed mixed first: nearby seeds (consecutive draw numbers) would otherwise give
+        # streams that are shifts of each other
+        self.keys = _mix(seeds.to(torch.int64) * _GOLDEN)
+        self.count = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _uniform(self, k: int) -> Tensor:
+        """``(n, k)`` float64 in [0, 1), the next ``k`` numbers of each stream."""
+        counter = torch.arange(self.count + 1, self.count + k + 1, dtype=torch.int64)
+        self.count += k
+        z = _mix(self.keys[:, None] + counter * _GOLDEN)  # wraps modulo 2^64
+        return _shr(z, 11).to(torch.float64) * 2.0**-53
+
+    def rand(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+        k = math.prod(shape)
+        return self._uniform(k).reshape(len(self), *shape).to(dtype)
+
+    def randn(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+        k = math.prod(shape)
+        u = self._uniform(2 * k)  # Box-Muller: 1 - u in (0, 1] keeps the log finite
+        z = torch.sqrt(-2.0 * torch.log1p(-u[:, :k])) * torch.cos(2 * math.pi * u[:, k:])
+        return z.reshape(len(self), *shape).to(dtype)
+
+    def randint(self, high: int, shape: tuple[int, ...]) -> Tensor:
+        return (self.rand(shape, torch.float64) * high).long().clamp_(max=high - 1)
+
+
+def _rand(n: int, shape: tuple[int, ...], generator: Any, dtype: torch.dtype) -> Tensor:
+    if isinstance(generator, RowStreams):
+        return generator.rand(shape, dtype)
+    return torch.rand((n, *shape), generator=generator, dtype=dtype)
+
+
+def _randn(n: int, shape: tuple[int, ...], generator: Any, dtype: torch.dtype) -> Tensor:
+    if isinstance(generator, RowStreams):
+        return generator.randn(shape, dtype)
+    return torch.randn((n, *shape), generator=generator, dtype=dtype)
+
+
+def _randint(high: int, n: int, shape: tuple[int, ...], generator: Any) -> Tensor:
+    if isinstance(generator, RowStreams):
+        return generator.randint(high, shape)
+    return torch.randint(0, high, (n, *shape), generator=generator)
 
 
 class DigitsWeak:
     """Random shift by up to ``max_shift`` pixels in each direction, zero fill.
 
     Works on one image ``(C, H, W)`` or a batch ``(N, C, H, W)`` (one shift per image), drawing
-    from ``generator`` (default: torch's global RNG), or from one generator per image.
+    from ``generator`` (default: torch's global RNG), or from :class:`RowStreams`, one stream
+    per image.
 
     >>> x = torch.arange(9.0).reshape(1, 3, 3)
     >>> DigitsWeak()(x, generator=torch.Generator().manual_seed(0)).shape
@@ -106,8 +175,7 @@ class DigitsWeak:
         s = self.max_shift
         n, _, h, w = xb.shape
         padded = F.pad(xb, (s, s, s, s))
-        randint = functools.partial(torch.randint, 0, 2 * s + 1)
-        dy, dx = _draw(randint, n, (2,), generator).T
+        dy, dx = _randint(2 * s + 1, n, (2,), generator).T
         rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (N, 1, H, 1)
         cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # (N, 1, 1, W)
         out = padded[
@@ -142,7 +210,7 @@ class DigitsStrong:
         single = x.ndim == 3
         xb = self.weak(_check_digits(x), generator=generator)
         n, c, h, w = xb.shape
-        u = _draw(functools.partial(torch.rand, dtype=xb.dtype), n, (2,), generator).T
+        u = _rand(n, (2,), generator, xb.dtype).T
         angle = (u[0] * 2 - 1) * math.radians(self.degrees)
         s = self.scale[0] + u[1] * (self.scale[1] - self.scale[0])
         cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
@@ -153,15 +221,14 @@ class DigitsStrong:
         grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
         xb = F.grid_sample(xb, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if self.erase > 0:
-            i = _draw(functools.partial(torch.randint, 0, h - self.erase + 1), n, (), generator)
-            j = _draw(functools.partial(torch.randint, 0, w - self.erase + 1), n, (), generator)
+            i = _randint(h - self.erase + 1, n, (), generator)
+            j = _randint(w - self.erase + 1, n, (), generator)
             r, q = torch.arange(h), torch.arange(w)
             in_r = (r[None] >= i[:, None]) & (r[None] < i[:, None] + self.erase)  # (N, H)
             in_c = (q[None] >= j[:, None]) & (q[None] < j[:, None] + self.erase)  # (N, W)
             xb = xb.masked_fill((in_r[:, :, None] & in_c[:, None, :])[:, None], 0.0)
         if self.noise > 0:
-            randn = functools.partial(torch.randn, dtype=xb.dtype)
-            xb = xb + self.noise * _draw(randn, n, tuple(xb.shape[1:]), generator)
+            xb = xb + self.noise * _randn(n, tuple(xb.shape[1:]), generator, xb.dtype)
         xb = xb.clamp(0.0, 1.0)
         return xb[0] if single else xb
 
