@@ -118,6 +118,28 @@ def test_pgd_and_fgsm_stay_in_threat_model():
         assert 0.0 <= x_adv.min() and x_adv.max() <= 1.0
 
 
+def test_one_generator_per_row_makes_a_rows_start_its_own():
+    """With one generator per row, a row's random start (and so its attack) is the same alone
+    or in a batch: a hand-made start, x + eps (2u - 1) clipped, from that row's generator."""
+    x, y = batch(6)
+    model = tiny_model(bn=False).eval()
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(6)]
+    whole = perturb(model, x, eps=0.1, steps=0, step_size=0.0, init="uniform",
+                    loss_fn=lambda z: z.sum(), generator=gens())  # fmt: skip
+    for i in range(6):
+        u = torch.rand(x.shape[1:], generator=torch.Generator().manual_seed(100 + i))
+        start = (x[i] + 0.1 * (2 * u - 1)).clamp(0, 1)
+        torch.testing.assert_close(whole[i], start)
+        alone = pgd_attack(model, x[i : i + 1], y[i : i + 1], eps=0.1, steps=3,
+                           generator=iter([torch.Generator().manual_seed(100 + i)]))  # fmt: skip
+        full = pgd_attack(model, x, y, eps=0.1, steps=3, generator=gens())
+        torch.testing.assert_close(alone[0], full[i])
+    for init in ("none", "uniform"):
+        with pytest.raises(ValueError, match=r"one generator per row \(6\), got 2"):
+            perturb(model, x, eps=0.1, steps=1, step_size=0.01, init=init,
+                    loss_fn=lambda z: z.sum(), generator=gens()[:2])  # fmt: skip
+
+
 def test_inputs_outside_unit_box_are_rejected():
     x, y = batch()
     with pytest.raises(ValueError, match=r"Expected inputs in \[0, 1\]"):

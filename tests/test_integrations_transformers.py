@@ -309,6 +309,18 @@ def test_output_transforms_match_the_models_own_logits(case):
     torch.testing.assert_close((loss / count).double(), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_a_batch_asking_for_tuples_still_gives_hidden_states():
+    """A batch carrying return_dict=False made the forward return a tuple, and reading its
+    hidden states raised a raw TypeError; the hidden states are asked for as a ModelOutput."""
+    from dkl.llm.sharded import last_hidden_state
+
+    model, ids = _llama(), _batch()["input_ids"]
+    with torch.no_grad():
+        want = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        got = last_hidden_state(model, {"input_ids": ids, "return_dict": False})
+    torch.testing.assert_close(got, want)
+
+
 def test_an_unknown_output_transform_is_refused():
     from transformers import LlamaForCausalLM
 

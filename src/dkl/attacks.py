@@ -200,8 +200,6 @@ def _draw(fn: Callable[..., Tensor], x: Tensor, generator: Any) -> Tensor:
     """``fn`` (``torch.rand`` / ``torch.randn``) of ``x``'s shape, from one generator or one per row."""
     if generator is None or isinstance(generator, torch.Generator):
         return fn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    if len(generator) != x.shape[0]:
-        raise ValueError(f"Expected one generator per row ({x.shape[0]}), got {len(generator)}")
     rows = [fn(x.shape[1:], generator=g, dtype=x.dtype) for g in generator]
     return torch.stack(rows).to(x.device) if rows else fn(x.shape, device=x.device, dtype=x.dtype)
 
@@ -234,6 +232,10 @@ def perturb(
         raise ValueError(f"Expected steps >= 0, got {steps!r}")
     if not eps >= 0 or not step_size >= 0:
         raise ValueError(f"Expected eps >= 0 and step_size >= 0, got {eps}, {step_size}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        generator = list(generator)  # one per row (an iterator too)
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"Expected one generator per row ({x.shape[0]}), got {len(generator)}")
     x = x.detach()
     if init == "normal":
         noise = _draw(torch.randn, x, generator)

@@ -531,10 +531,19 @@ def last_hidden_state(
     an architecture with a final-logit transform dkl does not know is refused, not distilled
     without it.
     """
-    inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
+    kwargs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
+    kwargs.update(output_hidden_states=True, **_forward_kwargs(model))
+    names, var_kw = _signature(type(model))
+    if var_kw or "return_dict" in names:  # a batch's or config's return_dict=False: a tuple
+        kwargs["return_dict"] = True
     raw: list[Tensor] = []
     with _last_position_logits(model, raw):
-        out = model(**inputs, output_hidden_states=True, **_forward_kwargs(model))
+        out = model(**kwargs)
+    if isinstance(out, tuple):
+        raise TypeError(
+            f"Expected {type(unwrap_model(model)).__name__} to return a ModelOutput with "
+            "hidden_states, got a tuple: set model.config.return_dict = True"
+        )
     _check_transform(model, raw, out, logit_transform(model) if transform is None else transform)
     hidden = out.hidden_states if hasattr(out, "hidden_states") else out["hidden_states"]
     if not hidden:

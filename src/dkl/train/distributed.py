@@ -96,8 +96,8 @@ def check_same_config(settings: dict) -> None:
 
 def _flat(d: dict, prefix: str = "") -> dict:
     out: dict = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
+    for k, v in d.items():  # an empty mapping adds no key: the other side's keys are named
+        if isinstance(v, dict):
             out.update(_flat(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
