@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from dkl.config import ConfigError, TrainConfig
 from dkl.data import mix_seed
+from dkl.train.checkpoint import config_changes
 
 __all__ = [
     "Dist",
@@ -81,27 +82,16 @@ def check_same_config(settings: dict) -> None:
     schedule. Paths, devices and thread counts may differ per machine."""
     if not _active():
         return
-    mine = {k: v for k, v in _flat(settings).items() if not k.endswith(_PER_MACHINE)}
-    for rank, theirs in enumerate(all_gather_objects(mine) or []):
-        differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    for rank, theirs in enumerate(all_gather_objects(settings) or []):
+        differ = [c for c in config_changes(theirs, settings) if not c[0].endswith(_PER_MACHINE)]
         if differ:
-            key = differ[0]
+            key, there, here = differ[0]
             raise ConfigError(
                 f"rank {rank} was launched with other settings than rank {dist.get_rank()}: "
-                f"{key} = {theirs.get(key)!r} there, {mine.get(key)!r} here"
+                f"{key} = {there!r} there, {here!r} here"
                 + (f" (and {len(differ) - 1} more)" if len(differ) > 1 else "")
                 + "; launch every rank with the same config and overrides"
             )
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out: dict = {}
-    for k, v in d.items():  # an empty mapping adds no key: the other side's keys are named
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def is_main_process() -> bool:
