@@ -26,24 +26,21 @@ from dkl.losses.parts import fast_weight_scaled
 __all__ = ["GKLLoss", "gkl_loss"]
 
 
-def _power(weights: Tensor, gamma: float) -> Tensor:
-    """``(weights / m) ** gamma``, ``m`` the batch's largest weight, with zero weights kept at
-    zero (also for ``gamma = 0``). The GKL does not change when every weight is divided by the
-    same number, and so divided the power neither overflows (weights of 1e30, ``gamma = 2``) nor
-    underflows to 0 all at once (weights of 1e-25)."""
-    if weights.numel():
-        weights = weights / weights.amax().clamp_min(torch.finfo(weights.dtype).tiny)
-    return weights.pow(gamma) if gamma > 0 else (weights > 0).to(weights.dtype)
-
-
 def _unit_scale(weights: Tensor | None) -> Tensor | None:
-    """Detached weights divided by their largest, in their own dtype: GKL does not depend on
-    their scale, and float64 weights of 1e-50 (or 1e300) would become 0 (or inf) in the
-    logits' float32 before :func:`_power` could divide them."""
+    """Detached weights divided by the batch's largest, in their own dtype. GKL does not change
+    when every weight is divided by the same number, and so divided the weights neither become
+    0 or inf in the logits' float32 (float64 weights of 1e-50 or 1e300) nor make their power
+    overflow (1e30, ``gamma = 2``) or underflow to 0 all at once (1e-25)."""
     if weights is None or not weights.numel():
         return weights
     weights = weights.detach()
     return weights / weights.amax().clamp_min(torch.finfo(weights.dtype).tiny)
+
+
+def _power(weights: Tensor, gamma: float) -> Tensor:
+    """``weights ** gamma`` of weights :func:`_unit_scale` divided, with zero weights kept at
+    zero (also for ``gamma = 0``)."""
+    return weights.pow(gamma) if gamma > 0 else (weights > 0).to(weights.dtype)
 
 
 class _GKL(_IKL):
@@ -175,8 +172,9 @@ def gkl_loss(
         check_weight_values("class_weights", read_rows(class_weights, mask))
     dtype = compute_dtype(input, target)
     with no_autocast(input):
+        # rows outside the mask zeroed before the largest weight is taken
         cw = weights_as("class_weights", _unit_scale(valid_rows(mask, class_weights)[0]), dtype)
-        zs, zt, cw = valid_rows(mask, as_dtype(input, dtype), as_dtype(target, dtype), cw)
+        zs, zt = valid_rows(mask, as_dtype(input, dtype), as_dtype(target, dtype))
         out = loss(_GKL(**hp), zs, zt, cw, mask, reduction=reduction, mask=mask)
     return nan_where_invalid(out, class_weights, reduction, mask)
 
