@@ -95,9 +95,9 @@ def _mix(z: Tensor) -> Tensor:
 
 class RowStreams:
     """One random stream per image, vectorised over the batch: the ``k``-th number of an image
-    is splitmix64 of its (mixed) seed and ``k`` (counter-based), so it depends on that seed alone, not
-    on the batch the image is in, its place there or the batch's size. One ``torch.Generator``
-    per image did the same at 2-5x the cost of a digits batch.
+    is splitmix64 of its (mixed) seed and ``k`` (counter-based), so it depends on that seed
+    alone, not on the batch the image is in, its place there or the batch's size. One
+    ``torch.Generator`` per image did the same at 2-5x the cost of a digits batch.
 
     >>> a = RowStreams(torch.tensor([7, 8])).rand((3,))
     >>> torch.equal(a[1], RowStreams(torch.tensor([8])).rand((3,))[0])

@@ -289,8 +289,9 @@ def dense_from_topk(
     teacher is its top-k renormalised; ``values`` may be logits or log-probabilities (a per-row
     shift changes neither the softmax nor the wMSE). ``tail="uniform"``: ``values`` are
     log-probabilities of the full distribution, and the missing mass
-    :math:`m = 1 - \sum_k e^{v_k}` (formed in float64) is spread evenly over the student's other classes, each getting
-    the log-probability :math:`\log(m / (V - k'))` (``-inf`` when :math:`m = 0`).
+    :math:`m = 1 - \sum_k e^{v_k}` (formed in float64) is spread evenly over the student's other
+    classes, each getting the log-probability :math:`\log(m / (V - k'))` (``-inf`` when
+    :math:`m = 0`).
 
     Entries with an index ``>= V`` (a teacher vocabulary larger than the student's) are dropped,
     as the dense path cuts the teacher's logits to the student's ``V`` classes; ``k'`` counts the

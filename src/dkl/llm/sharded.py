@@ -474,15 +474,14 @@ def logit_transform(model: nn.Module) -> dict[str, float | None]:
     return {"logit_scale": scale, "softcap": softcap}
 
 
-def _check_transform(model: nn.Module, raw: list[Tensor], out: Any, transform: Mapping) -> None:
-    """Refuse a model whose own last-position logits are not ``transform`` of its output head's
+def _check_transform(model: nn.Module, raw: list[Tensor], out: Any, tf: LogitTransform) -> None:
+    """Refuse a model whose own last-position logits are not ``tf`` of its output head's
     values: the losses form logits from the head with that transform, and would leave out the
     architecture's own (a scale or cap under another config key)."""
     logits = getattr(out, "logits", None) if not isinstance(out, Mapping) else out.get("logits")
     if len(raw) != 1 or not isinstance(logits, Tensor) or logits.shape != raw[0].shape:
         return  # no single head call to compare (a wrapper's head, extra heads): nothing to check
-    scale, softcap = transform.get("logit_scale"), transform.get("softcap")
-    tf = LogitTransform(1.0 if scale is None else float(scale), softcap)
+    softcap = tf.softcap
     with torch.no_grad():
         got = logits.detach().float()
         expected = tf(raw[0].float())[0]
@@ -515,7 +514,10 @@ NOT_MODEL_INPUTS = frozenset(
 
 
 def last_hidden_state(
-    model: nn.Module, inputs: Mapping[str, Any], *, transform: Mapping[str, Any] | None = None
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    *,
+    transform: LogitTransform | Mapping[str, Any] | None = None,
 ) -> Tensor:
     """The hidden states the output head reads, ``(B, L, H)``, from one forward of ``model``.
 
@@ -526,8 +528,9 @@ def last_hidden_state(
     final normalised state in Hugging Face decoders. The loss's own keys (:data:`NOT_MODEL_INPUTS`)
     are not passed on.
 
-    The model's own last-position logits are checked to be ``transform`` (``{"logit_scale",
-    "softcap"}``; default: :func:`logit_transform` of the model) of its output head's values, so
+    The model's own last-position logits are checked to be ``transform`` (a ``LogitTransform``
+    or :func:`logit_transform`'s ``{"logit_scale", "softcap"}``; default: that of the model) of
+    its output head's values, so
     an architecture with a final-logit transform dkl does not know is refused, not distilled
     without it.
     """
@@ -544,7 +547,11 @@ def last_hidden_state(
             f"Expected {type(unwrap_model(model)).__name__} to return a ModelOutput with "
             "hidden_states, got a tuple: set model.config.return_dict = True"
         )
-    _check_transform(model, raw, out, logit_transform(model) if transform is None else transform)
+    if not isinstance(transform, LogitTransform):
+        found = logit_transform(model) if transform is None else transform
+        scale = found.get("logit_scale")
+        transform = LogitTransform(1.0 if scale is None else float(scale), found.get("softcap"))
+    _check_transform(model, raw, out, transform)
     hidden = out.hidden_states if hasattr(out, "hidden_states") else out["hidden_states"]
     if not hidden:
         raise RuntimeError(f"{type(unwrap_model(model)).__name__} returned no hidden states")

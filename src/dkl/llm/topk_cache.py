@@ -424,8 +424,7 @@ def _teacher_topk(inputs, k, model, logits_fn, chunk_size, tf):
         logits = logits_fn(ids)
         idx, val = topk_logprobs(tf(logits.float())[0], k)
         return idx, val, logits.shape[-1]
-    transform = {"logit_scale": tf.scale, "softcap": tf.softcap}
-    hidden = _flatten_tokens(last_hidden_state(model, inputs, transform=transform), "hidden")
+    hidden = _flatten_tokens(last_hidden_state(model, inputs, transform=tf), "hidden")
     with gathered_output_head(model, grad=False) as (w, b):
         parts = [
             topk_logprobs(tf(F.linear(hidden[s : s + chunk_size], w, b).float())[0], k)
