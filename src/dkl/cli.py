@@ -381,15 +381,14 @@ def _user_error(e: BaseException) -> tuple[int, str] | None:
         )
         return (1 if full else 2), f"{reason}{where}{hint}"
     if _lost_rank(e):
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         return 1, (
-            f"lost contact with another rank ({first}): a rank stopped, was killed or hung past "
-            "train.dist_timeout; the last checkpoint is intact, run again with --resume"
+            f"lost contact with another rank ({_first_line(e)}): a rank stopped, was killed or "
+            "hung past train.dist_timeout; the last checkpoint is intact, run again with --resume"
         )
     if _out_of_memory(e):
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         return 1, (
-            f"out of memory ({first}); lower data.batch_size, data.image_size or the model's size"
+            f"out of memory ({_first_line(e)}); lower data.batch_size, data.image_size or the "
+            "model's size"
         )
     from dkl.robust import GradientMaskingError
     from dkl.train import Interrupted, NonFiniteLossError
@@ -412,6 +411,11 @@ def _without_worker_traceback(text: str) -> str:
         return text
     last = text.strip().splitlines()[-1]
     return last.split(": ", 1)[1] if ": " in last else last
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message (its type where it has none), at most 200 characters."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _lost_rank(e: BaseException) -> bool:
