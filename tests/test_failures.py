@@ -790,3 +790,29 @@ def test_a_bad_test_image_stops_the_run_before_training_and_keeps_the_previous_r
     line = _one_error_line(err)
     assert code == 2 and str(target) in line and not steps
     assert {p.name: p.read_bytes() for p in (tmp_path / "tiny").glob("*.pt")} == before
+
+
+def test_eval_reads_each_test_image_once_and_still_names_a_bad_one(tmp_path, capsys, monkeypatch):
+    """Training reads the test split before its first step; an evaluation, which reads it
+    right after, read every image twice."""
+    from PIL import Image
+
+    from dkl.data.preprocess import PreparedImages
+
+    root = _image_folder(tmp_path / "d")
+    run = _folder_run(tmp_path, root)
+    assert main(["train", str(run), "--out", str(tmp_path), *QUIET]) == 0
+    capsys.readouterr()
+    reads: list[str] = []
+    raw = PreparedImages.raw
+    monkeypatch.setattr(
+        PreparedImages, "raw", lambda self, i: (reads.append(self.describe(i)), raw(self, i))[1]
+    )
+    assert main(["eval", str(tmp_path / "tiny"), "--json"]) == 0
+    capsys.readouterr()
+    val = [r for r in reads if f"{root / 'val'}" in r]
+    assert len(val) == 4 and len(set(val)) == 4
+    target = root / "val" / "b" / "1.png"
+    Image.new("L", (9, 9)).save(target)
+    code, err = _cli(capsys, "eval", tmp_path / "tiny")
+    assert code == 2 and str(target) in _one_error_line(err)

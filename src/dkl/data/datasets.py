@@ -201,6 +201,8 @@ class DataRequest:
     val_fraction: float = 0.2
     options: dict = field(default_factory=dict)
     cache_dir: str | None = None
+    #: read every test image before training (an evaluation reads them once anyway)
+    check_test: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, bool):  # the v0.1 switch
@@ -441,7 +443,8 @@ def prepare_images(splits: ImageSplits, request: DataRequest) -> tuple[Dataset, 
         test = PreparedImages(splits.test, eval_tf, channels=channels, size=check)
         # a bad test image would otherwise stop the run at its first evaluation, after a whole
         # epoch and before anything of it is saved: read them all now, as training reads its own
-        test.check()
+        if r.check_test:
+            test.check()
         stats_set = PreparedImages(splits.train, eval_tf, channels=channels, size=check)
     root = r.root if not r.root else str(Path(r.root).expanduser().resolve())
 

@@ -86,7 +86,9 @@ class Trainer(TrainingState):
         # config's out_dir is relative to wherever the run was trained)
         cache = None if eval_only and not cfg.run_dir.is_dir() else str(cfg.run_dir)
         try:
-            train_set, test_set, info = build_datasets(**options, seed=cfg.seed, cache_dir=cache)
+            train_set, test_set, info = build_datasets(
+                **options, seed=cfg.seed, cache_dir=cache, check_test=not eval_only
+            )
         except UnknownDatasetError as e:
             raise ConfigError(f"data.name: {e}") from None
         if self.world > 1:
